@@ -2,6 +2,9 @@
 
     length-control validate RECIPE [key=value ...]   check a recipe, print every problem
     length-control config RECIPE KEY [key=value ...] print one resolved recipe value
+    length-control demo-model OUT [--variant V]      build (or reuse) the embedded demo policy
+    length-control evaluate RECIPE [key=value ...]   score and overlong rate at the context limit
+    length-control run RECIPE [key=value ...]        every stage in order; up-to-date stages are skipped
 """
 
 from __future__ import annotations
@@ -51,6 +54,33 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_model(args: argparse.Namespace) -> int:
+    from length_control.demo_model import export
+    from length_control.recipe import DemoModelSpec
+
+    summary = export(DemoModelSpec(variant=args.variant, seed=args.seed), args.out)
+    print(f"demo policy ({args.variant}) in {args.out}: {summary['parameters']:,} parameters, "
+          f"vocabulary {summary['vocab_size']}, </think> = {summary['think_close_ids']}, "
+          f"built in {summary['seconds']} s")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from length_control import evaluate
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    metrics = evaluate.run(recipe, arm=args.arm)
+    print(evaluate.format_metrics(metrics, args.arm))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from length_control import pipeline
+
+    pipeline.run(load_recipe(args.recipe, args.overrides))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="length-control", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,6 +98,20 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("recipe", type=Path)
     config.add_argument("key", help="dotted key, e.g. output_dir or eval.sets.0.source")
     config.add_argument("overrides", nargs="*", metavar="key=value")
+
+    demo = command("demo-model", _demo_model, "build the embedded demo policy (cached) and copy it to OUT")
+    demo.add_argument("out", type=Path, help="folder to write model/, stage1_sft.parquet and build.json to")
+    demo.add_argument("--variant", default="standard", choices=["standard", "multi-token-close"])
+    demo.add_argument("--seed", type=int, default=0)
+
+    evaluate = command("evaluate", _evaluate, "score and overlong rate of a policy at the recipe's context limit")
+    evaluate.add_argument("recipe", type=Path)
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value")
+    evaluate.add_argument("--arm", default="before", choices=["before"], help="which policy to evaluate")
+
+    run = command("run", _run, "run every stage of a recipe in order (up-to-date stages are skipped)")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
 

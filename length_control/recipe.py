@@ -51,6 +51,14 @@ class DemoModelSpec(StrictModel):
         "standard", description="'multi-token-close': a tokenizer whose </think> is several BPE pieces"
     )
     seed: int = 0
+    vocab_size: int = Field(512, ge=300, description="BPE vocabulary, before the think tags")
+    hidden_size: int = Field(64, ge=32, multiple_of=32, description="heads are 32 wide (vLLM CPU attention)")
+    layers: int = Field(4, ge=1)
+    max_position_embeddings: int = Field(1024, ge=128)
+    train_problems: int = Field(3000, ge=10, description="stage-1 SFT conversations")
+    train_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
 
 
 def _model_folder(path: Path) -> Path:

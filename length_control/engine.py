@@ -1,0 +1,154 @@
+"""Generation engines, driven with token ids in and token ids out.
+
+`VLLMEngine` runs vLLM's offline engine in a worker process of the vLLM
+environment (see `vllm_worker.py`) and keeps it for every pass of a stage, so
+one model costs one engine start. A request is a dict:
+
+    {"key": "p3/s0", "prompt_token_ids": [...], "max_tokens": 30000, "seed": 1234,
+     "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
+
+and a result `{"key", "output_token_ids", "finish_reason", "stop_reason"}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from length_control.envs import engine_bin, engine_environ
+from length_control.recipe import VLLMOptions
+
+
+class EngineError(RuntimeError):
+    """The engine failed; the message carries the tail of its log."""
+
+
+def request_seed(run_seed: int, prompt_id: str, sample: int) -> int:
+    """A seed per request: vLLM applies one seed's stream to every prompt that shares it."""
+    digest = hashlib.sha256(f"{run_seed}\0{prompt_id}\0{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class VLLMEngine:
+    """One vLLM engine process for one model; use as a context manager."""
+
+    def __init__(
+        self,
+        model: Path | str,
+        *,
+        max_model_len: int,
+        options: VLLMOptions,
+        dtype: str = "auto",
+        log_path: Path,
+        seed: int = 0,
+    ) -> None:
+        self.engine_args = {
+            "model": str(model),
+            "max_model_len": max_model_len,
+            "dtype": dtype,
+            "seed": seed,
+            "enable_prefix_caching": options.enable_prefix_caching,
+            "tensor_parallel_size": options.tensor_parallel_size,
+            **({"max_num_seqs": options.max_num_seqs} if options.max_num_seqs else {}),
+            **({"gpu_memory_utilization": options.gpu_memory_utilization} if options.gpu_memory_utilization else {}),
+            **options.extra_args,
+        }
+        self.env = engine_environ(**options.env)
+        self.log_path = Path(log_path)
+        self._process: subprocess.Popen | None = None
+
+    def __enter__(self) -> VLLMEngine:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        self._log = open(self.log_path, "ab")
+        command = [
+            str(engine_bin("vllm")),
+            "-m",
+            "length_control.vllm_worker",
+            "--engine-args",
+            json.dumps(self.engine_args),
+            "--reply-fd",
+            str(write_fd),
+        ]
+        self._process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            pass_fds=(write_fd,),
+            text=True,
+        )
+        os.close(write_fd)
+        self._replies = os.fdopen(read_fd, "r")
+        self._expect("ready")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.stdin:
+            process.stdin.close()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        self._replies.close()
+        self._log.close()
+        self._process = None
+
+    def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate", chunk: int = 256) -> list[dict]:
+        """Results in the order of `requests`; raises EngineError if any is missing."""
+        if not requests:
+            return []
+        assert self._process is not None and self._process.stdin is not None, "use VLLMEngine as a context manager"
+        with tempfile.TemporaryDirectory(prefix="lc-gen-") as scratch:
+            requests_path, output_path = Path(scratch, "requests.jsonl"), Path(scratch, "results.jsonl")
+            with open(requests_path, "w", encoding="utf-8") as f:
+                for request in requests:
+                    f.write(json.dumps(request) + "\n")
+            job = {"requests": str(requests_path), "output": str(output_path), "chunk": chunk}
+            self._process.stdin.write(json.dumps(job) + "\n")
+            self._process.stdin.flush()
+            with tqdm(total=len(requests), desc=desc, unit="sample", leave=False) as bar:
+                tokens = 0
+                while True:
+                    message = self._expect("progress", "done")
+                    if "done" in message:
+                        break
+                    tokens += message["tokens"]
+                    bar.update(message["progress"])
+                    bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+            with open(output_path, encoding="utf-8") as f:
+                results = {r["key"]: r for r in map(json.loads, f)}
+        missing = [r["key"] for r in requests if r["key"] not in results]
+        if missing:
+            raise EngineError(f"the engine returned no result for {len(missing)} requests, e.g. {missing[:3]}")
+        return [results[r["key"]] for r in requests]
+
+    def _expect(self, *kinds: str) -> dict[str, Any]:
+        line = self._replies.readline()
+        if not line:
+            code = self._process.wait() if self._process else None
+            raise EngineError(f"the vLLM engine exited (status {code}) before replying; log tail:\n{self._log_tail()}")
+        message = json.loads(line)
+        if "error" in message:
+            raise EngineError(f"the vLLM engine failed a job:\n{message['error']}")
+        if not any(kind in message for kind in kinds):
+            raise EngineError(f"unexpected reply from the vLLM engine: {message}")
+        return message
+
+    def _log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"

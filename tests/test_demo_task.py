@@ -1,0 +1,50 @@
+"""The demo task: deterministic problems whose thinking grows with them, shipped prompt
+sets that match their generator, and grading of the demo's answers."""
+
+from __future__ import annotations
+
+import json
+
+from length_control import demo_task
+from length_control.grading import grade_exact
+from length_control.prompts import build_prompts, read_rows
+from length_control.sources import load_source_spec
+
+from conftest import REPO
+
+
+def test_problems_are_deterministic_and_banded() -> None:
+    first = demo_task.make_problems(200, seed=3, prefix="x")
+    assert first == demo_task.make_problems(200, seed=3, prefix="x")
+    assert first != demo_task.make_problems(200, seed=4, prefix="x")
+    lines = [p.lines for p in first]
+    assert all(n in demo_task.SHORT_LINES or n in demo_task.LONG_LINES for n in lines)
+    long_share = sum(n in demo_task.LONG_LINES for n in lines) / len(lines)
+    assert 0.3 < long_share < 0.6
+
+
+def test_thinking_walks_to_the_answer() -> None:
+    problem = demo_task.Problem("p", start=303)
+    assert problem.question == "Count down from 303 to 300. How many numbers do you say?"
+    assert problem.thinking() == "01:303\n02:302\n03:301\n04:300"
+    assert problem.response().endswith("</think>\n\nThe answer is 4.")
+    assert grade_exact(problem.response().split("</think>")[1], problem.answer).correct
+
+
+def test_shipped_prompt_sets_match_their_generator() -> None:
+    for name in demo_task.SHIPPED:
+        shipped = (REPO / "prompts_sources" / "data" / name).read_text().splitlines()
+        assert [json.loads(line) for line in shipped] == demo_task.shipped_records(name), (
+            f"regenerate with: python -m length_control.demo_task prompts_sources/data"
+        )
+
+
+def test_demo_sources_load_as_prompt_records() -> None:
+    spec = load_source_spec(REPO / "prompts_sources" / "demo_eval.yaml")
+    records = build_prompts(spec, read_rows(spec))
+    assert len(records) == 60
+    first = records[0]
+    assert first["id"] == "demo-eval/eval-00000" and first["source"] == "demo-eval"
+    assert first["messages"] == [{"role": "user", "content": first["messages"][0]["content"]}]
+    assert first["messages"][0]["content"].startswith("Count down from ")
+    assert first["reference"].isdigit()

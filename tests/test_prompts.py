@@ -1,0 +1,410 @@
+"""Prompt sources: every shipped definition in prompts_sources/ turns rows of its
+real dataset's schema into DESIGN.md's prompt records.
+
+The Hub datasets cannot be downloaded here, so each test loads the shipped YAML
+and points its `dataset` at a tiny local file in the same schema
+(tests/fixtures/sources/, column names and encodings as in
+shared/notes/datasets.md); everything else in the definition is as shipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import re
+import zlib
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from length_control._schema import read_yaml
+from length_control.prompts import build_prompts, read_rows
+from length_control.sources import DatasetLocation, SourceSpec, load_source_spec
+
+from conftest import REPO
+
+SOURCES = REPO / "prompts_sources"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sources"
+
+# shipped definition -> local file in the real dataset's schema
+FIXTURE_OF = {
+    "webinstruct_verified": "webinstruct_verified.jsonl",
+    "deepmath_103k": "deepmath_103k.jsonl",
+    "rstar_coder": "rstar_coder_synthetic_rl.jsonl",
+    "aime_2024": "aime_2024.jsonl",
+    "aime_2025": "aime_2025.jsonl",
+    "gpqa_diamond": "gpqa_diamond.jsonl",
+    "livecodebench_v6": "lcb_code_generation_lite_release_v6.jsonl",
+}
+
+BOXED = " Please reason step by step, and put your final answer within \\boxed{}."
+AIME_INSTRUCTION = (
+    "Solve the following math problem efficiently and clearly. The last line of your response should be of the "
+    "following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' (without quotes) "
+    "where ANSWER is just the final number or expression that solves the problem. Think step by step before "
+    "answering.\n\n"
+)
+GPQA_INSTRUCTION = (
+    "Answer the following multiple choice question. The last line of your response should be of the following "
+    "format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by step before answering.\n\n"
+)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def fixture_rows(source: str) -> list[dict]:
+    return [json.loads(line) for line in (FIXTURES / FIXTURE_OF[source]).read_text(encoding="utf-8").splitlines()]
+
+
+def local_spec(source: str, folder: Path, data: Path | None = None) -> SourceSpec:
+    """The shipped definition with `dataset` pointing at a local file (written as YAML, loaded as a user would)."""
+    raw = read_yaml(SOURCES / f"{source}.yaml")
+    raw["dataset"] = {"path": str(data or FIXTURES / FIXTURE_OF[source])}
+    file = folder / f"{source}.local.yaml"
+    file.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    spec = load_source_spec(file)
+    shipped = load_source_spec(SOURCES / f"{source}.yaml")
+    assert spec.model_dump(exclude={"dataset"}) == shipped.model_dump(exclude={"dataset"})
+    return spec
+
+
+def changed(spec: SourceSpec, **changes) -> SourceSpec:
+    """A validated copy of `spec` with some keys changed."""
+    return SourceSpec.model_validate(spec.model_dump() | changes)
+
+
+def build(spec: SourceSpec, **kwargs) -> list[dict]:
+    records = build_prompts(spec, read_rows(spec), **kwargs)
+    check_contract(records, spec)
+    return records
+
+
+def check_contract(records: list[dict], spec: SourceSpec) -> None:
+    """DESIGN.md: a prompt record is `id`, `source`, `messages`, `reference`, `meta`, and JSON-serialisable."""
+    for record in records:
+        assert set(record) == {"id", "source", "messages", "reference", "meta"}
+        assert record["source"] == spec.name
+        assert record["id"].startswith(f"{spec.name}/")
+        assert [m["role"] for m in record["messages"]] == ["user"]  # no shipped source has a system message
+        assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in record["messages"])
+        assert record["reference"] is None or isinstance(record["reference"], str)
+        assert isinstance(record["meta"], dict)
+        assert json.loads(json.dumps(record)) == record
+    assert len({r["id"] for r in records}) == len(records)
+
+
+def user(record: dict) -> str:
+    return record["messages"][-1]["content"]
+
+
+def row_of(record: dict, rows: list[dict]) -> dict:
+    return rows[record["meta"]["row"]]
+
+
+def ids(records: list[dict]) -> list[str]:
+    return [r["id"] for r in records]
+
+
+# ---------------------------------------------------------------- definitions
+
+
+@pytest.mark.parametrize("file", sorted(SOURCES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_definition_validates(file: Path) -> None:
+    spec = load_source_spec(file)
+    assert spec.name
+    assert (spec.dataset.hf is None) != (spec.dataset.path is None)
+    assert "{" in spec.prompt
+
+
+def test_shipped_names_are_unique() -> None:
+    names = [load_source_spec(file).name for file in SOURCES.glob("*.yaml")]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize(
+    ("source", "hf", "config", "split", "reference", "id_column"),
+    [
+        ("webinstruct_verified", "TIGER-Lab/WebInstruct-verified", None, "train", "answer", "id"),
+        ("deepmath_103k", "zwhe99/DeepMath-103K", None, "train", "final_answer", None),
+        ("rstar_coder", "microsoft/rStar-Coder", "synthetic_rl", "train", None, "question_id"),
+        ("aime_2024", "HuggingFaceH4/aime_2024", None, "train", "answer", "id"),
+        ("aime_2025", "yentinglin/aime_2025", None, "train", "answer", "id"),
+        ("gpqa_diamond", "Idavidrein/gpqa", "gpqa_diamond", "train", "Correct Answer", "Record ID"),
+        ("livecodebench_v6", "lighteval/code_generation_lite", "release_v6", "test", "public_test_cases",
+         "question_id"),
+    ],
+)
+def test_shipped_hub_locations_match_the_dataset_notes(source, hf, config, split, reference, id_column) -> None:
+    spec = load_source_spec(SOURCES / f"{source}.yaml")
+    assert (spec.dataset.hf, spec.dataset.config, spec.dataset.split) == (hf, config, split)
+    assert (spec.reference, spec.id) == (reference, id_column)
+
+
+def test_a_frozen_spec_can_be_copied_onto_a_local_file(tmp_path: Path) -> None:
+    """`model_copy(update=...)` works on the frozen models and gives what the rewritten YAML gives."""
+    shipped = load_source_spec(SOURCES / "aime_2024.yaml")
+    copy = shipped.model_copy(update={"dataset": DatasetLocation(path=FIXTURES / FIXTURE_OF["aime_2024"])})
+    assert shipped.dataset.hf == "HuggingFaceH4/aime_2024"  # the original is untouched
+    assert build(copy) == build(local_spec("aime_2024", tmp_path))
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_OF.values()))
+def test_fixtures_have_the_real_schema(name: str) -> None:
+    """The fixtures themselves: 3-6 rows, the documented columns and encodings."""
+    rows = [json.loads(line) for line in (FIXTURES / name).read_text(encoding="utf-8").splitlines()]
+    assert 3 <= len(rows) <= 6
+    columns = {
+        "webinstruct_verified.jsonl": {"id", "question", "answer", "answer_type", "category", "difficulty"},
+        "deepmath_103k.jsonl": {"question", "final_answer", "difficulty", "topic"}
+        | {f"r1_solution_{i}" for i in (1, 2, 3)},
+        "rstar_coder_synthetic_rl.jsonl": {"question_id", "question", "seed_question", "seed_source"},
+        "aime_2024.jsonl": {"id", "problem", "solution", "answer", "url", "year"},
+        "aime_2025.jsonl": {"id", "problem", "solution", "answer", "url", "year"},
+        "lcb_code_generation_lite_release_v6.jsonl": {
+            "question_title", "question_content", "platform", "question_id", "contest_id", "contest_date",
+            "starter_code", "difficulty", "public_test_cases", "private_test_cases", "metadata",
+        },
+    }
+    for row in rows:
+        if name == "gpqa_diamond.jsonl":  # a subset of the 78 CSV columns, with the real names
+            used = {"Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"}
+            assert used | {"Record ID", "Canary String", "High-level domain"} <= set(row)
+            assert "dummy" in row["Canary String"]
+            continue
+        assert set(row) == columns[name]
+    if name == "deepmath_103k.jsonl":
+        assert all(isinstance(row["difficulty"], float) for row in rows)
+    if name.startswith("aime_"):
+        assert all(isinstance(row["id"], int) and isinstance(row["answer"], str) for row in rows)
+    if name in ("webinstruct_verified.jsonl", "lcb_code_generation_lite_release_v6.jsonl"):
+        assert all(isinstance(value, str) for row in rows for value in row.values())
+    if name.startswith("lcb_"):
+        for row in rows:
+            datetime.fromisoformat(row["contest_date"])
+            public = json.loads(row["public_test_cases"])
+            private = json.loads(pickle.loads(zlib.decompress(base64.b64decode(row["private_test_cases"]))))
+            for test in public + private:
+                assert set(test) == {"input", "output", "testtype"} and test["testtype"] in {"stdin", "functional"}
+            meta = json.loads(row["metadata"])
+            assert ("func_name" in meta) == bool(row["starter_code"])
+
+
+# ---------------------------------------------------------------- trace-generation sources
+
+
+def test_webinstruct_verified(tmp_path: Path) -> None:
+    spec = local_spec("webinstruct_verified", tmp_path)
+    rows = fixture_rows("webinstruct_verified")
+    records = build(spec)
+    # 5e...0004 repeats 0001 up to whitespace and case: `dedup: normalized` drops it
+    assert ids(records) == [f"webinstruct-verified/5f0c6a1e-000{i}" for i in (1, 2, 3, 5)]
+    for record in records:
+        row = row_of(record, rows)
+        assert record["id"] == f"webinstruct-verified/{row['id']}"
+        assert user(record) == row["question"] + BOXED
+        assert record["reference"] == row["answer"]
+    assert records[2]["reference"] == "\\frac{3}{5}"
+    assert user(records[2]).endswith("within \\boxed{}.")
+    assert "$\\{a, b\\} \\subset" in user(records[2])  # braces in the data are text, not format fields
+
+
+def test_deepmath_103k(tmp_path: Path) -> None:
+    spec = local_spec("deepmath_103k", tmp_path)
+    rows = fixture_rows("deepmath_103k")
+    records = build(spec)
+    # no id column: ids are row indexes; row 3 is row 2 in fullwidth digits (NFKC), dropped as a duplicate
+    assert ids(records) == ["deepmath-103k/0", "deepmath-103k/1", "deepmath-103k/2"]
+    for record in records:
+        row = row_of(record, rows)
+        assert user(record) == row["question"] + BOXED
+        assert record["reference"] == row["final_answer"]
+    assert records[0]["reference"] == "\\dfrac{\\pi}{4}"
+    assert "$S = \\{1, 2, \\dots, 10\\}$" in user(records[1])
+    assert len(build(changed(spec, dedup="none"))) == 4
+    assert len(build(changed(spec, dedup="exact"))) == 4  # only normalisation sees the fullwidth copy
+
+
+def test_rstar_coder_min_chars_and_dedup(tmp_path: Path) -> None:
+    spec = local_spec("rstar_coder", tmp_path)
+    rows = fixture_rows("rstar_coder")
+    by_id = {row["question_id"]: row for row in rows}
+    assert [len(by_id[f"rs-000{i}"]["question"]) for i in (2, 3, 5)] == [52, 2000, 1999]
+    records = build(spec)
+    # rs-0002 (52 chars) and rs-0005 (1,999) are too short; rs-0003 has exactly 2,000;
+    # rs-0004 is rs-0001 with other whitespace and case
+    assert ids(records) == ["rstar-coder/rs-0001", "rstar-coder/rs-0003", "rstar-coder/rs-0006"]
+    for record in records:
+        assert record["reference"] is None
+        assert user(record) == by_id[record["id"].split("/", 1)[1]]["question"]
+    # each rule alone
+    assert len(build(changed(spec, min_chars=0, dedup="none"))) == 6
+    only_dedup = build(changed(spec, min_chars=0))
+    assert "rstar-coder/rs-0004" not in ids(only_dedup) and len(only_dedup) == 5
+    only_length = build(changed(spec, dedup="none"))
+    assert ids(only_length) == [f"rstar-coder/rs-000{i}" for i in (1, 3, 4, 6)]
+    assert len(build(changed(spec, dedup="exact"))) == 4  # exact dedup keeps the near-duplicate
+
+
+@pytest.mark.parametrize("source", ["webinstruct_verified", "deepmath_103k", "rstar_coder"])
+def test_sample_is_deterministic(source: str, tmp_path: Path) -> None:
+    spec = local_spec(source, tmp_path)
+    everything = build(changed(spec, sample=None))
+    assert spec.sample == 100_000
+    assert build(spec) == everything  # a sample larger than the source keeps it all, in order
+    small = changed(spec, sample=2)
+    first = build(small)
+    assert len(first) == 2
+    assert build(small) == first
+    assert build_prompts(spec, read_rows(spec), sample=2) == first  # the argument overrides the definition
+    positions = [everything.index(record) for record in first]
+    assert positions == sorted(positions)  # a subset of the kept records, in source order
+    selections = {tuple(ids(build(changed(spec, sample=2, seed=seed)))) for seed in range(20)}
+    assert len(selections) > 1  # the seed chooses
+
+
+# ---------------------------------------------------------------- eval sets
+
+
+@pytest.mark.parametrize(("source", "name"), [("aime_2024", "aime24"), ("aime_2025", "aime25")])
+def test_aime(source: str, name: str, tmp_path: Path) -> None:
+    spec = local_spec(source, tmp_path)
+    rows = fixture_rows(source)
+    records = build(spec)
+    assert spec.grader == "math"
+    assert ids(records) == [f"{name}/{row['id']}" for row in rows]
+    for record, row in zip(records, rows):
+        assert user(record) == AIME_INSTRUCTION + row["problem"]
+        assert "$\\boxed{ANSWER}$" in user(record)
+        assert record["reference"] == row["answer"].strip()
+        assert record["reference"].isdigit()
+    # an answer column read as integers still gives string references
+    as_ints = [row | {"answer": int(row["answer"])} for row in rows]
+    assert [r["reference"] for r in build_prompts(spec, as_ints)] == [r["reference"] for r in records]
+
+
+def _options(text: str) -> dict[str, str]:
+    found = re.findall(r"^([A-D])\) (.*)$", text, flags=re.MULTILINE)
+    return dict(found)
+
+
+def test_gpqa_diamond(tmp_path: Path) -> None:
+    spec = local_spec("gpqa_diamond", tmp_path)
+    rows = fixture_rows("gpqa_diamond")
+    records = build(spec)
+    assert spec.grader == "multiple_choice"
+    assert ids(records) == [f"gpqa-diamond/{row['Record ID']}" for row in rows]
+    for record, row in zip(records, rows):
+        text = user(record)
+        assert text.startswith(GPQA_INSTRUCTION + row["Question"] + "\n\n")
+        options = _options(text)
+        assert list(options) == ["A", "B", "C", "D"]
+        assert text.endswith("\n".join(f"{letter}) {option}" for letter, option in options.items()))
+        columns = ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+        wanted = [row[column].strip() for column in columns]
+        assert sorted(options.values()) == sorted(wanted)  # all four, stripped of the CSV's trailing newlines
+        assert record["reference"] in "ABCD"
+        assert options[record["reference"]] == row["Correct Answer"].strip()
+    assert len({r["reference"] for r in records}) > 1  # the correct option is not always in the same place
+
+    # the same per row, whatever the row order or the other rows
+    assert build_prompts(spec, rows[::-1]) == [
+        r | {"meta": {"row": len(rows) - 1 - r["meta"]["row"]}} for r in records[::-1]
+    ]
+    assert build_prompts(spec, rows[2:3])[0]["messages"] == records[2]["messages"]
+    assert build(spec) == records
+    # ... and the seed reorders
+    orders = {tuple(_options(user(r)).values()) for seed in range(8) for r in build(changed(spec, seed=seed))[:1]}
+    assert len(orders) > 1
+
+
+@pytest.fixture(scope="module")
+def gpqa_spec(tmp_path_factory) -> SourceSpec:
+    return local_spec("gpqa_diamond", tmp_path_factory.mktemp("gpqa"))
+
+
+_option = (
+    st.text(st.characters(codec="ascii", exclude_characters="\r\n\x0b\x0c\x1c\x1d\x1e"), min_size=1, max_size=20)
+    .map(str.strip)
+    .filter(bool)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    options=st.lists(_option, min_size=4, max_size=4, unique=True),
+    record_id=st.text(min_size=1, max_size=12),
+    seed=st.integers(0, 2**31),
+)
+def test_gpqa_letter_points_at_the_correct_option(gpqa_spec, options, record_id, seed) -> None:
+    spec = changed(gpqa_spec, seed=seed)
+    row = {"Question": "Q?", "Correct Answer": options[0] + "\n", "Record ID": record_id}
+    row |= {f"Incorrect Answer {i}": options[i] for i in (1, 2, 3)}
+    (record,) = build_prompts(spec, [row])
+    shown = _options(user(record))
+    assert sorted(shown.values()) == sorted(options)
+    assert shown[record["reference"]] == options[0]
+    assert build_prompts(spec, [row]) == [record]
+
+
+IN_WINDOW = ["lcb-v6/3412", "lcb-v6/2041C", "lcb-v6/arc196_b"]
+
+
+def test_livecodebench_v6_window(tmp_path: Path) -> None:
+    spec = local_spec("livecodebench_v6", tmp_path)
+    rows = fixture_rows("livecodebench_v6")
+    records = build(spec)
+    assert spec.grader == "code"
+    # 2024-07-31T23:59:59 is before; 2024-08-01T00:00:00 and 2025-04-30T23:59:59 are in;
+    # 2025-05-01T00:00:00 and 2025-06-01 are past the end
+    assert ids(records) == IN_WINDOW
+    for record in records:
+        row = row_of(record, rows)
+        assert "2024-08-01" <= row["contest_date"] < "2025-05-01"
+        assert user(record) == row["question_content"]
+        assert record["reference"] == row["public_test_cases"]
+        assert json.loads(record["reference"])[0]["testtype"] in {"stdin", "functional"}
+    assert "{x} and {{y}}" in user(records[1])  # braces in the statement stay as they are
+    # a row without a date is outside any window
+    undated = [row | {"contest_date": None} if row["question_id"] == "3412" else row for row in rows]
+    assert ids(build_prompts(spec, undated)) == IN_WINDOW[1:]
+    # the datasets JSON builder parses contest_date as a timestamp: same window
+    as_datetimes = [row | {"contest_date": datetime.fromisoformat(row["contest_date"])} for row in rows]
+    assert build_prompts(spec, as_datetimes) == records
+
+
+# ---------------------------------------------------------------- local Parquet
+
+
+def test_parquet_reads_like_jsonl(tmp_path: Path) -> None:
+    """DeepMath ships Parquet: the same rows from a .parquet file give the same prompts."""
+    rows = fixture_rows("deepmath_103k")
+    data = tmp_path / "train-00000-of-00001.parquet"
+    table = pa.Table.from_pylist(rows)
+    assert table.schema.field("difficulty").type == pa.float64()
+    pq.write_table(table, data)
+    from_parquet = build(local_spec("deepmath_103k", tmp_path, data))
+    from_jsonl = build(local_spec("deepmath_103k", tmp_path))
+    assert from_parquet == from_jsonl
+
+
+def test_parquet_timestamps_are_windowed(tmp_path: Path) -> None:
+    """A Parquet copy of LiveCodeBench whose contest_date is timestamp[s] keeps the same problems."""
+    rows = fixture_rows("livecodebench_v6")
+    rows = [row | {"contest_date": datetime.fromisoformat(row["contest_date"])} for row in rows]
+    table = pa.Table.from_pylist(rows)
+    table = table.set_column(
+        table.schema.get_field_index("contest_date"), "contest_date", table["contest_date"].cast(pa.timestamp("s"))
+    )
+    data = tmp_path / "test.parquet"
+    pq.write_table(table, data)
+    spec = local_spec("livecodebench_v6", tmp_path, data)
+    assert isinstance(read_rows(spec)[0]["contest_date"], datetime)
+    assert ids(build(spec)) == IN_WINDOW
