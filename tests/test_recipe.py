@@ -70,8 +70,8 @@ BAD_RECIPES = [
     ),
     (
         "budget not below the context limit",
-        {"budget": 384},
-        ["budget = 384", "must be smaller than context_limit (384)", "lower budget or raise context_limit"],
+        {"budget": 256},
+        ["budget = 256", "must be smaller than context_limit (256)", "lower budget or raise context_limit"],
     ),
     (
         "missing model folder",
