@@ -3,6 +3,7 @@
     length-control validate RECIPE [key=value ...]   check a recipe, print every problem
     length-control config RECIPE KEY [key=value ...] print one resolved recipe value
     length-control demo-model OUT [--variant V]      build (or reuse) the embedded demo policy
+    length-control generate RECIPE [key=value ...]   traces up to the budget, and the answers after it
     length-control evaluate RECIPE [key=value ...]   score and overlong rate at the context limit
     length-control run RECIPE [key=value ...]        every stage in order; up-to-date stages are skipped
 """
@@ -65,6 +66,14 @@ def _demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from length_control import generate
+
+    summary = generate.run(load_recipe(args.recipe, args.overrides))
+    print(", ".join(f"{key} {value}" for key, value in summary.items()))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from length_control import evaluate
 
@@ -103,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("out", type=Path, help="folder to write model/, stage1_sft.parquet and build.json to")
     demo.add_argument("--variant", default="standard", choices=["standard", "multi-token-close"])
     demo.add_argument("--seed", type=int, default=0)
+
+    generate = command("generate", _generate, "traces from the policy up to the budget, then the answers")
+    generate.add_argument("recipe", type=Path)
+    generate.add_argument("overrides", nargs="*", metavar="key=value")
 
     evaluate = command("evaluate", _evaluate, "score and overlong rate of a policy at the recipe's context limit")
     evaluate.add_argument("recipe", type=Path)

@@ -39,6 +39,8 @@ def request_seed(run_seed: int, prompt_id: str, sample: int) -> int:
 class VLLMEngine:
     """One vLLM engine process for one model; use as a context manager."""
 
+    PROGRESS_EVERY = 256  # requests per engine call: a progress line (and a flush) each
+
     def __init__(
         self,
         model: Path | str,
@@ -106,7 +108,7 @@ class VLLMEngine:
         self._log.close()
         self._process = None
 
-    def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate", chunk: int = 256) -> list[dict]:
+    def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict]:
         """Results in the order of `requests`; raises EngineError if any is missing."""
         if not requests:
             return []
@@ -116,7 +118,7 @@ class VLLMEngine:
             with open(requests_path, "w", encoding="utf-8") as f:
                 for request in requests:
                     f.write(json.dumps(request) + "\n")
-            job = {"requests": str(requests_path), "output": str(output_path), "chunk": chunk}
+            job = {"requests": str(requests_path), "output": str(output_path), "chunk": self.PROGRESS_EVERY}
             self._process.stdin.write(json.dumps(job) + "\n")
             self._process.stdin.flush()
             with tqdm(total=len(requests), desc=desc, unit="sample", leave=False) as bar:
@@ -152,3 +154,107 @@ class VLLMEngine:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+class OpenAIEngine:
+    """Running OpenAI-compatible servers (vLLM, SGLang) behind `/v1/completions`.
+
+    Prompts go as token ids and outputs come back as token ids
+    (`return_token_ids`), so nothing is decoded and re-encoded. Requests are
+    spread round-robin over the endpoints with at most `max_concurrency` in
+    flight; a failed request is retried with backoff and, past `max_retries`,
+    stops the stage with the server's error: a sample is never dropped.
+    """
+
+    RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+    def __init__(self, options, *, sleep=None) -> None:
+        import time
+
+        self.options = options
+        self._sleep = sleep or time.sleep
+        self._client = None
+
+    def __enter__(self) -> OpenAIEngine:
+        import httpx
+
+        headers = {}
+        if self.options.api_key_env:
+            key = os.environ.get(self.options.api_key_env)
+            if not key:
+                raise EngineError(f"environment variable {self.options.api_key_env} (openai.api_key_env) is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        limits = httpx.Limits(max_connections=self.options.max_concurrency)
+        self._client = httpx.Client(timeout=self.options.timeout_s, headers=headers, limits=limits)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        assert self._client is not None, "use OpenAIEngine as a context manager"
+        results: list[dict | None] = [None] * len(requests)
+        with ThreadPoolExecutor(self.options.max_concurrency) as pool, tqdm(
+            total=len(requests), desc=desc, unit="sample", leave=False
+        ) as bar:
+            futures = {pool.submit(self._complete, i, r): i for i, r in enumerate(requests)}
+            for future in futures:
+                results[futures[future]] = future.result()  # re-raises the first failure
+                bar.update(1)
+        return results  # type: ignore[return-value]
+
+    def _complete(self, index: int, request: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        endpoints = self.options.endpoints
+        body = {
+            "model": self.options.model,
+            "prompt": request["prompt_token_ids"],
+            "max_tokens": request["max_tokens"],
+            "seed": request["seed"],
+            "return_token_ids": True,
+            **{k: request[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in request},
+        }
+        error = ""
+        for attempt in range(self.options.max_retries + 1):
+            url = endpoints[(index + attempt) % len(endpoints)].rstrip("/") + "/completions"
+            try:
+                response = self._client.post(url, json=body)
+            except httpx.TransportError as failure:
+                error = f"{url}: {type(failure).__name__}: {failure}"
+            else:
+                if response.status_code == 200:
+                    choice = response.json()["choices"][0]
+                    if choice.get("token_ids") is None:
+                        raise EngineError(f"{url} returned no token_ids: the server must support return_token_ids")
+                    return {
+                        "key": request["key"],
+                        "output_token_ids": choice["token_ids"],
+                        "finish_reason": choice["finish_reason"],
+                        "stop_reason": choice.get("stop_reason"),
+                    }
+                error = f"{url}: HTTP {response.status_code}: {response.text[:500]}"
+                if response.status_code not in self.RETRY_STATUS:
+                    raise EngineError(f"request {request['key']} was refused: {error}")
+            if attempt < self.options.max_retries:
+                self._sleep(min(30.0, 0.5 * 2**attempt))
+        raise EngineError(f"request {request['key']} failed {self.options.max_retries + 1} times; last: {error}")
+
+
+def open_engine(recipe, model: str, *, log_name: str):
+    """The engine the recipe names, for `model` (a context manager)."""
+    if recipe.engine.kind == "openai":
+        return OpenAIEngine(recipe.engine.openai)
+    options = recipe.engine.vllm
+    return VLLMEngine(
+        model,
+        max_model_len=options.max_model_len or recipe.context_limit,
+        options=options,
+        dtype=recipe.model.dtype,
+        log_path=recipe.output_dir / "logs" / f"{log_name}.log",
+        seed=recipe.seed,
+    )

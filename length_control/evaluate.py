@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from length_control.artifacts import Stage, atomic_path, tool_versions, write_json_atomic
-from length_control.engine import VLLMEngine, request_seed
+from length_control.engine import open_engine, request_seed
 from length_control.grading import get_grader
 from length_control.policy import load_tokenizer, policy_path
 from length_control.prompts import build_prompts, read_rows
@@ -73,15 +73,7 @@ def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
                     }
                 )
 
-    options = recipe.engine.vllm
-    with VLLMEngine(
-        model,
-        max_model_len=options.max_model_len or recipe.context_limit,
-        options=options,
-        dtype=recipe.model.dtype,
-        log_path=recipe.output_dir / "logs" / f"eval-{arm}.log",
-        seed=recipe.seed,
-    ) as engine:
+    with open_engine(recipe, model, log_name=f"eval-{arm}") as engine:
         results = engine.generate(requests, desc=f"eval {arm}")
 
     by_key = {r["key"]: r for r in results}

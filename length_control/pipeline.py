@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from length_control import evaluate
+from length_control import evaluate, generate
 from length_control.policy import policy_path
 from length_control.recipe import Recipe
 
@@ -21,6 +21,10 @@ def _policy(recipe: Recipe) -> str:
     return f"policy: {path}"
 
 
+def _generate(recipe: Recipe) -> str:
+    return ", ".join(f"{key} {value}" for key, value in generate.run(recipe).items())
+
+
 def _eval_before(recipe: Recipe) -> str:
     return evaluate.format_metrics(evaluate.run(recipe, arm="before"), "before")
 
@@ -28,8 +32,7 @@ def _eval_before(recipe: Recipe) -> str:
 STAGES: list[tuple[str, Callable[[Recipe], str] | None]] = [
     ("policy", _policy),
     ("eval-before", _eval_before),
-    ("prompts", None),
-    ("generate", None),
+    ("generate", _generate),
     ("splice", None),
     ("train", None),
     ("eval-after", None),

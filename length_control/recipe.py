@@ -170,6 +170,7 @@ class GenerationSpec(StrictModel):
     samples_per_prompt: int = Field(1, ge=1)
     sampling: Sampling = Sampling()
     answer_max_tokens: int = Field(4096, gt=0, description="max tokens of the answer pass after the thinking closed")
+    shard_size: int = Field(256, ge=1, description="requests per output shard; a killed run resumes by shard")
 
 
 class SFTMix(StrictModel):
