@@ -36,8 +36,77 @@ def request_seed(run_seed: int, prompt_id: str, sample: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+class _Worker:
+    """One `vllm_worker` process: one engine replica."""
+
+    def __init__(self, engine_args: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        read_fd, write_fd = os.pipe()
+        command = [str(engine_bin("vllm")), "-m", "length_control.vllm_worker",
+                   "--engine-args", json.dumps(engine_args), "--reply-fd", str(write_fd)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=env, pass_fds=(write_fd,), text=True)
+        os.close(write_fd)
+        self._replies = os.fdopen(read_fd, "r")
+
+    def send(self, job: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+
+    def expect(self, *kinds: str) -> dict[str, Any]:
+        line = self._replies.readline()
+        if not line:
+            code = self.process.wait()
+            raise EngineError(f"the vLLM engine exited (status {code}) before replying; log tail:\n{self._log_tail()}")
+        message = json.loads(line)
+        if "error" in message:
+            raise EngineError(f"the vLLM engine failed a job:\n{message['error']}")
+        if not any(kind in message for kind in kinds):
+            raise EngineError(f"unexpected reply from the vLLM engine: {message}")
+        return message
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()  # the worker's loop ends, and vLLM shuts down
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._replies.close()
+        self._log.close()
+
+    def _log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def replica_devices(replica: int, tensor_parallel_size: int, visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES of one data-parallel replica: its slice of the visible devices."""
+    devices = visible.split(",") if visible else [str(i) for i in range((replica + 1) * tensor_parallel_size)]
+    mine = devices[replica * tensor_parallel_size : (replica + 1) * tensor_parallel_size]
+    if len(mine) < tensor_parallel_size:
+        raise EngineError(
+            f"data-parallel replica {replica} needs {tensor_parallel_size} devices but CUDA_VISIBLE_DEVICES "
+            f"({visible}) has too few; lower data_parallel_size or tensor_parallel_size"
+        )
+    return ",".join(mine)
+
+
 class VLLMEngine:
-    """One vLLM engine process for one model; use as a context manager."""
+    """vLLM engines for one model, one worker process per data-parallel replica.
+
+    vLLM's offline `LLM` does not do data parallelism in one process, so each
+    replica is its own engine on its own slice of the devices (tensor parallel
+    inside it), and every batch is split into contiguous parts, one per
+    replica: the split depends only on the batch, so reruns are reproducible.
+    Use as a context manager.
+    """
 
     PROGRESS_EVERY = 256  # requests per engine call: a progress line (and a flush) each
 
@@ -62,98 +131,68 @@ class VLLMEngine:
             **({"gpu_memory_utilization": options.gpu_memory_utilization} if options.gpu_memory_utilization else {}),
             **options.extra_args,
         }
+        self.options = options
         self.env = engine_environ(**options.env)
         self.log_path = Path(log_path)
-        self._process: subprocess.Popen | None = None
+        self._workers: list[_Worker] = []
 
     def __enter__(self) -> VLLMEngine:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        read_fd, write_fd = os.pipe()
-        self._log = open(self.log_path, "ab")
-        command = [
-            str(engine_bin("vllm")),
-            "-m",
-            "length_control.vllm_worker",
-            "--engine-args",
-            json.dumps(self.engine_args),
-            "--reply-fd",
-            str(write_fd),
-        ]
-        self._process = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            pass_fds=(write_fd,),
-            text=True,
-        )
-        os.close(write_fd)
-        self._replies = os.fdopen(read_fd, "r")
-        self._expect("ready")
+        replicas = self.options.data_parallel_size
+        for replica in range(replicas):
+            env, log = self.env, self.log_path
+            if replicas > 1:
+                devices = replica_devices(replica, self.options.tensor_parallel_size, self.env.get("CUDA_VISIBLE_DEVICES"))
+                env = {**self.env, "CUDA_VISIBLE_DEVICES": devices}
+                log = self.log_path.with_name(f"{self.log_path.stem}.dp{replica}{self.log_path.suffix}")
+            self._workers.append(_Worker(self.engine_args, env, log))
+        try:
+            for worker in self._workers:
+                worker.expect("ready")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        process = self._process
-        if process is None:
-            return
-        if process.stdin:
-            process.stdin.close()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        self._replies.close()
-        self._log.close()
-        self._process = None
+        for worker in self._workers:
+            worker.close()
+        self._workers = []
 
     def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict]:
         """Results in the order of `requests`; raises EngineError if any is missing."""
         if not requests:
             return []
-        assert self._process is not None and self._process.stdin is not None, "use VLLMEngine as a context manager"
-        with tempfile.TemporaryDirectory(prefix="lc-gen-") as scratch:
-            requests_path, output_path = Path(scratch, "requests.jsonl"), Path(scratch, "results.jsonl")
-            with open(requests_path, "w", encoding="utf-8") as f:
-                for request in requests:
-                    f.write(json.dumps(request) + "\n")
-            job = {"requests": str(requests_path), "output": str(output_path), "chunk": self.PROGRESS_EVERY}
-            self._process.stdin.write(json.dumps(job) + "\n")
-            self._process.stdin.flush()
-            with tqdm(total=len(requests), desc=desc, unit="sample", leave=False) as bar:
-                tokens = 0
-                while True:
-                    message = self._expect("progress", "done")
-                    if "done" in message:
-                        break
+        assert self._workers, "use VLLMEngine as a context manager"
+        parts = _split(requests, len(self._workers))
+        results: dict[str, dict] = {}
+        with tempfile.TemporaryDirectory(prefix="lc-gen-") as scratch, tqdm(
+            total=len(requests), desc=desc, unit="sample", leave=False
+        ) as bar:
+            outputs = []
+            for i, (worker, part) in enumerate(zip(self._workers, parts)):
+                requests_path, output_path = Path(scratch, f"requests{i}.jsonl"), Path(scratch, f"results{i}.jsonl")
+                requests_path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+                worker.send({"requests": str(requests_path), "output": str(output_path), "chunk": self.PROGRESS_EVERY})
+                outputs.append(output_path)
+            tokens = 0
+            for worker, output_path in zip(self._workers, outputs):
+                while "done" not in (message := worker.expect("progress", "done")):
                     tokens += message["tokens"]
                     bar.update(message["progress"])
                     bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
-            with open(output_path, encoding="utf-8") as f:
-                results = {r["key"]: r for r in map(json.loads, f)}
+                with open(output_path, encoding="utf-8") as f:
+                    results.update((r["key"], r) for r in map(json.loads, f))
         missing = [r["key"] for r in requests if r["key"] not in results]
         if missing:
             raise EngineError(f"the engine returned no result for {len(missing)} requests, e.g. {missing[:3]}")
         return [results[r["key"]] for r in requests]
 
-    def _expect(self, *kinds: str) -> dict[str, Any]:
-        line = self._replies.readline()
-        if not line:
-            code = self._process.wait() if self._process else None
-            raise EngineError(f"the vLLM engine exited (status {code}) before replying; log tail:\n{self._log_tail()}")
-        message = json.loads(line)
-        if "error" in message:
-            raise EngineError(f"the vLLM engine failed a job:\n{message['error']}")
-        if not any(kind in message for kind in kinds):
-            raise EngineError(f"unexpected reply from the vLLM engine: {message}")
-        return message
 
-    def _log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+def _split(items: list[Any], parts: int) -> list[list[Any]]:
+    """`parts` contiguous slices, sizes differing by at most one."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
 class OpenAIEngine:

