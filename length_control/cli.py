@@ -4,6 +4,8 @@
     length-control config RECIPE KEY [key=value ...] print one resolved recipe value
     length-control demo-model OUT [--variant V]      build (or reuse) the embedded demo policy
     length-control generate RECIPE [key=value ...]   traces up to the budget, and the answers after it
+    length-control splice RECIPE [key=value ...]     the stage-2 dataset (Axolotl's pre-tokenized rows)
+    length-control inspect DATASET [--row N]         a stage-2 row with its trained span, and the stats
     length-control evaluate RECIPE [key=value ...]   score and overlong rate at the context limit
     length-control run RECIPE [key=value ...]        every stage in order; up-to-date stages are skipped
 """
@@ -74,6 +76,21 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _splice(args: argparse.Namespace) -> int:
+    from length_control import splice
+
+    summary = splice.run(load_recipe(args.recipe, args.overrides))
+    print(", ".join(f"{key} {value}" for key, value in summary.items()))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from length_control import inspect
+
+    inspect.show(args.dataset, row=args.row, tokenizer=args.tokenizer)
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from length_control import evaluate
 
@@ -116,6 +133,15 @@ def _parser() -> argparse.ArgumentParser:
     generate = command("generate", _generate, "traces from the policy up to the budget, then the answers")
     generate.add_argument("recipe", type=Path)
     generate.add_argument("overrides", nargs="*", metavar="key=value")
+
+    splice = command("splice", _splice, "build the stage-2 dataset from the traces and answers")
+    splice.add_argument("recipe", type=Path)
+    splice.add_argument("overrides", nargs="*", metavar="key=value")
+
+    inspect = command("inspect", _inspect, "show a stage-2 row (trained span highlighted) and the dataset's stats")
+    inspect.add_argument("dataset", type=Path, help="a stage2/ folder (rows.parquet, meta.parquet, manifest.json)")
+    inspect.add_argument("--row", type=int, default=0)
+    inspect.add_argument("--tokenizer", help="model folder or Hub id (default: the one the dataset was built with)")
 
     evaluate = command("evaluate", _evaluate, "score and overlong rate of a policy at the recipe's context limit")
     evaluate.add_argument("recipe", type=Path)

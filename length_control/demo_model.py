@@ -25,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from length_control import demo_task
+from length_control import chat, demo_task
 from length_control.artifacts import write_json_atomic
 from length_control.envs import cache_dir
 from length_control.recipe import DemoModelSpec
@@ -55,14 +56,20 @@ def cached_build(spec: DemoModelSpec) -> Path:
     The folder holds `model/` (a Hugging Face model folder) and
     `stage1_sft.parquet` (the chat-format SFT set the model was trained on).
     """
+    import fcntl
+
     folder = cache_dir() / "demo-models" / f"{spec.variant}-{build_key(spec)[:16]}"
     if (folder / "build.json").is_file():
         return folder
-    scratch = folder.with_name(f".{folder.name}.building")
-    shutil.rmtree(scratch, ignore_errors=True)
-    build(spec, scratch)
-    shutil.rmtree(folder, ignore_errors=True)
-    scratch.rename(folder)  # a build killed mid-way never looks finished
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f".{folder.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second caller waits for the first build instead of racing it
+        if not (folder / "build.json").is_file():
+            scratch = folder.with_name(f".{folder.name}.building")
+            shutil.rmtree(scratch, ignore_errors=True)
+            build(spec, scratch)
+            shutil.rmtree(folder, ignore_errors=True)
+            scratch.rename(folder)  # a build killed mid-way never looks finished
     return folder
 
 
@@ -79,7 +86,7 @@ def export(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
 
 def build_key(spec: DemoModelSpec) -> str:
     digest = hashlib.sha256(spec.model_dump_json().encode())
-    for module in (demo_task, __import__(__name__, fromlist=["_"])):
+    for module in (demo_task, chat, __import__(__name__, fromlist=["_"])):
         digest.update(Path(module.__file__).read_bytes())
     for dist in ("torch", "transformers", "tokenizers"):
         digest.update(f"{dist}={metadata.version(dist)}".encode())
@@ -91,6 +98,8 @@ def build(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
     import torch
 
     started = time.perf_counter()
+    # Every core, whatever the calling process set before (a library may have set 1).
+    torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(spec.seed)
     problems = demo_task.make_problems(spec.train_problems, spec.seed, prefix="sft")
     think_open, think_close = THINK_OPEN, THINK_CLOSE
@@ -218,22 +227,10 @@ def _new_model(tokenizer, spec: DemoModelSpec):
     return model
 
 
-def _tokenize(tokenizer, conversation: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Chat-template ids, and labels that train the assistant turn only (+ its <|im_end|>)."""
-    prompt = tokenizer.apply_chat_template(conversation[:1], add_generation_prompt=True, tokenize=True)["input_ids"]
-    full = tokenizer.apply_chat_template(conversation, tokenize=True)["input_ids"]
-    if full[: len(prompt)] != prompt:
-        raise RuntimeError("the chat template does not extend the prompt: masks would be misplaced")
-    # The template ends a turn with "<|im_end|>\n": train up to <|im_end|>, not the newline.
-    end = len(full) - 1 if tokenizer.decode(full[-1:]) == "\n" else len(full)
-    labels = [-100] * len(prompt) + full[len(prompt) : end] + [-100] * (len(full) - end)
-    return full, labels
-
-
 def _train(model, tokenizer, conversations: list[list[dict[str, str]]], spec: DemoModelSpec) -> list[float]:
     import torch
 
-    rows = sorted((_tokenize(tokenizer, c) for c in conversations), key=lambda row: len(row[0]))
+    rows = sorted((chat.assistant_only_row(tokenizer, c) for c in conversations), key=lambda row: len(row[0]))
     # Batches of rows of similar length: little compute is spent on padding.
     batches = [rows[i : i + spec.batch_size] for i in range(0, len(rows), spec.batch_size)]
     generator = torch.Generator().manual_seed(spec.seed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from length_control import evaluate, generate
+from length_control import evaluate, generate, splice
 from length_control.policy import policy_path
 from length_control.recipe import Recipe
 
@@ -25,6 +25,10 @@ def _generate(recipe: Recipe) -> str:
     return ", ".join(f"{key} {value}" for key, value in generate.run(recipe).items())
 
 
+def _splice(recipe: Recipe) -> str:
+    return ", ".join(f"{key} {value}" for key, value in splice.run(recipe).items())
+
+
 def _eval_before(recipe: Recipe) -> str:
     return evaluate.format_metrics(evaluate.run(recipe, arm="before"), "before")
 
@@ -33,7 +37,7 @@ STAGES: list[tuple[str, Callable[[Recipe], str] | None]] = [
     ("policy", _policy),
     ("eval-before", _eval_before),
     ("generate", _generate),
-    ("splice", None),
+    ("splice", _splice),
     ("train", None),
     ("eval-after", None),
     ("eval-forced", None),

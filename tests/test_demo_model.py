@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control.demo_model import cached_build
+from length_control.demo_model import build, cached_build
 from length_control.engine import VLLMEngine, request_seed
 from length_control.envs import engine_bin, engine_environ
 from length_control.policy import load_tokenizer
@@ -68,6 +68,14 @@ def test_the_cache_reuses_a_build() -> None:
     stamp = (folder / "build.json").stat().st_mtime_ns
     assert cached_build(spec) == folder and (folder / "build.json").stat().st_mtime_ns == stamp
     assert (folder / "stage1_sft.parquet").is_file()
+
+
+def test_a_build_is_deterministic_for_its_seed(tmp_path: Path) -> None:
+    spec = DemoModelSpec(**SMALL)
+    build(spec, tmp_path / "a")
+    build(spec, tmp_path / "b")
+    for name in ("model/model.safetensors", "model/tokenizer.json", "stage1_sft.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
 def test_vllm_generates_from_the_demo_policy(small_policy: Path, tmp_path: Path) -> None:

@@ -1,0 +1,244 @@
+"""Stage-2 dataset: close the thinking at the budget, train the termination only.
+
+    length-control splice RECIPE [key=value ...]
+
+Each trace that ran into the budget B becomes one row of Axolotl's
+pre-tokenized format (`input_ids`, `attention_mask`, `labels`), built from
+the policy's own token ids — nothing is decoded and re-encoded:
+
+    input_ids = prompt + thinking + close + answer + EOS
+
+- case 1: thinking = the first B output tokens, close = the forced close
+  ("\\n</think>"), answer = the policy's continuation;
+- case 2: thinking = the output before the policy's own `</think>`, close =
+  those tokens, answer = what it wrote after them plus its continuation.
+
+`labels` are -100 everywhere except the termination span
+(`splice.termination_span`): `</think>` only, `</think>` + EOS (the report's
+choice, default), or `</think>` + answer + EOS. A share of stage-1 SFT
+conversations is mixed in with ordinary assistant-only labels. Rows without
+an answer (the answer pass ran out of tokens), with answers past
+`max_answer_tokens`, or longer than the training `sequence_len` are dropped or
+cut as the recipe says, and every such row is counted in the stats.
+
+The build streams: one generate shard at a time, rows written in row groups,
+so memory stays flat however many traces there are. Writes
+`stage2/rows.parquet` (exactly the three columns, so Axolotl reads it as is)
+and `stage2/meta.parquet` (per row: kind, prompt id, case, span).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from length_control.artifacts import Stage, atomic_path, tool_versions
+from length_control.recipe import Recipe, SpliceSpec
+from length_control.think import ThinkTokens
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Row:
+    input_ids: list[int]
+    labels: list[int]
+    span: tuple[int, int]  # input_ids[span[0]:span[1]] holds every trained token
+
+
+def splice_row(
+    trace: dict[str, Any],
+    answer: dict[str, Any],
+    *,
+    budget: int,
+    think: ThinkTokens,
+    spec: SpliceSpec,
+    max_len: int | None,
+) -> tuple[Row | None, str]:
+    """One stage-2 row from a trace and its answer, or (None, why it was dropped)."""
+    output = trace["output_token_ids"]
+    if answer["case"] == 1:
+        thinking, close = output[:budget], list(answer["close_token_ids"])
+        body = list(answer["answer_token_ids"])
+    else:
+        start, end = think.find_close(output)
+        thinking, close = output[:start], output[start:end]
+        body = output[end:] + list(answer["answer_token_ids"])
+    if answer["finish_reason"] != "stop" or not body or body[-1] != think.eos_id:
+        return None, "no_answer"
+    body = body[:-1]  # the EOS goes back on after any cut
+    if len(body) > spec.max_answer_tokens:
+        if spec.on_long_answer == "drop":
+            return None, "long_answer"
+        body = body[: spec.max_answer_tokens]
+    prefix = trace["prompt_token_ids"] + thinking
+    if max_len is not None and len(prefix) + len(close) + len(body) + 1 > max_len:
+        if spec.on_overlength == "drop" or len(prefix) + len(close) + 1 > max_len:
+            return None, "too_long"
+        body = body[: max_len - len(prefix) - len(close) - 1]  # cut the (masked) answer, keep the termination
+    input_ids = prefix + close + body + [think.eos_id]
+    tag_start = len(prefix) + close_tag_offset(close, think)
+    eos = len(input_ids) - 1
+    labels = [IGNORE] * len(input_ids)
+    if spec.termination_span == "think_close_answer_eos":
+        labels[tag_start:] = input_ids[tag_start:]
+    else:
+        labels[tag_start : len(prefix) + len(close)] = input_ids[tag_start : len(prefix) + len(close)]
+        if spec.termination_span == "think_close_eos":
+            labels[eos] = input_ids[eos]
+    return Row(input_ids, labels, (tag_start, len(input_ids) if spec.termination_span != "think_close" else len(prefix) + len(close))), "kept"
+
+
+def close_tag_offset(close: list[int], think: ThinkTokens) -> int:
+    """Where the `</think>` tag starts inside the close tokens ("\\n" before it is context, not trained)."""
+    found = think.find_close(close)
+    return found[0] if found else 0
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    from length_control import generate
+    from length_control.policy import load_tokenizer, policy_path
+
+    model = policy_path(recipe.model)
+    upstream = generate.stage_for(recipe, model)
+    folder = recipe.output_dir / "stage2"
+    mix = recipe.splice.sft_mix
+    mix_path = _mix_path(recipe) if mix is not None else None
+    stage = Stage(
+        folder,
+        inputs={"generate": upstream.output} | ({"sft_mix": mix_path} if mix_path else {}),
+        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": _max_len(recipe),
+                "think": recipe.section("model")["think"]},
+        versions=tool_versions("transformers"),
+    )
+    if stage.is_up_to_date():
+        return stage.read_manifest()["summary"]
+    tokenizer = load_tokenizer(model)
+    think = ThinkTokens(tokenizer, recipe.model.think)
+    stats: Counter[str] = Counter()
+    rows = _length_rows(upstream.folder, recipe, think, stats)
+    summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, tokenizer, mix_path, stats), stats=stats)
+    summary["tokenizer"] = model
+    stage.finish(**summary)
+    return summary
+
+
+def _length_rows(folder: Path, recipe: Recipe, think: ThinkTokens, stats: Counter) -> Iterator[dict[str, Any]]:
+    """Stage-2 rows, one generate shard at a time."""
+    import pyarrow.parquet as pq
+
+    for traces_path in sorted(folder.glob("traces-*.parquet")):
+        answers_path = traces_path.with_name(traces_path.name.replace("traces-", "answers-"))
+        traces = {(t["prompt_id"], t["sample"]): t for t in pq.read_table(traces_path).to_pylist()}
+        for answer in pq.read_table(answers_path).to_pylist():
+            trace = traces[(answer["prompt_id"], answer["sample"])]
+            row, why = splice_row(trace, answer, budget=recipe.budget, think=think, spec=recipe.splice,
+                                  max_len=_max_len(recipe))
+            stats[why] += 1
+            if row is not None:
+                stats[f"case{answer['case']}"] += 1
+                yield {"row": row, "meta": {"kind": "length", "prompt_id": answer["prompt_id"],
+                                            "sample": answer["sample"], "case": answer["case"]}}
+
+
+def _mix_rows(recipe: Recipe, tokenizer, mix_path: Path | None, stats: Counter):
+    """A function of the number of stage-2 rows: the SFT rows that make up `share` of the total."""
+    from length_control.chat import assistant_only_row
+
+    def rows(length_rows: int) -> Iterator[dict[str, Any]]:
+        mix = recipe.splice.sft_mix
+        if mix is None or mix.share == 0:
+            return
+        import pyarrow.parquet as pq
+
+        conversations = pq.read_table(mix_path, columns=[mix.messages_field]).column(0).to_pylist()
+        wanted = min(len(conversations), round(length_rows * mix.share / (1 - mix.share)))
+        for index in sorted(random.Random(recipe.seed).sample(range(len(conversations)), wanted)):
+            ids, labels = assistant_only_row(tokenizer, conversations[index])
+            if _max_len(recipe) is not None and len(ids) > _max_len(recipe):
+                stats["sft_too_long"] += 1
+                continue
+            stats["sft"] += 1
+            trained = [i for i, label in enumerate(labels) if label != IGNORE]
+            yield {"row": Row(ids, labels, (trained[0], trained[-1] + 1)),
+                   "meta": {"kind": "sft", "prompt_id": f"sft/{index}", "sample": 0, "case": 0}}
+
+    return rows
+
+
+def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, stats: Counter,
+                  group_size: int = 1024) -> dict[str, Any]:
+    """Stream rows into rows.parquet + meta.parquet (row groups of `group_size`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = pa.list_(pa.int32())
+    row_schema = pa.schema([("input_ids", ids), ("attention_mask", ids), ("labels", ids)])
+    meta_schema = pa.schema([("kind", pa.string()), ("prompt_id", pa.string()), ("sample", pa.int32()),
+                             ("case", pa.int8()), ("span_start", pa.int32()), ("span_end", pa.int32())])
+    folder.mkdir(parents=True, exist_ok=True)
+    lengths: list[int] = []
+    count = {"length": 0}
+    with atomic_path(folder / "rows.parquet") as rows_tmp, atomic_path(folder / "meta.parquet") as meta_tmp:
+        with pq.ParquetWriter(rows_tmp, row_schema) as rows_out, pq.ParquetWriter(meta_tmp, meta_schema) as meta_out:
+            batch: list[dict[str, Any]] = []
+
+            def flush() -> None:
+                rows_out.write_table(pa.Table.from_pylist(
+                    [{"input_ids": b["row"].input_ids, "attention_mask": [1] * len(b["row"].input_ids),
+                      "labels": b["row"].labels} for b in batch], schema=row_schema))
+                meta_out.write_table(pa.Table.from_pylist(
+                    [{**b["meta"], "span_start": b["row"].span[0], "span_end": b["row"].span[1]} for b in batch],
+                    schema=meta_schema))
+                batch.clear()
+
+            def add(item: dict[str, Any]) -> None:
+                batch.append(item)
+                lengths.append(len(item["row"].input_ids))
+                if len(batch) >= group_size:
+                    flush()
+
+            for item in rows:
+                count["length"] += 1
+                add(item)
+            for item in mix_rows(count["length"]):
+                add(item)
+            if batch or not lengths:
+                flush()
+    return {"rows": len(lengths), "length_rows": count["length"], "max_len": max(lengths, default=0),
+            **dict(sorted(stats.items()))}
+
+
+def _max_len(recipe: Recipe) -> int | None:
+    """The training sequence_len when the recipe fixes one (template or overrides), else None."""
+    import yaml
+
+    template = yaml.safe_load(recipe.train.template.read_text()) or {}
+    value = recipe.train.overrides.get("sequence_len", template.get("sequence_len"))
+    return int(value) if value is not None else None
+
+
+def _mix_path(recipe: Recipe) -> Path:
+    """The stage-1 SFT data to mix in: the recipe's dataset, or the demo policy's own."""
+    mix = recipe.splice.sft_mix
+    if mix.dataset is None:
+        from length_control.demo_model import cached_build
+
+        return cached_build(recipe.model.demo) / "stage1_sft.parquet"
+    if mix.dataset.path is not None:
+        return mix.dataset.path
+    local = recipe.output_dir / "sft_mix" / "source.parquet"
+    if not local.is_file():  # fetched once per run folder (needs Hub access, as on a cluster)
+        import datasets
+
+        table = datasets.load_dataset(mix.dataset.hf, mix.dataset.config, split=mix.dataset.split)
+        with atomic_path(local) as tmp:
+            table.select_columns([mix.messages_field]).to_parquet(str(tmp))
+    return local

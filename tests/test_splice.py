@@ -1,0 +1,185 @@
+"""Stage-2 rows: property tests over random traces for both tokenizer variants (a single
+`</think>` token, and `</think>` as several BPE pieces), drops that are counted, and
+the streamed dataset files."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from length_control import demo_task
+from length_control.demo_model import build_tokenizer
+from length_control.recipe import DemoModelSpec, SpliceSpec, ThinkTags
+from length_control.splice import IGNORE, Row, splice_row, write_dataset
+from length_control.think import ThinkTokens
+
+
+@pytest.fixture(scope="module", params=["standard", "multi-token-close"])
+def think(request, tmp_path_factory) -> ThinkTokens:
+    spec = DemoModelSpec(variant=request.param)
+    problems = demo_task.make_problems(200, seed=0, prefix="tok")
+    conversations = [demo_task.sft_conversation(p, "<think>", "</think>") for p in problems]
+    tokenizer = build_tokenizer(conversations, spec, tmp_path_factory.mktemp(request.param))
+    return ThinkTokens(tokenizer, ThinkTags())
+
+
+def _safe_ids(think: ThinkTokens) -> list[int]:
+    """Tokens that never spell a think tag or an end of turn: digits, ':' and newlines."""
+    return sorted(set(think.tokenizer.encode("0123456789:\n 5:7\n", add_special_tokens=False)))
+
+
+@st.composite
+def trace_and_answer(draw, think: ThinkTokens):
+    safe = st.sampled_from(_safe_ids(think))
+    budget = draw(st.integers(8, 60))
+    prompt = draw(st.lists(safe, min_size=1, max_size=20))
+    case = draw(st.sampled_from([1, 2]))
+    body = draw(st.lists(safe, max_size=12)) + [think.eos_id]
+    if case == 1:
+        output = draw(st.lists(safe, min_size=budget, max_size=budget))
+        answer_ids, close_ids = body, think.forced_close_ids
+        close_at = None
+    else:
+        close = think.tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
+        thinking = draw(st.lists(safe, min_size=1, max_size=budget - len(close)))
+        full = thinking + close + body
+        cut = draw(st.integers(len(thinking) + len(close), len(full) - 1))  # cut inside the answer
+        output, answer_ids, close_ids = full[:cut][:budget], full[cut:], []
+        answer_ids = full[len(output):]
+        close_at = think.find_close(output)[0]
+    trace = {"prompt_token_ids": prompt, "output_token_ids": output, "finish_reason": "length",
+             "think_close": close_at}
+    answer = {"case": case, "close_token_ids": close_ids, "answer_token_ids": answer_ids, "finish_reason": "stop"}
+    return budget, trace, answer
+
+
+SPANS = ["think_close", "think_close_eos", "think_close_answer_eos"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), span=st.sampled_from(SPANS))
+def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: str) -> None:
+    budget, trace, answer = data.draw(trace_and_answer(think))
+    row, why = splice_row(trace, answer, budget=budget, think=think,
+                          spec=SpliceSpec(termination_span=span), max_len=None)
+    assert why == "kept" and isinstance(row, Row)
+    ids, labels = row.input_ids, row.labels
+    prompt, output = trace["prompt_token_ids"], trace["output_token_ids"]
+    thinking = budget if answer["case"] == 1 else trace["think_close"]
+
+    # Everything before the close is the policy's own tokens, untouched.
+    assert ids[: len(prompt) + thinking] == prompt + output[:thinking]
+    # Case 1: the forced close sits right after exactly B thinking tokens.
+    if answer["case"] == 1:
+        assert ids[len(prompt) + budget : len(prompt) + budget + len(think.forced_close_ids)] == think.forced_close_ids
+    # The trained tokens: the </think> tag (+ EOS, + answer), nothing else.
+    tag_start, tag_end = think.find_close(ids[len(prompt) + thinking :])
+    tag = set(range(len(prompt) + thinking + tag_start, len(prompt) + thinking + tag_end))
+    trained = {i for i, label in enumerate(labels) if label != IGNORE}
+    eos = len(ids) - 1
+    expected = {"think_close": tag, "think_close_eos": tag | {eos},
+                "think_close_answer_eos": set(range(min(tag), len(ids)))}[span]
+    assert trained == expected
+    assert think.tokenizer.decode([ids[i] for i in sorted(tag)]).strip() == "</think>"
+    assert all(labels[i] == ids[i] for i in trained)
+    assert ids[eos] == think.eos_id and row.span[0] == min(tag)
+
+
+def test_drops_are_explicit(think: ThinkTokens) -> None:
+    safe = _safe_ids(think)
+    trace = {"prompt_token_ids": safe[:3], "output_token_ids": [safe[0]] * 10, "finish_reason": "length",
+             "think_close": None}
+
+    def answer(body, finish="stop"):
+        return {"case": 1, "close_token_ids": think.forced_close_ids, "answer_token_ids": body, "finish_reason": finish}
+
+    def splice(answer_record, **spec):
+        return splice_row(trace, answer_record, budget=10, think=think, spec=SpliceSpec(**spec), max_len=None)
+
+    assert splice(answer([safe[1]] * 5, "length"))[1] == "no_answer"  # the answer pass ran out of tokens
+    assert splice(answer([safe[1]] * 9 + [think.eos_id]), max_answer_tokens=4)[1] == "long_answer"
+    row, why = splice(answer([safe[1]] * 9 + [think.eos_id]), max_answer_tokens=4, on_long_answer="truncate")
+    assert why == "kept" and row.input_ids[-5:] == [safe[1]] * 4 + [think.eos_id]
+
+    long_answer = answer([safe[1]] * 20 + [think.eos_id])
+    short = 3 + 10 + len(think.forced_close_ids) + 5
+    assert splice_row(trace, long_answer, budget=10, think=think, spec=SpliceSpec(), max_len=short)[1] == "too_long"
+    row, why = splice_row(trace, long_answer, budget=10, think=think, spec=SpliceSpec(on_overlength="truncate"),
+                          max_len=short)
+    assert why == "kept" and len(row.input_ids) == short and row.input_ids[-1] == think.eos_id
+    assert row.labels[-1] == think.eos_id  # the cut is in the masked answer; the termination survives
+
+
+def test_dataset_files_stream_in_row_groups(tmp_path: Path) -> None:
+    rows = ({"row": Row([1, 2, n], [IGNORE, IGNORE, n], (2, 3)),
+             "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1}} for n in range(10))
+
+    def mix(length_rows: int):
+        assert length_rows == 10  # the mix is sized from the stage-2 rows actually kept
+        yield {"row": Row([7, 8], [IGNORE, 8], (1, 2)), "meta": {"kind": "sft", "prompt_id": "s", "sample": 0, "case": 0}}
+
+    summary = write_dataset(tmp_path, rows, mix_rows=mix, stats=Counter(kept=10), group_size=4)
+    assert summary["rows"] == 11 and summary["length_rows"] == 10 and summary["max_len"] == 3
+    table = pq.read_table(tmp_path / "rows.parquet")
+    assert table.column_names == ["input_ids", "attention_mask", "labels"]
+    assert pq.ParquetFile(tmp_path / "rows.parquet").num_row_groups == 3
+    assert table.column("labels")[10].as_py() == [IGNORE, 8]
+    assert pq.read_table(tmp_path / "meta.parquet").column("kind").to_pylist() == ["length"] * 10 + ["sft"]
+
+
+@pytest.mark.engine
+def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
+    """`axolotl preprocess` on the stage-2 rows keeps every row, label for label."""
+    import json
+    import subprocess
+
+    import yaml
+
+    from length_control.demo_model import cached_build
+    from length_control.envs import engine_bin, engine_environ
+    from length_control.train import render_config
+
+    from conftest import REPO
+
+    policy = cached_build(DemoModelSpec(train_problems=200, train_steps=20, hidden_size=64, layers=2)) / "model"
+    from length_control.policy import load_tokenizer
+
+    tokenizer = load_tokenizer(str(policy))
+    think = ThinkTokens(tokenizer, ThinkTags())
+    safe = _safe_ids(think)
+    rows = []
+    for n in range(12):  # case-1 rows of different lengths, each with a one-token answer
+        trace = {"prompt_token_ids": safe[:4], "output_token_ids": [safe[n % len(safe)]] * (10 + n),
+                 "finish_reason": "length", "think_close": None}
+        answer = {"case": 1, "close_token_ids": think.forced_close_ids,
+                  "answer_token_ids": [safe[1], think.eos_id], "finish_reason": "stop"}
+        row, _ = splice_row(trace, answer, budget=10 + n, think=think, spec=SpliceSpec(), max_len=None)
+        rows.append({"row": row, "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1}})
+    write_dataset(tmp_path / "stage2", iter(rows), mix_rows=lambda n: iter(()), stats=Counter())
+
+    config = render_config(REPO / "axolotl_configs" / "cpu-tiny.yaml", base_model=str(policy),
+                           datasets=[tmp_path / "stage2" / "rows.parquet"], output_dir=tmp_path / "out",
+                           sequence_len=128, prepared_root=tmp_path / "prepared")
+    (tmp_path / "axolotl.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([str(engine_bin("axolotl", "axolotl")), "preprocess", str(tmp_path / "axolotl.yaml")],
+                            capture_output=True, text=True, env=engine_environ(), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    dump = (
+        "import json, sys, pathlib, datasets\n"
+        "root = pathlib.Path(sys.argv[1])\n"
+        "folder = next(p.parent for p in root.rglob('dataset_info.json'))\n"
+        "ds = datasets.load_from_disk(str(folder))\n"
+        "print(json.dumps([[r['input_ids'], r['labels'], r['attention_mask']] for r in ds]))\n"
+    )
+    loaded = subprocess.run([str(engine_bin("axolotl")), "-c", dump, config["dataset_prepared_path"]],
+                            capture_output=True, text=True, env=engine_environ())
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    prepared = json.loads(loaded.stdout.strip().splitlines()[-1])
+    ours = [[r["row"].input_ids, r["row"].labels, [1] * len(r["row"].input_ids)] for r in rows]
+    assert sorted(map(json.dumps, prepared)) == sorted(map(json.dumps, ours))
