@@ -109,6 +109,14 @@ def tool_versions(*distributions: str) -> dict[str, str]:
     return versions
 
 
+def finished_output(folder: Path) -> str:
+    """The output fingerprint of a finished stage folder (for the next stage's inputs)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["output"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        raise FileNotFoundError(f"{folder} has no finished {MANIFEST}: run that stage first") from None
+
+
 class Stage:
     """One stage's output folder and its manifest.
 
@@ -163,10 +171,7 @@ class Stage:
     @property
     def output(self) -> str:
         """The finished output's fingerprint, for the next stage's inputs."""
-        manifest = self.read_manifest()
-        if manifest is None:
-            raise FileNotFoundError(f"{self.folder} has no {MANIFEST}: the stage has not finished")
-        return manifest["output"]
+        return finished_output(self.folder)
 
     def invalidate(self) -> None:
         """Forget the manifest so that the stage is redone."""

@@ -6,7 +6,8 @@
     length-control generate RECIPE [key=value ...]   traces up to the budget, and the answers after it
     length-control splice RECIPE [key=value ...]     the stage-2 dataset (Axolotl's pre-tokenized rows)
     length-control inspect DATASET [--row N]         a stage-2 row with its trained span, and the stats
-    length-control evaluate RECIPE [key=value ...]   score and overlong rate at the context limit
+    length-control train RECIPE [key=value ...]      stage 2 with Axolotl
+    length-control evaluate RECIPE [--arm A] [k=v]   score and overlong rate at the context limit
     length-control run RECIPE [key=value ...]        every stage in order; up-to-date stages are skipped
 """
 
@@ -91,6 +92,14 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from length_control import train
+
+    summary = train.run(load_recipe(args.recipe, args.overrides))
+    print(", ".join(f"{key} {value}" for key, value in summary.items()))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from length_control import evaluate
 
@@ -143,10 +152,15 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--row", type=int, default=0)
     inspect.add_argument("--tokenizer", help="model folder or Hub id (default: the one the dataset was built with)")
 
+    train = command("train", _train, "stage 2: train the policy on the stage-2 dataset with Axolotl")
+    train.add_argument("recipe", type=Path)
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+
     evaluate = command("evaluate", _evaluate, "score and overlong rate of a policy at the recipe's context limit")
     evaluate.add_argument("recipe", type=Path)
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
-    evaluate.add_argument("--arm", default="before", choices=["before"], help="which policy to evaluate")
+    evaluate.add_argument("--arm", default="before", choices=["before", "after"],
+                          help="before: the stage-1 policy; after: the stage-2 model")
 
     run = command("run", _run, "run every stage of a recipe in order (up-to-date stages are skipped)")
     run.add_argument("recipe", type=Path)

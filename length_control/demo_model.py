@@ -5,7 +5,8 @@
 Builds, from nothing but this repo, what the Hermes 4 14B stage-1 model is in
 miniature: a byte-level BPE tokenizer with a ChatML template and think tags,
 and a small Qwen2 model trained on the demo task (`demo_task.py`) to think
-inside `<think> ... </think>` and then answer. Its thinking grows with the
+inside `<think> ... </think>` and then answer (also after a `</think>` it did
+not write itself, as stage 2's forced close needs). Its thinking grows with the
 problem, so on long problems it runs past the demo's context limit, as the
 report's model did. The stage-1 SFT set it was trained on is saved beside it,
 because stage 2 mixes a share of it back in.
@@ -26,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from importlib import metadata
@@ -35,7 +37,7 @@ from typing import Any
 from length_control import chat, demo_task
 from length_control.artifacts import write_json_atomic
 from length_control.envs import cache_dir
-from length_control.recipe import DemoModelSpec
+from length_control.recipe import DemoModelSpec, ThinkTags
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -104,12 +106,18 @@ def build(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
     problems = demo_task.make_problems(spec.train_problems, spec.seed, prefix="sft")
     think_open, think_close = THINK_OPEN, THINK_CLOSE
     conversations = [demo_task.sft_conversation(p, think_open, think_close) for p in problems]
+    rng = random.Random(spec.seed)
+    interrupted = [
+        [conversation[0], {"role": "assistant", "content": p.interrupted(rng.randint(1, p.lines - 1))}]
+        for p, conversation in zip(problems, conversations)
+        if p.lines > 1 and rng.random() < spec.interrupted_share
+    ]
 
     model_dir = out / "model"
     tokenizer = build_tokenizer(conversations, spec, model_dir)
     _save_sft_set(conversations, out / "stage1_sft.parquet")
     model = _new_model(tokenizer, spec)
-    losses = _train(model, tokenizer, conversations, spec)
+    losses = _train(model, tokenizer, conversations, interrupted, spec)
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
 
@@ -119,6 +127,7 @@ def build(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
         "vocab_size": len(tokenizer),
         "think_close_ids": tokenizer.encode(THINK_CLOSE, add_special_tokens=False),
         "sft_rows": len(conversations),
+        "interrupted_rows": len(interrupted),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "seconds": round(time.perf_counter() - started, 1),
@@ -227,10 +236,22 @@ def _new_model(tokenizer, spec: DemoModelSpec):
     return model
 
 
-def _train(model, tokenizer, conversations: list[list[dict[str, str]]], spec: DemoModelSpec) -> list[float]:
+def _answer_only_row(tokenizer, conversation: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Labels on what follows the first </think> only: the close is context, the answer is learned."""
+    from length_control.think import ThinkTokens
+
+    ids, labels = chat.assistant_only_row(tokenizer, conversation)
+    start = next(i for i in range(len(ids)) if labels[i] != -100)
+    end = start + ThinkTokens(tokenizer, ThinkTags()).find_close(ids[start:])[1]
+    return ids, [-100] * end + labels[end:]
+
+
+def _train(model, tokenizer, conversations, interrupted, spec: DemoModelSpec) -> list[float]:
     import torch
 
-    rows = sorted((chat.assistant_only_row(tokenizer, c) for c in conversations), key=lambda row: len(row[0]))
+    rows = [chat.assistant_only_row(tokenizer, c) for c in conversations]
+    rows += [_answer_only_row(tokenizer, c) for c in interrupted]
+    rows.sort(key=lambda row: len(row[0]))
     # Batches of rows of similar length: little compute is spent on padding.
     batches = [rows[i : i + spec.batch_size] for i in range(0, len(rows), spec.batch_size)]
     generator = torch.Generator().manual_seed(spec.seed)

@@ -82,6 +82,16 @@ class Problem:
         """The assistant message of the stage-1 SFT data: thinking, then the answer."""
         return f"{think_open}\n{self.thinking()}\n{think_close}\n\n{ANSWER_PREFIX}{self.answer}."
 
+    def interrupted(self, lines: int, think_open: str = "<think>", think_close: str = "</think>") -> str:
+        """The thinking closed after `lines` lines, answered with the count so far (a best guess).
+
+        Stage 1 trains only the answer of these (the close is given, never
+        learned), as a large model learns to answer after a `</think>`
+        wherever it comes: what the forced close of stage 2 relies on.
+        """
+        partial = "\n".join(self.thinking().split("\n")[:lines])
+        return f"{think_open}\n{partial}\n{think_close}\n\n{ANSWER_PREFIX}{lines}."
+
     def record(self) -> dict[str, Any]:
         return {"id": self.id, "question": self.question, "answer": self.answer, "lines": self.lines}
 

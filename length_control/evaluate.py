@@ -29,10 +29,15 @@ from length_control.think import ThinkTokens
 
 
 def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
-    """Evaluate one arm (before: the stage-1 policy); skip it when up to date."""
-    if arm != "before":
-        raise ValueError(f"arm {arm!r} is not available yet; only 'before' (the stage-1 policy)")
-    model = policy_path(recipe.model)
+    """Evaluate one arm (before: the stage-1 policy, after: the stage-2 model); skip it when up to date."""
+    if arm == "before":
+        model = policy_path(recipe.model)
+    elif arm == "after":
+        from length_control.train import trained_model
+
+        model = str(trained_model(recipe))
+    else:
+        raise ValueError(f"arm {arm!r} is not available yet; use 'before' or 'after'")
     folder = recipe.output_dir / "eval" / arm
     stage = Stage(
         folder,

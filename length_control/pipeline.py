@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from length_control import evaluate, generate, splice
+from length_control import evaluate, generate, splice, train
 from length_control.policy import policy_path
 from length_control.recipe import Recipe
 
@@ -29,17 +29,21 @@ def _splice(recipe: Recipe) -> str:
     return ", ".join(f"{key} {value}" for key, value in splice.run(recipe).items())
 
 
-def _eval_before(recipe: Recipe) -> str:
-    return evaluate.format_metrics(evaluate.run(recipe, arm="before"), "before")
+def _train(recipe: Recipe) -> str:
+    return ", ".join(f"{key} {value}" for key, value in train.run(recipe).items())
+
+
+def _eval(arm: str) -> Callable[[Recipe], str]:
+    return lambda recipe: evaluate.format_metrics(evaluate.run(recipe, arm=arm), arm)
 
 
 STAGES: list[tuple[str, Callable[[Recipe], str] | None]] = [
     ("policy", _policy),
-    ("eval-before", _eval_before),
+    ("eval-before", _eval("before")),
     ("generate", _generate),
     ("splice", _splice),
-    ("train", None),
-    ("eval-after", None),
+    ("train", _train),
+    ("eval-after", _eval("after")),
     ("eval-forced", None),
     ("report", None),
 ]

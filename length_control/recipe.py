@@ -59,6 +59,9 @@ class DemoModelSpec(StrictModel):
     train_steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
+    interrupted_share: float = Field(
+        0.2, ge=0, le=1, description="extra conversations closed early, training only the answer after </think>"
+    )
 
 
 def _model_folder(path: Path) -> Path:

@@ -80,5 +80,5 @@ def test_fingerprint_ignores_hidden_temp_files(tmp_path: Path) -> None:
 
 
 def test_unfinished_stage_has_no_output(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="has not finished"):
+    with pytest.raises(FileNotFoundError, match="run that stage first"):
         _ = Stage(tmp_path, inputs={}, config={}).output

@@ -48,3 +48,10 @@ def test_demo_sources_load_as_prompt_records() -> None:
     assert first["messages"] == [{"role": "user", "content": first["messages"][0]["content"]}]
     assert first["messages"][0]["content"].startswith("Count down from ")
     assert first["reference"].isdigit()
+
+
+def test_an_interrupted_trace_answers_with_the_count_so_far() -> None:
+    problem = demo_task.Problem("p", start=305)
+    text = problem.interrupted(2)
+    assert text == "<think>\n01:305\n02:304\n</think>\n\nThe answer is 2."
+    assert problem.response().startswith(text.split("</think>")[0])  # the same thinking, closed early
