@@ -122,7 +122,13 @@ def _report(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from length_control import pipeline
 
-    pipeline.run(load_recipe(args.recipe, args.overrides), start=args.start)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from length_control import dryrun
+
+        print(dryrun.plan(recipe))
+        return 0
+    pipeline.run(recipe, start=args.start)
     return 0
 
 
@@ -181,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path)
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.add_argument("--from", dest="start", metavar="STAGE", help="redo this stage and every one after it")
+    run.add_argument("--dry-run", action="store_true", help="render every command and config; run nothing")
     return parser
 
 

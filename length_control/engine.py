@@ -44,8 +44,7 @@ class _Worker:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         read_fd, write_fd = os.pipe()
-        command = [str(engine_bin("vllm")), "-m", "length_control.vllm_worker",
-                   "--engine-args", json.dumps(engine_args), "--reply-fd", str(write_fd)]
+        command = worker_command(engine_args) + ["--reply-fd", str(write_fd)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=env, pass_fds=(write_fd,), text=True)
         os.close(write_fd)
@@ -84,6 +83,11 @@ class _Worker:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+def worker_command(engine_args: dict[str, Any]) -> list[str]:
+    """The command line of one engine worker (without its reply pipe)."""
+    return [str(engine_bin("vllm")), "-m", "length_control.vllm_worker", "--engine-args", json.dumps(engine_args)]
 
 
 def replica_devices(replica: int, tensor_parallel_size: int, visible: str | None) -> str:
@@ -136,15 +140,21 @@ class VLLMEngine:
         self.log_path = Path(log_path)
         self._workers: list[_Worker] = []
 
+    def replicas(self) -> list[tuple[dict[str, str], Path]]:
+        """Per data-parallel replica: its environment changes and its log file."""
+        count = self.options.data_parallel_size
+        if count == 1:
+            return [({}, self.log_path)]
+        tp, visible = self.options.tensor_parallel_size, self.env.get("CUDA_VISIBLE_DEVICES")
+        return [
+            ({"CUDA_VISIBLE_DEVICES": replica_devices(replica, tp, visible)},
+             self.log_path.with_name(f"{self.log_path.stem}.dp{replica}{self.log_path.suffix}"))
+            for replica in range(count)
+        ]
+
     def __enter__(self) -> VLLMEngine:
-        replicas = self.options.data_parallel_size
-        for replica in range(replicas):
-            env, log = self.env, self.log_path
-            if replicas > 1:
-                devices = replica_devices(replica, self.options.tensor_parallel_size, self.env.get("CUDA_VISIBLE_DEVICES"))
-                env = {**self.env, "CUDA_VISIBLE_DEVICES": devices}
-                log = self.log_path.with_name(f"{self.log_path.stem}.dp{replica}{self.log_path.suffix}")
-            self._workers.append(_Worker(self.engine_args, env, log))
+        for env, log in self.replicas():
+            self._workers.append(_Worker(self.engine_args, {**self.env, **env}, log))
         try:
             for worker in self._workers:
                 worker.expect("ready")

@@ -30,10 +30,16 @@ def render_config(
     sequence_len: int,
     prepared_root: Path,
     overrides: dict[str, Any] | None = None,
+    content_key: str | None = None,
 ) -> dict[str, Any]:
-    """The Axolotl config for one training run (a plain dict, ready to dump as YAML)."""
+    """The Axolotl config for one training run (a plain dict, ready to dump as YAML).
+
+    `content_key` stands in for the datasets' content hash when they do not
+    exist yet (a dry run).
+    """
     config = yaml.safe_load(Path(template).read_text(encoding="utf-8")) or {}
-    content_key = hashlib.sha256("".join(fingerprint(path) for path in datasets).encode()).hexdigest()[:16]
+    if content_key is None:
+        content_key = hashlib.sha256("".join(fingerprint(path) for path in datasets).encode()).hexdigest()[:16]
     config.update(
         base_model=str(base_model),
         datasets=[{"path": str(path), "ds_type": _ds_type(path), "split": "train"} for path in datasets],

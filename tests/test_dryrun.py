@@ -1,0 +1,52 @@
+"""The 14B recipe's dry run renders every command and config, and Axolotl accepts the
+rendered config for the GPUs it targets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from length_control import dryrun
+from length_control.envs import engine_bin, engine_environ
+from length_control.recipe import load_recipe
+
+from conftest import REPO
+
+H100x8 = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": 8, "compute_capability": "sm_90"}
+
+
+@pytest.fixture
+def plan(tmp_path: Path) -> tuple[str, Path]:
+    recipe = load_recipe(REPO / "recipes" / "qwen3-14b-30k.yaml", [f"output_dir={tmp_path}"])
+    return dryrun.plan(recipe), tmp_path
+
+
+def test_dry_run_renders_every_stage(plan) -> None:
+    text, out = plan
+    for stage in ("[prompts]", "[generate]", "[splice]", "[train]", "[eval-before]", "[eval-after]", "[eval-forced]"):
+        assert stage in text
+    # data parallel 4 x tensor parallel 2: four engines, each on its own two devices
+    for devices in ("0,1", "2,3", "4,5", "6,7"):
+        assert f"CUDA_VISIBLE_DEVICES={devices} " in text
+    assert '"tensor_parallel_size": 2' in text and '"max_model_len": 40960' in text
+    assert "max_tokens 30000" in text
+    assert f"axolotl train {out / 'dry-run' / 'axolotl.yaml'} --launcher accelerate -- --num_processes 8" in text
+    config = yaml.safe_load((out / "dry-run" / "axolotl.yaml").read_text())
+    assert config["base_model"] == "Qwen/Qwen3-14B" and config["sequence_len"] == 32768
+    assert config["excess_length_strategy"] == "raise" and config["fsdp_version"] == 2
+    assert not list(out.glob("generate*")) and not (out / "train").exists()  # nothing ran
+
+
+@pytest.mark.engine
+def test_axolotl_accepts_the_rendered_14b_config(plan) -> None:
+    _, out = plan
+    result = subprocess.run(
+        [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", str(out / "dry-run" / "axolotl.yaml"),
+         "--capabilities", json.dumps(H100x8)],
+        capture_output=True, text=True, env=engine_environ(), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
