@@ -36,7 +36,46 @@ def grade_exact(answer_text: str, reference: str) -> Grade:
     return Grade(extracted, correct, "matches the reference" if correct else f"expected {reference.strip()!r}")
 
 
-GRADERS: dict[str, Callable[[str, str], Grade]] = {"exact": grade_exact}
+def grade_math(answer_text: str, reference: str) -> Grade:
+    """math-verify: the answer's last boxed/expression against the gold, symbolically."""
+    from math_verify import parse, verify
+
+    gold = parse(reference if "$" in reference or "\\boxed" in reference else f"${reference}$")
+    found = parse(answer_text)
+    if not found:
+        return Grade(None, False, "no parsable answer after the thinking")
+    extracted = str(found[-1])
+    if not gold:
+        return Grade(extracted, False, f"the reference {reference!r} does not parse")
+    correct = bool(verify(gold, found))
+    return Grade(extracted, correct, "equal to the reference" if correct else f"not equal to {reference!r}")
+
+
+_LETTER = re.compile(r"answer\s*(?:is|:)?\s*\(?\$?\\?(?:boxed\{)?([A-D])\b", re.IGNORECASE)
+
+
+def grade_multiple_choice(answer_text: str, reference: str) -> Grade:
+    """The last 'Answer: X' (or 'answer is (X)'), X in A-D, against the gold letter."""
+    found = _LETTER.findall(answer_text)
+    if not found:
+        return Grade(None, False, "no 'Answer: X' after the thinking")
+    extracted = found[-1].upper()
+    correct = extracted == reference.strip().upper()
+    return Grade(extracted, correct, "the right letter" if correct else f"expected {reference.strip()}")
+
+
+def grade_code(answer_text: str, reference: str) -> Grade:
+    from length_control.sandbox import grade_program
+
+    return grade_program(answer_text, reference)
+
+
+GRADERS: dict[str, Callable[[str, str], Grade]] = {
+    "exact": grade_exact,
+    "math": grade_math,
+    "multiple_choice": grade_multiple_choice,
+    "code": grade_code,
+}
 
 
 def get_grader(name: str) -> Callable[[str, str], Grade]:
