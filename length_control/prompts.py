@@ -8,11 +8,16 @@ answer (or null). The same records feed trace generation and evaluation.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
+import json
+import pickle
 import random
 import re
 import string
 import unicodedata
+import zlib
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -40,8 +45,6 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    import json
-
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
@@ -60,6 +63,9 @@ def build_prompts(spec: SourceSpec, rows: list[dict[str, Any]], sample: int | No
         fields = dict(row)
         if spec.multiple_choice is not None:
             fields["choices"], reference = _shuffle_choices(row, spec, row_id)
+        if spec.code_tests is not None:
+            fields["code_instructions"] = _code_instructions(row.get("starter_code") or "")
+            reference = _code_reference(row, spec)
         try:
             user = spec.prompt.format_map(fields)
         except KeyError as error:
@@ -83,6 +89,41 @@ def build_prompts(spec: SourceSpec, rows: list[dict[str, Any]], sample: int | No
         chosen = sorted(random.Random(spec.seed).sample(range(len(records)), size))
         records = [records[i] for i in chosen]
     return records
+
+
+def _code_instructions(starter_code: str) -> str:
+    """LiveCodeBench's own instructions: the starter code, or stdin/stdout."""
+    if starter_code.strip():
+        return ("You will use the following starter code to write the solution to the problem and enclose your "
+                f"code within delimiters.\n```python\n{starter_code}\n```")
+    return ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on "
+            "the sample inputs). Enclose your code within delimiters as follows.\n```python\n# YOUR CODE HERE\n```")
+
+
+def _code_reference(row: dict[str, Any], spec: SourceSpec) -> str:
+    """The sandbox's reference: public + private tests and the function name, as JSON."""
+    columns = spec.code_tests
+    tests = json.loads(row[columns.public])
+    if columns.private and row.get(columns.private):
+        tests += _decode_tests(row[columns.private])
+    func_name = json.loads(row[columns.metadata] or "{}").get("func_name") if columns.metadata else None
+    return json.dumps({"tests": tests, "func_name": func_name})
+
+
+class _StringsOnly(pickle.Unpickler):
+    """LiveCodeBench pickles a JSON string; unpickling anything else could run code."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def _decode_tests(encoded: str) -> list[dict[str, Any]]:
+    """Plain JSON, or LiveCodeBench's base64(zlib(pickle(json))) private tests."""
+    try:
+        return json.loads(encoded)
+    except json.JSONDecodeError:
+        payload = _StringsOnly(io.BytesIO(zlib.decompress(base64.b64decode(encoded)))).load()
+        return json.loads(payload)
 
 
 def _dedup_key(text: str, mode: str) -> str:

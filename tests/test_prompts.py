@@ -368,9 +368,13 @@ def test_livecodebench_v6_window(tmp_path: Path) -> None:
     for record in records:
         row = row_of(record, rows)
         assert "2024-08-01" <= row["contest_date"] < "2025-05-01"
-        assert user(record) == row["question_content"]
-        assert record["reference"] == row["public_test_cases"]
-        assert json.loads(record["reference"])[0]["testtype"] in {"stdin", "functional"}
+        assert row["question_content"] in user(record)
+        assert ("starter code" in user(record)) == bool(row["starter_code"])
+        reference = json.loads(record["reference"])
+        assert reference["tests"][: len(json.loads(row["public_test_cases"]))] == json.loads(row["public_test_cases"])
+        assert len(reference["tests"]) > len(json.loads(row["public_test_cases"]))  # the private tests, decoded
+        assert reference["func_name"] == json.loads(row["metadata"]).get("func_name")
+        assert reference["tests"][0]["testtype"] in {"stdin", "functional"}
     assert "{x} and {{y}}" in user(records[1])  # braces in the statement stay as they are
     # a row without a date is outside any window
     undated = [row | {"contest_date": None} if row["question_id"] == "3412" else row for row in rows]
@@ -408,3 +412,18 @@ def test_parquet_timestamps_are_windowed(tmp_path: Path) -> None:
     spec = local_spec("livecodebench_v6", tmp_path, data)
     assert isinstance(read_rows(spec)[0]["contest_date"], datetime)
     assert ids(build(spec)) == IN_WINDOW
+
+
+def test_private_tests_never_unpickle_code() -> None:
+    import base64
+    import os
+    import pickle
+    import zlib
+
+    from length_control.prompts import _decode_tests
+
+    honest = base64.b64encode(zlib.compress(pickle.dumps(json.dumps([{"input": "1", "output": "2"}])))).decode()
+    assert _decode_tests(honest) == [{"input": "1", "output": "2"}]
+    hostile = base64.b64encode(zlib.compress(pickle.dumps(os.getcwd.__call__)))  # a callable, not a string
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        _decode_tests(hostile.decode())
