@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -70,34 +71,23 @@ def _demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from length_control import generate
+def _stage(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command that runs one stage module's `run(recipe)` and prints its summary."""
 
-    summary = generate.run(load_recipe(args.recipe, args.overrides))
-    print(", ".join(f"{key} {value}" for key, value in summary.items()))
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        from length_control.pipeline import summary_line
 
+        stage = importlib.import_module(f"length_control.{name}")
+        print(summary_line(stage.run(load_recipe(args.recipe, args.overrides))))
+        return 0
 
-def _splice(args: argparse.Namespace) -> int:
-    from length_control import splice
-
-    summary = splice.run(load_recipe(args.recipe, args.overrides))
-    print(", ".join(f"{key} {value}" for key, value in summary.items()))
-    return 0
+    return run
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from length_control import inspect
 
     inspect.show(args.dataset, row=args.row, tokenizer=args.tokenizer)
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    from length_control import train
-
-    summary = train.run(load_recipe(args.recipe, args.overrides))
-    print(", ".join(f"{key} {value}" for key, value in summary.items()))
     return 0
 
 
@@ -155,11 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--variant", default="standard", choices=["standard", "multi-token-close"])
     demo.add_argument("--seed", type=int, default=0)
 
-    generate = command("generate", _generate, "traces from the policy up to the budget, then the answers")
+    generate = command("generate", _stage("generate"), "traces from the policy up to the budget, then the answers")
     generate.add_argument("recipe", type=Path)
     generate.add_argument("overrides", nargs="*", metavar="key=value")
 
-    splice = command("splice", _splice, "build the stage-2 dataset from the traces and answers")
+    splice = command("splice", _stage("splice"), "build the stage-2 dataset from the traces and answers")
     splice.add_argument("recipe", type=Path)
     splice.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -168,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--row", type=int, default=0)
     inspect.add_argument("--tokenizer", help="model folder or Hub id (default: the one the dataset was built with)")
 
-    train = command("train", _train, "stage 2: train the policy on the stage-2 dataset with Axolotl")
+    train = command("train", _stage("train"), "stage 2: train the policy on the stage-2 dataset with Axolotl")
     train.add_argument("recipe", type=Path)
     train.add_argument("overrides", nargs="*", metavar="key=value")
 

@@ -21,7 +21,7 @@ from typing import Any
 from length_control.artifacts import Stage, atomic_path, tool_versions, write_json_atomic
 from length_control.engine import open_engine, request_seed
 from length_control.grading import get_grader
-from length_control.policy import load_tokenizer, policy_path
+from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
@@ -46,7 +46,7 @@ def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
     folder = recipe.output_dir / "eval" / arm
     stage = Stage(
         folder,
-        inputs={"model": Path(model) if Path(model).exists() else model}
+        inputs={"model": model_input(model)}
         | {f"set{i}": s.source for i, s in enumerate(recipe.eval.sets)},
         config={
             "context_limit": recipe.context_limit,

@@ -33,7 +33,7 @@ from typing import Any
 
 from length_control.artifacts import Stage, atomic_path, tool_versions, write_json_atomic
 from length_control.engine import open_engine, request_seed
-from length_control.policy import load_tokenizer, policy_path
+from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
@@ -73,7 +73,7 @@ def trace_requests(recipe: Recipe, tokenizer, prompts: list[dict[str, Any]]) -> 
 def stage_for(recipe: Recipe, model: str) -> Stage:
     return Stage(
         recipe.output_dir / "generate",
-        inputs={"model": Path(model) if Path(model).exists() else model}
+        inputs={"model": model_input(model)}
         | {f"source{i}": ref.source for i, ref in enumerate(recipe.prompts.sources)},
         config={
             "budget": recipe.budget,

@@ -17,7 +17,7 @@ from length_control.policy import policy_path
 from length_control.recipe import Recipe
 
 
-def _summary(values: dict) -> str:
+def summary_line(values: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in values.items())
 
 
@@ -29,9 +29,9 @@ def _eval(arm: str) -> Callable[[Recipe], str]:
 STAGES: list[tuple[str, str | None, Callable[[Recipe], str]]] = [
     ("policy", None, lambda recipe: f"policy: {policy_path(recipe.model)}"),
     ("eval-before", "eval/before", _eval("before")),
-    ("generate", "generate", lambda recipe: _summary(generate.run(recipe))),
-    ("splice", "stage2", lambda recipe: _summary(splice.run(recipe))),
-    ("train", "train", lambda recipe: _summary(train.run(recipe))),
+    ("generate", "generate", lambda recipe: summary_line(generate.run(recipe))),
+    ("splice", "stage2", lambda recipe: summary_line(splice.run(recipe))),
+    ("train", "train", lambda recipe: summary_line(train.run(recipe))),
     ("eval-after", "eval/after", _eval("after")),
     ("eval-forced", "eval/forced", _eval("forced")),
     ("report", None, report.run),

@@ -21,3 +21,10 @@ def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)
+
+
+def model_input(model: str):
+    """A model as a stage input: a local folder is fingerprinted, a Hub id is taken as it is."""
+    from pathlib import Path
+
+    return Path(model) if Path(model).exists() else model

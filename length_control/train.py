@@ -92,14 +92,14 @@ def run(recipe) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from length_control.artifacts import Stage, finished_output, tool_versions, write_text_atomic
-    from length_control.policy import policy_path
+    from length_control.policy import model_input, policy_path
 
     model = policy_path(recipe.model)
     rows = recipe.output_dir / "stage2" / "rows.parquet"
     folder = recipe.output_dir / "train"
     stage = Stage(
         folder,
-        inputs={"stage2": finished_output(recipe.output_dir / "stage2"), "model": Path(model) if Path(model).exists() else model,
+        inputs={"stage2": finished_output(recipe.output_dir / "stage2"), "model": model_input(model),
                 "template": recipe.train.template},
         config={"train": recipe.section("train"), "seed": recipe.seed},
         versions=tool_versions(),

@@ -1,0 +1,135 @@
+"""Stage 2 with real Axolotl: every template validates for its hardware; full fine-tuning
+and LoRA (merged) put the learning signal on the termination span; a dataset rewritten
+at the same path is prepared anew."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from length_control import generate, splice, train
+from length_control.envs import engine_bin, engine_environ
+from length_control.policy import policy_path
+from length_control.recipe import load_recipe
+from length_control.train import render_config
+
+from conftest import REPO
+
+pytestmark = pytest.mark.engine
+
+# The hardware each template is for: None = the CPU here.
+TARGETS = {
+    "cpu-tiny.yaml": None,
+    "cpu-tiny-lora.yaml": None,
+    "qwen3-14b-fsdp2-32k.yaml": 8,
+    "qwen3-14b-lora-32k.yaml": 8,
+    "qwen3-14b-fsdp2-32k-multinode.yaml": 16,
+}
+
+
+def test_every_template_is_listed() -> None:
+    assert sorted(p.name for p in (REPO / "axolotl_configs").glob("*.yaml")) == sorted(TARGETS)
+
+
+@pytest.mark.parametrize("template", sorted(TARGETS))
+def test_template_renders_and_validates(template: str, tmp_path: Path) -> None:
+    gpus = TARGETS[template]
+    config = render_config(REPO / "axolotl_configs" / template, base_model="Qwen/Qwen3-14B",
+                           datasets=[tmp_path / "rows.parquet"], output_dir=tmp_path / "out",
+                           sequence_len=32768 if gpus else 512, prepared_root=tmp_path / "prepared",
+                           content_key="0123456789abcdef")
+    assert config["excess_length_strategy"] == "raise"
+    assert config["dataset_prepared_path"] == str(tmp_path / "prepared" / "0123456789abcdef")
+    (tmp_path / "axolotl.yaml").write_text(yaml.safe_dump(config))
+    command = [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", str(tmp_path / "axolotl.yaml")]
+    if gpus:
+        command += ["--capabilities", json.dumps({"bf16": True, "fp8": True, "tf32": True, "n_gpu": gpus,
+                                                  "compute_capability": "sm_90"})]
+    result = subprocess.run(command, capture_output=True, text=True, env=engine_environ(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory) -> Path:
+    """A run folder with generated traces and a stage-2 dataset (no training yet)."""
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path_factory.mktemp('stage2')}"])
+    generate.run(recipe)
+    splice.run(recipe)
+    return recipe.output_dir
+
+
+def _nll(model_dir: str, rows_path: Path, meta_path: Path) -> dict[str, float]:
+    """Mean NLL of the trained termination tokens and of the masked reasoning, over the case-1 rows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = pq.read_table(rows_path).to_pylist()
+    meta = pq.read_table(meta_path).to_pylist()
+    term, reason = [], []
+    with torch.no_grad():
+        for row, info in zip(rows, meta):
+            if info["kind"] != "length":
+                continue
+            ids = torch.tensor([row["input_ids"]])
+            logp = torch.log_softmax(model(ids).logits[0, :-1], dim=-1)
+            nll = -logp.gather(1, ids[0, 1:, None])[:, 0]  # nll[i] predicts token i + 1
+            trained = [i for i, label in enumerate(row["labels"]) if label != -100]
+            term += [nll[i - 1].item() for i in trained]
+            reason += [nll[i - 1].item() for i in range(info["span_start"] - 60, info["span_start"] - 1)]
+    return {"termination": sum(term) / len(term), "reasoning": sum(reason) / len(reason)}
+
+
+@pytest.mark.parametrize("template", ["cpu-tiny.yaml", "cpu-tiny-lora.yaml"])
+def test_training_moves_the_termination_not_the_reasoning(stage2: Path, template: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(stage2, run, ignore=shutil.ignore_patterns("train", "prepared", "eval"))
+    overrides = [f"output_dir={run}", f"train.template=../axolotl_configs/{template}"]
+    if "lora" in template:
+        overrides.append("train.overrides={num_epochs: 3}")  # the template's own learning rate
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides)
+    summary = train.run(recipe)
+    model = train.trained_model(recipe)
+    assert (model / "config.json").is_file() and summary["steps"] > 0
+    if "lora" in template:
+        assert model.name == "merged" and (run / "train" / "merge.log").is_file()
+
+    rows, meta = run / "stage2" / "rows.parquet", run / "stage2" / "meta.parquet"
+    before = _nll(policy_path(recipe.model), rows, meta)
+    after = _nll(str(model), rows, meta)
+    assert after["termination"] < 0.5 * before["termination"], (before, after)
+    assert after["reasoning"] < before["reasoning"] + 0.05, (before, after)
+
+
+def test_a_rewritten_dataset_is_prepared_anew(tmp_path: Path) -> None:
+    """Axolotl keys its prepared data by path; ours is keyed by content, so a rewrite is seen."""
+    import pyarrow as pa
+
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml")
+    model = policy_path(recipe.model)
+    rows = tmp_path / "rows.parquet"
+    prepared = []
+    for version in (1, 2):
+        table = [{"input_ids": [1, 2, n, version + 10], "attention_mask": [1] * 4, "labels": [-100, -100, -100, version + 10]}
+                 for n in range(3, 9)]
+        pq.write_table(pa.Table.from_pylist(table), rows)  # the same path both times
+        config = render_config(REPO / "axolotl_configs" / "cpu-tiny.yaml", base_model=model, datasets=[rows],
+                               output_dir=tmp_path / "out", sequence_len=64, prepared_root=tmp_path / "prepared")
+        (tmp_path / "axolotl.yaml").write_text(yaml.safe_dump(config))
+        result = subprocess.run([str(engine_bin("axolotl", "axolotl")), "preprocess", str(tmp_path / "axolotl.yaml")],
+                                capture_output=True, text=True, env=engine_environ(), cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        dump = ("import json, sys, pathlib, datasets\n"
+                "folder = next(pathlib.Path(sys.argv[1]).rglob('dataset_info.json')).parent\n"
+                "print(json.dumps([r['input_ids'] for r in datasets.load_from_disk(str(folder))]))\n")
+        loaded = subprocess.run([str(engine_bin("axolotl")), "-c", dump, config["dataset_prepared_path"]],
+                                capture_output=True, text=True, env=engine_environ())
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+        prepared.append(json.loads(loaded.stdout.strip().splitlines()[-1]))
+    assert [sorted(rows) for rows in prepared] == [[[1, 2, n, version + 10] for n in range(3, 9)] for version in (1, 2)]
