@@ -174,8 +174,12 @@ def _mix_rows(recipe: Recipe, tokenizer, mix_path: Path | None, stats: Counter):
 
 
 def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, stats: Counter,
-                  group_size: int = 1024) -> dict[str, Any]:
-    """Stream rows into rows.parquet + meta.parquet (row groups of `group_size`)."""
+                  group_size: int = 1024, group_tokens: int = 1 << 20) -> dict[str, Any]:
+    """Stream rows into rows.parquet + meta.parquet, a row group at a time.
+
+    A group is flushed at `group_size` rows or `group_tokens` tokens, whichever
+    comes first, so memory is bounded for 30k-token rows as for short ones.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -189,8 +193,10 @@ def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, sta
     with atomic_path(folder / "rows.parquet") as rows_tmp, atomic_path(folder / "meta.parquet") as meta_tmp:
         with pq.ParquetWriter(rows_tmp, row_schema) as rows_out, pq.ParquetWriter(meta_tmp, meta_schema) as meta_out:
             batch: list[dict[str, Any]] = []
+            batch_tokens = 0
 
             def flush() -> None:
+                nonlocal batch_tokens
                 rows_out.write_table(pa.Table.from_pylist(
                     [{"input_ids": b["row"].input_ids, "attention_mask": [1] * len(b["row"].input_ids),
                       "labels": b["row"].labels} for b in batch], schema=row_schema))
@@ -198,11 +204,14 @@ def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, sta
                     [{**b["meta"], "span_start": b["row"].span[0], "span_end": b["row"].span[1]} for b in batch],
                     schema=meta_schema))
                 batch.clear()
+                batch_tokens = 0
 
             def add(item: dict[str, Any]) -> None:
+                nonlocal batch_tokens
                 batch.append(item)
                 lengths.append(len(item["row"].input_ids))
-                if len(batch) >= group_size:
+                batch_tokens += lengths[-1]
+                if len(batch) >= group_size or batch_tokens >= group_tokens:
                     flush()
 
             for item in rows:

@@ -1,0 +1,119 @@
+"""Does the stage-2 build stream? Peak memory at two sizes of long traces.
+
+    .envs/vllm/bin/python bench/splice_memory.py [--small 200] [--large 2000] [--tokens 30000]
+
+Writes synthetic generate shards (256 traces each, as the generate stage
+does) of case-1 traces with `--tokens` output tokens drawn from a
+Qwen3-sized vocabulary (151,669 ids; `</think>` = 151668, `<|im_end|>` =
+151645, as in Qwen3's tokenizer), then splices each set in a fresh process
+and reports that process's peak resident memory. Flat means the large/small
+ratio stays near 1 while the data grows 10x; printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+THINK_CLOSE, NEWLINE, EOS, VOCAB = 151668, 198, 151645, 151669
+
+WORKER = r'''
+import json, resource, sys, time
+from collections import Counter
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from length_control import splice
+from length_control.recipe import SpliceSpec, ThinkTags
+from length_control.think import ThinkTokens
+
+
+class QwenSizedTokenizer:
+    """Only what splicing asks of a tokenizer: the ids of the think tags and of EOS."""
+    eos_token_id = 151645
+
+    def encode(self, text, add_special_tokens=False):
+        return {"</think>": [151668], "\n</think>": [198, 151668]}[text]
+
+
+class Recipe:  # the three settings the row builder reads
+    budget = int(sys.argv[2])
+    splice = SpliceSpec()
+
+
+started = time.perf_counter()
+think = ThinkTokens(QwenSizedTokenizer(), ThinkTags())
+stats = Counter()
+folder = Path(sys.argv[1])
+splice._max_len = lambda recipe: None
+rows = splice._length_rows(folder, Recipe, think, stats)
+summary = splice.write_dataset(folder / "stage2", rows, mix_rows=lambda n: iter(()), stats=stats)
+print(json.dumps({"rows": summary["rows"], "seconds": time.perf_counter() - started,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from length_control import generate
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for shard, start in enumerate(range(0, traces, 256)):
+        count = min(256, traces - start)
+        prompts = [rng.integers(0, 150_000, 200, dtype=np.int32).tolist() for _ in range(count)]
+        outputs = [rng.integers(0, 150_000, tokens, dtype=np.int32).tolist() for _ in range(count)]
+        ids = [f"p{start + i}" for i in range(count)]
+        traces_table = pa.Table.from_pylist(
+            [{"prompt_id": i, "sample": 0, "prompt_token_ids": p, "output_token_ids": o, "finish_reason": "length",
+              "think_close": None, "seed": 0} for i, p, o in zip(ids, prompts, outputs)],
+            schema=generate._schema("traces"))
+        answers_table = pa.Table.from_pylist(
+            [{"prompt_id": i, "sample": 0, "case": 1, "close_token_ids": [NEWLINE, THINK_CLOSE],
+              "answer_token_ids": rng.integers(0, 150_000, 300, dtype=np.int32).tolist() + [EOS],
+              "finish_reason": "stop"} for i in ids],
+            schema=generate._schema("answers"))
+        pq.write_table(answers_table, folder / f"answers-{shard:05d}.parquet")
+        pq.write_table(traces_table, folder / f"traces-{shard:05d}.parquet")
+
+
+def measure(folder: Path, budget: int, scratch: Path) -> dict:
+    script = scratch / "worker.py"
+    script.write_text(WORKER)
+    result = subprocess.run([sys.executable, str(script), str(folder), str(budget), str(REPO)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=200)
+    parser.add_argument("--large", type=int, default=2000)
+    parser.add_argument("--tokens", type=int, default=30000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
+        results = {}
+        for name, traces in (("small", args.small), ("large", args.large)):
+            folder = Path(scratch) / name
+            write_shards(folder, traces, args.tokens)
+            results[name] = measure(folder, args.tokens, Path(scratch))
+            r = results[name]
+            print(f"{traces} traces x {args.tokens} tokens: {r['rows']} rows in {r['seconds']:.1f} s, "
+                  f"peak {r['peak_mb']:.0f} MB")
+    print(f"peak memory {args.large} / {args.small} traces: {results['large']['peak_mb'] / results['small']['peak_mb']:.2f} "
+          f"(flat = near 1, for {args.large / args.small:.0f}x the data)")
+
+
+if __name__ == "__main__":
+    main()
