@@ -294,6 +294,38 @@ class OpenAIEngine:
         raise EngineError(f"request {request['key']} failed {self.options.max_retries + 1} times; last: {error}")
 
 
+class SharedEngine:
+    """One engine for several stages of the same model, started on first use.
+
+    The pipeline hands it to every stage that runs the stage-1 policy (eval
+    before, eval forced, generate), so the policy costs one engine start; a
+    stage that is up to date never starts it.
+    """
+
+    def __init__(self, recipe, model: str, log_name: str) -> None:
+        self._make = lambda: open_engine(recipe, model, log_name=log_name)
+        self._engine = None
+
+    def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict]:
+        if not requests:
+            return []
+        if self._engine is None:
+            self._engine = self._make().__enter__()
+        return self._engine.generate(requests, desc=desc)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.__exit__(None, None, None)
+            self._engine = None
+
+
+def engine_for(recipe, model: str, *, log_name: str, shared: SharedEngine | None):
+    """The shared engine when the caller has one (left open), else a new one for this stage."""
+    import contextlib
+
+    return contextlib.nullcontext(shared) if shared is not None else open_engine(recipe, model, log_name=log_name)
+
+
 def open_engine(recipe, model: str, *, log_name: str):
     """The engine the recipe names, for `model` (a context manager)."""
     if recipe.engine.kind == "openai":

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from length_control.artifacts import Stage, atomic_path, tool_versions, write_json_atomic
-from length_control.engine import open_engine, request_seed
+from length_control.engine import SharedEngine, engine_for, request_seed
 from length_control.grading import get_grader
 from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
@@ -28,7 +28,7 @@ from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens
 
 
-def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
+def run(recipe: Recipe, arm: str = "before", engine: SharedEngine | None = None) -> dict[str, Any]:
     """Evaluate one arm; skip it when up to date.
 
     before: the stage-1 policy; after: the stage-2 model; forced: the stage-1
@@ -84,7 +84,7 @@ def run(recipe: Recipe, arm: str = "before") -> dict[str, Any]:
                     }
                 )
 
-    with open_engine(recipe, model, log_name=f"eval-{arm}") as engine:
+    with engine_for(recipe, model, log_name=f"eval-{arm}", shared=engine) as engine:
         if arm == "forced":
             results = _forced(engine, requests, recipe, think)
         else:

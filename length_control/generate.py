@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from length_control.artifacts import Stage, atomic_path, tool_versions, write_json_atomic
-from length_control.engine import open_engine, request_seed
+from length_control.engine import SharedEngine, engine_for, request_seed
 from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
@@ -86,7 +86,7 @@ def stage_for(recipe: Recipe, model: str) -> Stage:
     )
 
 
-def run(recipe: Recipe) -> dict[str, Any]:
+def run(recipe: Recipe, engine: SharedEngine | None = None) -> dict[str, Any]:
     """Generate every missing shard; skip the stage when it is up to date."""
     model = policy_path(recipe.model)
     stage = stage_for(recipe, model)
@@ -102,7 +102,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     shards = [requests[i : i + size] for i in range(0, len(requests), size)]
     todo = [i for i in range(len(shards)) if not _shard_path(folder, "traces", i).is_file()]
     if todo:
-        with open_engine(recipe, model, log_name="generate") as engine:
+        with engine_for(recipe, model, log_name="generate", shared=engine) as engine:
             for i in todo:
                 _generate_shard(engine, shards[i], i, len(shards), recipe, think, folder)
     summary = summarize(folder)

@@ -4,7 +4,9 @@
 
 Each stage skips itself when its manifest says it is up to date, so a rerun
 resumes where the last one stopped; `--from STAGE` redoes that stage and
-every one after it.
+every one after it. The stages that run the stage-1 policy (eval before,
+eval forced, generate) come first and share one engine: one engine start
+per model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 
 from length_control import evaluate, generate, report, splice, train
 from length_control.artifacts import Stage
+from length_control.engine import SharedEngine
 from length_control.policy import policy_path
 from length_control.recipe import Recipe
 
@@ -21,31 +24,40 @@ def summary_line(values: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in values.items())
 
 
-def _eval(arm: str) -> Callable[[Recipe], str]:
-    return lambda recipe: evaluate.format_metrics(evaluate.run(recipe, arm=arm), arm)
+def _eval(arm: str) -> Callable[[Recipe, SharedEngine], str]:
+    return lambda recipe, policy: evaluate.format_metrics(
+        evaluate.run(recipe, arm=arm, engine=policy if arm != "after" else None), arm
+    )
 
 
-# (name, the folder its manifest lives in, what runs it)
-STAGES: list[tuple[str, str | None, Callable[[Recipe], str]]] = [
-    ("policy", None, lambda recipe: f"policy: {policy_path(recipe.model)}"),
+# (name, the folder its manifest lives in, what runs it given the stage-1 policy's shared engine)
+STAGES: list[tuple[str, str | None, Callable[[Recipe, SharedEngine], str]]] = [
+    ("policy", None, lambda recipe, policy: f"policy: {policy_path(recipe.model)}"),
     ("eval-before", "eval/before", _eval("before")),
-    ("generate", "generate", lambda recipe: summary_line(generate.run(recipe))),
-    ("splice", "stage2", lambda recipe: summary_line(splice.run(recipe))),
-    ("train", "train", lambda recipe: summary_line(train.run(recipe))),
-    ("eval-after", "eval/after", _eval("after")),
     ("eval-forced", "eval/forced", _eval("forced")),
-    ("report", None, report.run),
+    ("generate", "generate", lambda recipe, policy: summary_line(generate.run(recipe, engine=policy))),
+    ("splice", "stage2", lambda recipe, policy: summary_line(splice.run(recipe))),
+    ("train", "train", lambda recipe, policy: summary_line(train.run(recipe))),
+    ("eval-after", "eval/after", _eval("after")),
+    ("report", None, lambda recipe, policy: report.run(recipe)),
 ]
 STAGE_NAMES = [name for name, _, _ in STAGES]
+_LAST_POLICY_STAGE = "generate"  # after it, the stage-1 engine is shut down to free its memory for training
 
 
 def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None] = print) -> None:
     if start is not None and start not in STAGE_NAMES:
         raise ValueError(f"no stage {start!r}; one of {', '.join(STAGE_NAMES)}")
+    policy = SharedEngine(recipe, policy_path(recipe.model), log_name="policy")
     redo = False
-    for name, folder, stage in STAGES:
-        redo = redo or name == start
-        if redo and folder is not None:
-            Stage(recipe.output_dir / folder, inputs={}, config=None).invalidate()
-        echo(f"[{name}]")
-        echo(stage(recipe))
+    try:
+        for name, folder, stage in STAGES:
+            redo = redo or name == start
+            if redo and folder is not None:
+                Stage(recipe.output_dir / folder, inputs={}, config=None).invalidate()
+            echo(f"[{name}]")
+            echo(stage(recipe, policy))
+            if name == _LAST_POLICY_STAGE:
+                policy.close()
+    finally:
+        policy.close()

@@ -136,9 +136,11 @@ def _length_rows(folder: Path, recipe: Recipe, think: ThinkTokens, stats: Counte
 
     for traces_path in sorted(folder.glob("traces-*.parquet")):
         answers_path = traces_path.with_name(traces_path.name.replace("traces-", "answers-"))
-        traces = {(t["prompt_id"], t["sample"]): t for t in pq.read_table(traces_path).to_pylist()}
+        traces = pq.read_table(traces_path)  # token ids stay in Arrow; one trace at a time becomes Python
+        index = {key: i for i, key in enumerate(zip(traces.column("prompt_id").to_pylist(),
+                                                    traces.column("sample").to_pylist()))}
         for answer in pq.read_table(answers_path).to_pylist():
-            trace = traces[(answer["prompt_id"], answer["sample"])]
+            trace = traces.slice(index[(answer["prompt_id"], answer["sample"])], 1).to_pylist()[0]
             row, why = splice_row(trace, answer, budget=recipe.budget, think=think, spec=recipe.splice,
                                   max_len=_max_len(recipe))
             stats[why] += 1

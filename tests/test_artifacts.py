@@ -82,3 +82,16 @@ def test_fingerprint_ignores_hidden_temp_files(tmp_path: Path) -> None:
 def test_unfinished_stage_has_no_output(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run that stage first"):
         _ = Stage(tmp_path, inputs={}, config={}).output
+
+
+def test_a_failed_axolotl_command_stops_with_its_status_and_log_tail(tmp_path: Path) -> None:
+    import sys
+
+    from length_control.train import TrainError, _run_logged
+
+    command = [sys.executable, "-c", "print(\"{'loss': '1.5', 'epoch': '0.5'}\"); print('CUDA out of memory'); raise SystemExit(3)"]
+    with pytest.raises(TrainError) as caught:
+        _run_logged(command, tmp_path / "train.log")
+    message = str(caught.value)
+    assert "exit status 3" in message and "CUDA out of memory" in message and str(tmp_path / "train.log") in message
+    assert _run_logged([sys.executable, "-c", "print(\"{'loss': '0.25', 'epoch': '1'}\")"], tmp_path / "ok.log") == [0.25]

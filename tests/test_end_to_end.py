@@ -35,7 +35,10 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     assert row["overlong_forced"] == 0.0  # forcing closes every sample by construction
     assert (tmp_path / "report" / "report.md").read_text().count("| demo-eval |") == 1
 
-    # A rerun skips every finished stage.
+    # A rerun skips every finished stage; --from redoes that stage and the ones after it.
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("manifest.json")}
     pipeline.run(recipe, echo=lambda _: None)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("manifest.json")} == stamps
+    pipeline.run(recipe, start="eval-after", echo=lambda _: None)
+    redone = {p for p in tmp_path.rglob("manifest.json") if p.stat().st_mtime_ns != stamps[p]}
+    assert redone == {tmp_path / "eval" / "after" / "manifest.json"}
