@@ -56,6 +56,9 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
             if redo and folder is not None:
                 Stage(recipe.output_dir / folder, inputs={}, config=None).invalidate()
             echo(f"[{name}]")
+            if name.startswith("eval-") and name.removeprefix("eval-") not in recipe.eval.arms:
+                echo("not in eval.arms: skipped")
+                continue
             echo(stage(recipe, policy))
             if name == _LAST_POLICY_STAGE:
                 policy.close()

@@ -183,3 +183,35 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
     prepared = json.loads(loaded.stdout.strip().splitlines()[-1])
     ours = [[r["row"].input_ids, r["row"].labels, [1] * len(r["row"].input_ids)] for r in rows]
     assert sorted(map(json.dumps, prepared)) == sorted(map(json.dumps, ours))
+
+
+def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_path: Path) -> None:
+    import json
+
+    from rich.console import Console
+
+    from length_control import inspect
+
+    tokenizer = think.tokenizer
+    tokenizer.save_pretrained(tmp_path / "tok")
+    prompt = tokenizer.encode("Count down from 305 to 300.", add_special_tokens=False)
+    thinking = tokenizer.encode("<think>\n" + "01:305\n" * 30 + "02:304", add_special_tokens=False)
+    trace = {"prompt_token_ids": prompt, "output_token_ids": thinking, "finish_reason": "length", "think_close": None}
+    answer = {"case": 1, "close_token_ids": think.forced_close_ids,
+              "answer_token_ids": tokenizer.encode("\n\nThe answer is 2.", add_special_tokens=False) + [think.eos_id],
+              "finish_reason": "stop"}
+    row, _ = splice_row(trace, answer, budget=len(thinking), think=think, spec=SpliceSpec(), max_len=None)
+    write_dataset(tmp_path / "stage2", iter([{"row": row, "meta": {"kind": "length", "prompt_id": "p", "sample": 0,
+                                                                  "case": 1}}]),
+                  mix_rows=lambda n: iter(()), stats=Counter(kept=1, no_answer=2))
+    (tmp_path / "stage2" / "manifest.json").write_text(json.dumps({"summary": {"tokenizer": str(tmp_path / "tok"),
+                                                                             "no_answer": 2}}))
+    console = Console(record=True, width=120)
+    inspect.show(tmp_path / "stage2", row=0, console=console)
+    text = console.export_text()
+    close_at = len(prompt) + len(thinking) + len(think.forced_close_ids) - len(think.close_ids)
+    assert f"trained positions {close_at}" in text and f"[{close_at}]</" in text
+    assert "[... " in text  # the long reasoning is elided in the middle
+    assert "length  case 1: 1 rows" in text and "dropped: {'no_answer': 2}" in text
+    with pytest.raises(IndexError, match="rows 0..0"):
+        inspect.show(tmp_path / "stage2", row=5, console=console)
