@@ -6,7 +6,7 @@ Writes synthetic generate shards (256 traces each, as the generate stage
 does) of case-1 traces with `--tokens` output tokens drawn from a
 Qwen3-sized vocabulary (151,669 ids; `</think>` = 151668, `<|im_end|>` =
 151645, as in Qwen3's tokenizer), then splices each set in a fresh process
-and reports that process's peak resident memory. Flat means the large/small
+and reports that process's peak resident memory (its VmHWM). Flat means the large/small
 ratio stays near 1 while the data grows 10x; printed last.
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 THINK_CLOSE, NEWLINE, EOS, VOCAB = 151668, 198, 151645, 151669
 
 WORKER = r'''
-import json, resource, sys, time
+import json, sys, time
 from collections import Counter
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
@@ -54,8 +54,9 @@ folder = Path(sys.argv[1])
 splice._max_len = lambda recipe: None
 rows = splice._length_rows(folder, Recipe, think, stats)
 summary = splice.write_dataset(folder / "stage2", rows, mix_rows=lambda n: iter(()), stats=stats)
-print(json.dumps({"rows": summary["rows"], "seconds": time.perf_counter() - started,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and starts at the parent's size at fork.
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"rows": summary["rows"], "seconds": time.perf_counter() - started, "peak_mb": peak_kb / 1024}))
 '''
 
 

@@ -134,20 +134,23 @@ def _length_rows(folder: Path, recipe: Recipe, think: ThinkTokens, stats: Counte
     """Stage-2 rows, one generate shard at a time."""
     import pyarrow.parquet as pq
 
+    max_len = _max_len(recipe)
     for traces_path in sorted(folder.glob("traces-*.parquet")):
         answers_path = traces_path.with_name(traces_path.name.replace("traces-", "answers-"))
-        traces = pq.read_table(traces_path)  # token ids stay in Arrow; one trace at a time becomes Python
-        index = {key: i for i, key in enumerate(zip(traces.column("prompt_id").to_pylist(),
-                                                    traces.column("sample").to_pylist()))}
-        for answer in pq.read_table(answers_path).to_pylist():
-            trace = traces.slice(index[(answer["prompt_id"], answer["sample"])], 1).to_pylist()[0]
-            row, why = splice_row(trace, answer, budget=recipe.budget, think=think, spec=recipe.splice,
-                                  max_len=_max_len(recipe))
-            stats[why] += 1
-            if row is not None:
-                stats[f"case{answer['case']}"] += 1
-                yield {"row": row, "meta": {"kind": "length", "prompt_id": answer["prompt_id"],
-                                            "sample": answer["sample"], "case": answer["case"]}}
+        answers = {(a["prompt_id"], a["sample"]): a for a in pq.read_table(answers_path).to_pylist()}
+        # A few traces at a time: a shard of 30k-token traces never sits in memory whole.
+        for batch in pq.ParquetFile(traces_path).iter_batches(batch_size=8):
+            for trace in batch.to_pylist():
+                answer = answers.get((trace["prompt_id"], trace["sample"]))
+                if answer is None:
+                    continue  # ended within the budget: not a stage-2 sample
+                row, why = splice_row(trace, answer, budget=recipe.budget, think=think, spec=recipe.splice,
+                                      max_len=max_len)
+                stats[why] += 1
+                if row is not None:
+                    stats[f"case{answer['case']}"] += 1
+                    yield {"row": row, "meta": {"kind": "length", "prompt_id": answer["prompt_id"],
+                                                "sample": answer["sample"], "case": answer["case"]}}
 
 
 def _mix_rows(recipe: Recipe, tokenizer, mix_path: Path | None, stats: Counter):
