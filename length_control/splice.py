@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from length_control.artifacts import Stage, atomic_path, tool_versions
 from length_control.recipe import Recipe, SpliceSpec
 from length_control.think import ThinkTokens
@@ -45,8 +47,8 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class Row:
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: np.ndarray | list[int]
+    labels: np.ndarray | list[int]
     span: tuple[int, int]  # input_ids[span[0]:span[1]] holds every trained token
 
 
@@ -59,38 +61,50 @@ def splice_row(
     spec: SpliceSpec,
     max_len: int | None,
 ) -> tuple[Row | None, str]:
-    """One stage-2 row from a trace and its answer, or (None, why it was dropped)."""
-    output = trace["output_token_ids"]
+    """One stage-2 row from a trace and its answer, or (None, why it was dropped).
+
+    Token ids may come as lists or numpy arrays; the row's are int32 arrays,
+    sliced and concatenated without a Python object per token.
+    """
+    output = np.asarray(trace["output_token_ids"], dtype=np.int32)
+    answer_ids = np.asarray(answer["answer_token_ids"], dtype=np.int32)
     if answer["case"] == 1:
-        thinking, close = output[:budget], list(answer["close_token_ids"])
-        body = list(answer["answer_token_ids"])
+        thinking, close, body = output[:budget], np.asarray(answer["close_token_ids"], dtype=np.int32), answer_ids
     else:
-        start, end = think.find_close(output)
-        thinking, close = output[:start], output[start:end]
-        body = output[end:] + list(answer["answer_token_ids"])
-    if answer["finish_reason"] != "stop" or not body or body[-1] != think.eos_id:
+        start, end = _find_close(output, think)
+        thinking, close, body = output[:start], output[start:end], np.concatenate([output[end:], answer_ids])
+    if answer["finish_reason"] != "stop" or not len(body) or body[-1] != think.eos_id:
         return None, "no_answer"
     body = body[:-1]  # the EOS goes back on after any cut
     if len(body) > spec.max_answer_tokens:
         if spec.on_long_answer == "drop":
             return None, "long_answer"
         body = body[: spec.max_answer_tokens]
-    prefix = trace["prompt_token_ids"] + thinking
-    if max_len is not None and len(prefix) + len(close) + len(body) + 1 > max_len:
-        if spec.on_overlength == "drop" or len(prefix) + len(close) + 1 > max_len:
+    prefix_len = len(trace["prompt_token_ids"]) + len(thinking)
+    if max_len is not None and prefix_len + len(close) + len(body) + 1 > max_len:
+        if spec.on_overlength == "drop" or prefix_len + len(close) + 1 > max_len:
             return None, "too_long"
-        body = body[: max_len - len(prefix) - len(close) - 1]  # cut the (masked) answer, keep the termination
-    input_ids = prefix + close + body + [think.eos_id]
-    tag_start = len(prefix) + close_tag_offset(close, think)
-    eos = len(input_ids) - 1
-    labels = [IGNORE] * len(input_ids)
+        body = body[: max_len - prefix_len - len(close) - 1]  # cut the (masked) answer, keep the termination
+    input_ids = np.concatenate([np.asarray(trace["prompt_token_ids"], dtype=np.int32), thinking, close, body,
+                                np.array([think.eos_id], dtype=np.int32)])
+    tag_start = prefix_len + close_tag_offset(close.tolist(), think)
+    close_end = prefix_len + len(close)
+    labels = np.full(len(input_ids), IGNORE, dtype=np.int32)
     if spec.termination_span == "think_close_answer_eos":
         labels[tag_start:] = input_ids[tag_start:]
     else:
-        labels[tag_start : len(prefix) + len(close)] = input_ids[tag_start : len(prefix) + len(close)]
+        labels[tag_start:close_end] = input_ids[tag_start:close_end]
         if spec.termination_span == "think_close_eos":
-            labels[eos] = input_ids[eos]
-    return Row(input_ids, labels, (tag_start, len(input_ids) if spec.termination_span != "think_close" else len(prefix) + len(close))), "kept"
+            labels[-1] = input_ids[-1]
+    span_end = close_end if spec.termination_span == "think_close" else len(input_ids)
+    return Row(input_ids, labels, (tag_start, span_end)), "kept"
+
+
+def _find_close(output: np.ndarray, think: ThinkTokens) -> tuple[int, int]:
+    if len(think.close_ids) == 1:
+        start = int(np.flatnonzero(output == think.close_ids[0])[0])
+        return start, start + 1
+    return think.find_close(output.tolist())
 
 
 def close_tag_offset(close: list[int], think: ThinkTokens) -> int:
@@ -138,12 +152,16 @@ def _length_rows(folder: Path, recipe: Recipe, think: ThinkTokens, stats: Counte
     for traces_path in sorted(folder.glob("traces-*.parquet")):
         answers_path = traces_path.with_name(traces_path.name.replace("traces-", "answers-"))
         answers = {(a["prompt_id"], a["sample"]): a for a in pq.read_table(answers_path).to_pylist()}
-        # A few traces at a time: a shard of 30k-token traces never sits in memory whole.
-        for batch in pq.ParquetFile(traces_path).iter_batches(batch_size=8):
-            for trace in batch.to_pylist():
-                answer = answers.get((trace["prompt_id"], trace["sample"]))
+        # A few traces at a time, their ids as numpy views: a shard never sits in memory whole.
+        columns = ["prompt_id", "sample", "prompt_token_ids", "output_token_ids"]
+        for batch in pq.ParquetFile(traces_path).iter_batches(batch_size=64, columns=columns):
+            keys = zip(batch.column("prompt_id").to_pylist(), batch.column("sample").to_pylist())
+            prompts, outputs = _id_lists(batch.column("prompt_token_ids")), _id_lists(batch.column("output_token_ids"))
+            for i, key in enumerate(keys):
+                answer = answers.get(key)
                 if answer is None:
                     continue  # ended within the budget: not a stage-2 sample
+                trace = {"prompt_token_ids": prompts(i), "output_token_ids": outputs(i)}
                 row, why = splice_row(trace, answer, budget=recipe.budget, think=think, spec=recipe.splice,
                                       max_len=max_len)
                 stats[why] += 1
@@ -151,6 +169,23 @@ def _length_rows(folder: Path, recipe: Recipe, think: ThinkTokens, stats: Counte
                     stats[f"case{answer['case']}"] += 1
                     yield {"row": row, "meta": {"kind": "length", "prompt_id": answer["prompt_id"],
                                                 "sample": answer["sample"], "case": answer["case"]}}
+
+
+def _id_lists(column):
+    """Row i of an Arrow list<int32> column as a numpy view (no copy, no Python ints)."""
+    values = column.values.to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy()
+    return lambda i: values[offsets[i] : offsets[i + 1]]
+
+
+def _list_array(arrays: list) -> Any:
+    """An Arrow list<int32> column from numpy arrays or lists, in one concatenation."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate([np.asarray(a, dtype=np.int32) for a in arrays]) if arrays else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _mix_rows(recipe: Recipe, tokenizer, mix_path: Path | None, stats: Counter):
@@ -172,7 +207,8 @@ def _mix_rows(recipe: Recipe, tokenizer, mix_path: Path | None, stats: Counter):
                 continue
             stats["sft"] += 1
             trained = [i for i, label in enumerate(labels) if label != IGNORE]
-            yield {"row": Row(ids, labels, (trained[0], trained[-1] + 1)),
+            yield {"row": Row(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32),
+                              (trained[0], trained[-1] + 1)),
                    "meta": {"kind": "sft", "prompt_id": f"sft/{index}", "sample": 0, "case": 0}}
 
     return rows
@@ -202,9 +238,10 @@ def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, sta
 
             def flush() -> None:
                 nonlocal batch_tokens
-                rows_out.write_table(pa.Table.from_pylist(
-                    [{"input_ids": b["row"].input_ids, "attention_mask": [1] * len(b["row"].input_ids),
-                      "labels": b["row"].labels} for b in batch], schema=row_schema))
+                rows_out.write_table(pa.Table.from_arrays(
+                    [_list_array([b["row"].input_ids for b in batch]),
+                     _list_array([np.ones(len(b["row"].input_ids), dtype=np.int32) for b in batch]),
+                     _list_array([b["row"].labels for b in batch])], schema=row_schema))
                 meta_out.write_table(pa.Table.from_pylist(
                     [{**b["meta"], "span_start": b["row"].span[0], "span_end": b["row"].span[1]} for b in batch],
                     schema=meta_schema))

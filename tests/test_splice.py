@@ -68,7 +68,7 @@ def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: st
     row, why = splice_row(trace, answer, budget=budget, think=think,
                           spec=SpliceSpec(termination_span=span), max_len=None)
     assert why == "kept" and isinstance(row, Row)
-    ids, labels = row.input_ids, row.labels
+    ids, labels = row.input_ids.tolist(), row.labels.tolist()
     prompt, output = trace["prompt_token_ids"], trace["output_token_ids"]
     thinking = budget if answer["case"] == 1 else trace["think_close"]
 
@@ -104,7 +104,7 @@ def test_drops_are_explicit(think: ThinkTokens) -> None:
     assert splice(answer([safe[1]] * 5, "length"))[1] == "no_answer"  # the answer pass ran out of tokens
     assert splice(answer([safe[1]] * 9 + [think.eos_id]), max_answer_tokens=4)[1] == "long_answer"
     row, why = splice(answer([safe[1]] * 9 + [think.eos_id]), max_answer_tokens=4, on_long_answer="truncate")
-    assert why == "kept" and row.input_ids[-5:] == [safe[1]] * 4 + [think.eos_id]
+    assert why == "kept" and row.input_ids[-5:].tolist() == [safe[1]] * 4 + [think.eos_id]
 
     long_answer = answer([safe[1]] * 20 + [think.eos_id])
     short = 3 + 10 + len(think.forced_close_ids) + 5
@@ -181,7 +181,7 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=engine_environ())
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     prepared = json.loads(loaded.stdout.strip().splitlines()[-1])
-    ours = [[r["row"].input_ids, r["row"].labels, [1] * len(r["row"].input_ids)] for r in rows]
+    ours = [[r["row"].input_ids.tolist(), r["row"].labels.tolist(), [1] * len(r["row"].input_ids)] for r in rows]
     assert sorted(map(json.dumps, prepared)) == sorted(map(json.dumps, ours))
 
 
