@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,15 +110,6 @@ def sft_conversation(problem: Problem, think_open: str, think_close: str) -> lis
         {"role": "user", "content": problem.question},
         {"role": "assistant", "content": problem.response(think_open, think_close)},
     ]
-
-
-_ANSWER = re.compile(re.escape(ANSWER_PREFIX) + r"(\d+)")
-
-
-def extract_answer(text: str) -> str | None:
-    """The last "The answer is N" in a response, or None."""
-    found = _ANSWER.findall(text)
-    return found[-1] if found else None
 
 
 # Shipped prompt sets (prompts_sources/data/), regenerated with
