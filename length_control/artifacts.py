@@ -173,9 +173,5 @@ class Stage:
         """The finished output's fingerprint, for the next stage's inputs."""
         return finished_output(self.folder)
 
-    def invalidate(self) -> None:
-        """Forget the manifest so that the stage is redone."""
-        self.manifest_path.unlink(missing_ok=True)
-
     def _output_fingerprint(self) -> str:
         return _folder_fingerprint(self.folder, exclude=frozenset({MANIFEST}))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from length_control import evaluate, generate, report, splice, train
-from length_control.artifacts import Stage
+from length_control.artifacts import MANIFEST
 from length_control.engine import SharedEngine
 from length_control.policy import policy_path
 from length_control.recipe import Recipe
@@ -54,7 +54,7 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
         for name, folder, stage in STAGES:
             redo = redo or name == start
             if redo and folder is not None:
-                Stage(recipe.output_dir / folder, inputs={}, config=None).invalidate()
+                (recipe.output_dir / folder / MANIFEST).unlink(missing_ok=True)
             echo(f"[{name}]")
             if name.startswith("eval-") and name.removeprefix("eval-") not in recipe.eval.arms:
                 echo("not in eval.arms: skipped")

@@ -199,10 +199,11 @@ def _mix_rows(recipe: Recipe, tokenizer, mix_path: Path | None, stats: Counter):
         import pyarrow.parquet as pq
 
         conversations = pq.read_table(mix_path, columns=[mix.messages_field]).column(0).to_pylist()
+        max_len = _max_len(recipe)
         wanted = min(len(conversations), round(length_rows * mix.share / (1 - mix.share)))
         for index in sorted(random.Random(recipe.seed).sample(range(len(conversations)), wanted)):
             ids, labels = assistant_only_row(tokenizer, conversations[index])
-            if _max_len(recipe) is not None and len(ids) > _max_len(recipe):
+            if max_len is not None and len(ids) > max_len:
                 stats["sft_too_long"] += 1
                 continue
             stats["sft"] += 1
