@@ -52,7 +52,8 @@ def replicate(source: Path, target: Path, copies: int) -> None:
                        target / f"answers-{copy:05d}.parquet")
         pq.write_table(pa.Table.from_pylist(tag(traces), schema=generate._schema("traces")),
                        target / f"traces-{copy:05d}.parquet")
-    shutil.copy(source / "manifest.json", target / "manifest.json")
+    for name in ("manifest.json", generate.TERMINATION):
+        shutil.copy(source / name, target / name)
 
 
 def chat_samples(recipe, tokenizer, think: ThinkTokens, generate_dir: Path) -> tuple[list[dict], int]:

@@ -17,12 +17,13 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-THINK_CLOSE, NEWLINE, EOS, VOCAB = 151668, 198, 151645, 151669
+THINK_CLOSE, NEWLINE, EOS = 151668, 198, 151645
 
 WORKER = r'''
 import json, sys, time
@@ -30,29 +31,20 @@ from collections import Counter
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from length_control import splice
-from length_control.recipe import SpliceSpec, ThinkTags
-from length_control.think import ThinkTokens
+from length_control.generate import read_termination
+from length_control.recipe import SpliceSpec
 
 
-class QwenSizedTokenizer:
-    """Only what splicing asks of a tokenizer: the ids of the think tags and of EOS."""
-    eos_token_id = 151645
-
-    def encode(self, text, add_special_tokens=False):
-        return {"</think>": [151668], "\n</think>": [198, 151668]}[text]
-
-
-class Recipe:  # the three settings the row builder reads
+class Recipe:  # the two settings the row builder reads
     budget = int(sys.argv[2])
     splice = SpliceSpec()
 
 
 started = time.perf_counter()
-think = ThinkTokens(QwenSizedTokenizer(), ThinkTags())
 stats = Counter()
 folder = Path(sys.argv[1])
 splice._max_len = lambda recipe: None
-rows = splice._length_rows(folder, Recipe, think, stats)
+rows = splice._length_rows(folder, Recipe, read_termination(folder), stats)
 summary = splice.write_dataset(folder / "stage2", rows, mix_rows=lambda n: iter(()), stats=stats)
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and starts at the parent's size at fork.
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -66,6 +58,7 @@ def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
     import pyarrow.parquet as pq
 
     from length_control import generate
+    from length_control.think import Termination
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
@@ -85,6 +78,8 @@ def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
             schema=generate._schema("answers"))
         pq.write_table(answers_table, folder / f"answers-{shard:05d}.parquet")
         pq.write_table(traces_table, folder / f"traces-{shard:05d}.parquet")
+    termination = Termination(eos_id=EOS, forced_close_ids=[NEWLINE, THINK_CLOSE], forced_close_tag_start=1)
+    (folder / generate.TERMINATION).write_text(json.dumps(asdict(termination)))
 
 
 def measure(folder: Path, budget: int, scratch: Path) -> dict:

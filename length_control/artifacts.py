@@ -109,12 +109,21 @@ def tool_versions(*distributions: str) -> dict[str, str]:
     return versions
 
 
+def summary_line(summary: dict[str, Any]) -> str:
+    """A stage's summary as one line for people: "rows 208, case1 104, ..."."""
+    return ", ".join(f"{key} {value}" for key, value in summary.items())
+
+
+class MissingInput(FileNotFoundError):
+    """A stage's input is not there (yet); the message names the command that makes it."""
+
+
 def finished_output(folder: Path) -> str:
     """The output fingerprint of a finished stage folder (for the next stage's inputs)."""
     try:
         return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["output"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        raise FileNotFoundError(f"{folder} has no finished {MANIFEST}: run that stage first") from None
+        raise MissingInput(f"{folder} has no finished {MANIFEST}: run that stage first") from None
 
 
 class Stage:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from length_control._schema import ConfigError
+from length_control.artifacts import MissingInput, summary_line
 from length_control.recipe import Recipe, load_recipe
 
 
@@ -75,8 +76,6 @@ def _stage(name: str) -> Callable[[argparse.Namespace], int]:
     """A command that runs one stage module's `run(recipe)` and prints its summary."""
 
     def run(args: argparse.Namespace) -> int:
-        from length_control.pipeline import summary_line
-
         stage = importlib.import_module(f"length_control.{name}")
         print(summary_line(stage.run(load_recipe(args.recipe, args.overrides))))
         return 0
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as error:
+    except (ConfigError, MissingInput) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -21,25 +21,32 @@ writes the same bytes as an uninterrupted one.
 A trace record is DESIGN.md's contract: `prompt_id`, `sample`,
 `prompt_token_ids`, `output_token_ids`, `finish_reason`, `think_close`
 (index of the first `</think>` token in the output, or null), `seed`. An
-answer record: `prompt_id`, `sample`, `case`, `close_token_ids` (the forced
-close for case 1, empty for case 2), `answer_token_ids`, `finish_reason`.
+answer record: `prompt_id`, `sample`, `case`, `close_token_ids` (the tokens
+that close the thinking: the forced close for case 1, the policy's own
+`</think>` tokens at `think_close` for case 2), `answer_token_ids`,
+`finish_reason`. `termination.json` holds the EOS and forced-close ids, so
+stage 2 needs no tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from length_control.artifacts import Stage, atomic_path, tool_versions, write_json_atomic
+from length_control.artifacts import MissingInput, Stage, atomic_path, tool_versions, write_json_atomic
 from length_control.engine import SharedEngine, engine_for, request_seed
 from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
-from length_control.think import ThinkTokens
+from length_control.think import Termination, ThinkTokens
 
 PLAN = ".plan.json"  # what the shards on disk were made for; hidden, so not part of the output
+TERMINATION = "termination.json"
+RECORDS_VERSION = 2  # bumped when the records change, so an older run folder is regenerated, not misread
 
 
 def load_prompts(recipe: Recipe) -> list[dict[str, Any]]:
@@ -76,6 +83,7 @@ def stage_for(recipe: Recipe, model: str) -> Stage:
         inputs={"model": model_input(model)}
         | {f"source{i}": ref.source for i, ref in enumerate(recipe.prompts.sources)},
         config={
+            "records": RECORDS_VERSION,
             "budget": recipe.budget,
             "seed": recipe.seed,
             "generation": recipe.section("generation"),
@@ -105,6 +113,7 @@ def run(recipe: Recipe, engine: SharedEngine | None = None) -> dict[str, Any]:
         with engine_for(recipe, model, log_name="generate", shared=engine) as engine:
             for i in todo:
                 _generate_shard(engine, shards[i], i, len(shards), recipe, think, folder)
+    write_json_atomic(folder / TERMINATION, asdict(think.termination()))
     summary = summarize(folder)
     stage.finish(**summary)
     return summary
@@ -154,7 +163,8 @@ def _answer_requests(traces: list[dict[str, Any]], recipe: Recipe, think: ThinkT
         if trace["think_close"] is None:
             case, close_ids, prefix = 1, think.forced_close_ids, output[: recipe.budget] + think.forced_close_ids
         else:
-            case, close_ids, prefix = 2, [], output
+            start, end = think.find_close(output)
+            case, close_ids, prefix = 2, output[start:end], output
         answers.append(
             {
                 "trace": trace,
@@ -207,6 +217,14 @@ def _write_parquet(records: list[dict[str, Any]], path: Path, schema: str) -> No
         pq.write_table(pa.Table.from_pylist(records, schema=_schema(schema)), tmp)
 
 
+def read_termination(folder: Path) -> Termination:
+    path = Path(folder) / TERMINATION
+    if not path.is_file():
+        raise MissingInput(f"{path} is missing: {folder} was written by an older length-control; "
+                                "redo it with `length-control run RECIPE --from generate`")
+    return Termination(**json.loads(path.read_text()))
+
+
 def read_shards(folder: Path, kind: str) -> list[dict[str, Any]]:
     """All records of one kind ("traces" or "answers"), in shard order."""
     import pyarrow.parquet as pq
@@ -219,8 +237,6 @@ def read_shards(folder: Path, kind: str) -> list[dict[str, Any]]:
 
 def _reset_if_stale(folder: Path, expected: dict[str, Any]) -> None:
     """Shards made for other inputs or settings are not resumed: start over."""
-    import json
-
     plan = folder / PLAN
     if plan.is_file() and json.loads(plan.read_text()) == expected:
         return

@@ -14,14 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from length_control import evaluate, generate, report, splice, train
-from length_control.artifacts import MANIFEST
+from length_control.artifacts import MANIFEST, summary_line
 from length_control.engine import SharedEngine
 from length_control.policy import policy_path
 from length_control.recipe import Recipe
-
-
-def summary_line(values: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in values.items())
 
 
 def _eval(arm: str) -> Callable[[Recipe, SharedEngine], str]:

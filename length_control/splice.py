@@ -40,7 +40,7 @@ import numpy as np
 
 from length_control.artifacts import Stage, atomic_path, tool_versions
 from length_control.recipe import Recipe, SpliceSpec
-from length_control.think import ThinkTokens
+from length_control.think import Termination
 
 IGNORE = -100
 
@@ -57,7 +57,7 @@ def splice_row(
     answer: dict[str, Any],
     *,
     budget: int,
-    think: ThinkTokens,
+    termination: Termination,
     spec: SpliceSpec,
     max_len: int | None,
 ) -> tuple[Row | None, str]:
@@ -67,13 +67,14 @@ def splice_row(
     sliced and concatenated without a Python object per token.
     """
     output = np.asarray(trace["output_token_ids"], dtype=np.int32)
+    close = np.asarray(answer["close_token_ids"], dtype=np.int32)
     answer_ids = np.asarray(answer["answer_token_ids"], dtype=np.int32)
     if answer["case"] == 1:
-        thinking, close, body = output[:budget], np.asarray(answer["close_token_ids"], dtype=np.int32), answer_ids
-    else:
-        start, end = _find_close(output, think)
-        thinking, close, body = output[:start], output[start:end], np.concatenate([output[end:], answer_ids])
-    if answer["finish_reason"] != "stop" or not len(body) or body[-1] != think.eos_id:
+        thinking, body, tag_offset = output[:budget], answer_ids, termination.forced_close_tag_start
+    else:  # the policy's own close, at think_close; its first token holds the start of `</think>`
+        start = trace["think_close"]
+        thinking, body, tag_offset = output[:start], np.concatenate([output[start + len(close):], answer_ids]), 0
+    if answer["finish_reason"] != "stop" or not len(body) or body[-1] != termination.eos_id:
         return None, "no_answer"
     body = body[:-1]  # the EOS goes back on after any cut
     if len(body) > spec.max_answer_tokens:
@@ -86,8 +87,8 @@ def splice_row(
             return None, "too_long"
         body = body[: max_len - prefix_len - len(close) - 1]  # cut the (masked) answer, keep the termination
     input_ids = np.concatenate([np.asarray(trace["prompt_token_ids"], dtype=np.int32), thinking, close, body,
-                                np.array([think.eos_id], dtype=np.int32)])
-    tag_start = prefix_len + close_tag_offset(close.tolist(), think)
+                                np.array([termination.eos_id], dtype=np.int32)])
+    tag_start = prefix_len + tag_offset
     close_end = prefix_len + len(close)
     labels = np.full(len(input_ids), IGNORE, dtype=np.int32)
     if spec.termination_span == "think_close_answer_eos":
@@ -100,25 +101,12 @@ def splice_row(
     return Row(input_ids, labels, (tag_start, span_end)), "kept"
 
 
-def _find_close(output: np.ndarray, think: ThinkTokens) -> tuple[int, int]:
-    if len(think.close_ids) == 1:
-        start = int(np.flatnonzero(output == think.close_ids[0])[0])
-        return start, start + 1
-    return think.find_close(output.tolist())
-
-
-def close_tag_offset(close: list[int], think: ThinkTokens) -> int:
-    """Where the `</think>` tag starts inside the close tokens ("\\n" before it is context, not trained)."""
-    found = think.find_close(close)
-    return found[0] if found else 0
-
-
 # ---------------------------------------------------------------- the stage
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
     from length_control import generate
-    from length_control.policy import load_tokenizer, policy_path
+    from length_control.policy import policy_path
 
     model = policy_path(recipe.model)
     upstream = generate.stage_for(recipe, model)
@@ -128,47 +116,57 @@ def run(recipe: Recipe) -> dict[str, Any]:
     stage = Stage(
         folder,
         inputs={"generate": upstream.output} | ({"sft_mix": mix_path} if mix_path else {}),
-        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": _max_len(recipe),
-                "think": recipe.section("model")["think"]},
+        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": _max_len(recipe)},
         versions=tool_versions("transformers"),
     )
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
-    tokenizer = load_tokenizer(model)
-    think = ThinkTokens(tokenizer, recipe.model.think)
     stats: Counter[str] = Counter()
-    rows = _length_rows(upstream.folder, recipe, think, stats)
-    summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, tokenizer, mix_path, stats), stats=stats)
+    termination = generate.read_termination(upstream.folder)
+    rows = _length_rows(upstream.folder, recipe, termination, stats)
+    summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, mix_path, stats), stats=stats)
     summary["tokenizer"] = model
     stage.finish(**summary)
     return summary
 
 
-def _length_rows(folder: Path, recipe: Recipe, think: ThinkTokens, stats: Counter) -> Iterator[dict[str, Any]]:
-    """Stage-2 rows, one generate shard at a time."""
+def _length_rows(folder: Path, recipe: Recipe, termination: Termination, stats: Counter) -> Iterator[dict[str, Any]]:
+    """Stage-2 rows, one generate shard at a time, from token ids alone (no tokenizer is loaded)."""
     import pyarrow.parquet as pq
 
     max_len = _max_len(recipe)
     for traces_path in sorted(folder.glob("traces-*.parquet")):
         answers_path = traces_path.with_name(traces_path.name.replace("traces-", "answers-"))
-        answers = {(a["prompt_id"], a["sample"]): a for a in pq.read_table(answers_path).to_pylist()}
+        answers = _answers(pq.ParquetFile(answers_path).read())
         # A few traces at a time, their ids as numpy views: a shard never sits in memory whole.
-        columns = ["prompt_id", "sample", "prompt_token_ids", "output_token_ids"]
+        columns = ["prompt_id", "sample", "prompt_token_ids", "output_token_ids", "think_close"]
         for batch in pq.ParquetFile(traces_path).iter_batches(batch_size=64, columns=columns):
             keys = zip(batch.column("prompt_id").to_pylist(), batch.column("sample").to_pylist())
             prompts, outputs = _id_lists(batch.column("prompt_token_ids")), _id_lists(batch.column("output_token_ids"))
+            closes = batch.column("think_close").to_pylist()
             for i, key in enumerate(keys):
                 answer = answers.get(key)
                 if answer is None:
                     continue  # ended within the budget: not a stage-2 sample
-                trace = {"prompt_token_ids": prompts(i), "output_token_ids": outputs(i)}
-                row, why = splice_row(trace, answer, budget=recipe.budget, think=think, spec=recipe.splice,
-                                      max_len=max_len)
+                trace = {"prompt_token_ids": prompts(i), "output_token_ids": outputs(i), "think_close": closes[i]}
+                row, why = splice_row(trace, answer, budget=recipe.budget, termination=termination,
+                                      spec=recipe.splice, max_len=max_len)
                 stats[why] += 1
                 if row is not None:
                     stats[f"case{answer['case']}"] += 1
                     yield {"row": row, "meta": {"kind": "length", "prompt_id": answer["prompt_id"],
                                                 "sample": answer["sample"], "case": answer["case"]}}
+
+
+def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
+    """A shard's answer records by (prompt id, sample), their ids as numpy views."""
+    columns = {name: table.column(name).combine_chunks() for name in table.column_names}
+    closes, bodies = _id_lists(columns["close_token_ids"]), _id_lists(columns["answer_token_ids"])
+    keys = zip(columns["prompt_id"].to_pylist(), columns["sample"].to_pylist())
+    fields = zip(columns["case"].to_pylist(), columns["finish_reason"].to_pylist())
+    return {key: {"prompt_id": key[0], "sample": key[1], "case": case, "finish_reason": finish,
+                  "close_token_ids": closes(i), "answer_token_ids": bodies(i)}
+            for i, (key, (case, finish)) in enumerate(zip(keys, fields))}
 
 
 def _id_lists(column):
@@ -178,25 +176,38 @@ def _id_lists(column):
     return lambda i: values[offsets[i] : offsets[i + 1]]
 
 
-def _list_array(arrays: list) -> Any:
-    """An Arrow list<int32> column from numpy arrays or lists, in one concatenation."""
+def _row_columns(rows: list[Row]) -> list:
+    """Arrow's input_ids / attention_mask / labels columns for rows: one concatenation each, shared offsets."""
     import pyarrow as pa
 
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate([np.asarray(a, dtype=np.int32) for a in arrays]) if arrays else np.zeros(0, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(row.input_ids) for row in rows], out=offsets[1:])
+    offsets = pa.array(offsets)
+
+    def column(values: np.ndarray) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, pa.array(values, type=pa.int32()))
+
+    input_ids = np.concatenate([np.asarray(row.input_ids, dtype=np.int32) for row in rows]) if rows else []
+    labels = np.concatenate([np.asarray(row.labels, dtype=np.int32) for row in rows]) if rows else []
+    return [column(input_ids), column(np.ones(len(input_ids), dtype=np.int32)), column(labels)]
 
 
-def _mix_rows(recipe: Recipe, tokenizer, mix_path: Path | None, stats: Counter):
-    """A function of the number of stage-2 rows: the SFT rows that make up `share` of the total."""
-    from length_control.chat import assistant_only_row
+def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, stats: Counter):
+    """A function of the number of stage-2 rows: the SFT rows that make up `share` of the total.
+
+    Only these need the tokenizer (for the chat template), so only they load it.
+    """
 
     def rows(length_rows: int) -> Iterator[dict[str, Any]]:
         mix = recipe.splice.sft_mix
         if mix is None or mix.share == 0:
             return
         import pyarrow.parquet as pq
+
+        from length_control.chat import assistant_only_row
+        from length_control.policy import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
 
         conversations = pq.read_table(mix_path, columns=[mix.messages_field]).column(0).to_pylist()
         max_len = _max_len(recipe)
@@ -233,19 +244,18 @@ def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, sta
     lengths: list[int] = []
     count = {"length": 0}
     with atomic_path(folder / "rows.parquet") as rows_tmp, atomic_path(folder / "meta.parquet") as meta_tmp:
-        with pq.ParquetWriter(rows_tmp, row_schema) as rows_out, pq.ParquetWriter(meta_tmp, meta_schema) as meta_out:
+        # Token ids do not suit dictionary pages (a 150k vocabulary overflows them); zstd packs them well.
+        with pq.ParquetWriter(rows_tmp, row_schema, use_dictionary=False, compression="zstd") as rows_out, \
+                pq.ParquetWriter(meta_tmp, meta_schema) as meta_out:
             batch: list[dict[str, Any]] = []
             batch_tokens = 0
 
             def flush() -> None:
                 nonlocal batch_tokens
-                rows_out.write_table(pa.Table.from_arrays(
-                    [_list_array([b["row"].input_ids for b in batch]),
-                     _list_array([np.ones(len(b["row"].input_ids), dtype=np.int32) for b in batch]),
-                     _list_array([b["row"].labels for b in batch])], schema=row_schema))
-                meta_out.write_table(pa.Table.from_pylist(
-                    [{**b["meta"], "span_start": b["row"].span[0], "span_end": b["row"].span[1]} for b in batch],
-                    schema=meta_schema))
+                rows_out.write_table(pa.Table.from_arrays(_row_columns([b["row"] for b in batch]), schema=row_schema))
+                meta = {name: [b["meta"][name] for b in batch] for name in ("kind", "prompt_id", "sample", "case")}
+                spans = {"span_start": [b["row"].span[0] for b in batch], "span_end": [b["row"].span[1] for b in batch]}
+                meta_out.write_table(pa.Table.from_pydict(meta | spans, schema=meta_schema))
                 batch.clear()
                 batch_tokens = 0
 

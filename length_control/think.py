@@ -14,6 +14,19 @@ from dataclasses import dataclass, field
 from length_control.recipe import ThinkTags
 
 
+@dataclass(frozen=True)
+class Termination:
+    """The ids that end a turn, for stages that place them without a tokenizer.
+
+    The generate stage, which has the tokenizer, writes them beside its
+    records (`termination.json`); stage 2 builds its rows from ids alone.
+    """
+
+    eos_id: int
+    forced_close_ids: list[int]
+    forced_close_tag_start: int  # where `</think>` starts among them (a "\n" before it is context)
+
+
 @dataclass
 class ThinkTokens:
     """A tokenizer's view of the think tags and the end of a turn."""
@@ -30,6 +43,10 @@ class ThinkTokens:
         self.close_ids = encode(self.tags.close, add_special_tokens=False)
         self.forced_close_ids = encode(self.tags.forced_close, add_special_tokens=False)
         self.eos_id = self.tokenizer.eos_token_id
+
+    def termination(self) -> Termination:
+        found = self.find_close(self.forced_close_ids)
+        return Termination(self.eos_id, self.forced_close_ids, found[0] if found else 0)
 
     def find_close(self, output_ids: list[int]) -> tuple[int, int] | None:
         """(start, end): output_ids[start:end] are the tokens of the first close tag, or None."""

@@ -71,6 +71,7 @@ def test_traces_follow_the_contract(run_a: Path, recipe_a) -> None:
 def test_both_cases_are_closed_and_answered(run_a: Path, recipe_a) -> None:
     tokenizer = load_tokenizer(policy_path(recipe_a.model))
     forced = tokenizer.encode(recipe_a.model.think.forced_close, add_special_tokens=False)
+    think_close = tokenizer.encode(recipe_a.model.think.close, add_special_tokens=False)
     traces = {(t["prompt_id"], t["sample"]): t for t in generate.read_shards(run_a, "traces")}
     answers = generate.read_shards(run_a, "answers")
     overrun = {key for key, t in traces.items() if t["finish_reason"] == "length"}
@@ -82,11 +83,15 @@ def test_both_cases_are_closed_and_answered(run_a: Path, recipe_a) -> None:
         if answer["case"] == 1:
             assert trace["think_close"] is None and answer["close_token_ids"] == forced
         else:
-            assert trace["think_close"] is not None and answer["close_token_ids"] == []
+            start = trace["think_close"]
+            assert start is not None
+            assert answer["close_token_ids"] == trace["output_token_ids"][start : start + len(think_close)]
         assert 0 < len(answer["answer_token_ids"]) <= recipe_a.generation.answer_max_tokens
     assert cases[1] > 0 and cases[2] > 0, cases
     manifest = (run_a / "manifest.json").read_text()
     assert f'"case1": {cases[1]}' in manifest and f'"case2": {cases[2]}' in manifest
+    # Stage 2 places the termination from these ids alone.
+    assert generate.read_termination(run_a) == ThinkTokens(tokenizer, recipe_a.model.think).termination()
 
 
 def test_a_rerun_skips_the_finished_stage(run_a: Path, recipe_a) -> None:

@@ -49,9 +49,10 @@ def trace_and_answer(draw, think: ThinkTokens):
         thinking = draw(st.lists(safe, min_size=1, max_size=budget - len(close)))
         full = thinking + close + body
         cut = draw(st.integers(len(thinking) + len(close), len(full) - 1))  # cut inside the answer
-        output, answer_ids, close_ids = full[:cut][:budget], full[cut:], []
+        output = full[:cut][:budget]
         answer_ids = full[len(output):]
-        close_at = think.find_close(output)[0]
+        close_at, close_end = think.find_close(output)
+        close_ids = output[close_at:close_end]  # the generate stage records the policy's own close
     trace = {"prompt_token_ids": prompt, "output_token_ids": output, "finish_reason": "length",
              "think_close": close_at}
     answer = {"case": case, "close_token_ids": close_ids, "answer_token_ids": answer_ids, "finish_reason": "stop"}
@@ -65,7 +66,7 @@ SPANS = ["think_close", "think_close_eos", "think_close_answer_eos"]
 @given(data=st.data(), span=st.sampled_from(SPANS))
 def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: str) -> None:
     budget, trace, answer = data.draw(trace_and_answer(think))
-    row, why = splice_row(trace, answer, budget=budget, think=think,
+    row, why = splice_row(trace, answer, budget=budget, termination=think.termination(),
                           spec=SpliceSpec(termination_span=span), max_len=None)
     assert why == "kept" and isinstance(row, Row)
     ids, labels = row.input_ids.tolist(), row.labels.tolist()
@@ -99,7 +100,7 @@ def test_drops_are_explicit(think: ThinkTokens) -> None:
         return {"case": 1, "close_token_ids": think.forced_close_ids, "answer_token_ids": body, "finish_reason": finish}
 
     def splice(answer_record, **spec):
-        return splice_row(trace, answer_record, budget=10, think=think, spec=SpliceSpec(**spec), max_len=None)
+        return splice_row(trace, answer_record, budget=10, termination=think.termination(), spec=SpliceSpec(**spec), max_len=None)
 
     assert splice(answer([safe[1]] * 5, "length"))[1] == "no_answer"  # the answer pass ran out of tokens
     assert splice(answer([safe[1]] * 9 + [think.eos_id]), max_answer_tokens=4)[1] == "long_answer"
@@ -108,11 +109,19 @@ def test_drops_are_explicit(think: ThinkTokens) -> None:
 
     long_answer = answer([safe[1]] * 20 + [think.eos_id])
     short = 3 + 10 + len(think.forced_close_ids) + 5
-    assert splice_row(trace, long_answer, budget=10, think=think, spec=SpliceSpec(), max_len=short)[1] == "too_long"
-    row, why = splice_row(trace, long_answer, budget=10, think=think, spec=SpliceSpec(on_overlength="truncate"),
+    assert splice_row(trace, long_answer, budget=10, termination=think.termination(), spec=SpliceSpec(), max_len=short)[1] == "too_long"
+    row, why = splice_row(trace, long_answer, budget=10, termination=think.termination(), spec=SpliceSpec(on_overlength="truncate"),
                           max_len=short)
     assert why == "kept" and len(row.input_ids) == short and row.input_ids[-1] == think.eos_id
     assert row.labels[-1] == think.eos_id  # the cut is in the masked answer; the termination survives
+
+
+def test_a_generate_folder_without_termination_ids_names_the_fix(tmp_path: Path) -> None:
+    from length_control.artifacts import MissingInput
+    from length_control.generate import read_termination
+
+    with pytest.raises(MissingInput, match="--from generate"):
+        read_termination(tmp_path)
 
 
 def test_dataset_files_stream_in_row_groups(tmp_path: Path) -> None:
@@ -158,7 +167,7 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
                  "finish_reason": "length", "think_close": None}
         answer = {"case": 1, "close_token_ids": think.forced_close_ids,
                   "answer_token_ids": [safe[1], think.eos_id], "finish_reason": "stop"}
-        row, _ = splice_row(trace, answer, budget=10 + n, think=think, spec=SpliceSpec(), max_len=None)
+        row, _ = splice_row(trace, answer, budget=10 + n, termination=think.termination(), spec=SpliceSpec(), max_len=None)
         rows.append({"row": row, "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1}})
     write_dataset(tmp_path / "stage2", iter(rows), mix_rows=lambda n: iter(()), stats=Counter())
 
@@ -200,7 +209,7 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     answer = {"case": 1, "close_token_ids": think.forced_close_ids,
               "answer_token_ids": tokenizer.encode("\n\nThe answer is 2.", add_special_tokens=False) + [think.eos_id],
               "finish_reason": "stop"}
-    row, _ = splice_row(trace, answer, budget=len(thinking), think=think, spec=SpliceSpec(), max_len=None)
+    row, _ = splice_row(trace, answer, budget=len(thinking), termination=think.termination(), spec=SpliceSpec(), max_len=None)
     write_dataset(tmp_path / "stage2", iter([{"row": row, "meta": {"kind": "length", "prompt_id": "p", "sample": 0,
                                                                   "case": 1}}]),
                   mix_rows=lambda n: iter(()), stats=Counter(kept=1, no_answer=2))
