@@ -1,17 +1,20 @@
 """Our stage-2 build vs Axolotl's own chat-template + character-span preprocessing.
 
-    .envs/vllm/bin/python bench/build_dataset.py [--copies 40]
+    .envs/vllm/bin/python bench/build_dataset.py [--copies 300] [--long-copies 10] [--long-tokens 30000]
 
 The samples are the demo run's own case-1 traces (run `./run.sh demo` first),
-each repeated --copies times. Our side: `length-control splice` as a command
-(token ids in, token ids out). Axolotl's side, what a user would otherwise
+at two lengths: as the demo policy wrote them (B = 197 thinking tokens),
+repeated --copies times, and stretched to --long-tokens thinking tokens (the
+report's B = 30,000) by repeating each trace's own numbered lines, repeated
+--long-copies times. Our side: `length-control splice` as a command (token
+ids in, token ids out). Axolotl's side, what a user would otherwise
 hand-roll: decode every sample to text, write chat `messages` whose assistant
 turn carries a `training_detail` character span on `</think>`, and run
 `axolotl preprocess` with `type: chat_template`, `train_on_eos: turn` (so
 `</think>` and the EOS are trained, as ours). Both are timed as whole
 commands, alternately. Also printed: the share of samples whose text round
 trip (decode, then encode again) does not give back the policy's tokens,
-i.e. rows the text path would silently change. The ratio is printed last.
+i.e. rows the text path would silently change. The ratios are printed last.
 """
 
 from __future__ import annotations
@@ -35,93 +38,135 @@ from length_control import generate  # noqa: E402
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
-from length_control.think import ThinkTokens  # noqa: E402
 from length_control.train import render_config  # noqa: E402
 
+RECIPE = REPO / "recipes" / "demo-cpu.yaml"
 
-def replicate(source: Path, target: Path, copies: int) -> None:
-    """The run's generate shards, each written `copies` times (prompt ids made unique)."""
+
+def case1_samples(generate_dir: Path, budget: int, thinking_tokens: int) -> list[tuple[dict, dict]]:
+    """The run's finished case-1 (trace, answer) pairs, the thinking stretched to `thinking_tokens`.
+
+    A demo trace is "<think>", "\\n", then numbered lines; a longer one
+    repeats those lines, so the text stays what the policy writes.
+    """
+    traces = {(t["prompt_id"], t["sample"]): t for t in generate.read_shards(generate_dir, "traces")}
+    pairs = []
+    for answer in generate.read_shards(generate_dir, "answers"):
+        if answer["case"] != 1 or answer["finish_reason"] != "stop":
+            continue
+        trace = dict(traces[(answer["prompt_id"], answer["sample"])])
+        thinking = trace["output_token_ids"][:budget]
+        if thinking_tokens > budget:
+            lines = thinking[2:] + answer["close_token_ids"][:1]  # the forced close starts with the line's "\n"
+            thinking = thinking[:2] + [lines[i % len(lines)] for i in range(thinking_tokens - 2)]
+        trace["output_token_ids"] = thinking
+        pairs.append((trace, answer))
+    return pairs
+
+
+def write_shards(pairs: list[tuple[dict, dict]], target: Path, copies: int, termination: Path) -> None:
+    """A generate folder holding the pairs `copies` times (prompt ids made unique), one shard per copy."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     target.mkdir(parents=True)
-    traces, answers = generate.read_shards(source, "traces"), generate.read_shards(source, "answers")
     for copy in range(copies):
-        tag = lambda rows: [{**r, "prompt_id": f"{r['prompt_id']}/{copy}"} for r in rows]  # noqa: E731
-        pq.write_table(pa.Table.from_pylist(tag(answers), schema=generate._schema("answers")),
+        tag = lambda record: {**record, "prompt_id": f"{record['prompt_id']}/{copy}"}  # noqa: E731
+        pq.write_table(pa.Table.from_pylist([tag(a) for _, a in pairs], schema=generate._schema("answers")),
                        target / f"answers-{copy:05d}.parquet")
-        pq.write_table(pa.Table.from_pylist(tag(traces), schema=generate._schema("traces")),
+        pq.write_table(pa.Table.from_pylist([tag(t) for t, _ in pairs], schema=generate._schema("traces")),
                        target / f"traces-{copy:05d}.parquet")
-    for name in ("manifest.json", generate.TERMINATION):
-        shutil.copy(source / name, target / name)
+    shutil.copy(termination, target / generate.TERMINATION)
+    (target / "manifest.json").write_text(json.dumps({"output": "bench"}))  # "finished", for splice's input
 
 
-def chat_samples(recipe, tokenizer, think: ThinkTokens, generate_dir: Path) -> tuple[list[dict], int]:
+def chat_rows(pairs: list[tuple[dict, dict]], recipe, tokenizer) -> tuple[list[dict], int]:
     """Chat rows with a `</think>` character span, and how many samples do not survive a text round trip."""
-    traces = {(t["prompt_id"], t["sample"]): t for t in generate.read_shards(generate_dir, "traces")}
     prompts = {p["id"]: p for p in generate.load_prompts(recipe)}
+    close = recipe.model.think.close
     rows, inexact = [], 0
-    for answer in generate.read_shards(generate_dir, "answers"):
-        if answer["case"] != 1 or answer["finish_reason"] != "stop":
-            continue
-        trace = traces[(answer["prompt_id"], answer["sample"])]
-        ids = trace["output_token_ids"][: recipe.budget] + answer["close_token_ids"] + answer["answer_token_ids"][:-1]
+    for trace, answer in pairs:
+        thinking = tokenizer.decode(trace["output_token_ids"])
+        ids = trace["output_token_ids"] + answer["close_token_ids"] + answer["answer_token_ids"][:-1]
         text = tokenizer.decode(ids)
-        full = trace["prompt_token_ids"] + ids + [think.eos_id]
-        inexact += tokenizer.encode(tokenizer.decode(full), add_special_tokens=False) != full
-        start = text.index(recipe.model.think.close, len(tokenizer.decode(trace["output_token_ids"][: recipe.budget])))
+        full = trace["prompt_token_ids"] + ids + answer["answer_token_ids"][-1:]
+        inexact += tokenizer.encode(tokenizer.decode(full), add_special_tokens=False, verbose=False) != full
+        start = text.index(close, len(thinking))
         rows.append({"messages": prompts[answer["prompt_id"]]["messages"] + [
             {"role": "assistant", "content": text,
-             "training_detail": [{"begin_offset": start, "end_offset": start + len(recipe.model.think.close) - 1,
-                                  "train": True}]}]})
+             "training_detail": [{"begin_offset": start, "end_offset": start + len(close) - 1, "train": True}]}]})
     return rows, inexact
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-    demo = load_recipe(REPO / "recipes" / "demo-cpu.yaml")
-    source = demo.output_dir / "generate"
-    if not (source / "manifest.json").is_file():
-        raise SystemExit("run ./run.sh demo first: the bench uses the demo run's traces")
-    model = policy_path(demo.model)
-    tokenizer = load_tokenizer(model)
-    think = ThinkTokens(tokenizer, demo.model.think)
-    rows, inexact = chat_samples(demo, tokenizer, think, source)
-
+def compare(pairs, chat, *, copies: int, model: str, generate_dir: Path, rounds: int) -> dict:
+    """Median seconds of both whole commands on the same samples, run alternately."""
+    longest = max(len(t["prompt_token_ids"]) + len(t["output_token_ids"]) + len(a["close_token_ids"])
+                  + len(a["answer_token_ids"]) for t, a in pairs)
+    sequence_len = longest + 8  # room for what the chat template adds after the EOS ("\n")
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
-        run = Path(scratch) / "run"
-        replicate(source, run / "generate", args.copies)
-        chat = Path(scratch) / "chat.jsonl"
-        chat.write_text("".join(json.dumps(r) + "\n" for r in rows * args.copies))
-        config = render_config(REPO / "axolotl_configs" / "cpu-tiny.yaml", base_model=model, datasets=[chat],
-                               output_dir=Path(scratch) / "out", sequence_len=512,
-                               prepared_root=Path(scratch) / "prepared")
-        config["datasets"] = [{"path": str(chat), "ds_type": "json", "type": "chat_template", "field_messages": "messages",
-                               "message_field_training_detail": "training_detail", "roles_to_train": [],
-                               "train_on_eos": "turn"}]
-        (Path(scratch) / "axolotl.yaml").write_text(yaml.safe_dump(config))
-        # The toolkit's splice on the replicated shards (the generate manifest is copied, so it is "finished").
-        ours_cmd = [str(engine_bin("vllm", "length-control")), "splice", str(REPO / "recipes" / "demo-cpu.yaml"),
-                    f"output_dir={run}", "splice.sft_mix=null"]
-        theirs_cmd = [str(engine_bin("axolotl", "axolotl")), "preprocess", str(Path(scratch) / "axolotl.yaml")]
-        times = {"ours": [], "axolotl": []}
-        for _ in range(args.rounds):
-            for name, command in (("ours", ours_cmd), ("axolotl", theirs_cmd)):
+        scratch = Path(scratch)
+        run = scratch / "run"
+        write_shards(pairs, run / "generate", copies, generate_dir / generate.TERMINATION)
+        chat_path = scratch / "chat.jsonl"
+        with chat_path.open("w") as out:
+            for _ in range(copies):
+                out.writelines(json.dumps(row) + "\n" for row in chat)
+        config = render_config(REPO / "axolotl_configs" / "cpu-tiny.yaml", base_model=model, datasets=[chat_path],
+                               output_dir=scratch / "out", sequence_len=sequence_len,
+                               prepared_root=scratch / "prepared")
+        config["datasets"] = [{"path": str(chat_path), "ds_type": "json", "type": "chat_template",
+                               "field_messages": "messages", "message_field_training_detail": "training_detail",
+                               "roles_to_train": [], "train_on_eos": "turn"}]
+        (scratch / "axolotl.yaml").write_text(yaml.safe_dump(config))
+        commands = {
+            "ours": [str(engine_bin("vllm", "length-control")), "splice", str(RECIPE), f"output_dir={run}",
+                     f"budget={len(pairs[0][0]['output_token_ids'])}", f"context_limit={sequence_len + 1}",
+                     "splice.sft_mix=null"],
+            "axolotl": [str(engine_bin("axolotl", "axolotl")), "preprocess", str(scratch / "axolotl.yaml")],
+        }
+        times: dict[str, list[float]] = {"ours": [], "axolotl": []}
+        for _ in range(rounds):
+            for name, command in commands.items():
                 shutil.rmtree(run / "stage2", ignore_errors=True)
-                shutil.rmtree(Path(scratch) / "prepared", ignore_errors=True)
+                shutil.rmtree(scratch / "prepared", ignore_errors=True)
                 started = time.perf_counter()
                 done = subprocess.run(command, capture_output=True, text=True, env=engine_environ(), cwd=scratch)
                 times[name].append(time.perf_counter() - started)
                 if done.returncode != 0:
                     raise SystemExit(f"{name} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    ours, theirs = statistics.median(times["ours"]), statistics.median(times["axolotl"])
-    print(f"{len(rows) * args.copies} samples ({len(rows)} case-1 demo traces x {args.copies})")
-    print(f"text round trip not token-exact: {inexact}/{len(rows)} samples ({100 * inexact / max(1, len(rows)):.1f} %)")
-    print(f"ours {ours:.1f} s, axolotl chat_template + train_detail {theirs:.1f} s (medians of {args.rounds}, whole commands)")
-    print(f"axolotl / ours: {theirs / ours:.1f}x (target >= 20x)")
+                if name == "ours" and f"rows {len(pairs) * copies}," not in done.stdout:
+                    raise SystemExit(f"ours did not keep every sample: {done.stdout}")
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=300, help="repeats of the demo-length samples")
+    parser.add_argument("--long-copies", type=int, default=10, help="repeats of the stretched samples")
+    parser.add_argument("--long-tokens", type=int, default=30000, help="thinking tokens of a stretched sample")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    demo = load_recipe(RECIPE)
+    source = demo.output_dir / "generate"
+    if not (source / "manifest.json").is_file():
+        raise SystemExit("run ./run.sh demo first: the bench uses the demo run's traces")
+    model = policy_path(demo.model)
+    tokenizer = load_tokenizer(model)
+
+    results = []
+    for thinking, copies in ((demo.budget, args.copies), (args.long_tokens, args.long_copies)):
+        pairs = case1_samples(source, demo.budget, thinking)
+        chat, inexact = chat_rows(pairs, demo, tokenizer)
+        seconds = compare(pairs, chat, copies=copies, model=model, generate_dir=source, rounds=args.rounds)
+        tokens = copies * sum(len(t["output_token_ids"]) for t, _ in pairs)
+        print(f"{len(pairs) * copies} samples of {thinking:,} thinking tokens ({len(pairs)} case-1 demo traces "
+              f"x {copies}, {tokens / 1e6:.1f}M thinking tokens): ours {seconds['ours']:.1f} s, axolotl "
+              f"{seconds['axolotl']:.1f} s (medians of {args.rounds}, whole commands); text round trip not "
+              f"token-exact: {inexact}/{len(pairs)}")
+        results.append((thinking, seconds["axolotl"] / seconds["ours"]))
+    for thinking, ratio in results:
+        print(f"axolotl chat_template + train_detail / ours at {thinking:,} thinking tokens: {ratio:.1f}x "
+              f"(target >= 20x: {'met' if ratio >= 20 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -138,9 +138,10 @@ def _length_rows(folder: Path, recipe: Recipe, termination: Termination, stats: 
     for traces_path in sorted(folder.glob("traces-*.parquet")):
         answers_path = traces_path.with_name(traces_path.name.replace("traces-", "answers-"))
         answers = _answers(pq.ParquetFile(answers_path).read())
-        # A few traces at a time, their ids as numpy views: a shard never sits in memory whole.
+        # A few traces at a time, their ids as numpy views: a shard never sits in memory whole
+        # (and reading threads only cost at this size).
         columns = ["prompt_id", "sample", "prompt_token_ids", "output_token_ids", "think_close"]
-        for batch in pq.ParquetFile(traces_path).iter_batches(batch_size=64, columns=columns):
+        for batch in pq.ParquetFile(traces_path).iter_batches(batch_size=64, columns=columns, use_threads=False):
             keys = zip(batch.column("prompt_id").to_pylist(), batch.column("sample").to_pylist())
             prompts, outputs = _id_lists(batch.column("prompt_token_ids")), _id_lists(batch.column("output_token_ids"))
             closes = batch.column("think_close").to_pylist()
