@@ -1,20 +1,23 @@
 """Our stage-2 build vs Axolotl's own chat-template + character-span preprocessing.
 
     .envs/vllm/bin/python bench/build_dataset.py [--copies 300] [--long-copies 10] [--long-tokens 30000]
+    .envs/vllm/bin/python bench/build_dataset.py --recipe YOUR_RECIPE.yaml   # a finished run of your own
 
-The samples are the demo run's own case-1 traces (run `./run.sh demo` first),
-at two lengths: as the demo policy wrote them (B = 197 thinking tokens),
-repeated --copies times, and stretched to --long-tokens thinking tokens (the
-report's B = 30,000) by repeating each trace's own numbered lines, repeated
---long-copies times. Our side: `length-control splice` as a command (token
-ids in, token ids out). Axolotl's side, what a user would otherwise
-hand-roll: decode every sample to text, write chat `messages` whose assistant
-turn carries a `training_detail` character span on `</think>`, and run
-`axolotl preprocess` with `type: chat_template`, `train_on_eos: turn` (so
-`</think>` and the EOS are trained, as ours). Both are timed as whole
-commands, alternately. Also printed: the share of samples whose text round
-trip (decode, then encode again) does not give back the policy's tokens,
-i.e. rows the text path would silently change. The ratios are printed last.
+The samples are a finished run's case-1 traces (by default the demo's: run
+`./run.sh demo` first). The demo's are taken at two lengths: as the demo
+policy wrote them (B = 197 thinking tokens), repeated --copies times, and
+stretched to --long-tokens thinking tokens (the report's B = 30,000) by
+repeating each trace's own numbered lines, repeated --long-copies times.
+Our side: `length-control splice` as a command (token ids in, token ids
+out). Axolotl's side, what a user would otherwise hand-roll: decode every
+sample to text, write chat `messages` whose assistant turn carries a
+`training_detail` character span on `</think>`, and run `axolotl preprocess`
+with `type: chat_template`, `train_on_eos: turn` (so `</think>` and the EOS
+are trained, as ours). Both are timed as whole commands, alternately. Also
+printed: the share of samples whose text round trip (decode, then encode
+again) does not give back the policy's tokens, i.e. rows the text path
+would silently change — the figure to look at on a real model's tokenizer.
+The ratios are printed last.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
 from length_control.train import render_config  # noqa: E402
 
-RECIPE = REPO / "recipes" / "demo-cpu.yaml"
+DEMO = REPO / "recipes" / "demo-cpu.yaml"
 
 
 def case1_samples(generate_dir: Path, budget: int, thinking_tokens: int) -> list[tuple[dict, dict]]:
@@ -98,7 +101,7 @@ def chat_rows(pairs: list[tuple[dict, dict]], recipe, tokenizer) -> tuple[list[d
     return rows, inexact
 
 
-def compare(pairs, chat, *, copies: int, model: str, generate_dir: Path, rounds: int) -> dict:
+def compare(pairs, chat, *, copies: int, recipe: Path, model: str, generate_dir: Path, rounds: int) -> dict:
     """Median seconds of both whole commands on the same samples, run alternately."""
     longest = max(len(t["prompt_token_ids"]) + len(t["output_token_ids"]) + len(a["close_token_ids"])
                   + len(a["answer_token_ids"]) for t, a in pairs)
@@ -119,9 +122,10 @@ def compare(pairs, chat, *, copies: int, model: str, generate_dir: Path, rounds:
                                "roles_to_train": [], "train_on_eos": "turn"}]
         (scratch / "axolotl.yaml").write_text(yaml.safe_dump(config))
         commands = {
-            "ours": [str(engine_bin("vllm", "length-control")), "splice", str(RECIPE), f"output_dir={run}",
+            "ours": [str(engine_bin("vllm", "length-control")), "splice", str(recipe), f"output_dir={run}",
                      f"budget={len(pairs[0][0]['output_token_ids'])}", f"context_limit={sequence_len + 1}",
-                     "splice.sft_mix=null"],
+                     f"train.overrides.sequence_len={sequence_len}", f"splice.max_answer_tokens={sequence_len}",
+                     "splice.sft_mix=null"],  # every sample kept, as on Axolotl's side
             "axolotl": [str(engine_bin("axolotl", "axolotl")), "preprocess", str(scratch / "axolotl.yaml")],
         }
         times: dict[str, list[float]] = {"ours": [], "axolotl": []}
@@ -141,28 +145,36 @@ def compare(pairs, chat, *, copies: int, model: str, generate_dir: Path, rounds:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=300, help="repeats of the demo-length samples")
-    parser.add_argument("--long-copies", type=int, default=10, help="repeats of the stretched samples")
-    parser.add_argument("--long-tokens", type=int, default=30000, help="thinking tokens of a stretched sample")
+    parser.add_argument("--recipe", type=Path, default=DEMO, help="a finished run's recipe (default: the demo's)")
+    parser.add_argument("--copies", type=int, help="repeats of the run's samples (default: 300 for the demo, else 1)")
+    parser.add_argument("--long-copies", type=int, default=10, help="repeats of the stretched demo samples")
+    parser.add_argument("--long-tokens", type=int, default=30000, help="thinking tokens of a stretched demo sample")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    demo = load_recipe(RECIPE)
-    source = demo.output_dir / "generate"
+    is_demo = args.recipe.resolve() == DEMO
+    recipe = load_recipe(args.recipe)
+    source = recipe.output_dir / "generate"
     if not (source / "manifest.json").is_file():
-        raise SystemExit("run ./run.sh demo first: the bench uses the demo run's traces")
-    model = policy_path(demo.model)
+        raise SystemExit(f"{source} is not a finished generate stage: run `./run.sh run {args.recipe}` first")
+    model = policy_path(recipe.model)
     tokenizer = load_tokenizer(model)
 
+    settings = [(recipe.budget, args.copies or (300 if is_demo else 1))]
+    if is_demo:  # stretching repeats the demo's numbered lines; a real run's traces are long already
+        settings.append((args.long_tokens, args.long_copies))
     results = []
-    for thinking, copies in ((demo.budget, args.copies), (args.long_tokens, args.long_copies)):
-        pairs = case1_samples(source, demo.budget, thinking)
-        chat, inexact = chat_rows(pairs, demo, tokenizer)
-        seconds = compare(pairs, chat, copies=copies, model=model, generate_dir=source, rounds=args.rounds)
+    for thinking, copies in settings:
+        pairs = case1_samples(source, recipe.budget, thinking)
+        if not pairs:
+            raise SystemExit(f"{source} has no finished case-1 sample to compare")
+        chat, inexact = chat_rows(pairs, recipe, tokenizer)
+        seconds = compare(pairs, chat, copies=copies, recipe=args.recipe.resolve(), model=model,
+                          generate_dir=source, rounds=args.rounds)
         tokens = copies * sum(len(t["output_token_ids"]) for t, _ in pairs)
-        print(f"{len(pairs) * copies} samples of {thinking:,} thinking tokens ({len(pairs)} case-1 demo traces "
+        print(f"{len(pairs) * copies} samples of {thinking:,} thinking tokens ({len(pairs)} case-1 traces "
               f"x {copies}, {tokens / 1e6:.1f}M thinking tokens): ours {seconds['ours']:.1f} s, axolotl "
               f"{seconds['axolotl']:.1f} s (medians of {args.rounds}, whole commands); text round trip not "
-              f"token-exact: {inexact}/{len(pairs)}")
+              f"token-exact: {inexact}/{len(pairs)} ({100 * inexact / len(pairs):.1f} %)")
         results.append((thinking, seconds["axolotl"] / seconds["ours"]))
     for thinking, ratio in results:
         print(f"axolotl chat_template + train_detail / ours at {thinking:,} thinking tokens: {ratio:.1f}x "

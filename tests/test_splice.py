@@ -99,8 +99,9 @@ def test_drops_are_explicit(think: ThinkTokens) -> None:
     def answer(body, finish="stop"):
         return {"case": 1, "close_token_ids": think.forced_close_ids, "answer_token_ids": body, "finish_reason": finish}
 
-    def splice(answer_record, **spec):
-        return splice_row(trace, answer_record, budget=10, termination=think.termination(), spec=SpliceSpec(**spec), max_len=None)
+    def splice(answer_record, max_len=None, **spec):
+        return splice_row(trace, answer_record, budget=10, termination=think.termination(), spec=SpliceSpec(**spec),
+                          max_len=max_len)
 
     assert splice(answer([safe[1]] * 5, "length"))[1] == "no_answer"  # the answer pass ran out of tokens
     assert splice(answer([safe[1]] * 9 + [think.eos_id]), max_answer_tokens=4)[1] == "long_answer"
@@ -109,9 +110,8 @@ def test_drops_are_explicit(think: ThinkTokens) -> None:
 
     long_answer = answer([safe[1]] * 20 + [think.eos_id])
     short = 3 + 10 + len(think.forced_close_ids) + 5
-    assert splice_row(trace, long_answer, budget=10, termination=think.termination(), spec=SpliceSpec(), max_len=short)[1] == "too_long"
-    row, why = splice_row(trace, long_answer, budget=10, termination=think.termination(), spec=SpliceSpec(on_overlength="truncate"),
-                          max_len=short)
+    assert splice(long_answer, max_len=short)[1] == "too_long"
+    row, why = splice(long_answer, on_overlength="truncate", max_len=short)
     assert why == "kept" and len(row.input_ids) == short and row.input_ids[-1] == think.eos_id
     assert row.labels[-1] == think.eos_id  # the cut is in the masked answer; the termination survives
 
@@ -167,7 +167,8 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
                  "finish_reason": "length", "think_close": None}
         answer = {"case": 1, "close_token_ids": think.forced_close_ids,
                   "answer_token_ids": [safe[1], think.eos_id], "finish_reason": "stop"}
-        row, _ = splice_row(trace, answer, budget=10 + n, termination=think.termination(), spec=SpliceSpec(), max_len=None)
+        row, _ = splice_row(trace, answer, budget=10 + n, termination=think.termination(), spec=SpliceSpec(),
+                            max_len=None)
         rows.append({"row": row, "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1}})
     write_dataset(tmp_path / "stage2", iter(rows), mix_rows=lambda n: iter(()), stats=Counter())
 
@@ -209,7 +210,8 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     answer = {"case": 1, "close_token_ids": think.forced_close_ids,
               "answer_token_ids": tokenizer.encode("\n\nThe answer is 2.", add_special_tokens=False) + [think.eos_id],
               "finish_reason": "stop"}
-    row, _ = splice_row(trace, answer, budget=len(thinking), termination=think.termination(), spec=SpliceSpec(), max_len=None)
+    row, _ = splice_row(trace, answer, budget=len(thinking), termination=think.termination(), spec=SpliceSpec(),
+                        max_len=None)
     write_dataset(tmp_path / "stage2", iter([{"row": row, "meta": {"kind": "length", "prompt_id": "p", "sample": 0,
                                                                   "case": 1}}]),
                   mix_rows=lambda n: iter(()), stats=Counter(kept=1, no_answer=2))
