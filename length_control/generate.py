@@ -218,10 +218,11 @@ def _write_parquet(records: list[dict[str, Any]], path: Path, schema: str) -> No
 
 
 def read_termination(folder: Path) -> Termination:
+    """The ids stage 2 places the termination with, as the generate stage wrote them."""
     path = Path(folder) / TERMINATION
     if not path.is_file():
         raise MissingInput(f"{path} is missing: {folder} was written by an older length-control; "
-                                "redo it with `length-control run RECIPE --from generate`")
+                           "redo it with `length-control run RECIPE --from generate`")
     return Termination(**json.loads(path.read_text()))
 
 
