@@ -35,7 +35,7 @@ from length_control.generate import read_termination
 from length_control.recipe import SpliceSpec
 
 
-class Recipe:  # the two settings the row builder reads
+class Recipe:  # the two settings the row builder reads (no sequence_len: nothing is cut)
     budget = int(sys.argv[2])
     splice = SpliceSpec()
 
@@ -43,8 +43,7 @@ class Recipe:  # the two settings the row builder reads
 started = time.perf_counter()
 stats = Counter()
 folder = Path(sys.argv[1])
-splice._max_len = lambda recipe: None
-rows = splice._length_rows(folder, Recipe, read_termination(folder), stats)
+rows = splice._length_rows(folder, Recipe, read_termination(folder), None, stats)
 summary = splice.write_dataset(folder / "stage2", rows, mix_rows=lambda n: iter(()), stats=stats)
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and starts at the parent's size at fork.
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))

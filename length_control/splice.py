@@ -113,28 +113,29 @@ def run(recipe: Recipe) -> dict[str, Any]:
     folder = recipe.output_dir / "stage2"
     mix = recipe.splice.sft_mix
     mix_path = _mix_path(recipe) if mix is not None else None
+    max_len = _max_len(recipe)
     stage = Stage(
         folder,
         inputs={"generate": upstream.output} | ({"sft_mix": mix_path} if mix_path else {}),
-        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": _max_len(recipe)},
+        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": max_len},
         versions=tool_versions("transformers"),
     )
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
     stats: Counter[str] = Counter()
     termination = generate.read_termination(upstream.folder)
-    rows = _length_rows(upstream.folder, recipe, termination, stats)
-    summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, mix_path, stats), stats=stats)
+    rows = _length_rows(upstream.folder, recipe, termination, max_len, stats)
+    summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, mix_path, max_len, stats), stats=stats)
     summary["tokenizer"] = model
     stage.finish(**summary)
     return summary
 
 
-def _length_rows(folder: Path, recipe: Recipe, termination: Termination, stats: Counter) -> Iterator[dict[str, Any]]:
+def _length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len: int | None,
+                 stats: Counter) -> Iterator[dict[str, Any]]:
     """Stage-2 rows, one generate shard at a time, from token ids alone (no tokenizer is loaded)."""
     import pyarrow.parquet as pq
 
-    max_len = _max_len(recipe)
     for traces_path in sorted(folder.glob("traces-*.parquet")):
         answers_path = traces_path.with_name(traces_path.name.replace("traces-", "answers-"))
         answers = _answers(pq.ParquetFile(answers_path).read())
@@ -193,7 +194,7 @@ def _row_columns(rows: list[Row]) -> list:
     return [column(input_ids), column(np.ones(len(input_ids), dtype=np.int32)), column(labels)]
 
 
-def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, stats: Counter):
+def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, max_len: int | None, stats: Counter):
     """A function of the number of stage-2 rows: the SFT rows that make up `share` of the total.
 
     Only these need the tokenizer (for the chat template), so only they load it.
@@ -211,7 +212,6 @@ def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, stats: Counter)
         tokenizer = load_tokenizer(model)
 
         conversations = pq.read_table(mix_path, columns=[mix.messages_field]).column(0).to_pylist()
-        max_len = _max_len(recipe)
         wanted = min(len(conversations), round(length_rows * mix.share / (1 - mix.share)))
         for index in sorted(random.Random(recipe.seed).sample(range(len(conversations)), wanted)):
             ids, labels = assistant_only_row(tokenizer, conversations[index])
