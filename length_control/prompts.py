@@ -65,7 +65,7 @@ def build_prompts(spec: SourceSpec, rows: list[dict[str, Any]], sample: int | No
             fields["choices"], reference = _shuffle_choices(row, spec, row_id)
         if spec.code_tests is not None:
             fields["code_instructions"] = _code_instructions(row.get("starter_code") or "")
-            reference = _code_reference(row, spec)
+            reference = _code_reference(row, spec, row_id)
         try:
             user = spec.prompt.format_map(fields)
         except KeyError as error:
@@ -100,12 +100,13 @@ def _code_instructions(starter_code: str) -> str:
             "the sample inputs). Enclose your code within delimiters as follows.\n```python\n# YOUR CODE HERE\n```")
 
 
-def _code_reference(row: dict[str, Any], spec: SourceSpec) -> str:
+def _code_reference(row: dict[str, Any], spec: SourceSpec, row_id: str) -> str:
     """The sandbox's reference: public + private tests and the function name, as JSON."""
     columns = spec.code_tests
     tests = json.loads(row[columns.public])
     if columns.private and row.get(columns.private):
-        tests += _decode_tests(row[columns.private])
+        location = spec.dataset.path or f"{spec.dataset.hf} {spec.dataset.config or ''} {spec.dataset.split}".strip()
+        tests += _decode_tests(row[columns.private], f"source {spec.name} ({location}), row {row_id}")
     func_name = json.loads(row[columns.metadata] or "{}").get("func_name") if columns.metadata else None
     return json.dumps({"tests": tests, "func_name": func_name})
 
@@ -117,13 +118,39 @@ class _StringsOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
 
 
-def _decode_tests(encoded: str) -> list[dict[str, Any]]:
-    """Plain JSON, or LiveCodeBench's base64(zlib(pickle(json))) private tests."""
+MAX_TESTS_BYTES = 512 << 20  # one row's private tests, inflated; a bomb of a few hundred KB would fill memory
+
+
+def _decode_tests(encoded: str, where: str = "private tests", limit: int = MAX_TESTS_BYTES) -> list[dict[str, Any]]:
+    """Plain JSON, or LiveCodeBench's base64(zlib(pickle(json))) private tests; every error names `where`."""
     try:
         return json.loads(encoded)
     except json.JSONDecodeError:
-        payload = _StringsOnly(io.BytesIO(zlib.decompress(base64.b64decode(encoded)))).load()
+        pass
+    try:
+        packed = base64.b64decode(encoded)
+        payload = _StringsOnly(io.BytesIO(_inflate(packed, limit))).load()
+        if not isinstance(payload, str):
+            raise ValueError(f"the pickle holds a {type(payload).__name__}, not LiveCodeBench's JSON string")
         return json.loads(payload)
+    except pickle.UnpicklingError as error:  # stays an UnpicklingError: a refusal is not a broken file
+        raise pickle.UnpicklingError(f"{where}: {error}") from error
+    except (ValueError, zlib.error, EOFError) as error:
+        raise ValueError(f"{where}: cannot decode the private tests as JSON or base64(zlib(pickle(JSON))): "
+                         f"{error}") from error
+
+
+def _inflate(packed: bytes, limit: int) -> bytes:
+    """zlib-decompress at most `limit` bytes, refusing as soon as there would be more."""
+    inflater, out = zlib.decompressobj(), bytearray()
+    while packed:
+        out += inflater.decompress(packed, limit + 1 - len(out))
+        if len(out) > limit:
+            raise ValueError(f"they inflate past {limit >> 20} MiB")
+        packed = inflater.unconsumed_tail
+    if not inflater.eof:
+        raise ValueError("the zlib stream is truncated")
+    return bytes(out)
 
 
 def _dedup_key(text: str, mode: str) -> str:
