@@ -57,7 +57,27 @@ setup_env() {
   echo "$stamp" > "$venv/.stamp.tmp" && mv "$venv/.stamp.tmp" "$venv/.stamp"
 }
 
+# Model-written code is graded inside bubblewrap, with util-linux's prlimit and
+# setpriv (length_control/sandbox.py). Installed here as root with apt-get; anyone
+# else installs the packages, or sets LC_SANDBOX=unconfined to accept the risk.
+setup_sandbox() {
+  local missing=() tool package
+  for tool in bwrap:bubblewrap prlimit:util-linux setpriv:util-linux; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+  done
+  [[ ${#missing[@]} == 0 || ${LC_SANDBOX:-} == unconfined ]] && return
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    echo "run.sh: installing ${missing[*]} (the sandbox for model-written code)" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    return
+  fi
+  package=${missing[0]}
+  die "the sandbox for model-written code needs the $package package (sudo apt-get install $package, or dnf/pacman), or set LC_SANDBOX=unconfined to run that code without namespaces, accepting the risk"
+}
+
 setup() {
+  setup_sandbox
   for name in "${ENGINES[@]}"; do setup_env "$name"; done
 }
 

@@ -7,9 +7,17 @@ why it scored, so a sample file explains every number in the report.
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+
+from length_control import lcb, sandbox
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,9 +73,12 @@ def grade_multiple_choice(answer_text: str, reference: str) -> Grade:
 
 
 def grade_code(answer_text: str, reference: str) -> Grade:
-    from length_control.sandbox import grade_program
-
-    return grade_program(answer_text, reference)
+    """The program in the answer, run in the sandbox on the reference's tests as LiveCodeBench runs them."""
+    program = lcb.extract_program(answer_text)
+    if not program or not program.strip():
+        return Grade(None, False, "no code block (the text between the last two ``` lines) after the thinking")
+    passed, why = lcb.judge(program, reference)
+    return Grade(program, passed, why)
 
 
 GRADERS: dict[str, Callable[[str, str], Grade]] = {
@@ -83,3 +94,28 @@ def get_grader(name: str) -> Callable[[str, str], Grade]:
         return GRADERS[name]
     except KeyError:
         raise ValueError(f"no grader {name!r}; known: {', '.join(sorted(GRADERS))}") from None
+
+
+def grade_many(jobs: Sequence[tuple[str, str, str]], workers: int | None = None) -> list[Grade]:
+    """Grade (grader name, answer text, reference) jobs on all cores; the grades in the jobs' order.
+
+    One process per core, each grading one job at a time: a code job spends most
+    of its time in its sandboxed program, a math job in math-verify, both on the
+    CPU. A machine that cannot contain code raises `sandbox.SandboxUnavailable`
+    before any job is graded.
+    """
+    for name, _, _ in jobs:
+        get_grader(name)
+    if any(name == "code" for name, _, _ in jobs):
+        lcb.check()
+        log.info("code runs contained by %s", sandbox.describe())
+    workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
+    if workers <= 1:
+        return [_grade_job(job) for job in jobs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_grade_job, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers)))))
+
+
+def _grade_job(job: tuple[str, str, str]) -> Grade:
+    name, answer_text, reference = job
+    return GRADERS[name](answer_text, reference)

@@ -1,5 +1,7 @@
 """A hand-checked grading set: math answers (boxed, fractions, LaTeX), multiple-choice
-outputs, and programs that pass, fail, time out, crash and hog memory."""
+outputs, and programs that pass, fail, time out, crash and hog memory; and grading
+many jobs on all cores. LiveCodeBench's rules in detail: test_lcb_parity.py; hostile
+programs: test_sandbox.py."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ import json
 
 import pytest
 
-from length_control.grading import grade_exact, grade_math, grade_multiple_choice
-from length_control.sandbox import grade_program
+from length_control import lcb
+from length_control.grading import GRADERS, grade_code, grade_exact, grade_many, grade_math, grade_multiple_choice
 
 # (response after </think>, gold, correct?)
 MATH = [
@@ -84,18 +86,33 @@ PROGRAMS = [
     ("```python\na, b = map(int, input().split())\nprint(a + b)\n```", STDIN_TESTS, True, "passed 2 tests"),
     ("```python\nclass Solution:\n    def countEven(self, nums):\n        return sum(n % 2 == 0 for n in nums)\n```",
      FUNCTIONAL, True, "passed 2 tests"),
-    ("```python\na, b = map(int, input().split())\nprint(a - b)\n```", STDIN_TESTS, False, "wrong output"),
-    ("```python\nwhile True:\n    pass\n```", STDIN_TESTS, False, "timeout"),
-    ("```python\nraise SystemExit(3)\n```", STDIN_TESTS, False, "crash"),
-    ("```python\nx = bytearray(4 << 30)\n```", STDIN_TESTS, False, "memory"),
-    ("no code at all", STDIN_TESTS, False, "no ```python block"),
+    ("```python\na, b = map(int, input().split())\nprint(a - b)\n```", STDIN_TESTS, False,
+     "test 0: wrong answer (line 0: '-1' != '5')"),
+    ("```python\nwhile True:\n    pass\n```", STDIN_TESTS, False, "test 0: time limit exceeded (1 s)"),
+    ("```python\nraise ValueError(3)\n```", STDIN_TESTS, False, "test 0: runtime error: ValueError(3)"),
+    ("```python\nraise SystemExit(3)\n```", STDIN_TESTS, False, "test 0: wrong answer (line 0: '' != '5')"),
+    ("```python\nx = bytearray(4 << 30)\n```", STDIN_TESTS, False, "test 0: runtime error: MemoryError()"),
+    ("no code at all", STDIN_TESTS, False, "no code block"),
 ]
 
 
 @pytest.mark.parametrize("response, tests, correct, why", PROGRAMS)
-def test_programs(response: str, tests: str, correct: bool, why: str) -> None:
-    grade = grade_program(response, tests)
-    assert grade.correct is correct and why in grade.why, grade
+def test_programs(response: str, tests: str, correct: bool, why: str, monkeypatch) -> None:
+    monkeypatch.setattr(lcb, "TIMEOUT_S", 1)
+    grade = grade_code(response, tests)
+    assert grade.correct is correct and grade.why.startswith(why), grade
+
+
+def test_grade_many_keeps_order_across_graders_and_processes() -> None:
+    jobs = [("exact", f"The answer is {n}.", str(n if n % 3 else n + 1)) for n in range(12)]
+    jobs += [("multiple_choice", "Answer: B", "B"), ("code", PROGRAMS[0][0], STDIN_TESTS),
+             ("code", PROGRAMS[2][0], STDIN_TESTS), ("math", "\\boxed{\\frac{1}{2}}", "0.5")]
+    grades = grade_many(jobs, workers=2)
+    assert grades == [get(*job[1:]) for get, job in zip([GRADERS[name] for name, _, _ in jobs], jobs)]
+    assert [g.correct for g in grades] == [n % 3 != 0 for n in range(12)] + [True, True, False, True]
+    assert grade_many([]) == []
+    with pytest.raises(ValueError, match="no grader 'nope'"):
+        grade_many([("nope", "", "")])
 
 
 def test_exact() -> None:
