@@ -100,11 +100,11 @@ class Sandbox:
 
     def __enter__(self) -> Sandbox:
         mode = _mode()
-        self._scratch = Path(tempfile.mkdtemp(prefix="lc-sandbox-"))
-        self._group = _Group.create(self.limits) if _cgroup_parents() else None
+        self._scratch, self._group = Path(tempfile.mkdtemp(prefix="lc-sandbox-")), None
         info_read, info_write = os.pipe()
         self._info = os.fdopen(info_read, "rb")
         try:
+            self._group = _Group.create(self.limits) if _cgroup_parents() else None
             if mode == UNCONFINED:
                 argv, cwd, env = self._inner(str(self.script)), self._scratch, _plain_env(str(self._scratch))
             else:
