@@ -5,7 +5,7 @@
 
 The samples are a finished run's case-1 traces (by default the demo's: run
 `./run.sh demo` first). The demo's are taken at two lengths: as the demo
-policy wrote them (B = 197 thinking tokens), repeated --copies times, and
+policy wrote them (B = 113 thinking tokens), repeated --copies times, and
 stretched to --long-tokens thinking tokens (the report's B = 30,000) by
 repeating each trace's own numbered lines, repeated --long-copies times.
 Our side: `length-control splice` as a command (token ids in, token ids

@@ -9,7 +9,8 @@
     length-control train RECIPE [key=value ...]      stage 2 with Axolotl
     length-control evaluate RECIPE [--arm A] [k=v]   score and overlong rate at the context limit
     length-control report RECIPE [key=value ...]     the overlong-rate report (Table 2 layout, JSON, PNG)
-    length-control run RECIPE [key=value ...] [--from STAGE]  every stage; up-to-date ones are skipped
+    length-control run RECIPE [key=value ...] [--from STAGE] [--until-overlong R --max-rounds N]
+                                                     every stage; up-to-date ones are skipped
 """
 
 from __future__ import annotations
@@ -93,9 +94,14 @@ def _inspect(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from length_control import evaluate
 
+    if args.seed is not None and args.arm != "after":
+        raise ConfigError(args.recipe, ["--seed picks a stage-2 model: use it with --arm after"])
     recipe = load_recipe(args.recipe, args.overrides)
-    metrics = evaluate.run(recipe, arm=args.arm)
-    print(evaluate.format_metrics(metrics, args.arm))
+    if args.seed is not None:
+        arms = [(f"after (seed {args.seed})", evaluate.run(recipe, "after", seed=args.seed))]
+    else:
+        arms = evaluate.run_arms(recipe, args.arm)
+    print(evaluate.format_metrics(arms))
     return 0
 
 
@@ -111,7 +117,9 @@ def _report(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from length_control import pipeline
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    loop = [f"loop.{key}={value}" for key, value in (("until_overlong", args.until_overlong),
+                                                      ("max_rounds", args.max_rounds)) if value is not None]
+    recipe = load_recipe(args.recipe, [*args.overrides, *loop])
     if args.dry_run:
         from length_control import dryrun
 
@@ -167,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--arm", default="before", choices=["before", "after", "forced"],
                           help="before: the stage-1 policy; after: the stage-2 model; "
                                "forced: the stage-1 policy forced to close at the budget")
+    evaluate.add_argument("--seed", type=int, help="with --arm after: only this stage-2 seed (default: every seed)")
 
     report = command("report", _report, "the overlong-rate report from the eval arms' sample files")
     report.add_argument("recipe", type=Path)
@@ -177,6 +186,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.add_argument("--from", dest="start", metavar="STAGE", help="redo this stage and every one after it")
     run.add_argument("--dry-run", action="store_true", help="render every command and config; run nothing")
+    run.add_argument("--until-overlong", type=float, metavar="RATE",
+                     help="closed loop: more rounds until the after arm's overlong rate is at most RATE "
+                          "(= loop.until_overlong)")
+    run.add_argument("--max-rounds", type=int, metavar="N", help="closed loop: at most N rounds (= loop.max_rounds)")
     return parser
 
 

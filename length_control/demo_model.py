@@ -60,7 +60,7 @@ def cached_build(spec: DemoModelSpec) -> Path:
     """
     import fcntl
 
-    folder = cache_dir() / "demo-models" / f"{spec.variant}-{build_key(spec)[:16]}"
+    folder = build_folder(spec)
     if (folder / "build.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +73,11 @@ def cached_build(spec: DemoModelSpec) -> Path:
             shutil.rmtree(folder, ignore_errors=True)
             scratch.rename(folder)  # a build killed mid-way never looks finished
     return folder
+
+
+def build_folder(spec: DemoModelSpec) -> Path:
+    """Where the build for `spec` is cached (built or not)."""
+    return cache_dir() / "demo-models" / f"{spec.variant}-{build_key(spec)[:16]}"
 
 
 def export(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
@@ -107,10 +112,11 @@ def build(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
     think_open, think_close = THINK_OPEN, THINK_CLOSE
     conversations = [demo_task.sft_conversation(p, think_open, think_close) for p in problems]
     rng = random.Random(spec.seed)
+    first = demo_task.SHORT_LINES.start  # cut where a count is a two-digit line number, as every answer is
     interrupted = [
-        [conversation[0], {"role": "assistant", "content": p.interrupted(rng.randint(1, p.lines - 1))}]
+        [conversation[0], {"role": "assistant", "content": p.interrupted(rng.randint(first, p.lines - 1))}]
         for p, conversation in zip(problems, conversations)
-        if p.lines > 1 and rng.random() < spec.interrupted_share
+        if p.lines > first and rng.random() < spec.interrupted_share
     ]
 
     model_dir = out / "model"
@@ -248,6 +254,7 @@ def _answer_only_row(tokenizer, conversation: list[dict[str, str]]) -> tuple[lis
 
 def _train(model, tokenizer, conversations, interrupted, spec: DemoModelSpec) -> list[float]:
     import torch
+    from tqdm import tqdm
 
     rows = [chat.assistant_only_row(tokenizer, c) for c in conversations]
     rows += [_answer_only_row(tokenizer, c) for c in interrupted]
@@ -268,7 +275,8 @@ def _train(model, tokenizer, conversations, interrupted, spec: DemoModelSpec) ->
     model.train()
     losses = []
     order: list[int] = []
-    for step in range(spec.train_steps):
+    for step in tqdm(range(spec.train_steps), desc="demo policy: stage-1 training", unit="step", mininterval=1,
+                     leave=False):
         if not order:
             order = torch.randperm(len(batches), generator=generator).tolist()
         batch = batches[order.pop()]

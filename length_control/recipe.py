@@ -56,11 +56,11 @@ class DemoModelSpec(StrictModel):
     layers: int = Field(4, ge=1)
     max_position_embeddings: int = Field(1024, ge=128)
     train_problems: int = Field(3000, ge=10, description="stage-1 SFT conversations")
-    train_steps: int = Field(1000, ge=1)
+    train_steps: int = Field(900, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     interrupted_share: float = Field(
-        0.2, ge=0, le=1, description="extra conversations closed early, training only the answer after </think>"
+        0.5, ge=0, le=1, description="extra conversations closed early, training only the answer after </think>"
     )
 
 
@@ -198,9 +198,21 @@ class SpliceSpec(StrictModel):
 
 class TrainSpec(StrictModel):
     template: ExistingFile = Field(description="an Axolotl YAML template in axolotl_configs/")
+    seeds: list[int] = Field(
+        [0], min_length=1,
+        description="stage-2 training seeds: each trains its own model and gets its own after arm; the report "
+        "shows the mean and the range over them (generation and the before/forced arms are shared)",
+    )
     launcher: Literal["python", "accelerate", "torchrun"] = "python"
     launcher_args: list[str] = Field(default_factory=list, description="e.g. ['--num_processes', '8']")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Axolotl keys set over the template")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds {seeds} repeat a seed; each seed trains one model, list each once")
+        return seeds
 
 
 class EvalSet(StrictModel):
@@ -219,6 +231,22 @@ class EvalSpec(StrictModel):
     _shorthand = field_validator("sets", mode="before")(_source_shorthand)
 
 
+class LoopSpec(StrictModel):
+    """Stage 2 in rounds until the overlong rate meets a target (`run --until-overlong`)."""
+
+    until_overlong: float | None = Field(
+        None, ge=0, le=1,
+        description="target overlong rate of the after arm (every benchmark, mean over seeds); "
+        "None runs one round",
+    )
+    max_rounds: int = Field(3, ge=1, description="rounds at most, the first included")
+    score_guard: float = Field(
+        -0.039, le=0,
+        description="stop when a round's relative score change (any benchmark, mean over seeds) is worse "
+        "than this: the report's worst cost was -3.9 %",
+    )
+
+
 class Recipe(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name (letters, digits, . _ -)")
     seed: int = 0
@@ -232,6 +260,7 @@ class Recipe(StrictModel):
     splice: SpliceSpec = SpliceSpec()
     train: TrainSpec
     eval: EvalSpec
+    loop: LoopSpec = LoopSpec()
 
     def section(self, name: str) -> Any:
         """A recipe section as plain JSON data, for manifests."""
@@ -284,6 +313,11 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         problems.append(
             f"engine.vllm.max_model_len = {max_model_len}: smaller than context_limit ({recipe.context_limit}); "
             "raise it or remove it (it defaults to context_limit)"
+        )
+    if "seed" in recipe.train.overrides:
+        problems.append(
+            f"train.overrides.seed = {recipe.train.overrides['seed']}: stage 2's seeds are train.seeds "
+            "(one model each); remove it and list the seeds there, e.g. train.seeds=[0,1,2]"
         )
     mix = recipe.splice.sft_mix
     if mix is not None and mix.dataset is None and recipe.model.demo is None:

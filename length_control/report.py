@@ -2,13 +2,20 @@
 
     length-control report RECIPE [key=value ...]
 
-Reads only the eval arms' files (`eval/<arm>/samples.parquet`), recomputes
-every figure from the samples, and writes `report/report.json`,
-`report/report.md` and `report/thinking_lengths.png` (the thinking-length
-distribution of each arm, with the budget and the context limit marked).
+Reads only the eval arms' files (`eval/<arm>/samples.parquet` and the
+termination probe's `probe.parquet`), recomputes every figure from them, and
+writes `report/report.json`, `report/report.md` and
+`report/thinking_lengths.png` (the thinking-length distribution of each arm,
+with the budget and the context limit marked).
+
 Per benchmark: score before -> after with the relative change, overlong rate
 before -> after with the relative change, pass@1 over n with its standard
-error, and the forced arm beside them when it was run.
+error, and the forced arm beside them when it was run. Stage 2 is trained
+once per seed of `train.seeds`: the after columns are the mean over seeds
+with their range (a result that one draw decides is no result), and
+`report.json` keeps every seed's row. The termination probe says what
+training moved without sampling: the close's NLL at the budget and the
+share of held-out traces whose greedy continuation closes there.
 """
 
 from __future__ import annotations
@@ -16,51 +23,119 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from length_control.artifacts import atomic_path, write_json_atomic, write_text_atomic
-from length_control.evaluate import summarize
+from length_control.artifacts import MissingInput, atomic_path, write_json_atomic, write_text_atomic
+from length_control.evaluate import PROBE, summarize
+from length_control.layout import eval_dir, report_dir, rounds_dir
 from length_control.recipe import Recipe
 
-ARMS = ("before", "after", "forced")
+_SAMPLE_COLUMNS = ["benchmark", "problem_id", "sample", "thinking_tokens", "prompt_tokens", "closed_think",
+                   "overlong", "correct"]
 
 
 def load_samples(folder: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    columns = ["benchmark", "problem_id", "sample", "thinking_tokens", "prompt_tokens", "closed_think",
-               "overlong", "correct"]
-    return pq.read_table(folder / "samples.parquet", columns=columns).to_pylist()
+    return pq.read_table(folder / "samples.parquet", columns=_SAMPLE_COLUMNS).to_pylist()
+
+
+def load_probe(folder: Path) -> list[dict[str, Any]] | None:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(folder / PROBE).to_pylist() if (folder / PROBE).is_file() else None
 
 
 def relative(before: float, after: float) -> float | None:
     return None if before == 0 else (after - before) / before
 
 
+def _arm_folders(recipe: Recipe) -> dict[str, Path]:
+    """Every arm with samples on disk: before, forced, and `after/<seed>` per stage-2 seed."""
+    folders = {"before": eval_dir(recipe.output_dir, "before"), "forced": eval_dir(recipe.output_dir, "forced")}
+    folders |= {f"after/{seed}": eval_dir(recipe.output_dir, "after", seed) for seed in recipe.train.seeds}
+    return {arm: folder for arm, folder in folders.items() if (folder / "samples.parquet").is_file()}
+
+
 def build(recipe: Recipe) -> dict[str, Any]:
-    arms = {arm: load_samples(recipe.output_dir / "eval" / arm)
-            for arm in ARMS if (recipe.output_dir / "eval" / arm / "samples.parquet").is_file()}
-    missing = [arm for arm in ("before", "after") if arm not in arms]
+    folders = _arm_folders(recipe)
+    missing = ["before"] * ("before" not in folders) + [
+        f"after (seed {seed})" for seed in recipe.train.seeds if f"after/{seed}" not in folders]
     if missing:
-        raise FileNotFoundError(f"no eval samples for {', '.join(missing)}; run: length-control evaluate RECIPE --arm "
-                                f"{missing[0]}")
-    metrics = {arm: summarize(samples, recipe.context_limit)["benchmarks"] for arm, samples in arms.items()}
+        raise MissingInput(f"no eval samples for {', '.join(missing)}; run: length-control run RECIPE "
+                           "(or length-control evaluate RECIPE --arm before|after)")
+    samples = {arm: load_samples(folder) for arm, folder in folders.items()}
+    metrics = {arm: summarize(samples[arm], recipe.context_limit, probe=load_probe(folder))["benchmarks"]
+               for arm, folder in folders.items()}
+    after = {seed: metrics[f"after/{seed}"] for seed in recipe.train.seeds}
+    table = _rows(metrics["before"], after, metrics.get("forced"))
+    report = {"budget": recipe.budget, "context_limit": recipe.context_limit, "seeds": recipe.train.seeds,
+              "benchmarks": table, "arms": metrics, "_samples": samples}
+    rounds = _rounds(recipe, metrics["before"])
+    return report | ({"rounds": rounds} if rounds else {})
+
+
+def _rows(before: dict[str, Any], after: dict[int, dict[str, Any]], forced: dict[str, Any] | None) -> dict[str, Any]:
+    """Per benchmark: the Table 2 row, the after columns as mean and range over seeds."""
     table = {}
-    for name in metrics["before"]:
-        b, a = metrics["before"][name], metrics["after"][name]
-        row = {
-            "score_before": b["score"], "score_before_stderr": b["score_stderr"],
-            "score_after": a["score"], "score_after_stderr": a["score_stderr"],
-            "score_relative_change": relative(b["score"], a["score"]),
-            "overlong_before": b["overlong_rate"], "overlong_after": a["overlong_rate"],
-            "overlong_relative_change": relative(b["overlong_rate"], a["overlong_rate"]),
-            "samples_per_problem": b["samples"] // b["problems"], "problems": b["problems"],
-        }
-        if "forced" in metrics:
-            f = metrics["forced"][name]
+    for name, b in before.items():
+        per_seed = {seed: _seed_row(b, metrics[name]) for seed, metrics in after.items()}
+        row = {"score_before": b["score"], "score_before_stderr": b["score_stderr"],
+               "overlong_before": b["overlong_rate"],
+               "samples_per_problem": b["samples"] // b["problems"], "problems": b["problems"], "seeds": len(after)}
+        for key in ("score_after", "overlong_after", "score_relative_change", "overlong_relative_change",
+                    "close_nll_after", "greedy_close_after"):
+            values = [r[key] for r in per_seed.values() if r.get(key) is not None]
+            if values:
+                row[key] = sum(values) / len(values)
+                row[f"{key}_range"] = [min(values), max(values)]
+        if "close_nll" in b:
+            row |= {"probe_traces": b["probe_traces"], "close_nll_before": b["close_nll"],
+                    "greedy_close_before": b["greedy_close_rate"]}
+        if forced is not None:
+            f = forced[name]
             row |= {"score_forced": f["score"], "score_forced_stderr": f["score_stderr"],
                     "overlong_forced": f["overlong_rate"]}
+        row["per_seed"] = {str(seed): r for seed, r in per_seed.items()}
         table[name] = row
-    return {"budget": recipe.budget, "context_limit": recipe.context_limit, "benchmarks": table,
-            "arms": {arm: metrics[arm] for arm in metrics}, "_samples": arms}
+    return table
+
+
+def _after_metrics(recipe: Recipe, output_dir: Path) -> dict[int, dict[str, Any]] | None:
+    """Every seed's after-arm metrics under `output_dir`, or None when a seed has none yet."""
+    folders = {seed: eval_dir(output_dir, "after", seed) for seed in recipe.train.seeds}
+    if not all((folder / "samples.parquet").is_file() for folder in folders.values()):
+        return None
+    return {seed: summarize(load_samples(folder), recipe.context_limit, probe=load_probe(folder))["benchmarks"]
+            for seed, folder in folders.items()}
+
+
+def _rounds(recipe: Recipe, before: dict[str, Any]) -> list[dict[str, Any]]:
+    """A closed loop's rounds 2.. on disk, each measured against the stage-1 policy's before arm."""
+    rounds = []
+    for number in range(2, recipe.loop.max_rounds + 1):
+        after = _after_metrics(recipe, rounds_dir(recipe.output_dir, number))
+        if after is None:
+            break
+        rounds.append({"round": number, "benchmarks": _rows(before, after, None)})
+    return rounds
+
+
+def round_rows(recipe: Recipe, round_recipe: Recipe) -> dict[str, Any]:
+    """The report rows of one round of the closed loop (`round_recipe` is the recipe itself for round 1)."""
+    before = summarize(load_samples(eval_dir(recipe.output_dir, "before")), recipe.context_limit)["benchmarks"]
+    return _rows(before, _after_metrics(recipe, round_recipe.output_dir), None)
+
+
+def _seed_row(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    row = {"score_after": after["score"], "score_after_stderr": after["score_stderr"],
+           "overlong_after": after["overlong_rate"],
+           "score_relative_change": relative(before["score"], after["score"]),
+           "overlong_relative_change": relative(before["overlong_rate"], after["overlong_rate"])}
+    if "close_nll" in after:
+        row |= {"close_nll_after": after["close_nll"], "greedy_close_after": after["greedy_close_rate"]}
+    return row
+
+
+# ---------------------------------------------------------------- Markdown
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
@@ -69,23 +144,75 @@ def _pct(x: float | None, signed: bool = False) -> str:
     return f"{100 * x:+.1f}%" if signed else f"{100 * x:.1f}%"
 
 
+def _spread(row: dict[str, Any], key: str, signed: bool = False) -> str:
+    """The mean over seeds, and its range when there is more than one seed."""
+    if key not in row:
+        return "n/a"
+    low, high = row[f"{key}_range"]
+    mean = _pct(row[key], signed)
+    return mean if row["seeds"] == 1 else f"{mean} [{_pct(low, signed)}, {_pct(high, signed)}]"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    forced = any("score_forced" in row for row in report["benchmarks"].values())
+    rows = report["benchmarks"]
+    seeds = report["seeds"]
+    forced = any("score_forced" in row for row in rows.values())
+    over = f"mean [min, max] over {len(seeds)} stage-2 seeds" if len(seeds) > 1 else f"stage-2 seed {seeds[0]}"
     head = ["benchmark", "score before", "score after", "rel. change", "overlong before", "overlong after",
             "rel. change", "n"] + (["score forced", "overlong forced"] if forced else [])
     lines = [f"Budget B = {report['budget']} thinking tokens; overlong = no `</think>` within the "
              f"{report['context_limit']}-token input+output limit. Scores are pass@1 over n samples ± standard "
-             "error over problems.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in report["benchmarks"].items():
-        cells = [name, f"{_pct(r['score_before'])} ± {_pct(r['score_before_stderr'])}",
-                 f"{_pct(r['score_after'])} ± {_pct(r['score_after_stderr'])}",
-                 _pct(r["score_relative_change"], signed=True), _pct(r["overlong_before"]),
-                 _pct(r["overlong_after"]), _pct(r["overlong_relative_change"], signed=True),
+             f"error over problems. After: {over}.", "", _row(head), "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        cells = [name, f"{_pct(r['score_before'])} ± {_pct(r['score_before_stderr'])}", _spread(r, "score_after"),
+                 _spread(r, "score_relative_change", signed=True), _pct(r["overlong_before"]),
+                 _spread(r, "overlong_after"), _spread(r, "overlong_relative_change", signed=True),
                  str(r["samples_per_problem"])]
         if forced:
             cells += [f"{_pct(r['score_forced'])} ± {_pct(r['score_forced_stderr'])}", _pct(r["overlong_forced"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
+
+    if any("close_nll_before" in r for r in rows.values()):
+        lines += ["", "Termination probe, on the before arm's samples whose thinking ran past B (held out from "
+                  "training): -log p(`</think>` | prompt + the first B thinking tokens), and the share whose greedy "
+                  "next tokens close the thinking.", "",
+                  _row(["benchmark", "traces", "close NLL before", "close NLL after", "greedy close before",
+                        "greedy close after"]), "|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            if "close_nll_before" in r:
+                nll_after = f"{r['close_nll_after']:.2f}" if "close_nll_after" in r else "n/a"
+                lines.append(_row([name, str(r["probe_traces"]), f"{r['close_nll_before']:.2f}", nll_after,
+                                   _pct(r["greedy_close_before"]), _spread(r, "greedy_close_after")]))
+
+    if len(seeds) > 1:
+        lines += ["", "Per stage-2 seed:", "",
+                  _row(["benchmark", "seed", "score after", "rel. change", "overlong after", "rel. change",
+                        "close NLL", "greedy close"]), "|" + "---|" * 8]
+        for name, r in rows.items():
+            for seed, s in r["per_seed"].items():
+                nll = f"{s['close_nll_after']:.2f}" if "close_nll_after" in s else "n/a"
+                lines.append(_row([name, seed, f"{_pct(s['score_after'])} ± {_pct(s['score_after_stderr'])}",
+                                   _pct(s["score_relative_change"], signed=True), _pct(s["overlong_after"]),
+                                   _pct(s["overlong_relative_change"], signed=True), nll,
+                                   _pct(s.get("greedy_close_after"))]))
+    if report.get("rounds"):
+        lines += ["", "Closed loop: each round's policy is the previous round's model (first seed); rows "
+                  "accumulate; changes are against the stage-1 policy (round 1 is the table above).", "",
+                  _row(["round", "benchmark", "score after", "rel. change", "overlong after", "rel. change"]),
+                  "|---|---|---|---|---|---|"]
+        for number, round_ in [(1, {"benchmarks": rows})] + [(r["round"], r) for r in report["rounds"]]:
+            for name, r in round_["benchmarks"].items():
+                lines.append(_row([str(number), name, _spread(r, "score_after"),
+                                   _spread(r, "score_relative_change", signed=True), _spread(r, "overlong_after"),
+                                   _spread(r, "overlong_relative_change", signed=True)]))
     return "\n".join(lines) + "\n"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+# ---------------------------------------------------------------- plot
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -95,23 +222,29 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     samples = report["_samples"]
+    arms = {"before": samples["before"], "forced": samples.get("forced")}
+    arms["after"] = [s for arm, rows in samples.items() if arm.startswith("after/") for s in rows]
+    arms = {arm: rows for arm, rows in arms.items() if rows}
     names = list(report["benchmarks"])
+    seeds = len(report["seeds"])
     fig, axes = plt.subplots(len(names), 1, figsize=(9, 3.6 * len(names)), squeeze=False)
     colours = {"before": "tab:red", "after": "tab:blue", "forced": "tab:gray"}
     for ax, name in zip(axes[:, 0], names):
-        top = max(s["thinking_tokens"] for arm in samples.values() for s in arm if s["benchmark"] == name)
+        top = max(s["thinking_tokens"] for rows in arms.values() for s in rows if s["benchmark"] == name)
         bins = range(0, top + 16, max(1, (top + 16) // 40))
-        for arm, rows in samples.items():
+        for arm, rows in arms.items():
             lengths = [s["thinking_tokens"] for s in rows if s["benchmark"] == name]
             overlong = sum(s["overlong"] for s in rows if s["benchmark"] == name) / max(1, len(lengths))
-            ax.hist(lengths, bins=bins, alpha=0.5, color=colours[arm], label=f"{arm} (overlong {overlong:.1%})")
+            label = f"{arm}{f' ({seeds} seeds pooled)' if arm == 'after' and seeds > 1 else ''}"
+            ax.hist(lengths, bins=bins, alpha=0.5, color=colours[arm], density=True,
+                    label=f"{label}, overlong {overlong:.1%}")
         ax.axvline(report["budget"], color="black", linestyle="--", label=f"budget B = {report['budget']}")
-        prompt = min(s["prompt_tokens"] for s in samples["before"] if s["benchmark"] == name)
+        prompt = min(s["prompt_tokens"] for s in arms["before"] if s["benchmark"] == name)
         ax.axvline(report["context_limit"] - prompt, color="black", linestyle=":",
                    label=f"context limit {report['context_limit']} - prompt")
         ax.set_title(f"{name}: thinking length per sample")
         ax.set_xlabel("thinking tokens (output tokens before </think>, or all of them if it never closed)")
-        ax.set_ylabel("samples")
+        ax.set_ylabel("share of samples")
         ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -120,9 +253,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def run(recipe: Recipe) -> str:
-    """Build, write and return the report's Markdown table."""
+    """Build, write and return the report's Markdown tables."""
     report = build(recipe)
-    folder = recipe.output_dir / "report"
+    folder = report_dir(recipe.output_dir)
     text = markdown(report)
     write_text_atomic(folder / "report.md", text)
     write_json_atomic(folder / "report.json", {k: v for k, v in report.items() if k != "_samples"})

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from length_control.artifacts import Stage, atomic_path, tool_versions
+from length_control.artifacts import Stage, atomic_path, finished_output, tool_versions
 from length_control.recipe import Recipe, SpliceSpec
 from length_control.think import Termination
 
@@ -104,7 +104,9 @@ def splice_row(
 # ---------------------------------------------------------------- the stage
 
 
-def run(recipe: Recipe) -> dict[str, Any]:
+def run(recipe: Recipe, earlier: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Build the stage-2 dataset from this run's traces and, in a closed loop, the `earlier`
+    rounds' generate folders too (their rows accumulate)."""
     from length_control import generate
     from length_control.policy import policy_path
 
@@ -112,11 +114,12 @@ def run(recipe: Recipe) -> dict[str, Any]:
     upstream = generate.stage_for(recipe, model)
     folder = recipe.output_dir / "stage2"
     mix = recipe.splice.sft_mix
-    mix_path = _mix_path(recipe) if mix is not None else None
+    sft_path = mix_path(recipe) if mix is not None else None
     max_len = _max_len(recipe)
     stage = Stage(
         folder,
-        inputs={"generate": upstream.output} | ({"sft_mix": mix_path} if mix_path else {}),
+        inputs={"generate": upstream.output} | ({"sft_mix": sft_path} if sft_path else {})
+        | {f"earlier{i}": finished_output(path) for i, path in enumerate(earlier)},
         config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": max_len},
         versions=tool_versions("transformers"),
     )
@@ -124,8 +127,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
         return stage.read_manifest()["summary"]
     stats: Counter[str] = Counter()
     termination = generate.read_termination(upstream.folder)
-    rows = _length_rows(upstream.folder, recipe, termination, max_len, stats)
-    summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, mix_path, max_len, stats), stats=stats)
+    rows = (row for traces in (*earlier, upstream.folder)
+            for row in _length_rows(traces, recipe, termination, max_len, stats))
+    summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, sft_path, max_len, stats), stats=stats)
     summary["tokenizer"] = model
     stage.finish(**summary)
     return summary
@@ -288,7 +292,7 @@ def _max_len(recipe: Recipe) -> int | None:
     return int(value) if value is not None else None
 
 
-def _mix_path(recipe: Recipe) -> Path:
+def mix_path(recipe: Recipe) -> Path:
     """The stage-1 SFT data to mix in: the recipe's dataset, or the demo policy's own."""
     mix = recipe.splice.sft_mix
     if mix.dataset is None:

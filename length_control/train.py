@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from length_control.artifacts import fingerprint
+from length_control.artifacts import fingerprint, summary_line
+from length_control.layout import stage2_dir, train_dir
 
 
 def render_config(
@@ -80,14 +81,24 @@ def launch_command(recipe, config_path: Path, verb: str = "train") -> list[str]:
     return command
 
 
-def trained_model(recipe) -> Path:
-    """The Hugging Face folder stage 2 leaves: the merged model for LoRA, else the output folder."""
-    folder = recipe.output_dir / "train"
-    config = yaml.safe_load((folder / "axolotl.yaml").read_text())
+def trained_model(recipe, seed: int) -> Path:
+    """The Hugging Face folder stage 2 leaves for one seed: the merged model for LoRA, else the output folder."""
+    from length_control.artifacts import MissingInput
+
+    config_path = train_dir(recipe.output_dir, seed) / "axolotl.yaml"
+    if not config_path.is_file():
+        raise MissingInput(f"{config_path} is missing: stage 2 has not trained seed {seed} yet; "
+                           "run: length-control train RECIPE")
+    config = yaml.safe_load(config_path.read_text())
     return Path(config["output_dir"]) / ("merged" if config.get("adapter") else "")
 
 
 def run(recipe) -> dict[str, Any]:
+    """Train one model per seed of `train.seeds`; the summary has one entry per seed."""
+    return {f"seed {seed}": summary_line(run_seed(recipe, seed)) for seed in recipe.train.seeds}
+
+
+def run_seed(recipe, seed: int) -> dict[str, Any]:
     """Render the config, train with Axolotl, merge a LoRA; skip when up to date."""
     import pyarrow.parquet as pq
 
@@ -95,13 +106,13 @@ def run(recipe) -> dict[str, Any]:
     from length_control.policy import model_input, policy_path
 
     model = policy_path(recipe.model)
-    rows = recipe.output_dir / "stage2" / "rows.parquet"
-    folder = recipe.output_dir / "train"
+    rows = stage2_dir(recipe.output_dir) / "rows.parquet"
+    folder = train_dir(recipe.output_dir, seed)
     stage = Stage(
         folder,
-        inputs={"stage2": finished_output(recipe.output_dir / "stage2"), "model": model_input(model),
+        inputs={"stage2": finished_output(stage2_dir(recipe.output_dir)), "model": model_input(model),
                 "template": recipe.train.template},
-        config={"train": recipe.section("train"), "seed": recipe.seed},
+        config={"train": recipe.section("train") | {"seeds": None}, "seed": seed},
         versions=tool_versions(),
     )
     if stage.is_up_to_date():
@@ -113,17 +124,17 @@ def run(recipe) -> dict[str, Any]:
         datasets=[rows],
         output_dir=folder / "model",
         sequence_len=_round_up(longest, 64),
-        prepared_root=recipe.output_dir / "prepared",
-        overrides={"seed": recipe.seed, **recipe.train.overrides},
+        prepared_root=recipe.output_dir / "prepared" / f"seed-{seed}",
+        overrides={**recipe.train.overrides, "seed": seed},
     )
     config_path = folder / "axolotl.yaml"
     write_text_atomic(config_path, yaml.safe_dump(config, sort_keys=False))
     log = folder / "train.log"
-    steps = _run_logged(launch_command(recipe, config_path), log)
+    steps = _run_logged(launch_command(recipe, config_path), log, desc=f"train seed {seed}")
     if config.get("adapter"):
-        _run_logged(launch_command(recipe, config_path, "merge-lora"), folder / "merge.log")
+        _run_logged(launch_command(recipe, config_path, "merge-lora"), folder / "merge.log", desc="merge-lora")
     summary = {"steps": len(steps), "first_loss": steps[0] if steps else None,
-               "last_loss": steps[-1] if steps else None, "model": str(trained_model(recipe))}
+               "last_loss": steps[-1] if steps else None, "model": str(trained_model(recipe, seed))}
     stage.finish(**summary)
     return summary
 
@@ -132,10 +143,12 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _run_logged(command: list[str], log: Path) -> list[float]:
-    """Run an Axolotl command, log everything, print one line per training step; return the losses."""
+def _run_logged(command: list[str], log: Path, desc: str) -> list[float]:
+    """Run an Axolotl command, log everything, show a progress bar of the steps; return the losses."""
     import ast
     import subprocess
+
+    from tqdm import tqdm
 
     from length_control.envs import engine_environ
 
@@ -145,11 +158,13 @@ def _run_logged(command: list[str], log: Path) -> list[float]:
         sink.write("$ " + " ".join(command) + "\n")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env=engine_environ(), cwd=log.parent)
+        bar = tqdm(desc=desc, unit="step", leave=False)
         try:
             for line in process.stdout:
                 sink.write(line)
                 start = line.find("{'loss'")
                 if start < 0:
+                    bar.refresh()  # Axolotl's start-up logs: the elapsed time moves, nothing looks stuck
                     continue
                 try:  # the trainer's log line; Axolotl formats the values as strings
                     record = ast.literal_eval(line[start : line.rindex("}") + 1])
@@ -157,9 +172,11 @@ def _run_logged(command: list[str], log: Path) -> list[float]:
                 except (ValueError, SyntaxError, KeyError):
                     continue
                 losses.append(loss)
-                print(f"  step {len(losses)}: loss {loss:.4f}, epoch {float(record.get('epoch', 0)):.2f}", flush=True)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", epoch=f"{float(record.get('epoch', 0)):.2f}")
             status = process.wait()
         finally:
+            bar.close()
             if process.poll() is None:
                 process.kill()
                 process.wait()

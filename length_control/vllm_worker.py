@@ -11,8 +11,9 @@ sends one job line per batch on stdin:
     {"requests": "batch.jsonl", "output": "out.jsonl", "chunk": 256}
 
 Each request line holds `prompt_token_ids`, `max_tokens`, `seed` and the
-sampling settings; each output line the request's `key`, `output_token_ids`,
-`finish_reason` and `stop_reason`. Replies (`ready`, `progress`, `done`,
+sampling settings, and may ask for `score_tail: k`, the log-probabilities of
+the prompt's last k tokens; each output line the request's `key`,
+`output_token_ids`, `finish_reason` and `stop_reason` (and `tail_logprobs`). Replies (`ready`, `progress`, `done`,
 `error`) go to a dedicated pipe, so vLLM's own logging can go anywhere.
 """
 
@@ -70,6 +71,7 @@ def _serve(llm, SamplingParams, job: dict, reply) -> None:
                     max_tokens=r["max_tokens"],
                     seed=r["seed"],
                     detokenize=False,
+                    prompt_logprobs=0 if r.get("score_tail") else None,
                     **{k: r[k] for k in SAMPLING_KEYS if r.get(k) is not None},
                 )
                 for r in batch
@@ -85,11 +87,19 @@ def _serve(llm, SamplingParams, job: dict, reply) -> None:
                     "finish_reason": completion.finish_reason,
                     "stop_reason": completion.stop_reason,
                 }
+                if request.get("score_tail"):
+                    record["tail_logprobs"] = _tail_logprobs(result, request["score_tail"])
                 out.write(json.dumps(record) + "\n")
             out.flush()
             reply(progress=len(batch), tokens=tokens)
     os.replace(tmp, job["output"])
     reply(done=job["output"])
+
+
+def _tail_logprobs(result, count: int) -> list[float]:
+    """The log-probability of each of the prompt's last `count` tokens, given what precedes it."""
+    ids = result.prompt_token_ids[-count:]
+    return [entry[token].logprob for token, entry in zip(ids, result.prompt_logprobs[-count:])]
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def test_a_failed_axolotl_command_stops_with_its_status_and_log_tail(tmp_path: P
 
     command = [sys.executable, "-c", "print(\"{'loss': '1.5', 'epoch': '0.5'}\"); print('CUDA out of memory'); raise SystemExit(3)"]
     with pytest.raises(TrainError) as caught:
-        _run_logged(command, tmp_path / "train.log")
+        _run_logged(command, tmp_path / "train.log", desc="train")
     message = str(caught.value)
     assert "exit status 3" in message and "CUDA out of memory" in message and str(tmp_path / "train.log") in message
-    assert _run_logged([sys.executable, "-c", "print(\"{'loss': '0.25', 'epoch': '1'}\")"], tmp_path / "ok.log") == [0.25]
+    assert _run_logged([sys.executable, "-c", "print(\"{'loss': '0.25', 'epoch': '1'}\")"], tmp_path / "ok.log",
+                       desc="train") == [0.25]

@@ -34,8 +34,8 @@ def test_dry_run_renders_every_stage(plan) -> None:
         assert f"CUDA_VISIBLE_DEVICES={devices} " in text
     assert '"tensor_parallel_size": 2' in text and '"max_model_len": 40960' in text
     assert "max_tokens 30000" in text
-    assert f"axolotl train {out / 'dry-run' / 'axolotl.yaml'} --launcher accelerate -- --num_processes 8" in text
-    config = yaml.safe_load((out / "dry-run" / "axolotl.yaml").read_text())
+    assert f"axolotl train {out / 'dry-run' / 'axolotl-seed-0.yaml'} --launcher accelerate -- --num_processes 8" in text
+    config = yaml.safe_load((out / "dry-run" / "axolotl-seed-0.yaml").read_text())
     assert config["base_model"] == "Qwen/Qwen3-14B" and config["sequence_len"] == 32768
     assert config["excess_length_strategy"] == "raise" and config["fsdp_version"] == 2
     assert not list(out.glob("generate*")) and not (out / "train").exists()  # nothing ran
@@ -45,7 +45,7 @@ def test_dry_run_renders_every_stage(plan) -> None:
 def test_axolotl_accepts_the_rendered_14b_config(plan) -> None:
     _, out = plan
     result = subprocess.run(
-        [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", str(out / "dry-run" / "axolotl.yaml"),
+        [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", str(out / "dry-run" / "axolotl-seed-0.yaml"),
          "--capabilities", json.dumps(H100x8)],
         capture_output=True, text=True, env=engine_environ(), timeout=600,
     )

@@ -1,14 +1,18 @@
 """The whole loop on the demo policy, end to end with real vLLM and real Axolotl:
-eval before, traces, stage-2 rows, training, eval after and forced, and the report,
-whose figures are recomputed here from the sample files."""
+eval before, traces, stage-2 rows, training on two seeds, eval after and forced, the
+termination probe, a second round of the closed loop, and the report, whose figures are
+recomputed here from the sample files; a rerun of one seed's training gives a
+byte-identical report."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from length_control import pipeline, report
+from length_control.artifacts import fingerprint
 from length_control.evaluate import summarize
 from length_control.recipe import load_recipe
 
@@ -16,29 +20,66 @@ from conftest import REPO
 
 pytestmark = pytest.mark.engine
 
+BENCHMARKS = ("demo-count", "demo-check")
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
 
 def test_the_demo_loop(tmp_path: Path) -> None:
-    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}"])
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [
+        f"output_dir={tmp_path}", "train.seeds=[0,1]",
+        # A weaker stage 2 than the demo's (the loss of a batch of 4 is mostly its SFT rows'),
+        # so that the closed loop has a second round to run.
+        "train.overrides={num_epochs: 1, learning_rate: 5.0e-4}", "loop.until_overlong=0.0", "loop.max_rounds=2",
+    ])
     lines: list[str] = []
     pipeline.run(recipe, echo=lines.append)
-    assert [line for line in lines if line.startswith("[")] == [f"[{name}]" for name in pipeline.STAGE_NAMES]
+    stages = [line for line in lines if line.startswith("[")]
+    assert stages[:len(pipeline.STAGE_NAMES)] == [f"[{name}]" for name in pipeline.STAGE_NAMES]
+    assert stages[-2].startswith("[round 2] policy: ") and stages[-1].startswith("[loop] round 2: stopped after 2")
 
     built = report.build(recipe)
-    for arm in ("before", "after", "forced"):
-        samples = report.load_samples(tmp_path / "eval" / arm)
-        recomputed = summarize(samples, recipe.context_limit)["benchmarks"]["demo-eval"]
-        assert built["arms"][arm]["demo-eval"] == recomputed
-        assert len(samples) == 60 * 4
-    row = built["benchmarks"]["demo-eval"]
-    assert 0.2 <= row["overlong_before"] <= 0.6  # the stage-1 policy runs past its limit
-    assert row["overlong_after"] < row["overlong_before"]  # stage 2 taught it to stop
-    assert row["overlong_forced"] == 0.0  # forcing closes every sample by construction
-    assert (tmp_path / "report" / "report.md").read_text().count("| demo-eval |") == 1
+    for arm in ("before", "forced", "after/0", "after/1"):
+        folder = tmp_path / "eval" / arm.replace("after/", "after/seed-")
+        samples = report.load_samples(folder)
+        recomputed = summarize(samples, recipe.context_limit, probe=report.load_probe(folder))["benchmarks"]
+        assert built["arms"][arm] == recomputed
+        assert len(samples) == 2 * 40 * 4
+    for name in BENCHMARKS:
+        row = built["benchmarks"][name]
+        assert 0.2 <= row["overlong_before"] <= 0.6  # the stage-1 policy runs past its limit
+        assert row["overlong_forced"] == 0.0  # forcing closes every sample by construction
+        for seed in ("0", "1"):
+            # stage 2 taught every seed to stop, and the probe sees it without sampling
+            assert row["per_seed"][seed]["overlong_after"] < row["overlong_before"]
+            assert row["per_seed"][seed]["close_nll_after"] < row["close_nll_before"]
+        assert row["probe_traces"] > 0 and row["greedy_close_before"] < row["greedy_close_after"]
+    check = built["benchmarks"]["demo-check"]
+    assert check["score_forced"] > check["score_before"]  # a cut thinking can still be right
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert all(text.count(f"| {name} | 0 |") == 1 for name in BENCHMARKS)  # the per-seed table
 
-    # A rerun skips every finished stage; --from redoes that stage and the ones after it.
+    # The closed loop's second round: the seed-0 model is its policy, the first round's rows
+    # are kept, and it is measured against the stage-1 policy.
+    round_2 = tmp_path / "rounds" / "2"
+    assert _manifest(round_2 / "generate")["inputs"]["model"] == fingerprint(tmp_path / "train" / "seed-0" / "model")
+    rows = [_manifest(folder / "stage2")["summary"]["length_rows"] for folder in (tmp_path, round_2)]
+    assert rows[1] >= rows[0]
+    assert [r["round"] for r in built["rounds"]] == [2]
+    for name in BENCHMARKS:
+        assert built["rounds"][0]["benchmarks"][name]["overlong_after"] <= built["benchmarks"][name]["overlong_after"]
+    assert "| 2 | demo-count |" in text
+
+    # A rerun skips every finished stage; a seed redone gives the same model and report.
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("manifest.json")}
     pipeline.run(recipe, echo=lambda _: None)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("manifest.json")} == stamps
-    pipeline.run(recipe, start="eval-after", echo=lambda _: None)
-    redone = {p for p in tmp_path.rglob("manifest.json") if p.stat().st_mtime_ns != stamps[p]}
-    assert redone == {tmp_path / "eval" / "after" / "manifest.json"}
+    report_json = (tmp_path / "report" / "report.json").read_bytes()
+    for stage in ("train", "eval/after"):
+        (tmp_path / stage / "seed-1" / "manifest.json").unlink()
+    pipeline.run(recipe, echo=lambda _: None)
+    redone = {p.relative_to(tmp_path) for p in tmp_path.rglob("manifest.json") if p.stat().st_mtime_ns != stamps.get(p)}
+    assert redone == {Path("train/seed-1/manifest.json"), Path("eval/after/seed-1/manifest.json")}
+    assert (tmp_path / "report" / "report.json").read_bytes() == report_json  # training is deterministic here

@@ -43,8 +43,8 @@ def test_paths_resolve_relative_to_the_recipe(repo_copy: Path) -> None:
 
 
 def test_overrides_are_dotted_and_typed(repo_copy: Path) -> None:
-    recipe = load_recipe(repo_copy / "recipes" / "demo-cpu.yaml", ["budget=200", "generation.sampling.top_k=-1"])
-    assert recipe.budget == 200
+    recipe = load_recipe(repo_copy / "recipes" / "demo-cpu.yaml", ["budget=120", "generation.sampling.top_k=-1"])
+    assert recipe.budget == 120
     assert recipe.generation.sampling.top_k == -1
 
 
@@ -70,8 +70,8 @@ BAD_RECIPES = [
     ),
     (
         "budget not below the context limit",
-        {"budget": 256},
-        ["budget = 256", "must be smaller than context_limit (256)", "lower budget or raise context_limit"],
+        {"budget": 176},
+        ["budget = 176", "must be smaller than context_limit (176)", "lower budget or raise context_limit"],
     ),
     (
         "missing model folder",

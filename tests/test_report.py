@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from length_control import report
+from length_control.artifacts import MissingInput
 from length_control.recipe import load_recipe
 
 from conftest import REPO
@@ -25,17 +27,46 @@ def _samples(path: Path, rows: list[tuple[str, str, int, bool, bool]]) -> None:
 
 
 def test_report_layout_and_figures(tmp_path: Path) -> None:
-    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}"])
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}", "train.seeds=[0]"])
     _samples(tmp_path / "eval" / "before", [("demo", "a", 50, True, True), ("demo", "a", 60, True, False),
                                             ("demo", "b", 300, False, False), ("demo", "b", 300, False, False)])
-    _samples(tmp_path / "eval" / "after", [("demo", "a", 50, True, True), ("demo", "a", 60, True, True),
-                                           ("demo", "b", 199, True, False), ("demo", "b", 300, False, False)])
+    _samples(tmp_path / "eval" / "after" / "seed-0", [("demo", "a", 50, True, True), ("demo", "a", 60, True, True),
+                                                      ("demo", "b", 199, True, False), ("demo", "b", 300, False, False)])
     text = report.run(recipe)
     row = report.build(recipe)["benchmarks"]["demo"]
     assert row["score_before"] == 0.25 and row["score_after"] == 0.5  # pass@1 averaged per problem
     assert row["score_relative_change"] == 1.0
     assert row["overlong_before"] == 0.5 and row["overlong_after"] == 0.25
     assert row["overlong_relative_change"] == -0.5 and row["samples_per_problem"] == 2
-    assert "| demo | 25.0% ± 25.0% | 50.0% ± 50.0% | +100.0% | 50.0% | 25.0% | -50.0% | 2 |" in text
+    assert "| demo | 25.0% ± 25.0% | 50.0% | +100.0% | 50.0% | 25.0% | -50.0% | 2 |" in text
+    assert "Per stage-2 seed" not in text  # one seed: no spread to show
     assert (tmp_path / "report" / "thinking_lengths.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "report.json").is_file()
+
+
+def test_report_shows_mean_and_range_over_seeds_and_the_probe(tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}", "train.seeds=[0,1]"])
+    _samples(tmp_path / "eval" / "before", [("demo", "a", 50, True, True), ("demo", "b", 300, False, False)])
+    _samples(tmp_path / "eval" / "after" / "seed-0", [("demo", "a", 50, True, True), ("demo", "b", 199, True, True)])
+    _samples(tmp_path / "eval" / "after" / "seed-1", [("demo", "a", 50, True, True), ("demo", "b", 300, False, False)])
+    for folder, nll, closes in [("before", 4.0, False), ("after/seed-0", 0.5, True), ("after/seed-1", 1.5, False)]:
+        record = {"benchmark": "demo", "problem_id": "b", "sample": 1, "close_nll": nll, "greedy_close": closes}
+        pq.write_table(pa.Table.from_pylist([record]), tmp_path / "eval" / folder / "probe.parquet")
+    built = report.build(recipe)
+    row = built["benchmarks"]["demo"]
+    assert row["overlong_before"] == 0.5 and row["overlong_after"] == 0.25
+    assert row["overlong_after_range"] == [0.0, 0.5] and row["score_after_range"] == [0.5, 1.0]
+    assert row["per_seed"]["0"]["overlong_relative_change"] == -1.0 and row["per_seed"]["1"]["score_relative_change"] == 0.0
+    assert row["close_nll_before"] == 4.0 and row["close_nll_after"] == 1.0 and row["greedy_close_after"] == 0.5
+    text = report.markdown(built)
+    assert "| demo | 50.0% ± 50.0% | 75.0% [50.0%, 100.0%] | +50.0% [+0.0%, +100.0%] | 50.0% | 25.0% [0.0%, 50.0%] |" in text
+    assert "| demo | 1 | 4.00 | 1.00 | 0.0% | 50.0% [0.0%, 100.0%] |" in text
+    assert "| demo | 1 | 50.0% ± 50.0% | +0.0% | 50.0% | +0.0% | 1.50 | 0.0% |" in text
+
+
+def test_report_names_the_missing_seed(tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}", "train.seeds=[0,1]"])
+    _samples(tmp_path / "eval" / "before", [("demo", "a", 50, True, True)])
+    _samples(tmp_path / "eval" / "after" / "seed-0", [("demo", "a", 50, True, True)])
+    with pytest.raises(MissingInput, match=r"after \(seed 1\)"):
+        report.build(recipe)

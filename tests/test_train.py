@@ -93,12 +93,12 @@ def test_training_moves_the_termination_not_the_reasoning(stage2: Path, template
     overrides = [f"output_dir={run}", f"train.template=../axolotl_configs/{template}"]
     if "lora" in template:
         overrides.append("train.overrides={num_epochs: 3}")  # the template's own learning rate
-    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides)
-    summary = train.run(recipe)
-    model = train.trained_model(recipe)
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides + ["train.seeds=[0]"])
+    summary = train.run_seed(recipe, 0)
+    model = train.trained_model(recipe, 0)
     assert (model / "config.json").is_file() and summary["steps"] > 0
     if "lora" in template:
-        assert model.name == "merged" and (run / "train" / "merge.log").is_file()
+        assert model.name == "merged" and (run / "train" / "seed-0" / "merge.log").is_file()
 
     rows, meta = run / "stage2" / "rows.parquet", run / "stage2" / "meta.parquet"
     before = _nll(policy_path(recipe.model), rows, meta)

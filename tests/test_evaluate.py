@@ -1,0 +1,77 @@
+"""The termination probe on a scripted engine: which samples it probes, what it asks the
+engine for, and how it scores the answers."""
+
+from __future__ import annotations
+
+import math
+
+from length_control.evaluate import summarize, termination_probe
+from length_control.recipe import ThinkTags
+from length_control.think import ThinkTokens
+
+VOCAB = {"<think>": 1, "</think>": 2, "\n": 3, "a": 4, "<eos>": 5, "b": 6}
+
+
+class Tokenizer:
+    """Single-character pieces and whole tags: enough for ThinkTokens."""
+
+    eos_token_id = VOCAB["<eos>"]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = []
+        while text:
+            piece = next(p for p in sorted(VOCAB, key=len, reverse=True) if text.startswith(p))
+            ids.append(VOCAB[piece])
+            text = text[len(piece):]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        names = {v: k for k, v in VOCAB.items()}
+        return "".join(names[i] for i in ids)
+
+
+class ScriptedEngine:
+    """Answers the probe's two kinds of request from a script keyed by the request key."""
+
+    def __init__(self, nll: dict[str, list[float]], greedy: dict[str, list[int]]) -> None:
+        self.nll, self.greedy, self.requests = nll, greedy, []
+
+    def generate(self, requests, *, desc=""):
+        self.requests += requests
+        return [{"key": r["key"], "tail_logprobs": self.nll[r["key"]], "output_token_ids": [VOCAB["a"]]}
+                if r.get("score_tail") else {"key": r["key"], "output_token_ids": self.greedy[r["key"]]}
+                for r in requests]
+
+
+def _sample(problem: str, output: list[int]) -> dict:
+    return {"benchmark": "demo", "problem_id": problem, "sample": 0, "prompt_token_ids": [9, 9],
+            "output_token_ids": output}
+
+
+def test_the_probe_takes_case_1_traces_and_scores_the_close_tag() -> None:
+    think = ThinkTokens(Tokenizer(), ThinkTags())
+    a, close = VOCAB["a"], VOCAB["</think>"]
+    samples = [
+        _sample("long", [1, 3, a, a, a, a, a, a]),           # ran past B = 4 without closing: probed
+        _sample("late", [1, 3, a, a, 3, close, 3, a]),       # closed after B: probed too
+        _sample("short", [1, 3, close, 3, a, 5]),            # closed within B: not a case-1 trace
+        _sample("cut", [1, 3, a]),                           # never reached B: nothing to probe
+    ]
+    engine = ScriptedEngine(nll={"long#0": [math.log(0.25)], "late#0": [math.log(0.5)]},
+                            greedy={"long#0": [3, 4], "late#0": [3, close]})
+    probe = termination_probe(engine, samples, budget=4, think=think)
+
+    assert [p["problem_id"] for p in probe] == ["long", "late"]
+    assert [p["close_nll"] for p in probe] == [math.log(4), math.log(2)]
+    assert [p["greedy_close"] for p in probe] == [False, True]
+    scored = [r for r in engine.requests if r.get("score_tail")]
+    # prompt + the first B output tokens + the forced close ("\n</think>"); only "</think>" is scored
+    assert scored[0]["prompt_token_ids"] == [9, 9, 1, 3, a, a, 3, close] and scored[0]["score_tail"] == 1
+    greedy = [r for r in engine.requests if not r.get("score_tail")]
+    assert greedy[0]["prompt_token_ids"] == [9, 9, 1, 3, a, a] and greedy[0]["temperature"] == 0.0
+    assert greedy[0]["max_tokens"] == 2
+
+    metrics = summarize([{**s, "thinking_tokens": 4, "closed_think": True, "overlong": False, "correct": True}
+                         for s in samples], context_limit=16, probe=probe)["benchmarks"]["demo"]
+    assert metrics["probe_traces"] == 2 and metrics["greedy_close_rate"] == 0.5
+    assert math.isclose(metrics["close_nll"], (math.log(4) + math.log(2)) / 2)
