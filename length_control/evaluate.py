@@ -20,7 +20,7 @@ from typing import Any
 
 from length_control.artifacts import Stage, atomic_path, finished_output, tool_versions, write_json_atomic
 from length_control.engine import SharedEngine, engine_for, request_seed
-from length_control.grading import get_grader
+from length_control.grading import grade_many
 from length_control.layout import eval_dir
 from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
@@ -93,13 +93,7 @@ def run(recipe: Recipe, arm: str = "before", engine: SharedEngine | None = None,
         else:
             results = engine.generate(requests, desc=f"eval {arm}")
 
-        by_key = {r["key"]: r for r in results}
-        samples = []
-        for spec, prompt, prompt_ids, n in problems:
-            grade = get_grader(spec.grader)
-            for sample in range(n):
-                result = by_key[f"{prompt['id']}#{sample}"]
-                samples.append(_score(spec.name, prompt, sample, prompt_ids, result, think, tokenizer, grade))
+        samples = _score_all(problems, {r["key"]: r for r in results}, think, tokenizer)
         probe = None
         if arm == "before":
             probe = termination_probe(engine, samples, recipe.budget, think)
@@ -183,30 +177,37 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
     return [outputs[r["key"]] for r in requests]
 
 
-def _score(benchmark, prompt, sample, prompt_ids, result, think: ThinkTokens, tokenizer, grade) -> dict[str, Any]:
-    output = result["output_token_ids"]
-    close = think.find_close(output)
-    thinking_tokens = close[0] if close else len(output)
-    if close is None:
-        extracted, correct, why = None, False, "the thinking never closed"
-    else:
-        graded = grade(tokenizer.decode(output[close[1] :], skip_special_tokens=True), prompt["reference"])
-        extracted, correct, why = graded.extracted, graded.correct, graded.why
-    return {
-        "benchmark": benchmark,
-        "problem_id": prompt["id"],
-        "sample": sample,
-        "prompt_tokens": len(prompt_ids),
-        "prompt_token_ids": prompt_ids,
-        "output_token_ids": output,
-        "finish_reason": result["finish_reason"],
-        "thinking_tokens": thinking_tokens,
-        "closed_think": close is not None,
-        "overlong": close is None,
-        "extracted": extracted,
-        "correct": correct,
-        "why": why,
-    }
+def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, tokenizer) -> list[dict[str, Any]]:
+    """One record per sample; the answers after a closed thinking are graded on all cores."""
+    samples, graded, jobs = [], [], []
+    for spec, prompt, prompt_ids, n in problems:
+        for sample in range(n):
+            result = by_key[f"{prompt['id']}#{sample}"]
+            output = result["output_token_ids"]
+            close = think.find_close(output)
+            record = {
+                "benchmark": spec.name,
+                "problem_id": prompt["id"],
+                "sample": sample,
+                "prompt_tokens": len(prompt_ids),
+                "prompt_token_ids": prompt_ids,
+                "output_token_ids": output,
+                "finish_reason": result["finish_reason"],
+                "thinking_tokens": close[0] if close else len(output),
+                "closed_think": close is not None,
+                "overlong": close is None,
+                "extracted": None,
+                "correct": False,
+                "why": "the thinking never closed",
+            }
+            samples.append(record)
+            if close is not None:
+                graded.append(record)
+                answer = tokenizer.decode(output[close[1] :], skip_special_tokens=True)
+                jobs.append((spec.grader, answer, prompt["reference"]))
+    for record, grade in zip(graded, grade_many(jobs)):
+        record.update(extracted=grade.extracted, correct=grade.correct, why=grade.why)
+    return samples
 
 
 def summarize(samples: list[dict[str, Any]], context_limit: int,

@@ -25,7 +25,7 @@ class Tokenizer:
             text = text[len(piece):]
         return ids
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         names = {v: k for k, v in VOCAB.items()}
         return "".join(names[i] for i in ids)
 
@@ -75,3 +75,22 @@ def test_the_probe_takes_case_1_traces_and_scores_the_close_tag() -> None:
                          for s in samples], context_limit=16, probe=probe)["benchmarks"]["demo"]
     assert metrics["probe_traces"] == 2 and metrics["greedy_close_rate"] == 0.5
     assert math.isclose(metrics["close_nll"], (math.log(4) + math.log(2)) / 2)
+
+
+def test_samples_are_graded_after_their_close_and_an_unclosed_one_is_overlong() -> None:
+    from types import SimpleNamespace
+
+    from length_control.evaluate import _score_all
+
+    think = ThinkTokens(Tokenizer(), ThinkTags())
+    spec = SimpleNamespace(name="demo", grader="exact")
+    prompt = {"id": "p", "reference": "b"}
+    a, b, close = VOCAB["a"], VOCAB["b"], VOCAB["</think>"]
+    results = {"p#0": {"output_token_ids": [1, a, close, b], "finish_reason": "stop"},   # right
+               "p#1": {"output_token_ids": [1, b, close, a], "finish_reason": "stop"},   # wrong: b was thinking
+               "p#2": {"output_token_ids": [1, a, a, b], "finish_reason": "length"}}    # never closed
+    samples = _score_all([(spec, prompt, [9, 9], 3)], results, think, Tokenizer())
+    assert [s["correct"] for s in samples] == [True, False, False]
+    assert [s["overlong"] for s in samples] == [False, False, True]
+    assert [s["thinking_tokens"] for s in samples] == [2, 2, 4]
+    assert samples[1]["extracted"] == "a" and samples[2]["why"] == "the thinking never closed"
