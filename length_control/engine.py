@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from length_control.envs import engine_bin, engine_environ
+from length_control.progress import ticking
 from length_control.recipe import VLLMOptions
 
 
@@ -156,8 +157,9 @@ class VLLMEngine:
         for env, log in self.replicas():
             self._workers.append(_Worker(self.engine_args, {**self.env, **env}, log))
         try:
-            for worker in self._workers:
-                worker.expect("ready")
+            with ticking(f"starting vLLM ({self.log_path.name})"):
+                for worker in self._workers:
+                    worker.expect("ready")
         except BaseException:
             self.__exit__()
             raise

@@ -148,9 +148,8 @@ def _run_logged(command: list[str], log: Path, desc: str) -> list[float]:
     import ast
     import subprocess
 
-    from tqdm import tqdm
-
     from length_control.envs import engine_environ
+    from length_control.progress import ticking
 
     losses: list[float] = []
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -158,25 +157,23 @@ def _run_logged(command: list[str], log: Path, desc: str) -> list[float]:
         sink.write("$ " + " ".join(command) + "\n")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env=engine_environ(), cwd=log.parent)
-        bar = tqdm(desc=desc, unit="step", leave=False)
         try:
-            for line in process.stdout:
-                sink.write(line)
-                start = line.find("{'loss'")
-                if start < 0:
-                    bar.refresh()  # Axolotl's start-up logs: the elapsed time moves, nothing looks stuck
-                    continue
-                try:  # the trainer's log line; Axolotl formats the values as strings
-                    record = ast.literal_eval(line[start : line.rindex("}") + 1])
-                    loss = float(record["loss"])
-                except (ValueError, SyntaxError, KeyError):
-                    continue
-                losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", epoch=f"{float(record.get('epoch', 0)):.2f}")
+            with ticking(desc, unit="step") as bar:
+                for line in process.stdout:
+                    sink.write(line)
+                    start = line.find("{'loss'")
+                    if start < 0:
+                        continue
+                    try:  # the trainer's log line; Axolotl formats the values as strings
+                        record = ast.literal_eval(line[start : line.rindex("}") + 1])
+                        loss = float(record["loss"])
+                    except (ValueError, SyntaxError, KeyError):
+                        continue
+                    losses.append(loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", epoch=f"{float(record.get('epoch', 0)):.2f}")
             status = process.wait()
         finally:
-            bar.close()
             if process.poll() is None:
                 process.kill()
                 process.wait()
