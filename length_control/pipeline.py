@@ -19,6 +19,7 @@ The report shows every round.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from length_control import evaluate, generate, report, splice, train
@@ -65,7 +66,9 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
             if name.startswith("eval-") and name.removeprefix("eval-") not in recipe.eval.arms:
                 echo("not in eval.arms: skipped")
                 continue
+            started = time.monotonic()
             echo(stage(recipe, policy))
+            echo(f"({name}: {time.monotonic() - started:.0f} s)")
             if name == _LAST_POLICY_STAGE:
                 policy.close()
     finally:
