@@ -99,21 +99,32 @@ def get_grader(name: str) -> Callable[[str, str], Grade]:
 def grade_many(jobs: Sequence[tuple[str, str, str]], workers: int | None = None) -> list[Grade]:
     """Grade (grader name, answer text, reference) jobs on all cores; the grades in the jobs' order.
 
-    One process per core, each grading one job at a time: a code job spends most
-    of its time in its sandboxed program, a math job in math-verify, both on the
-    CPU. A machine that cannot contain code raises `sandbox.SandboxUnavailable`
-    before any job is graded.
+    Code and math jobs go to a pool of one process per core (a code job spends
+    its time in its sandboxed program, a math job in math-verify, both on the
+    CPU); exact and multiple-choice jobs take microseconds and stay in this
+    process. A machine that cannot contain code raises
+    `sandbox.SandboxUnavailable` before any job is graded.
     """
     for name, _, _ in jobs:
         get_grader(name)
     if any(name == "code" for name, _, _ in jobs):
         lcb.check()
         log.info("code runs contained by %s", sandbox.describe())
-    workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
-    if workers <= 1:
-        return [_grade_job(job) for job in jobs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_grade_job, jobs, chunksize=max(1, min(16, len(jobs) // (8 * workers)))))
+    heavy = [number for number, (name, _, _) in enumerate(jobs) if name not in _IN_PROCESS]
+    workers = min(workers or len(os.sched_getaffinity(0)), len(heavy))
+    pooled = heavy if workers > 1 else []
+    grades = dict.fromkeys(pooled)
+    for number, job in enumerate(jobs):
+        if number not in grades:
+            grades[number] = _grade_job(job)
+    if pooled:
+        chunk = max(1, min(16, len(pooled) // (8 * workers)))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            grades.update(zip(pooled, pool.map(_grade_job, [jobs[number] for number in pooled], chunksize=chunk)))
+    return [grades[number] for number in range(len(jobs))]
+
+
+_IN_PROCESS = {"exact", "multiple_choice"}
 
 
 def _grade_job(job: tuple[str, str, str]) -> Grade:
