@@ -1,13 +1,17 @@
 """Generation engines, driven with token ids in and token ids out.
 
-`VLLMEngine` runs vLLM's offline engine in a worker process of the vLLM
-environment (see `vllm_worker.py`) and keeps it for every pass of a stage, so
-one model costs one engine start. A request is a dict:
+Every stage talks to its engine through `Engine`: a request is a dict
 
     {"key": "p3/s0", "prompt_token_ids": [...], "max_tokens": 30000, "seed": 1234,
      "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
 
-and a result `{"key", "output_token_ids", "finish_reason", "stop_reason"}`.
+that may add `score_tail: k` (the log-probabilities of the prompt's last k
+tokens), and a result `{"key", "output_token_ids", "finish_reason",
+"stop_reason"}`, with `tail_logprobs` when asked for. `VLLMEngine` runs vLLM's
+offline engine in a worker process of the vLLM environment (see
+`vllm_worker.py`) and keeps it for every pass of a stage, so one model costs
+one engine start; `OpenAIEngine` sends the same requests to running servers;
+`fake_engine.ScriptedEngine` answers from a script, for tests.
 """
 
 from __future__ import annotations
@@ -18,13 +22,40 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from tqdm import tqdm
 
 from length_control.envs import engine_bin, engine_environ
 from length_control.progress import ticking
 from length_control.recipe import VLLMOptions
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What a stage needs from an engine: token ids in, token ids out.
+
+    A context manager: entering starts the engine (which may take minutes),
+    leaving stops it, and `generate` is called in between, as often as the
+    stage likes. The contract every engine keeps, and the stages rely on:
+
+    - one result per request, in the order of `requests` (each carries the
+      request's `key`); an engine that cannot return one raises instead of
+      dropping the sample;
+    - `output_token_ids` are what the model wrote after `prompt_token_ids`,
+      at most `max_tokens` of them, with the EOS token when it ended;
+    - `finish_reason == "length"` exactly when the output stopped because
+      `max_tokens` ran out, else "stop" (an output whose EOS is its
+      `max_tokens`-th token is "stop", as in vLLM);
+    - a request with `score_tail: k` also gets `tail_logprobs`: for each of
+      the prompt's last k tokens, its log-probability given what precedes it.
+    """
+
+    def __enter__(self) -> Engine: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict[str, Any]]: ...
 
 
 class EngineError(RuntimeError):
@@ -319,6 +350,12 @@ class SharedEngine:
         if self._engine is not None:
             self._engine.__exit__(None, None, None)
             self._engine = None
+
+    def __enter__(self) -> SharedEngine:
+        return self  # the engine starts on first use, not here
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def engine_for(recipe, model: str, *, log_name: str, shared: SharedEngine | None):
