@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from length_control.evaluate import summarize, termination_probe
+from length_control.fake_engine import ScriptedEngine, transcripts
 from length_control.recipe import ThinkTags
 from length_control.think import ThinkTokens
 
@@ -30,19 +31,6 @@ class Tokenizer:
         return "".join(names[i] for i in ids)
 
 
-class ScriptedEngine:
-    """Answers the probe's two kinds of request from a script keyed by the request key."""
-
-    def __init__(self, nll: dict[str, list[float]], greedy: dict[str, list[int]]) -> None:
-        self.nll, self.greedy, self.requests = nll, greedy, []
-
-    def generate(self, requests, *, desc=""):
-        self.requests += requests
-        return [{"key": r["key"], "tail_logprobs": self.nll[r["key"]], "output_token_ids": [VOCAB["a"]]}
-                if r.get("score_tail") else {"key": r["key"], "output_token_ids": self.greedy[r["key"]]}
-                for r in requests]
-
-
 def _sample(problem: str, output: list[int]) -> dict:
     return {"benchmark": "demo", "problem_id": problem, "sample": 0, "prompt_token_ids": [9, 9],
             "output_token_ids": output}
@@ -50,15 +38,19 @@ def _sample(problem: str, output: list[int]) -> dict:
 
 def test_the_probe_takes_case_1_traces_and_scores_the_close_tag() -> None:
     think = ThinkTokens(Tokenizer(), ThinkTags())
-    a, close = VOCAB["a"], VOCAB["</think>"]
+    a, b, close = VOCAB["a"], VOCAB["b"], VOCAB["</think>"]
     samples = [
         _sample("long", [1, 3, a, a, a, a, a, a]),           # ran past B = 4 without closing: probed
-        _sample("late", [1, 3, a, a, 3, close, 3, a]),       # closed after B: probed too
+        _sample("late", [1, 3, b, a, 3, close, 3, a]),       # closed after B: probed too
         _sample("short", [1, 3, close, 3, a, 5]),            # closed within B: not a case-1 trace
         _sample("cut", [1, 3, a]),                           # never reached B: nothing to probe
     ]
-    engine = ScriptedEngine(nll={"long#0": [math.log(0.25)], "late#0": [math.log(0.5)]},
-                            greedy={"long#0": [3, 4], "late#0": [3, close]})
+    # What the model writes after each probed prefix (prompt + B tokens) and after the forced
+    # close there, and how likely it finds the close after the forced close's "\n".
+    script = transcripts({(9, 9, 1, 3, a, a): [3, a], (9, 9, 1, 3, a, a, 3, close): [3, b, 5],
+                          (9, 9, 1, 3, b, a): [3, close, 3, b, 5]})
+    p_close = {(9, 9, 1, 3, a, a, 3): 0.25, (9, 9, 1, 3, b, a, 3): 0.5}
+    engine = ScriptedEngine(script, logprob=lambda context, token: math.log(p_close[tuple(context)]))
     probe = termination_probe(engine, samples, budget=4, think=think)
 
     assert [p["problem_id"] for p in probe] == ["long", "late"]
@@ -66,7 +58,8 @@ def test_the_probe_takes_case_1_traces_and_scores_the_close_tag() -> None:
     assert [p["greedy_close"] for p in probe] == [False, True]
     scored = [r for r in engine.requests if r.get("score_tail")]
     # prompt + the first B output tokens + the forced close ("\n</think>"); only "</think>" is scored
-    assert scored[0]["prompt_token_ids"] == [9, 9, 1, 3, a, a, 3, close] and scored[0]["score_tail"] == 1
+    assert [r["prompt_token_ids"] for r in scored] == [[9, 9, 1, 3, a, a, 3, close], [9, 9, 1, 3, b, a, 3, close]]
+    assert [r["score_tail"] for r in scored] == [1, 1]
     greedy = [r for r in engine.requests if not r.get("score_tail")]
     assert greedy[0]["prompt_token_ids"] == [9, 9, 1, 3, a, a] and greedy[0]["temperature"] == 0.0
     assert greedy[0]["max_tokens"] == 2
