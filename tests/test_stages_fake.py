@@ -1,0 +1,331 @@
+"""The generate and evaluate stages on a scripted engine, with the demo tokenizer.
+
+Each problem's "model" is a transcript: the tests know every token it writes,
+so they can check the exact ids each stage asks for and records (both cases
+of closing at the budget, resume by shard, the forced arm's two passes and
+its metrics) in well under a second a test, with no vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import yaml
+
+from length_control import demo_task, evaluate, generate
+from length_control.demo_model import build_tokenizer
+from length_control.engine import Engine, EngineError, OpenAIEngine, SharedEngine, VLLMEngine
+from length_control.fake_engine import UNLIKELY, ScriptedEngine, transcripts
+from length_control.policy import load_tokenizer
+from length_control.recipe import DemoModelSpec, Recipe, load_recipe
+
+BUDGET = 15  # "<think>\n" + two 7-token lines, less the last newline: the forced "\n</think>" ends a line
+CONTEXT_LIMIT = 60  # 28-token prompts get 32 tokens of room; the 46-token ones 14, less than B
+ANSWER_MAX_TOKENS = 8
+
+SHORT = ("short", "Count down from 102 to 100. How many numbers do you say?", "3")
+LONG = ("long", "Count down from 925 to 900. How many numbers do you say?", "26")
+CUT = ("cut", "Count down from 703 to 700. How many numbers do you say?", "4")
+# Prompts so long that the context limit comes before B: LIMIT thinks as LONG does, CRAMPED as CUT does.
+LIMIT = ("limit", "Count down from 925 to 900, saying every number out loud. How many numbers do you say?", "26")
+CRAMPED = ("cramped", "Count down from 703 to 700, saying every number out loud. How many numbers do you say?", "4")
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> Path:
+    """The demo tokenizer in a model folder: all a stage needs of a policy when the engine is scripted."""
+    problems = demo_task.make_problems(200, seed=0, prefix="tok")
+    conversations = [demo_task.sft_conversation(p, "<think>", "</think>") for p in problems]
+    folder = tmp_path_factory.mktemp("policy")
+    build_tokenizer(conversations, DemoModelSpec(), folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    return folder
+
+
+class Ids:
+    """Token ids of the policy's texts, and the transcripts of the test problems."""
+
+    def __init__(self, policy: Path) -> None:
+        self.tokenizer = load_tokenizer(str(policy))
+        self.eos = self.tokenizer.eos_token_id
+        self.close = self("</think>")
+        self.forced_close = self("\n</think>")
+        # LONG thinks past the budget and past the eval's room, then would close and answer.
+        self.long_thinking = self("<think>\n01:925\n02:924\n03:923\n04:922\n05:921\n06:920\n")
+        self.long = self.long_thinking + self.close + self.answer("26")
+        self.after_forced_close = self.answer("26")  # LONG's answer after a close forced at B
+        # CUT closes within B; B falls inside its answer.
+        self.cut_thinking = self("<think>\n01:703\n")
+        self.cut = self.cut_thinking + self.close + self.answer("1")
+        # SHORT ends within B.
+        self.short = self("<think>\n") + self.close + self.answer("3")
+
+    def __call__(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def answer(self, number: str) -> list[int]:
+        return self(f"\n\nThe answer is {number}.") + [self.eos]
+
+    def prompt(self, question: str) -> list[int]:
+        messages = [{"role": "user", "content": question}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+
+    def script(self) -> dict[tuple[int, ...], list[int]]:
+        """What the model writes after each problem's prompt, and after LONG's forced close."""
+        long = self.prompt(LONG[1])
+        return {
+            tuple(self.prompt(SHORT[1])): self.short,
+            tuple(long): self.long,
+            (*long, *self.long_thinking[:BUDGET], *self.forced_close): self.after_forced_close,
+            tuple(self.prompt(CUT[1])): self.cut,
+            tuple(self.prompt(LIMIT[1])): self.long,
+            tuple(self.prompt(CRAMPED[1])): self.cut,
+        }
+
+
+@pytest.fixture(scope="module")
+def ids(policy: Path) -> Ids:
+    ids = Ids(policy)
+    # What the tests below mean by each transcript.
+    assert ids.close[0] not in ids.long_thinking
+    assert len(ids.long_thinking) > CONTEXT_LIMIT - len(ids.prompt(LONG[1])) > BUDGET + len(ids.forced_close)
+    assert len(ids.cut_thinking + ids.close) < BUDGET < len(ids.cut) <= BUDGET + ANSWER_MAX_TOKENS
+    assert len(ids.short) <= BUDGET and len(ids.after_forced_close) > ANSWER_MAX_TOKENS
+    for cramped in (LIMIT, CRAMPED):
+        assert len(ids.cut_thinking + ids.close) < CONTEXT_LIMIT - len(ids.prompt(cramped[1])) < BUDGET
+    return ids
+
+
+def make_recipe(folder: Path, policy: Path, problems: list[tuple[str, str, str]]) -> Recipe:
+    """A recipe in `folder` over `policy`, whose prompts and eval set are `problems` (id, question, answer)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [{"id": i, "question": q, "answer": a} for i, q, a in problems]
+    for name in ("prompts", "evals"):  # record ids are "<source name>/<id>"
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        source = {"name": name, "dataset": {"path": f"{name}.jsonl"}, "prompt": "{question}",
+                  "reference": "answer", "id": "id", "grader": "exact"}
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(source))
+    (folder / "axolotl.yaml").write_text("{}\n")
+    recipe = {
+        "name": "fake", "output_dir": "run", "model": {"path": str(policy)},
+        "budget": BUDGET, "context_limit": CONTEXT_LIMIT,
+        "prompts": {"sources": ["prompts.yaml"]},
+        "generation": {"answer_max_tokens": ANSWER_MAX_TOKENS, "shard_size": 2},
+        "train": {"template": "axolotl.yaml"},
+        "eval": {"sets": ["evals.yaml"]},
+    }
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return load_recipe(folder / "recipe.yaml")
+
+
+def by_id(records: list[dict], key: str = "prompt_id") -> dict[str, dict]:
+    return {r[key]: r for r in records}
+
+
+def test_the_engines_keep_the_engine_protocol() -> None:
+    for engine in (VLLMEngine, OpenAIEngine, SharedEngine, ScriptedEngine):
+        assert issubclass(engine, Engine), engine
+
+
+def test_the_scripted_engine_follows_its_transcripts() -> None:
+    eos = 2
+    # After [1, 1, 5, 6, 7] the longer listed context wins over the transcript of [1, 1].
+    script = transcripts({(1, 1): [5, 6, 7, eos], (1, 1, 5, 9): [8, eos], (1, 1, 5, 6, 7): [4, eos]})
+    engine = ScriptedEngine(script)
+    requests = [{"key": "whole", "prompt_token_ids": [1, 1], "max_tokens": 4},  # EOS is the 4th token: stop
+                {"key": "cut", "prompt_token_ids": [1, 1], "max_tokens": 3},
+                {"key": "along", "prompt_token_ids": [1, 1, 5, 6], "max_tokens": 9},
+                {"key": "branch", "prompt_token_ids": [1, 1, 5, 9], "max_tokens": 9},
+                {"key": "longest", "prompt_token_ids": [1, 1, 5, 6, 7], "max_tokens": 9},
+                {"key": "scored", "prompt_token_ids": [1, 1, 5, 9], "max_tokens": 1, "score_tail": 2}]
+    with engine:
+        results = engine.generate(requests)
+        assert engine.generate([]) == []
+    assert [(r["key"], r["output_token_ids"], r["finish_reason"]) for r in results] == [
+        ("whole", [5, 6, 7, eos], "stop"), ("cut", [5, 6, 7], "length"), ("along", [7, eos], "stop"),
+        ("branch", [8, eos], "stop"), ("longest", [4, eos], "stop"), ("scored", [8], "length")]
+    # After [1, 1] the script writes 5; after [1, 1, 5] it writes 6, not 9.
+    assert results[-1]["tail_logprobs"] == [0.0, UNLIKELY] and "tail_logprobs" not in results[0]
+    assert (engine.requests, engine.calls) == (requests, 2)
+    with pytest.raises(LookupError, match="no transcript fits"):
+        engine.generate([{"key": "unscripted", "prompt_token_ids": [3], "max_tokens": 1}])
+
+
+# ---------------------------------------------------------------- generate
+
+
+class Generated(NamedTuple):
+    recipe: Recipe
+    summary: dict
+    traces: dict[str, dict]  # by prompt id
+    answers: dict[str, dict]  # by prompt id
+    answer_requests: dict[str, dict]  # by request key
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, policy: Path, ids: Ids) -> Generated:
+    """One generate run over LONG (case 1), CUT (case 2) and SHORT (ends within B)."""
+    recipe = make_recipe(tmp_path_factory.mktemp("generate"), policy, [LONG, CUT, SHORT])
+    engine = ScriptedEngine(transcripts(ids.script()))
+    summary = generate.run(recipe, engine=engine)
+    folder = recipe.output_dir / "generate"
+    traces, answers = generate.read_shards(folder, "traces"), generate.read_shards(folder, "answers")
+    answer_requests = [r for r in engine.requests if r["max_tokens"] == ANSWER_MAX_TOKENS]  # traces get B
+    return Generated(recipe, summary, by_id(traces), by_id(answers), by_id(answer_requests, "key"))
+
+
+def test_case_1_answers_after_exactly_b_tokens_and_the_forced_close(generated, ids: Ids) -> None:
+    traces, answers, answer_requests = generated.traces, generated.answers, generated.answer_requests
+    trace = traces["prompts/long"]
+    assert trace["output_token_ids"] == ids.long[:BUDGET]
+    assert (trace["finish_reason"], trace["think_close"]) == ("length", None)
+    request = answer_requests["prompts/long#0"]
+    assert request["prompt_token_ids"] == ids.prompt(LONG[1]) + ids.long_thinking[:BUDGET] + ids.forced_close
+    answer = answers["prompts/long"]
+    assert (answer["case"], answer["close_token_ids"]) == (1, ids.forced_close)
+    # The scripted answer after the forced close, cut at answer_max_tokens.
+    assert answer["answer_token_ids"] == ids.after_forced_close[:ANSWER_MAX_TOKENS]
+    assert answer["finish_reason"] == "length"
+
+
+def test_case_2_continues_the_whole_trace_from_its_own_close(generated, ids: Ids) -> None:
+    traces, answers, answer_requests = generated.traces, generated.answers, generated.answer_requests
+    trace = traces["prompts/cut"]
+    assert trace["output_token_ids"] == ids.cut[:BUDGET]
+    assert (trace["finish_reason"], trace["think_close"]) == ("length", len(ids.cut_thinking))
+    assert answer_requests["prompts/cut#0"]["prompt_token_ids"] == ids.prompt(CUT[1]) + ids.cut[:BUDGET]
+    answer = answers["prompts/cut"]
+    assert (answer["case"], answer["close_token_ids"]) == (2, ids.close)
+    assert (answer["answer_token_ids"], answer["finish_reason"]) == (ids.cut[BUDGET:], "stop")
+
+
+def test_a_trace_that_ends_within_b_gets_no_answer(generated, ids: Ids) -> None:
+    trace = generated.traces["prompts/short"]
+    assert (trace["output_token_ids"], trace["finish_reason"]) == (ids.short, "stop")
+    assert "prompts/short" not in generated.answers and "prompts/short#0" not in generated.answer_requests
+    counts = {"traces": 3, "ended_within_budget": 1, "case1": 1, "case2": 1, "answers_cut": 1,
+              "output_tokens": 2 * BUDGET + len(ids.short)}
+    assert {key: generated.summary[key] for key in counts} == counts
+
+
+def outputs(folder: Path) -> list[str]:
+    """The stage's output files; the manifest and the hidden plan also name the recipe's paths."""
+    return sorted(p.name for p in folder.iterdir() if p.name != "manifest.json" and not p.name.startswith("."))
+
+
+def test_a_crashed_run_resumes_at_the_missing_shard_with_the_same_files(tmp_path: Path, policy: Path,
+                                                                        ids: Ids) -> None:
+    prompts = [LONG, SHORT, CUT]  # shards of 2: CUT alone in the second
+    script = transcripts(ids.script())
+    cut_prompt = ids.prompt(CUT[1])
+
+    def dies_at_cut(context: list[int]) -> list[int]:
+        if context[: len(cut_prompt)] == cut_prompt:
+            raise EngineError("the engine died")
+        return script(context)
+
+    whole = make_recipe(tmp_path / "whole", policy, prompts)
+    generate.run(whole, engine=ScriptedEngine(script))
+    crashed = make_recipe(tmp_path / "crashed", policy, prompts)
+    with pytest.raises(EngineError):
+        generate.run(crashed, engine=ScriptedEngine(dies_at_cut))
+    folder = crashed.output_dir / "generate"
+    assert sorted(p.name for p in folder.glob("*.parquet")) == ["answers-00000.parquet", "traces-00000.parquet"]
+    assert not (folder / "manifest.json").exists()
+
+    resumed = ScriptedEngine(script)
+    generate.run(crashed, engine=resumed)
+    # Only the second shard is asked for: CUT's trace, then its answer.
+    assert [(r["key"], r["prompt_token_ids"]) for r in resumed.requests] == [
+        ("prompts/cut#0", cut_prompt), ("prompts/cut#0", cut_prompt + ids.cut[:BUDGET])]
+    files = outputs(whole.output_dir / "generate")
+    assert files == outputs(folder) == ["answers-00000.parquet", "answers-00001.parquet", "termination.json",
+                                        "traces-00000.parquet", "traces-00001.parquet"]
+    for name in files:
+        assert (folder / name).read_bytes() == (whole.output_dir / "generate" / name).read_bytes(), name
+
+
+def test_a_finished_stage_reruns_without_the_engine(generated) -> None:
+    folder = generated.recipe.output_dir / "generate"
+    files = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    untouched = ScriptedEngine(lambda context: pytest.fail("the finished stage asked the engine"))
+    assert generate.run(generated.recipe, engine=untouched) == generated.summary
+    assert untouched.calls == 0
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == files
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+EVALS = [LONG, CUT, SHORT, LIMIT, CRAMPED]
+
+
+def samples_of(recipe: Recipe, arm: str) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    samples = pq.read_table(recipe.output_dir / "eval" / arm / "samples.parquet").to_pylist()
+    return {s["problem_id"].removeprefix("evals/"): s for s in samples}
+
+
+def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, policy: Path, ids: Ids) -> None:
+    recipe = make_recipe(tmp_path, policy, EVALS)
+    engine = ScriptedEngine(transcripts(ids.script()))
+    metrics = evaluate.run(recipe, "forced", engine=engine)
+
+    prompt = {name: ids.prompt(question) for name, question, _ in EVALS}
+    room = {name: CONTEXT_LIMIT - len(p) for name, p in prompt.items()}
+    first_pass, answers = engine.requests[: len(EVALS)], engine.requests[len(EVALS) :]
+    assert [(r["prompt_token_ids"], r["max_tokens"]) for r in first_pass] == [
+        (prompt[name], min(BUDGET, room[name])) for name, _, _ in EVALS]
+    # Past B without a close: cut at B, forced close, answer in the room left. Closed within
+    # B: continued from its own close. SHORT ended; LIMIT and CRAMPED ran out of room first.
+    long_prefix = ids.long_thinking[:BUDGET] + ids.forced_close
+    assert [(r["key"], r["prompt_token_ids"], r["max_tokens"]) for r in answers] == [
+        ("evals/long#0", prompt["long"] + long_prefix, room["long"] - len(long_prefix)),
+        ("evals/cut#0", prompt["cut"] + ids.cut[:BUDGET], room["cut"] - BUDGET),
+    ]
+
+    samples = samples_of(recipe, "forced")
+    assert samples["long"]["output_token_ids"] == long_prefix + ids.after_forced_close
+    assert samples["cut"]["output_token_ids"] == ids.cut
+    assert samples["short"]["output_token_ids"] == ids.short
+    assert samples["limit"]["output_token_ids"] == ids.long[: room["limit"]]
+    assert samples["cramped"]["output_token_ids"] == ids.cut[: room["cramped"]]
+    # CUT answers 1, not 4; CRAMPED's answer was cut by the limit.
+    assert {name: s["correct"] for name, s in samples.items()} == {
+        "long": True, "cut": False, "short": True, "limit": False, "cramped": False}
+    # Overlong means no close within the limit, not a cut: CRAMPED closed.
+    assert {name: (s["finish_reason"], s["overlong"]) for name, s in samples.items()} == {
+        "long": ("stop", False), "cut": ("stop", False), "short": ("stop", False), "limit": ("length", True),
+        "cramped": ("length", False)}
+
+    written = json.loads((recipe.output_dir / "eval" / "forced" / "metrics.json").read_text())
+    assert written == metrics
+    evals = metrics["benchmarks"]["evals"]
+    assert (evals["problems"], evals["samples"]) == (5, 5)
+    assert (evals["score"], evals["overlong_rate"], evals["closed_accuracy"]) == (2 / 5, 1 / 5, 2 / 4)
+    thinking = [len(long_prefix) - len(ids.close), len(ids.cut_thinking), len(ids("<think>\n")), room["limit"],
+                len(ids.cut_thinking)]
+    assert evals["mean_thinking_tokens"] == sum(thinking) / 5
+
+
+def test_the_before_arm_counts_overlong_samples_and_probes_them(tmp_path: Path, policy: Path, ids: Ids) -> None:
+    recipe = make_recipe(tmp_path, policy, EVALS)
+    engine = ScriptedEngine(transcripts(ids.script()))
+    metrics = evaluate.run(recipe, "before", engine=engine)["benchmarks"]["evals"]
+
+    samples = samples_of(recipe, "before")
+    long_room = CONTEXT_LIMIT - len(ids.prompt(LONG[1]))
+    assert samples["long"]["output_token_ids"] == ids.long_thinking[:long_room]
+    assert {name: s["overlong"] for name, s in samples.items()} == {
+        "long": True, "cut": False, "short": False, "limit": True, "cramped": False}
+    assert (metrics["score"], metrics["overlong_rate"]) == (1 / 5, 2 / 5)
+    # The probe takes LONG only (LIMIT never reached B). The script would go on thinking after
+    # B + "\n", so the default log-probability makes the close unlikely, and greedy does not close.
+    probed = [r for r in engine.requests if r.get("score_tail")]
+    assert [(r["prompt_token_ids"], r["score_tail"]) for r in probed] == [
+        (ids.prompt(LONG[1]) + ids.long_thinking[:BUDGET] + ids.forced_close, len(ids.close))]
+    assert (metrics["probe_traces"], metrics["close_nll"], metrics["greedy_close_rate"]) == (1, -UNLIKELY, 0.0)
