@@ -37,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from length_control import generate  # noqa: E402
+from length_control import contracts, demo, generate  # noqa: E402
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
@@ -52,9 +52,9 @@ def case1_samples(generate_dir: Path, budget: int, thinking_tokens: int) -> list
     A demo trace is "<think>", "\\n", then numbered lines; a longer one
     repeats those lines, so the text stays what the policy writes.
     """
-    traces = {(t["prompt_id"], t["sample"]): t for t in generate.read_shards(generate_dir, "traces")}
+    traces = {(t["prompt_id"], t["sample"]): t for t in contracts.read_shards(generate_dir, "traces")}
     pairs = []
-    for answer in generate.read_shards(generate_dir, "answers"):
+    for answer in contracts.read_shards(generate_dir, "answers"):
         if answer["case"] != 1 or answer["finish_reason"] != "stop":
             continue
         trace = dict(traces[(answer["prompt_id"], answer["sample"])])
@@ -75,11 +75,11 @@ def write_shards(pairs: list[tuple[dict, dict]], target: Path, copies: int, term
     target.mkdir(parents=True)
     for copy in range(copies):
         tag = lambda record: {**record, "prompt_id": f"{record['prompt_id']}/{copy}"}  # noqa: E731
-        pq.write_table(pa.Table.from_pylist([tag(a) for _, a in pairs], schema=generate._schema("answers")),
-                       target / f"answers-{copy:05d}.parquet")
-        pq.write_table(pa.Table.from_pylist([tag(t) for t, _ in pairs], schema=generate._schema("traces")),
-                       target / f"traces-{copy:05d}.parquet")
-    shutil.copy(termination, target / generate.TERMINATION)
+        contracts.write_records(contracts.shard_path(target, "answers", copy), [tag(a) for _, a in pairs],
+                                contracts.ANSWERS)
+        contracts.write_records(contracts.shard_path(target, "traces", copy), [tag(t) for t, _ in pairs],
+                                contracts.TRACES)
+    shutil.copy(termination, target / contracts.TERMINATION)
     (target / "manifest.json").write_text(json.dumps({"output": "bench"}))  # "finished", for splice's input
 
 
@@ -109,7 +109,7 @@ def compare(pairs, chat, *, copies: int, recipe: Path, model: str, generate_dir:
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
         scratch = Path(scratch)
         run = scratch / "run"
-        write_shards(pairs, run / "generate", copies, generate_dir / generate.TERMINATION)
+        write_shards(pairs, run / "generate", copies, generate_dir / contracts.TERMINATION)
         chat_path = scratch / "chat.jsonl"
         with chat_path.open("w") as out:
             for _ in range(copies):
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     is_demo = args.recipe.resolve() == DEMO
-    recipe = load_recipe(args.recipe)
+    recipe = demo.resolve(load_recipe(args.recipe))
     source = recipe.output_dir / "generate"
     if not (source / "manifest.json").is_file():
         raise SystemExit(f"{source} is not a finished generate stage: run `./run.sh run {args.recipe}` first")

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from length_control import pipeline, report  # noqa: E402
+from length_control import demo, pipeline, report  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
 
 MAX_OVERLONG_AFTER = 0.01
@@ -36,8 +36,8 @@ def main() -> int:
 
     lines, failures = [], 0
     for build_seed in args.build_seeds:
-        recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml",
-                             [f"output_dir={args.out / f'build-{build_seed}'}", f"model.demo.seed={build_seed}"])
+        recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml",
+                             [f"output_dir={args.out / f'build-{build_seed}'}", f"model.demo.seed={build_seed}"]))
         pipeline.run(recipe, echo=lambda line: print(line, flush=True))
         for name, row in report.build(recipe)["benchmarks"].items():
             for seed, after in row["per_seed"].items():

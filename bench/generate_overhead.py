@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported; progress bars would bury the figures
 
-from length_control import generate  # noqa: E402
+from length_control import demo, generate  # noqa: E402
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
@@ -36,6 +36,8 @@ from length_control.think import ThinkTokens  # noqa: E402
 
 BARE = r'''
 import json, sys, time
+
+from length_control.think import close_at_budget  # the toolkit's one rule, so both sides cut alike
 
 
 def main():
@@ -58,7 +60,8 @@ def main():
     for r, out, reason in zip(job["requests"], ids, reasons):
         if reason != "length":
             continue
-        prefix = out[:budget] + forced if close not in out else out
+        span = (out.index(close), out.index(close) + 1) if close in out else None
+        prefix = close_at_budget(out, budget, span, forced).prefix()
         answers.append({**r, "prompt_token_ids": r["prompt_token_ids"] + prefix, "max_tokens": job["answer_max_tokens"]})
     run(answers)
     print(json.dumps({"seconds": time.perf_counter() - started, "answers": len(answers)}))
@@ -97,7 +100,7 @@ def bare(recipe, requests, think, scratch: Path) -> float:
 def toolkit(recipe) -> float:
     shutil.rmtree(recipe.output_dir, ignore_errors=True)
     started = time.perf_counter()
-    generate.run(recipe)
+    generate.run(generate.plan(recipe))
     return time.perf_counter() - started
 
 
@@ -107,8 +110,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
-        recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml",
-                             [f"generation.samples_per_prompt={args.samples}", f"output_dir={scratch}/run"])
+        recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml",
+                             [f"generation.samples_per_prompt={args.samples}", f"output_dir={scratch}/run"]))
         tokenizer = load_tokenizer(policy_path(recipe.model))
         think = ThinkTokens(tokenizer, recipe.model.think)
         requests = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))

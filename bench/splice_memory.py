@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +29,7 @@ import json, sys, time
 from collections import Counter
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from length_control import splice
-from length_control.generate import read_termination
+from length_control import contracts, splice
 from length_control.recipe import SpliceSpec
 
 
@@ -43,7 +41,7 @@ class Recipe:  # the two settings the row builder reads (no sequence_len: nothin
 started = time.perf_counter()
 stats = Counter()
 folder = Path(sys.argv[1])
-rows = splice._length_rows(folder, Recipe, read_termination(folder), None, stats)
+rows = splice.length_rows(folder, Recipe, contracts.read_termination(folder), None, stats)
 summary = splice.write_dataset(folder / "stage2", rows, mix_rows=lambda n: iter(()), stats=stats)
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and starts at the parent's size at fork.
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -56,7 +54,7 @@ def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from length_control import generate
+    from length_control import contracts
     from length_control.think import Termination
 
     rng = np.random.default_rng(seed)
@@ -69,16 +67,16 @@ def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
         traces_table = pa.Table.from_pylist(
             [{"prompt_id": i, "sample": 0, "prompt_token_ids": p, "output_token_ids": o, "finish_reason": "length",
               "think_close": None, "seed": 0} for i, p, o in zip(ids, prompts, outputs)],
-            schema=generate._schema("traces"))
+            schema=contracts.TRACES)
         answers_table = pa.Table.from_pylist(
             [{"prompt_id": i, "sample": 0, "case": 1, "close_token_ids": [NEWLINE, THINK_CLOSE],
               "answer_token_ids": rng.integers(0, 150_000, 300, dtype=np.int32).tolist() + [EOS],
               "finish_reason": "stop"} for i in ids],
-            schema=generate._schema("answers"))
+            schema=contracts.ANSWERS)
         pq.write_table(answers_table, folder / f"answers-{shard:05d}.parquet")
         pq.write_table(traces_table, folder / f"traces-{shard:05d}.parquet")
     termination = Termination(eos_id=EOS, forced_close_ids=[NEWLINE, THINK_CLOSE], forced_close_tag_start=1)
-    (folder / generate.TERMINATION).write_text(json.dumps(asdict(termination)))
+    contracts.write_termination(folder, termination)
 
 
 def measure(folder: Path, budget: int, scratch: Path) -> dict:

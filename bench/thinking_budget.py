@@ -35,6 +35,8 @@ from length_control.envs import engine_bin, engine_environ  # noqa: E402
 SCRIPT = r'''
 import json, sys, time
 
+from length_control.think import close_at_budget  # the toolkit's one rule
+
 
 def main():
     job = json.load(open(sys.argv[1]))
@@ -54,7 +56,7 @@ def main():
                             use_tqdm=False)
         cut = [(p, list(o.outputs[0].token_ids), i) for i, (p, o) in enumerate(zip(prompts, outs))
                if o.outputs[0].finish_reason == "length" and close not in o.outputs[0].token_ids]
-        llm.generate([{"prompt_token_ids": p + out[:B] + forced} for p, out, _ in cut],
+        llm.generate([{"prompt_token_ids": p + close_at_budget(out, B, None, forced).prefix()} for p, out, _ in cut],
                      [params(10_000 + i, job["answer_max_tokens"]) for _, _, i in cut], use_tqdm=False)
         return {i: B + len(forced) - 1 for _, _, i in cut}  # index of </think> in the spliced output
 
@@ -85,13 +87,13 @@ if __name__ == "__main__":
 
 
 def main() -> None:
-    from length_control import generate
+    from length_control import demo, generate
     from length_control.policy import load_tokenizer, policy_path
     from length_control.recipe import load_recipe
     from length_control.think import ThinkTokens
 
     rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
-    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml")
+    recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml"))
     model = policy_path(recipe.model)
     tokenizer = load_tokenizer(model)
     think = ThinkTokens(tokenizer, recipe.model.think)

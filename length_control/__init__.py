@@ -1,7 +1,8 @@
 """length-control: teach a reasoning model to stop thinking at a token budget.
 
-Stage modules (one per stage of DESIGN.md) expose `run(recipe, ...)`; the CLI
-in `length_control.cli` is thin over them.
+Stage modules (one per stage, docs/DESIGN.md) expose `plan(recipe, ...)` and
+`run(plan)`; `contracts` holds what passes between them, `pipeline` their
+order, and the CLI in `length_control.cli` is thin over them.
 """
 
 from importlib.metadata import PackageNotFoundError, version

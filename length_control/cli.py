@@ -16,15 +16,21 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from length_control._schema import ConfigError
-from length_control.artifacts import MissingInput, summary_line
+from length_control.artifacts import MissingInput
 from length_control.recipe import Recipe, load_recipe
+
+
+def _load(args: argparse.Namespace, *extra: str, build: bool = True) -> Recipe:
+    """The recipe of a command, its demo policy (if any) resolved to a model folder (built unless `build` is False)."""
+    from length_control import demo
+
+    return demo.resolve(load_recipe(args.recipe, [*args.overrides, *extra]), build=build)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -63,7 +69,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from length_control.demo_model import export
+    from length_control.demo.model import export
     from length_control.recipe import DemoModelSpec
 
     summary = export(DemoModelSpec(variant=args.variant, seed=args.seed), args.out)
@@ -73,21 +79,22 @@ def _demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage(name: str) -> Callable[[argparse.Namespace], int]:
-    """A command that runs one stage module's `run(recipe)` and prints its summary."""
+def _stage(stage) -> Callable[[argparse.Namespace], int]:
+    """A command that runs one pipeline stage on its own and prints its summary."""
 
     def run(args: argparse.Namespace) -> int:
-        stage = importlib.import_module(f"length_control.{name}")
-        print(summary_line(stage.run(load_recipe(args.recipe, args.overrides))))
+        from length_control import pipeline
+
+        print(pipeline.run_stage(stage, _load(args)))
         return 0
 
     return run
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from length_control import inspect
+    from length_control import inspect_rows
 
-    inspect.show(args.dataset, row=args.row, tokenizer=args.tokenizer)
+    inspect_rows.show(args.dataset, row=args.row, tokenizer=args.tokenizer)
     return 0
 
 
@@ -96,21 +103,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.seed is not None and args.arm != "after":
         raise ConfigError(args.recipe, ["--seed picks a stage-2 model: use it with --arm after"])
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.seed is not None:
-        arms = [(f"after (seed {args.seed})", evaluate.run(recipe, "after", seed=args.seed))]
-    else:
-        arms = evaluate.run_arms(recipe, args.arm)
-    print(evaluate.format_metrics(arms))
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from length_control import report
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    print(report.run(recipe))
-    print(f"written to {recipe.output_dir / 'report'}")
+    recipe = _load(args)
+    plans = [evaluate.plan(recipe, "after", args.seed)] if args.seed is not None else evaluate.plans(recipe, args.arm)
+    print(evaluate.format_metrics([(plan.label, evaluate.run(plan)) for plan in plans]))
     return 0
 
 
@@ -119,13 +114,10 @@ def _run(args: argparse.Namespace) -> int:
 
     loop = [f"loop.{key}={value}" for key, value in (("until_overlong", args.until_overlong),
                                                       ("max_rounds", args.max_rounds)) if value is not None]
-    recipe = load_recipe(args.recipe, [*args.overrides, *loop])
     if args.dry_run:
-        from length_control import dryrun
-
-        print(dryrun.plan(recipe))
+        print(pipeline.dry_run(_load(args, *loop, build=False)))
         return 0
-    pipeline.run(recipe, start=args.start)
+    pipeline.run(_load(args, *loop), start=args.start)
     return 0
 
 
@@ -152,22 +144,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--variant", default="standard", choices=["standard", "multi-token-close"])
     demo.add_argument("--seed", type=int, default=0)
 
-    generate = command("generate", _stage("generate"), "traces from the policy up to the budget, then the answers")
-    generate.add_argument("recipe", type=Path)
-    generate.add_argument("overrides", nargs="*", metavar="key=value")
+    from length_control import pipeline
 
-    splice = command("splice", _stage("splice"), "build the stage-2 dataset from the traces and answers")
-    splice.add_argument("recipe", type=Path)
-    splice.add_argument("overrides", nargs="*", metavar="key=value")
+    for stage in pipeline.STAGES:
+        if stage.help is not None:
+            sub = command(stage.name, _stage(stage), stage.help)
+            sub.add_argument("recipe", type=Path)
+            sub.add_argument("overrides", nargs="*", metavar="key=value")
 
     inspect = command("inspect", _inspect, "show a stage-2 row (trained span highlighted) and the dataset's stats")
     inspect.add_argument("dataset", type=Path, help="a stage2/ folder (rows.parquet, meta.parquet, manifest.json)")
     inspect.add_argument("--row", type=int, default=0)
     inspect.add_argument("--tokenizer", help="model folder or Hub id (default: the one the dataset was built with)")
-
-    train = command("train", _stage("train"), "stage 2: train the policy on the stage-2 dataset with Axolotl")
-    train.add_argument("recipe", type=Path)
-    train.add_argument("overrides", nargs="*", metavar="key=value")
 
     evaluate = command("evaluate", _evaluate, "score and overlong rate of a policy at the recipe's context limit")
     evaluate.add_argument("recipe", type=Path)
@@ -176,10 +164,6 @@ def _parser() -> argparse.ArgumentParser:
                           help="before: the stage-1 policy; after: the stage-2 model; "
                                "forced: the stage-1 policy forced to close at the budget")
     evaluate.add_argument("--seed", type=int, help="with --arm after: only this stage-2 seed (default: every seed)")
-
-    report = command("report", _report, "the overlong-rate report from the eval arms' sample files")
-    report.add_argument("recipe", type=Path)
-    report.add_argument("overrides", nargs="*", metavar="key=value")
 
     run = command("run", _run, "run every stage of a recipe in order (up-to-date stages are skipped)")
     run.add_argument("recipe", type=Path)

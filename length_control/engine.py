@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from tqdm import tqdm
 
+from length_control.contracts import RunLayout
 from length_control.envs import engine_bin, engine_environ
 from length_control.progress import ticking
 from length_control.recipe import VLLMOptions
@@ -66,6 +67,34 @@ def request_seed(run_seed: int, prompt_id: str, sample: int) -> int:
     """A seed per request: vLLM applies one seed's stream to every prompt that shares it."""
     digest = hashlib.sha256(f"{run_seed}\0{prompt_id}\0{sample}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def sample_request(prompt_id: str, sample: int, prompt_token_ids: list[int], *, max_tokens: int,
+                   run_seed: int, sampling) -> dict[str, Any]:
+    """Sample `sample` of a prompt: the one request builder of generate and evaluate.
+
+    Its seed comes from (run seed, prompt id, sample), so a sample is the same
+    whatever else is in the batch, and a rerun asks for the same tokens.
+    """
+    return {
+        "key": f"{prompt_id}#{sample}",
+        "prompt_id": prompt_id,
+        "sample": sample,
+        "prompt_token_ids": list(prompt_token_ids),
+        "max_tokens": max_tokens,
+        "seed": request_seed(run_seed, prompt_id, sample),
+        **sampling.model_dump(),
+    }
+
+
+def answer_request(first: dict[str, Any], prefix: list[int], *, max_tokens: int, run_seed: int) -> dict[str, Any]:
+    """The answer pass of a request whose thinking was closed: its prompt + `prefix`, its own seed."""
+    return {
+        **first,
+        "prompt_token_ids": first["prompt_token_ids"] + prefix,
+        "max_tokens": max_tokens,
+        "seed": request_seed(run_seed, f"{first['prompt_id']}/answer", first["sample"]),
+    }
 
 
 class _Worker:
@@ -184,6 +213,16 @@ class VLLMEngine:
             for replica in range(count)
         ]
 
+    def describe(self) -> list[str]:
+        """The engine processes, one per replica, as shell lines."""
+        import shlex
+
+        lines = []
+        for env, log in self.replicas():
+            prefix = "".join(f"{key}={value} " for key, value in env.items())
+            lines.append(f"{prefix}{shlex.join(worker_command(self.engine_args))}  > {log}")
+        return lines
+
     def __enter__(self) -> VLLMEngine:
         for env, log in self.replicas():
             self._workers.append(_Worker(self.engine_args, {**self.env, **env}, log))
@@ -256,6 +295,11 @@ class OpenAIEngine:
         self.options = options
         self._sleep = sleep or time.sleep
         self._client = None
+
+    def describe(self) -> list[str]:
+        o = self.options
+        return [f"POST {url}/completions (model {o.model!r}, token ids in and out, <= {o.max_concurrency} "
+                f"in flight, {o.max_retries} retries)" for url in o.endpoints]
 
     def __enter__(self) -> OpenAIEngine:
         import httpx
@@ -375,6 +419,6 @@ def open_engine(recipe, model: str, *, log_name: str):
         max_model_len=options.max_model_len or recipe.context_limit,
         options=options,
         dtype=recipe.model.dtype,
-        log_path=recipe.output_dir / "logs" / f"{log_name}.log",
+        log_path=RunLayout(recipe.output_dir).log(log_name),
         seed=recipe.seed,
     )

@@ -18,38 +18,59 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from length_control.artifacts import Stage, atomic_path, finished_output, tool_versions, write_json_atomic
-from length_control.engine import SharedEngine, engine_for, request_seed
+from length_control import contracts
+from length_control.artifacts import Stage, tool_versions, write_json_atomic
+from length_control.contracts import METRICS, PROBE, PROBE_SCHEMA, SAMPLES, SAMPLES_SCHEMA, Plan, RunLayout
+from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request
 from length_control.grading import grade_many
-from length_control.layout import eval_dir
 from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
-from length_control.think import ThinkTokens
-from length_control.train import trained_model
-
-PROBE = "probe.parquet"
+from length_control.think import ThinkTokens, close_at_budget
 
 
-def run(recipe: Recipe, arm: str = "before", engine: SharedEngine | None = None,
-        seed: int | None = None) -> dict[str, Any]:
-    """Evaluate one arm; skip it when up to date.
+def plan(recipe: Recipe, arm: str = "before", seed: int | None = None) -> Plan:
+    """before: the stage-1 policy; after: the stage-2 model of one training seed; forced: the
+    stage-1 policy with inference-time forcing at the same budget (cut at B tokens, append the
+    forced close, let it answer within the limit). The before and after arms also run the
+    termination probe on the before arm's held-out traces."""
+    import yaml
 
-    before: the stage-1 policy; after: the stage-2 model of one training
-    seed; forced: the stage-1 policy with inference-time forcing at the same
-    budget (two passes: cut at B tokens, append the forced close, let it
-    answer within the limit). The before and after arms also run the
-    termination probe (`probe.parquet`) on the before arm's held-out traces.
-    """
-    model = str(trained_model(recipe, seed)) if arm == "after" else policy_path(recipe.model)
-    folder = eval_dir(recipe.output_dir, arm, seed)
-    before = eval_dir(recipe.output_dir, "before")
+    from length_control import train
+
+    layout = RunLayout(recipe.output_dir)
+    inputs = {}
+    if arm == "after":
+        inputs["train"] = layout.train(seed)
+        model = str(train.trained_model(yaml.safe_load(train.plan(recipe, seed).configs[contracts.AXOLOTL_CONFIG])))
+        if "before" in recipe.eval.arms:
+            inputs["probe traces"] = layout.eval("before")
+    else:
+        model = policy_path(recipe.model)
+    engine = open_engine(recipe, model, log_name=_log_name(arm, seed))
+    steps = [*engine.describe(),
+             f"max_tokens = {recipe.context_limit} - prompt"
+             + (f"; forced close at {recipe.budget} tokens" if arm == "forced" else "")
+             + ("; termination probe at B" if arm != "forced" else ""),
+             *(f"{s.source.name}: {s.samples_per_problem} samples per problem" for s in recipe.eval.sets)]
+    return Plan(f"eval-{arm}", recipe, layout.eval(arm, seed), inputs=inputs, model=model, arm=arm, seed=seed,
+                steps=steps)
+
+
+def _log_name(arm: str, seed: int | None) -> str:
+    return f"eval-{arm}" + (f"-seed{seed}" if seed is not None else "")
+
+
+def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
+    """Evaluate one arm; skip it when up to date."""
+    recipe, folder, arm = plan.recipe, plan.folder, plan.arm
+    upstream = {name: contracts.upstream(path)["output"] for name, path in plan.inputs.items()}
     stage = Stage(
         folder,
-        inputs={"model": model_input(model)}
+        inputs={"model": model_input(plan.model)}
         | {f"set{i}": s.source for i, s in enumerate(recipe.eval.sets)}
-        | ({"probe_traces": finished_output(before)} if arm == "after" and "before" in recipe.eval.arms else {}),
+        | ({"probe_traces": upstream["probe traces"]} if "probe traces" in upstream else {}),
         config={
             "context_limit": recipe.context_limit,
             "seed": recipe.seed,
@@ -62,7 +83,7 @@ def run(recipe: Recipe, arm: str = "before", engine: SharedEngine | None = None,
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
 
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(plan.model)
     think = ThinkTokens(tokenizer, recipe.model.think)
     problems, requests = [], []
     for eval_set in recipe.eval.sets:
@@ -75,19 +96,11 @@ def run(recipe: Recipe, arm: str = "before", engine: SharedEngine | None = None,
             if room <= 0:
                 raise ValueError(f"{prompt['id']}: the prompt ({len(prompt_ids)} tokens) fills the context limit")
             problems.append((spec, prompt, prompt_ids, eval_set.samples_per_problem))
-            for sample in range(eval_set.samples_per_problem):
-                requests.append(
-                    {
-                        "key": f"{prompt['id']}#{sample}",
-                        "prompt_token_ids": prompt_ids,
-                        "max_tokens": room,
-                        "seed": request_seed(recipe.seed, prompt["id"], sample),
-                        **recipe.eval.sampling.model_dump(),
-                    }
-                )
+            requests += [sample_request(prompt["id"], sample, prompt_ids, max_tokens=room, run_seed=recipe.seed,
+                                        sampling=recipe.eval.sampling)
+                         for sample in range(eval_set.samples_per_problem)]
 
-    log_name = f"eval-{arm}" + (f"-seed{seed}" if seed is not None else "")
-    with engine_for(recipe, model, log_name=log_name, shared=engine) as engine:
+    with engine_for(recipe, plan.model, log_name=_log_name(arm, plan.seed), shared=engine) as engine:
         if arm == "forced":
             results = _forced(engine, requests, recipe, think)
         else:
@@ -97,24 +110,23 @@ def run(recipe: Recipe, arm: str = "before", engine: SharedEngine | None = None,
         probe = None
         if arm == "before":
             probe = termination_probe(engine, samples, recipe.budget, think)
-        elif arm == "after" and "before" in recipe.eval.arms:
-            probe = termination_probe(engine, _read_samples(before), recipe.budget, think)
+        elif "probe traces" in plan.inputs:
+            probe = termination_probe(engine, _read_samples(plan.inputs["probe traces"]), recipe.budget, think)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_parquet(samples, folder / "samples.parquet")
+    contracts.write_records(folder / SAMPLES, samples, SAMPLES_SCHEMA)
     if probe is not None:
-        _write_parquet(probe, folder / PROBE)
+        contracts.write_records(folder / PROBE, probe, PROBE_SCHEMA)
     metrics = summarize(samples, context_limit=recipe.context_limit, probe=probe)
-    write_json_atomic(folder / "metrics.json", metrics)
+    write_json_atomic(folder / METRICS, metrics)
     stage.finish(**metrics)
     return metrics
 
 
-def run_arms(recipe: Recipe, arm: str, engine: SharedEngine | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """(label, metrics) for one arm: the after arm once per stage-2 seed."""
+def plans(recipe: Recipe, arm: str) -> list[Plan]:
+    """One arm's plans: the after arm once per stage-2 seed."""
     if arm == "after":
-        return [(f"after (seed {seed})", run(recipe, "after", seed=seed)) for seed in recipe.train.seeds]
-    return [(arm, run(recipe, arm, engine=engine))]
+        return [plan(recipe, "after", seed) for seed in recipe.train.seeds]
+    return [plan(recipe, arm)]
 
 
 # ---------------------------------------------------------------- the termination probe
@@ -158,18 +170,15 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
     continuations, outputs = [], {}
     for request, result in zip(requests, first):
         output = result["output_token_ids"]
-        if result["finish_reason"] != "length" or len(output) >= request["max_tokens"]:
-            outputs[request["key"]] = result  # ended within B, or the limit came first
+        if result["finish_reason"] != "length":
+            outputs[request["key"]] = result  # ended within B
             continue
-        prefix = output if think.find_close(output) else output + think.forced_close_ids
+        prefix = close_at_budget(output, recipe.budget, think.find_close(output), think.forced_close_ids).prefix()
         room = request["max_tokens"] - len(prefix)
-        if room <= 0:
+        if room <= 0:  # the context limit came first
             outputs[request["key"]] = {**result, "output_token_ids": prefix[: request["max_tokens"]]}
             continue
-        continuations.append((request, prefix, {
-            **request, "prompt_token_ids": request["prompt_token_ids"] + prefix, "max_tokens": room,
-            "seed": request_seed(recipe.seed, request["key"], 1),
-        }))
+        continuations.append((request, prefix, answer_request(request, prefix, max_tokens=room, run_seed=recipe.seed)))
     answers = engine.generate([c[2] for c in continuations], desc="eval forced (answers)")
     for (request, prefix, _), answer in zip(continuations, answers):
         outputs[request["key"]] = {**answer, "key": request["key"],
@@ -242,18 +251,8 @@ def summarize(samples: list[dict[str, Any]], context_limit: int,
 
 
 def _read_samples(folder: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
     columns = ["benchmark", "problem_id", "sample", "prompt_token_ids", "output_token_ids"]
-    return pq.read_table(folder / "samples.parquet", columns=columns).to_pylist()
-
-
-def _write_parquet(records: list[dict[str, Any]], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(records), tmp)
+    return contracts.read_records(folder / SAMPLES, columns)
 
 
 def format_metrics(arms: list[tuple[str, dict[str, Any]]]) -> str:

@@ -18,35 +18,47 @@ soon as both of its passes are done (`traces-NNNNN.parquet`, then
 and a shard is always generated whole, with the same batch, so a resumed run
 writes the same bytes as an uninterrupted one.
 
-A trace record is DESIGN.md's contract: `prompt_id`, `sample`,
-`prompt_token_ids`, `output_token_ids`, `finish_reason`, `think_close`
-(index of the first `</think>` token in the output, or null), `seed`. An
-answer record: `prompt_id`, `sample`, `case`, `close_token_ids` (the tokens
-that close the thinking: the forced close for case 1, the policy's own
-`</think>` tokens at `think_close` for case 2), `answer_token_ids`,
-`finish_reason`. `termination.json` holds the EOS and forced-close ids, so
-stage 2 needs no tokenizer.
+The records are `contracts.TRACES` and `contracts.ANSWERS`;
+`termination.json` holds the EOS and forced-close ids, so stage 2 needs no
+tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from length_control.artifacts import MissingInput, Stage, atomic_path, tool_versions, write_json_atomic
-from length_control.engine import SharedEngine, engine_for, request_seed
+from length_control import contracts
+from length_control.artifacts import Stage, tool_versions, write_json_atomic
+from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, shard_path
+from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request
 from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
-from length_control.think import Termination, ThinkTokens
+from length_control.think import ThinkTokens, close_at_budget
 
 PLAN = ".plan.json"  # what the shards on disk were made for; hidden, so not part of the output
-TERMINATION = "termination.json"
 RECORDS_VERSION = 2  # bumped when the records change, so an older run folder is regenerated, not misread
+
+
+def plan(recipe: Recipe) -> Plan:
+    model = policy_path(recipe.model)
+    generation = recipe.generation
+    sampling = json.dumps(generation.sampling.model_dump())
+    engine = open_engine(recipe, model, log_name="generate")
+    return Plan("generate", recipe, RunLayout(recipe.output_dir).generate, model=model, steps=[
+        "one engine for traces and answers:", *(f"  {line}" for line in engine.describe()),
+        *(f"prompts: {ref.source.name}" + (f", sample {ref.sample}" if ref.sample else "")
+          for ref in recipe.prompts.sources),
+        f"traces: {generation.samples_per_prompt} per prompt, max_tokens {recipe.budget}, {sampling}, "
+        "a seed per request",
+        f"answers: case 1 prompt + first {recipe.budget} tokens + {recipe.model.think.forced_close!r}; "
+        f"case 2 prompt + output; max_tokens {generation.answer_max_tokens}",
+        f"shards of {generation.shard_size} requests",
+    ])
 
 
 def load_prompts(recipe: Recipe) -> list[dict[str, Any]]:
@@ -59,28 +71,19 @@ def load_prompts(recipe: Recipe) -> list[dict[str, Any]]:
 
 def trace_requests(recipe: Recipe, tokenizer, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     requests = []
-    sampling = recipe.generation.sampling.model_dump()
     for prompt in prompts:
         ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
-        for sample in range(recipe.generation.samples_per_prompt):
-            requests.append(
-                {
-                    "key": f"{prompt['id']}#{sample}",
-                    "prompt_id": prompt["id"],
-                    "sample": sample,
-                    "prompt_token_ids": ids,
-                    "max_tokens": recipe.budget,
-                    "seed": request_seed(recipe.seed, prompt["id"], sample),
-                    **sampling,
-                }
-            )
+        requests += [sample_request(prompt["id"], sample, ids, max_tokens=recipe.budget, run_seed=recipe.seed,
+                                    sampling=recipe.generation.sampling)
+                     for sample in range(recipe.generation.samples_per_prompt)]
     return requests
 
 
-def stage_for(recipe: Recipe, model: str) -> Stage:
+def _stage(plan: Plan) -> Stage:
+    recipe = plan.recipe
     return Stage(
-        recipe.output_dir / "generate",
-        inputs={"model": model_input(model)}
+        plan.folder,
+        inputs={"model": model_input(plan.model)}
         | {f"source{i}": ref.source for i, ref in enumerate(recipe.prompts.sources)},
         config={
             "records": RECORDS_VERSION,
@@ -94,27 +97,26 @@ def stage_for(recipe: Recipe, model: str) -> Stage:
     )
 
 
-def run(recipe: Recipe, engine: SharedEngine | None = None) -> dict[str, Any]:
+def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     """Generate every missing shard; skip the stage when it is up to date."""
-    model = policy_path(recipe.model)
-    stage = stage_for(recipe, model)
+    recipe, folder = plan.recipe, plan.folder
+    stage = _stage(plan)
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
-    folder = stage.folder
     _reset_if_stale(folder, stage.expected)
 
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(plan.model)
     think = ThinkTokens(tokenizer, recipe.model.think)
     requests = trace_requests(recipe, tokenizer, load_prompts(recipe))
     size = recipe.generation.shard_size
     shards = [requests[i : i + size] for i in range(0, len(requests), size)]
-    todo = [i for i in range(len(shards)) if not _shard_path(folder, "traces", i).is_file()]
+    todo = [i for i in range(len(shards)) if not shard_path(folder, "traces", i).is_file()]
     if todo:
-        with engine_for(recipe, model, log_name="generate", shared=engine) as engine:
+        with engine_for(recipe, plan.model, log_name="generate", shared=engine) as engine:
             for i in todo:
                 _generate_shard(engine, shards[i], i, len(shards), recipe, think, folder)
-    write_json_atomic(folder / TERMINATION, asdict(think.termination()))
-    summary = summarize(folder)
+    contracts.write_termination(folder, think.termination())
+    summary = summarize(folder) | {"model": plan.model}
     stage.finish(**summary)
     return summary
 
@@ -136,7 +138,7 @@ def _generate_shard(engine, shard, index, total, recipe: Recipe, think: ThinkTok
                 "seed": request["seed"],
             }
         )
-    answers = _answer_requests(traces, recipe, think)
+    answers = _answer_requests(shard, traces, recipe, think)
     results = engine.generate([a["request"] for a in answers], desc=f"answers {index + 1}/{total}")
     records = [
         {
@@ -149,91 +151,30 @@ def _generate_shard(engine, shard, index, total, recipe: Recipe, think: ThinkTok
         }
         for a, result in zip(answers, results)
     ]
-    _write_parquet(records, _shard_path(folder, "answers", index), schema="answers")
-    _write_parquet(traces, _shard_path(folder, "traces", index), schema="traces")  # last: marks the shard done
+    contracts.write_records(shard_path(folder, "answers", index), records, ANSWERS)
+    contracts.write_records(shard_path(folder, "traces", index), traces, TRACES)  # last: marks the shard done
 
 
-def _answer_requests(traces: list[dict[str, Any]], recipe: Recipe, think: ThinkTokens) -> list[dict[str, Any]]:
+def _answer_requests(requests: list[dict[str, Any]], traces: list[dict[str, Any]], recipe: Recipe,
+                     think: ThinkTokens) -> list[dict[str, Any]]:
     """Continuations for the traces that did not end within B (cases 1 and 2)."""
     answers = []
-    for trace in traces:
+    for request, trace in zip(requests, traces):
         if trace["finish_reason"] != "length":
             continue  # ended within B: not a stage-2 sample
         output = trace["output_token_ids"]
-        if trace["think_close"] is None:
-            case, close_ids, prefix = 1, think.forced_close_ids, output[: recipe.budget] + think.forced_close_ids
-        else:
-            start, end = think.find_close(output)
-            case, close_ids, prefix = 2, output[start:end], output
-        answers.append(
-            {
-                "trace": trace,
-                "case": case,
-                "close_token_ids": close_ids,
-                "request": {
-                    "key": f"{trace['prompt_id']}#{trace['sample']}",
-                    "prompt_token_ids": trace["prompt_token_ids"] + prefix,
-                    "max_tokens": recipe.generation.answer_max_tokens,
-                    "seed": request_seed(recipe.seed, f"{trace['prompt_id']}/answer", trace["sample"]),
-                    **recipe.generation.sampling.model_dump(),
-                },
-            }
-        )
+        closed = close_at_budget(output, recipe.budget, think.find_close(output), think.forced_close_ids)
+        answers.append({
+            "trace": trace,
+            "case": closed.case,
+            "close_token_ids": list(closed.close),
+            "request": answer_request(request, closed.prefix(), max_tokens=recipe.generation.answer_max_tokens,
+                                      run_seed=recipe.seed),
+        })
     return answers
 
 
 # ---------------------------------------------------------------- files
-
-
-def _shard_path(folder: Path, kind: str, index: int) -> Path:
-    return folder / f"{kind}-{index:05d}.parquet"
-
-
-_SCHEMAS: dict[str, Any] = {}
-
-
-def _schema(kind: str):
-    import pyarrow as pa
-
-    if not _SCHEMAS:
-        ids = pa.list_(pa.int32())
-        _SCHEMAS["traces"] = pa.schema(
-            [("prompt_id", pa.string()), ("sample", pa.int32()), ("prompt_token_ids", ids),
-             ("output_token_ids", ids), ("finish_reason", pa.string()), ("think_close", pa.int32()),
-             ("seed", pa.int64())]
-        )
-        _SCHEMAS["answers"] = pa.schema(
-            [("prompt_id", pa.string()), ("sample", pa.int32()), ("case", pa.int8()),
-             ("close_token_ids", ids), ("answer_token_ids", ids), ("finish_reason", pa.string())]
-        )
-    return _SCHEMAS[kind]
-
-
-def _write_parquet(records: list[dict[str, Any]], path: Path, schema: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(records, schema=_schema(schema)), tmp)
-
-
-def read_termination(folder: Path) -> Termination:
-    """The ids stage 2 places the termination with, as the generate stage wrote them."""
-    path = Path(folder) / TERMINATION
-    if not path.is_file():
-        raise MissingInput(f"{path} is missing: {folder} was written by an older length-control; "
-                           "redo it with `length-control run RECIPE --from generate`")
-    return Termination(**json.loads(path.read_text()))
-
-
-def read_shards(folder: Path, kind: str) -> list[dict[str, Any]]:
-    """All records of one kind ("traces" or "answers"), in shard order."""
-    import pyarrow.parquet as pq
-
-    records = []
-    for path in sorted(Path(folder).glob(f"{kind}-*.parquet")):
-        records += pq.read_table(path).to_pylist()
-    return records
 
 
 def _reset_if_stale(folder: Path, expected: dict[str, Any]) -> None:
@@ -247,7 +188,7 @@ def _reset_if_stale(folder: Path, expected: dict[str, Any]) -> None:
 
 
 def summarize(folder: Path) -> dict[str, Any]:
-    traces, answers = read_shards(folder, "traces"), read_shards(folder, "answers")
+    traces, answers = contracts.read_shards(folder, "traces"), contracts.read_shards(folder, "answers")
     return {
         "traces": len(traces),
         "ended_within_budget": sum(t["finish_reason"] != "length" for t in traces),

@@ -1,6 +1,11 @@
 """The whole loop for one recipe, stage after stage.
 
-    length-control run RECIPE [key=value ...] [--from STAGE]
+    length-control run RECIPE [key=value ...] [--from STAGE] [--dry-run]
+
+Each stage module plans (`plan(recipe, ...) -> Plan`) and runs a plan
+(`run(plan)`); `STAGES` lists them in order. A plan is made just before its
+stage runs, from what the stages before it wrote, and `--dry-run` prints
+every plan without running one: what it shows is what runs.
 
 Each stage skips itself when its manifest says it is up to date, so a rerun
 resumes where the last one stopped; `--from STAGE` redoes that stage and
@@ -21,60 +26,119 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from length_control import evaluate, generate, report, splice, train
-from length_control.artifacts import MANIFEST, summary_line
+from length_control.artifacts import MANIFEST, summary_line, write_text_atomic
+from length_control.contracts import Plan, RunLayout
 from length_control.engine import SharedEngine
 from length_control.policy import policy_path
-from length_control.layout import generate_dir, rounds_dir
 from length_control.recipe import LoopSpec, Recipe
 
-
-def _eval(arm: str) -> Callable[[Recipe, SharedEngine], str]:
-    return lambda recipe, policy: evaluate.format_metrics(
-        evaluate.run_arms(recipe, arm, engine=policy if arm != "after" else None)
-    )
+Results = list[tuple[Plan, Any]]
 
 
-# (name, the folder its manifests live under, what runs it given the stage-1 policy's shared engine)
-STAGES: list[tuple[str, str | None, Callable[[Recipe, SharedEngine], str]]] = [
-    ("policy", None, lambda recipe, policy: f"policy: {policy_path(recipe.model)}"),
-    ("eval-before", "eval/before", _eval("before")),
-    ("eval-forced", "eval/forced", _eval("forced")),
-    ("generate", "generate", lambda recipe, policy: summary_line(generate.run(recipe, engine=policy))),
-    ("splice", "stage2", lambda recipe, policy: summary_line(splice.run(recipe))),
-    ("train", "train", lambda recipe, policy: "\n".join(f"{k}: {v}" for k, v in train.run(recipe).items())),
-    ("eval-after", "eval/after", _eval("after")),
-    ("report", None, lambda recipe, policy: report.run(recipe)),
+def _summaries(results: Results) -> str:
+    return "\n".join(f"{plan.label}: {summary_line(summary)}" if len(results) > 1 else summary_line(summary)
+                     for plan, summary in results)
+
+
+def _metrics(results: Results) -> str:
+    return evaluate.format_metrics([(plan.arm + (f" (seed {plan.seed})" if plan.seed is not None else ""), metrics)
+                                    for plan, metrics in results])
+
+
+def _arm(arm: str) -> Callable[[Recipe], list[Plan]]:
+    return lambda recipe: evaluate.plans(recipe, arm) if arm in recipe.eval.arms else []
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    name: str
+    plans: Callable[[Recipe], list[Plan]]  # none: the stage does not run for this recipe
+    run: Callable[..., Any]
+    policy_engine: bool = False  # runs the stage-1 policy: takes the engine it shares with the others
+    show: Callable[[Results], str] = _summaries
+    help: str | None = None  # a CLI command of its own (`length-control NAME RECIPE`); the arms share `evaluate`
+
+
+STAGES = [
+    PipelineStage("eval-before", _arm("before"), evaluate.run, policy_engine=True, show=_metrics),
+    PipelineStage("eval-forced", _arm("forced"), evaluate.run, policy_engine=True, show=_metrics),
+    PipelineStage("generate", lambda recipe: [generate.plan(recipe)], generate.run, policy_engine=True,
+                  help="traces from the policy up to the budget, then the answers"),
+    PipelineStage("splice", lambda recipe: [splice.plan(recipe)], splice.run,
+                  help="build the stage-2 dataset from the traces and answers"),
+    PipelineStage("train", lambda recipe: [train.plan(recipe, seed) for seed in recipe.train.seeds], train.run,
+                  help="stage 2: train the policy on the stage-2 dataset with Axolotl, once per seed"),
+    PipelineStage("eval-after", _arm("after"), evaluate.run, show=_metrics),
+    PipelineStage("report", lambda recipe: [report.plan(recipe)], report.run, show=lambda results: results[0][1],
+                  help="the overlong-rate report from the eval arms' sample files (Table 2 layout, JSON, PNG)"),
 ]
-STAGE_NAMES = [name for name, _, _ in STAGES]
-_LAST_POLICY_STAGE = "generate"  # after it, the stage-1 engine is shut down to free its memory for training
+STAGE_NAMES = [stage.name for stage in STAGES]
+
+
+def run_stage(stage: PipelineStage, recipe: Recipe) -> str:
+    """One stage alone, every plan of it, each with an engine of its own (`length-control generate ...`)."""
+    return stage.show([(plan, stage.run(plan)) for plan in stage.plans(recipe)])
 
 
 def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None] = print) -> None:
     if start is not None and start not in STAGE_NAMES:
         raise ValueError(f"no stage {start!r}; one of {', '.join(STAGE_NAMES)}")
+    echo(f"policy: {policy_path(recipe.model)}")
     policy = SharedEngine(recipe, policy_path(recipe.model), log_name="policy")
+    last_policy_stage = max(i for i, stage in enumerate(STAGES) if stage.policy_engine)
     redo = False
     try:
-        for name, folder, stage in STAGES:
-            redo = redo or name == start
-            if redo and folder is not None:
-                for manifest in (recipe.output_dir / folder).glob(f"**/{MANIFEST}"):
-                    manifest.unlink()  # every seed's, for train and eval-after
-            echo(f"[{name}]")
-            if name.startswith("eval-") and name.removeprefix("eval-") not in recipe.eval.arms:
+        for index, stage in enumerate(STAGES):
+            redo = redo or stage.name == start
+            echo(f"[{stage.name}]")
+            plans = stage.plans(recipe)
+            if not plans:
                 echo("not in eval.arms: skipped")
                 continue
             started = time.monotonic()
-            echo(stage(recipe, policy))
-            echo(f"({name}: {time.monotonic() - started:.0f} s)")
-            if name == _LAST_POLICY_STAGE:
-                policy.close()
+            results = []
+            for plan in plans:
+                if redo:
+                    (plan.folder / MANIFEST).unlink(missing_ok=True)
+                results.append((plan, stage.run(plan, policy) if stage.policy_engine else stage.run(plan)))
+            echo(stage.show(results))
+            echo(f"({stage.name}: {time.monotonic() - started:.0f} s)")
+            if index == last_policy_stage:
+                policy.close()  # free its memory for training
     finally:
         policy.close()
     if recipe.loop.until_overlong is not None:
         _closed_loop(recipe, echo)
+
+
+def dry_run(recipe: Recipe) -> str:
+    """Every stage's plan, nothing run; the rendered configs go to `<run>/dry-run/`."""
+    folder = RunLayout(recipe.output_dir).dry_run
+    out = [f"run {recipe.name} -> {recipe.output_dir}", f"policy: {policy_path(recipe.model)}"]
+    for stage in STAGES:
+        for plan in stage.plans(recipe):
+            out += ["", plan.describe()]
+            if stage.policy_engine:
+                out.append("  (on the stage-1 policy's engine, which eval-before, eval-forced and generate share: "
+                           "one start, logs/policy.log)")
+            for name, text in plan.configs.items():
+                stem, dot, suffix = name.rpartition(".")
+                path = folder / (f"{stem}-seed-{plan.seed}.{suffix}" if plan.seed is not None and dot else name)
+                write_text_atomic(path, text)
+                out.append(f"  rendered {name}: {path}")
+    loop = recipe.loop
+    if loop.until_overlong is not None:
+        out += ["", f"[loop] while overlong after > {100 * loop.until_overlong:.1f} % on a benchmark and the score "
+                f"change stays above {100 * loop.score_guard:+.1f} %: up to {loop.max_rounds - 1} more rounds of "
+                f"generate -> splice -> train -> eval after in {recipe.output_dir / 'rounds'}/<n>/, each with the "
+                f"previous round's seed-{recipe.train.seeds[0]} model as the policy, rows accumulating"]
+    text = "\n".join(out) + "\n"
+    write_text_atomic(folder / "plan.txt", text)
+    return text
 
 
 # ---------------------------------------------------------------- the closed loop
@@ -83,20 +147,10 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
 def round_recipe(recipe: Recipe, previous: Recipe, number: int) -> Recipe:
     """Round `number` of the closed loop: the previous round's model (its first seed) is the
     policy; the round lives in `rounds/<number>/` and runs only the after arm."""
-    from length_control.demo_model import build_folder
-    from length_control.sources import DatasetLocation
-
-    splice_spec = recipe.splice
-    mix = splice_spec.sft_mix
-    if mix is not None and mix.dataset is None:  # the demo policy's own SFT set, named explicitly
-        sft = build_folder(recipe.model.demo) / "stage1_sft.parquet"
-        location = DatasetLocation.model_construct(path=sft, hf=None, config=None, split="train")
-        splice_spec = splice_spec.model_copy(update={"sft_mix": mix.model_copy(update={"dataset": location})})
-    policy = train.trained_model(previous, recipe.train.seeds[0])
+    policy = train.model_of(RunLayout(previous.output_dir).train(recipe.train.seeds[0]))
     return recipe.model_copy(update={
-        "output_dir": rounds_dir(recipe.output_dir, number),
+        "output_dir": RunLayout(recipe.output_dir).round(number).root,
         "model": recipe.model.model_copy(update={"path": policy, "hub": None, "demo": None}),
-        "splice": splice_spec,
         "eval": recipe.eval.model_copy(update={"arms": ["after"]}),
     })
 
@@ -116,7 +170,7 @@ def loop_verdict(rows: dict[str, dict], loop: LoopSpec) -> str | None:
 def _closed_loop(recipe: Recipe, echo: Callable[[str], None]) -> None:
     """More rounds while the after arm is above `loop.until_overlong` (rows accumulate)."""
     loop = recipe.loop
-    previous, generated = recipe, [generate_dir(recipe.output_dir)]
+    previous, generated = recipe, [RunLayout(recipe.output_dir).generate]
     for number in range(2, loop.max_rounds + 2):
         verdict = loop_verdict(report.round_rows(recipe, previous), loop)
         if verdict is None and number > loop.max_rounds:
@@ -126,10 +180,10 @@ def _closed_loop(recipe: Recipe, echo: Callable[[str], None]) -> None:
             return
         this = round_recipe(recipe, previous, number)
         echo(f"[round {number}] policy: {this.model.path}")
-        echo(summary_line(generate.run(this)))
-        echo(summary_line(splice.run(this, earlier=tuple(generated))))
-        echo("\n".join(f"{k}: {v}" for k, v in train.run(this).items()))
-        echo(evaluate.format_metrics(evaluate.run_arms(this, "after")))
-        echo(report.run(recipe))
+        echo(summary_line(generate.run(generate.plan(this))))
+        echo(summary_line(splice.run(splice.plan(this, earlier=tuple(generated)))))
+        echo(_summaries([(plan, train.run(plan)) for plan in (train.plan(this, seed) for seed in this.train.seeds)]))
+        echo(_metrics([(plan, evaluate.run(plan)) for plan in evaluate.plans(this, "after")]))
+        echo(report.run(report.plan(recipe)))
         previous = this
-        generated.append(generate_dir(this.output_dir))
+        generated.append(RunLayout(this.output_dir).generate)

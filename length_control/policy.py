@@ -1,6 +1,12 @@
-"""The policy a recipe names: a local folder, a Hub id, or the embedded demo policy."""
+"""The policy a recipe names: a local model folder or a Hub id.
+
+The embedded demo policy reaches the stages as a model folder too: its
+recipe is resolved first (`length_control.demo.resolve`).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from length_control.recipe import ModelSpec
 
@@ -11,9 +17,8 @@ def policy_path(model: ModelSpec) -> str:
         return str(model.path)
     if model.hub is not None:
         return model.hub
-    from length_control.demo_model import cached_build
-
-    return str(cached_build(model.demo) / "model")
+    raise ValueError("the recipe's demo policy is not resolved to a model folder yet: "
+                     "pass the recipe through length_control.demo.resolve first")
 
 
 def load_tokenizer(model: str):
@@ -23,8 +28,6 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(model)
 
 
-def model_input(model: str):
+def model_input(model: str) -> Path | str:
     """A model as a stage input: a local folder is fingerprinted, a Hub id is taken as it is."""
-    from pathlib import Path
-
     return Path(model) if Path(model).exists() else model

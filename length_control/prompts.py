@@ -1,6 +1,6 @@
 """Prompts: read a source definition's rows and turn them into prompt records.
 
-A prompt record is DESIGN.md's contract:
+A prompt record, what generate and evaluate both sample from:
 `{"id", "source", "messages", "reference", "meta"}`, where `messages` is the
 chat (system + user) the policy is prompted with, and `reference` the gold
 answer (or null). The same records feed trace generation and evaluation.

@@ -23,9 +23,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from length_control import contracts
 from length_control.artifacts import MissingInput, atomic_path, write_json_atomic, write_text_atomic
-from length_control.evaluate import PROBE, summarize
-from length_control.layout import eval_dir, report_dir, rounds_dir
+from length_control.contracts import PROBE, SAMPLES, Plan, RunLayout
+from length_control.evaluate import summarize
 from length_control.recipe import Recipe
 
 _SAMPLE_COLUMNS = ["benchmark", "problem_id", "sample", "thinking_tokens", "prompt_tokens", "closed_think",
@@ -33,15 +34,11 @@ _SAMPLE_COLUMNS = ["benchmark", "problem_id", "sample", "thinking_tokens", "prom
 
 
 def load_samples(folder: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(folder / "samples.parquet", columns=_SAMPLE_COLUMNS).to_pylist()
+    return contracts.read_records(folder / SAMPLES, _SAMPLE_COLUMNS)
 
 
 def load_probe(folder: Path) -> list[dict[str, Any]] | None:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(folder / PROBE).to_pylist() if (folder / PROBE).is_file() else None
+    return contracts.read_records(folder / PROBE) if (folder / PROBE).is_file() else None
 
 
 def relative(before: float, after: float) -> float | None:
@@ -50,9 +47,10 @@ def relative(before: float, after: float) -> float | None:
 
 def _arm_folders(recipe: Recipe) -> dict[str, Path]:
     """Every arm with samples on disk: before, forced, and `after/<seed>` per stage-2 seed."""
-    folders = {"before": eval_dir(recipe.output_dir, "before"), "forced": eval_dir(recipe.output_dir, "forced")}
-    folders |= {f"after/{seed}": eval_dir(recipe.output_dir, "after", seed) for seed in recipe.train.seeds}
-    return {arm: folder for arm, folder in folders.items() if (folder / "samples.parquet").is_file()}
+    layout = RunLayout(recipe.output_dir)
+    folders = {"before": layout.eval("before"), "forced": layout.eval("forced")}
+    folders |= {f"after/{seed}": layout.eval("after", seed) for seed in recipe.train.seeds}
+    return {arm: folder for arm, folder in folders.items() if (folder / SAMPLES).is_file()}
 
 
 def build(recipe: Recipe) -> dict[str, Any]:
@@ -99,10 +97,10 @@ def _rows(before: dict[str, Any], after: dict[int, dict[str, Any]], forced: dict
     return table
 
 
-def _after_metrics(recipe: Recipe, output_dir: Path) -> dict[int, dict[str, Any]] | None:
-    """Every seed's after-arm metrics under `output_dir`, or None when a seed has none yet."""
-    folders = {seed: eval_dir(output_dir, "after", seed) for seed in recipe.train.seeds}
-    if not all((folder / "samples.parquet").is_file() for folder in folders.values()):
+def _after_metrics(recipe: Recipe, layout: RunLayout) -> dict[int, dict[str, Any]] | None:
+    """Every seed's after-arm metrics in a run folder, or None when a seed has none yet."""
+    folders = {seed: layout.eval("after", seed) for seed in recipe.train.seeds}
+    if not all((folder / SAMPLES).is_file() for folder in folders.values()):
         return None
     return {seed: summarize(load_samples(folder), recipe.context_limit, probe=load_probe(folder))["benchmarks"]
             for seed, folder in folders.items()}
@@ -112,7 +110,7 @@ def _rounds(recipe: Recipe, before: dict[str, Any]) -> list[dict[str, Any]]:
     """A closed loop's rounds 2.. on disk, each measured against the stage-1 policy's before arm."""
     rounds = []
     for number in range(2, recipe.loop.max_rounds + 1):
-        after = _after_metrics(recipe, rounds_dir(recipe.output_dir, number))
+        after = _after_metrics(recipe, RunLayout(recipe.output_dir).round(number))
         if after is None:
             break
         rounds.append({"round": number, "benchmarks": _rows(before, after, None)})
@@ -121,8 +119,8 @@ def _rounds(recipe: Recipe, before: dict[str, Any]) -> list[dict[str, Any]]:
 
 def round_rows(recipe: Recipe, round_recipe: Recipe) -> dict[str, Any]:
     """The report rows of one round of the closed loop (`round_recipe` is the recipe itself for round 1)."""
-    before = summarize(load_samples(eval_dir(recipe.output_dir, "before")), recipe.context_limit)["benchmarks"]
-    return _rows(before, _after_metrics(recipe, round_recipe.output_dir), None)
+    before = summarize(load_samples(RunLayout(recipe.output_dir).eval("before")), recipe.context_limit)["benchmarks"]
+    return _rows(before, _after_metrics(recipe, RunLayout(round_recipe.output_dir)), None)
 
 
 def _seed_row(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -252,10 +250,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run(recipe: Recipe) -> str:
+def plan(recipe: Recipe) -> Plan:
+    layout = RunLayout(recipe.output_dir)
+    arms = {"before": layout.eval("before")} | {f"after seed {seed}": layout.eval("after", seed)
+                                                for seed in recipe.train.seeds}
+    if "forced" in recipe.eval.arms:
+        arms["forced"] = layout.eval("forced")
+    return Plan("report", recipe, layout.report, inputs=arms, steps=[
+        "report.md, report.json, thinking_lengths.png: score and overlong rate before -> after "
+        + (f"(mean and range over {len(recipe.train.seeds)} seeds)" if len(recipe.train.seeds) > 1 else "")
+        + ", the forced arm, the termination probe"
+        + (", every round of the closed loop" if recipe.loop.until_overlong is not None else "")])
+
+
+def run(plan: Plan) -> str:
     """Build, write and return the report's Markdown tables."""
-    report = build(recipe)
-    folder = report_dir(recipe.output_dir)
+    report = build(plan.recipe)
+    folder = plan.folder
     text = markdown(report)
     write_text_atomic(folder / "report.md", text)
     write_json_atomic(folder / "report.json", {k: v for k, v in report.items() if k != "_samples"})

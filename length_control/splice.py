@@ -20,11 +20,13 @@ conversations is mixed in with ordinary assistant-only labels. Rows without
 an answer (the answer pass ran out of tokens), with answers past
 `max_answer_tokens`, or longer than the training `sequence_len` are dropped or
 cut as the recipe says, and every such row is counted in the stats.
+The split itself is `think.close_at_budget`, the rule generate used.
 
 The build streams: one generate shard at a time, rows written in row groups,
 so memory stays flat however many traces there are. Writes
 `stage2/rows.parquet` (exactly the three columns, so Axolotl reads it as is)
-and `stage2/meta.parquet` (per row: kind, prompt id, case, span).
+and `stage2/meta.parquet` (per row: kind, prompt id, case, span); the schemas
+are `contracts.ROWS_SCHEMA` and `contracts.META_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from length_control.artifacts import Stage, atomic_path, finished_output, tool_versions
+from length_control import contracts
+from length_control.artifacts import Stage, atomic_path, tool_versions
+from length_control.contracts import IGNORE, META, META_SCHEMA, ROWS, ROWS_SCHEMA, Plan, RunLayout, id_lists
+from length_control.policy import load_tokenizer, policy_path
 from length_control.recipe import Recipe, SpliceSpec
-from length_control.think import Termination
-
-IGNORE = -100
-
+from length_control.think import Termination, close_at_budget
 
 @dataclass(frozen=True)
 class Row:
@@ -67,13 +69,13 @@ def splice_row(
     sliced and concatenated without a Python object per token.
     """
     output = np.asarray(trace["output_token_ids"], dtype=np.int32)
-    close = np.asarray(answer["close_token_ids"], dtype=np.int32)
-    answer_ids = np.asarray(answer["answer_token_ids"], dtype=np.int32)
-    if answer["case"] == 1:
-        thinking, body, tag_offset = output[:budget], answer_ids, termination.forced_close_tag_start
-    else:  # the policy's own close, at think_close; its first token holds the start of `</think>`
-        start = trace["think_close"]
-        thinking, body, tag_offset = output[:start], np.concatenate([output[start + len(close):], answer_ids]), 0
+    start = trace["think_close"]
+    span = None if start is None else (start, start + len(answer["close_token_ids"]))
+    closed = close_at_budget(output, budget, span, np.asarray(answer["close_token_ids"], dtype=np.int32))
+    thinking, close = closed.thinking, closed.close
+    body = np.concatenate([closed.after_close, np.asarray(answer["answer_token_ids"], dtype=np.int32)])
+    # where `</think>` starts in the close: a forced close may carry a "\n" before it; the policy's own starts there
+    tag_offset = termination.forced_close_tag_start if closed.case == 1 else 0
     if answer["finish_reason"] != "stop" or not len(body) or body[-1] != termination.eos_id:
         return None, "no_answer"
     body = body[:-1]  # the EOS goes back on after any cut
@@ -104,51 +106,57 @@ def splice_row(
 # ---------------------------------------------------------------- the stage
 
 
-def run(recipe: Recipe, earlier: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Build the stage-2 dataset from this run's traces and, in a closed loop, the `earlier`
-    rounds' generate folders too (their rows accumulate)."""
-    from length_control import generate
-    from length_control.policy import policy_path
+def plan(recipe: Recipe, earlier: tuple[Path, ...] = ()) -> Plan:
+    """In a closed loop, `earlier` are the earlier rounds' generate folders: their rows accumulate."""
+    s = recipe.splice
+    mix = f"{s.sft_mix.share} of the rows from {_mix_source(recipe)}" if s.sft_mix else "none"
+    inputs = {f"earlier{i}": Path(folder) for i, folder in enumerate(earlier)}
+    inputs["generate"] = RunLayout(recipe.output_dir).generate
+    return Plan("splice", recipe, RunLayout(recipe.output_dir).stage2, inputs=inputs, steps=[
+        f"termination span {s.termination_span}; answers > {s.max_answer_tokens} tokens: {s.on_long_answer}; "
+        f"rows > sequence_len ({max_len(recipe) or 'not fixed'}): {s.on_overlength}",
+        f"SFT mix: {mix}",
+    ])
 
-    model = policy_path(recipe.model)
-    upstream = generate.stage_for(recipe, model)
-    folder = recipe.output_dir / "stage2"
+
+def run(plan: Plan) -> dict[str, Any]:
+    """Build the stage-2 dataset from the traces of every generate folder the plan reads."""
+    recipe, folder = plan.recipe, plan.folder
     mix = recipe.splice.sft_mix
     sft_path = mix_path(recipe) if mix is not None else None
-    max_len = _max_len(recipe)
+    limit = max_len(recipe)
     stage = Stage(
         folder,
-        inputs={"generate": upstream.output} | ({"sft_mix": sft_path} if sft_path else {})
-        | {f"earlier{i}": finished_output(path) for i, path in enumerate(earlier)},
-        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": max_len},
+        inputs={name: contracts.upstream(path)["output"] for name, path in plan.inputs.items()}
+        | ({"sft_mix": sft_path} if sft_path else {}),
+        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": limit},
         versions=tool_versions("transformers"),
     )
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
     stats: Counter[str] = Counter()
-    termination = generate.read_termination(upstream.folder)
-    rows = (row for traces in (*earlier, upstream.folder)
-            for row in _length_rows(traces, recipe, termination, max_len, stats))
-    summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, sft_path, max_len, stats), stats=stats)
+    termination = contracts.read_termination(plan.inputs["generate"])
+    rows = (row for traces in plan.inputs.values() for row in length_rows(traces, recipe, termination, limit, stats))
+    model = policy_path(recipe.model)
+    summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, sft_path, limit, stats), stats=stats)
     summary["tokenizer"] = model
     stage.finish(**summary)
     return summary
 
 
-def _length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len: int | None,
+def length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len: int | None,
                  stats: Counter) -> Iterator[dict[str, Any]]:
     """Stage-2 rows, one generate shard at a time, from token ids alone (no tokenizer is loaded)."""
     import pyarrow.parquet as pq
 
-    for traces_path in sorted(folder.glob("traces-*.parquet")):
-        answers_path = traces_path.with_name(traces_path.name.replace("traces-", "answers-"))
+    for traces_path, answers_path in contracts.shard_pairs(folder):
         answers = _answers(pq.ParquetFile(answers_path).read())
         # A few traces at a time, their ids as numpy views: a shard never sits in memory whole
         # (and reading threads only cost at this size).
         columns = ["prompt_id", "sample", "prompt_token_ids", "output_token_ids", "think_close"]
         for batch in pq.ParquetFile(traces_path).iter_batches(batch_size=64, columns=columns, use_threads=False):
             keys = zip(batch.column("prompt_id").to_pylist(), batch.column("sample").to_pylist())
-            prompts, outputs = _id_lists(batch.column("prompt_token_ids")), _id_lists(batch.column("output_token_ids"))
+            prompts, outputs = id_lists(batch.column("prompt_token_ids")), id_lists(batch.column("output_token_ids"))
             closes = batch.column("think_close").to_pylist()
             for i, key in enumerate(keys):
                 answer = answers.get(key)
@@ -167,19 +175,12 @@ def _length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len
 def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
     """A shard's answer records by (prompt id, sample), their ids as numpy views."""
     columns = {name: table.column(name).combine_chunks() for name in table.column_names}
-    closes, bodies = _id_lists(columns["close_token_ids"]), _id_lists(columns["answer_token_ids"])
+    closes, bodies = id_lists(columns["close_token_ids"]), id_lists(columns["answer_token_ids"])
     keys = zip(columns["prompt_id"].to_pylist(), columns["sample"].to_pylist())
     fields = zip(columns["case"].to_pylist(), columns["finish_reason"].to_pylist())
     return {key: {"prompt_id": key[0], "sample": key[1], "case": case, "finish_reason": finish,
                   "close_token_ids": closes(i), "answer_token_ids": bodies(i)}
             for i, (key, (case, finish)) in enumerate(zip(keys, fields))}
-
-
-def _id_lists(column):
-    """Row i of an Arrow list<int32> column as a numpy view (no copy, no Python ints)."""
-    values = column.values.to_numpy(zero_copy_only=False)
-    offsets = column.offsets.to_numpy()
-    return lambda i: values[offsets[i] : offsets[i + 1]]
 
 
 def _row_columns(rows: list[Row]) -> list:
@@ -211,7 +212,6 @@ def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, max_len: int | 
         import pyarrow.parquet as pq
 
         from length_control.chat import assistant_only_row
-        from length_control.policy import load_tokenizer
 
         tokenizer = load_tokenizer(model)
 
@@ -241,14 +241,11 @@ def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, sta
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    ids = pa.list_(pa.int32())
-    row_schema = pa.schema([("input_ids", ids), ("attention_mask", ids), ("labels", ids)])
-    meta_schema = pa.schema([("kind", pa.string()), ("prompt_id", pa.string()), ("sample", pa.int32()),
-                             ("case", pa.int8()), ("span_start", pa.int32()), ("span_end", pa.int32())])
+    row_schema, meta_schema = ROWS_SCHEMA, META_SCHEMA
     folder.mkdir(parents=True, exist_ok=True)
     lengths: list[int] = []
     count = {"length": 0}
-    with atomic_path(folder / "rows.parquet") as rows_tmp, atomic_path(folder / "meta.parquet") as meta_tmp:
+    with atomic_path(folder / ROWS) as rows_tmp, atomic_path(folder / META) as meta_tmp:
         # Token ids do not suit dictionary pages (a 150k vocabulary overflows them); zstd packs them well.
         with pq.ParquetWriter(rows_tmp, row_schema, use_dictionary=False, compression="zstd") as rows_out, \
                 pq.ParquetWriter(meta_tmp, meta_schema) as meta_out:
@@ -283,7 +280,7 @@ def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, sta
             **dict(sorted(stats.items()))}
 
 
-def _max_len(recipe: Recipe) -> int | None:
+def max_len(recipe: Recipe) -> int | None:
     """The training sequence_len when the recipe fixes one (template or overrides), else None."""
     import yaml
 
@@ -292,17 +289,20 @@ def _max_len(recipe: Recipe) -> int | None:
     return int(value) if value is not None else None
 
 
+def _mix_source(recipe: Recipe) -> str:
+    dataset = recipe.splice.sft_mix.dataset
+    return str(dataset.path or dataset.hf) if dataset is not None else "<no dataset>"
+
+
 def mix_path(recipe: Recipe) -> Path:
-    """The stage-1 SFT data to mix in: the recipe's dataset, or the demo policy's own."""
+    """The stage-1 SFT data to mix in: a local file, or a Hub set fetched once into the run folder."""
     mix = recipe.splice.sft_mix
     if mix.dataset is None:
-        from length_control.demo_model import cached_build
-
-        return cached_build(recipe.model.demo) / "stage1_sft.parquet"
+        raise ValueError("splice.sft_mix.dataset is not set: name the stage-1 SFT data")
     if mix.dataset.path is not None:
         return mix.dataset.path
-    local = recipe.output_dir / "sft_mix" / "source.parquet"
-    if not local.is_file():  # fetched once per run folder (needs Hub access, as on a cluster)
+    local = RunLayout(recipe.output_dir).sft_mix_copy
+    if not local.is_file():  # needs Hub access, as on a cluster
         import datasets
 
         table = datasets.load_dataset(mix.dataset.hf, mix.dataset.config, split=mix.dataset.split)

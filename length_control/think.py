@@ -9,6 +9,7 @@ tokens that hold it; the ids stay the policy's own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from length_control.recipe import ThinkTags
@@ -25,6 +26,36 @@ class Termination:
     eos_id: int
     forced_close_ids: list[int]
     forced_close_tag_start: int  # where `</think>` starts among them (a "\n" before it is context)
+
+
+@dataclass(frozen=True)
+class Closed:
+    """An output whose thinking is closed at the budget: what the answer continues from."""
+
+    case: int  # 1: no close within B, cut and forced; 2: the policy's own close within B
+    thinking: Sequence[int]
+    close: Sequence[int]  # the forced close (case 1) or the policy's own close tokens (case 2)
+    after_close: Sequence[int]  # what the policy already wrote after its own close (case 2)
+
+    def prefix(self) -> list[int]:
+        """thinking + close + after_close: the output the answer pass continues."""
+        return [*self.thinking, *self.close, *self.after_close]
+
+
+def close_at_budget(output: Sequence[int], budget: int, close_span: tuple[int, int] | None,
+                    forced_close: Sequence[int]) -> Closed:
+    """The method's one rule, shared by generate, splice and the forced arm.
+
+    `output` is a first pass of at most B tokens and `close_span` where its
+    first close tag lies (`ThinkTokens.find_close`), or None. Case 1, no
+    close: keep exactly the first B tokens and append the forced close.
+    Case 2, the policy closed within B: keep its thinking, its own close and
+    what it wrote after it (the answer that B cut).
+    """
+    if close_span is None:
+        return Closed(1, output[:budget], forced_close, output[:0])
+    start, end = close_span
+    return Closed(2, output[:start], output[start:end], output[end:])
 
 
 @dataclass

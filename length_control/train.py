@@ -13,13 +13,16 @@ dropped silently (`excess_length_strategy: raise`).
 from __future__ import annotations
 
 import hashlib
+import shlex
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from length_control.artifacts import fingerprint, summary_line
-from length_control.layout import stage2_dir, train_dir
+from length_control import contracts
+from length_control.artifacts import fingerprint
+from length_control.contracts import AXOLOTL_CONFIG, ROWS, Plan, RunLayout
+from length_control.policy import model_input, policy_path
 
 
 def render_config(
@@ -70,7 +73,7 @@ class TrainError(RuntimeError):
 
 
 def launch_command(recipe, config_path: Path, verb: str = "train") -> list[str]:
-    """The exact Axolotl command line (what `--dry-run` shows)."""
+    """The exact Axolotl command line."""
     from length_control.envs import envs_dir
 
     command = [str(envs_dir() / "axolotl" / "bin" / "axolotl"), verb, str(config_path)]
@@ -81,62 +84,82 @@ def launch_command(recipe, config_path: Path, verb: str = "train") -> list[str]:
     return command
 
 
-def trained_model(recipe, seed: int) -> Path:
-    """The Hugging Face folder stage 2 leaves for one seed: the merged model for LoRA, else the output folder."""
-    from length_control.artifacts import MissingInput
-
-    config_path = train_dir(recipe.output_dir, seed) / "axolotl.yaml"
-    if not config_path.is_file():
-        raise MissingInput(f"{config_path} is missing: stage 2 has not trained seed {seed} yet; "
-                           "run: length-control train RECIPE")
-    config = yaml.safe_load(config_path.read_text())
+def trained_model(config: dict[str, Any]) -> Path:
+    """The Hugging Face folder a rendered config leaves: the merged model for LoRA, else the output folder."""
     return Path(config["output_dir"]) / ("merged" if config.get("adapter") else "")
 
 
-def run(recipe) -> dict[str, Any]:
-    """Train one model per seed of `train.seeds`; the summary has one entry per seed."""
-    return {f"seed {seed}": summary_line(run_seed(recipe, seed)) for seed in recipe.train.seeds}
+def sequence_len(recipe, longest_row: int | None) -> int:
+    """The training sequence_len: the recipe's own (template or overrides) when it fixes one, else the
+    longest stage-2 row rounded up to 64 (before stage 2 exists: the eval context limit, its bound)."""
+    from length_control.splice import max_len
+
+    fixed = max_len(recipe)
+    if fixed is not None:
+        return fixed
+    return _round_up(longest_row if longest_row is not None else recipe.context_limit, 64)
 
 
-def run_seed(recipe, seed: int) -> dict[str, Any]:
-    """Render the config, train with Axolotl, merge a LoRA; skip when up to date."""
-    import pyarrow.parquet as pq
-
-    from length_control.artifacts import Stage, finished_output, tool_versions, write_text_atomic
-    from length_control.policy import model_input, policy_path
-
+def plan(recipe, seed: int) -> Plan:
+    """One stage-2 model: the config rendered from the stage-2 rows (or, before they exist, from their bound)."""
+    layout = RunLayout(recipe.output_dir)
     model = policy_path(recipe.model)
-    rows = stage2_dir(recipe.output_dir) / "rows.parquet"
-    folder = train_dir(recipe.output_dir, seed)
-    stage = Stage(
-        folder,
-        inputs={"stage2": finished_output(stage2_dir(recipe.output_dir)), "model": model_input(model),
-                "template": recipe.train.template},
-        config={"train": recipe.section("train") | {"seeds": None}, "seed": seed},
-        versions=tool_versions(),
-    )
-    if stage.is_up_to_date():
-        return stage.read_manifest()["summary"]
-    longest = max(len(ids) for ids in pq.read_table(rows, columns=["input_ids"]).column(0).to_pylist())
+    folder = layout.train(seed)
+    rows = layout.stage2 / ROWS
+    longest = None
+    if rows.is_file():
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        longest = pc.max(pc.list_value_length(pq.read_table(rows, columns=["input_ids"]).column(0))).as_py() or 0
     config = render_config(
         recipe.train.template,
         base_model=model,
         datasets=[rows],
         output_dir=folder / "model",
-        sequence_len=_round_up(longest, 64),
-        prepared_root=recipe.output_dir / "prepared" / f"seed-{seed}",
+        sequence_len=sequence_len(recipe, longest),
+        prepared_root=layout.prepared(seed),
         overrides={**recipe.train.overrides, "seed": seed},
+        content_key=None if rows.is_file() else "<content hash of stage2/rows.parquet>",
     )
-    config_path = folder / "axolotl.yaml"
-    write_text_atomic(config_path, yaml.safe_dump(config, sort_keys=False))
-    log = folder / "train.log"
-    steps = _run_logged(launch_command(recipe, config_path), log, desc=f"train seed {seed}")
+    config_path = folder / AXOLOTL_CONFIG
+    commands = [launch_command(recipe, config_path)]
+    if config.get("adapter"):
+        commands.append(launch_command(recipe, config_path, "merge-lora"))
+    return Plan("train", recipe, folder, inputs={"stage2": layout.stage2}, model=model, seed=seed,
+                steps=[shlex.join(command) for command in commands] + [f"leaves {trained_model(config)}"],
+                configs={AXOLOTL_CONFIG: yaml.safe_dump(config, sort_keys=False)})
+
+
+def run(plan: Plan) -> dict[str, Any]:
+    """Train with Axolotl (and merge a LoRA); skip when up to date."""
+    from length_control.artifacts import Stage, tool_versions, write_text_atomic
+
+    recipe, folder = plan.recipe, plan.folder
+    stage = Stage(
+        folder,
+        inputs={"stage2": contracts.upstream(plan.inputs["stage2"])["output"], "model": model_input(plan.model),
+                "template": recipe.train.template},
+        config={"train": recipe.section("train") | {"seeds": None}, "seed": plan.seed},
+        versions=tool_versions(),
+    )
+    if stage.is_up_to_date():
+        return stage.read_manifest()["summary"]
+    config_path = folder / AXOLOTL_CONFIG
+    write_text_atomic(config_path, plan.configs[AXOLOTL_CONFIG])
+    config = yaml.safe_load(plan.configs[AXOLOTL_CONFIG])
+    steps = _run_logged(launch_command(recipe, config_path), folder / "train.log", desc=f"train seed {plan.seed}")
     if config.get("adapter"):
         _run_logged(launch_command(recipe, config_path, "merge-lora"), folder / "merge.log", desc="merge-lora")
     summary = {"steps": len(steps), "first_loss": steps[0] if steps else None,
-               "last_loss": steps[-1] if steps else None, "model": str(trained_model(recipe, seed))}
+               "last_loss": steps[-1] if steps else None, "model": str(trained_model(config))}
     stage.finish(**summary)
     return summary
+
+
+def model_of(folder: Path) -> Path:
+    """The model a finished training folder left (from its manifest)."""
+    return Path(contracts.upstream(folder)["summary"]["model"])
 
 
 def _round_up(n: int, multiple: int) -> int:

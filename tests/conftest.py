@@ -19,6 +19,14 @@ def repo_copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def demo_recipe(overrides: list[str]):
+    """The shipped demo recipe with `overrides`, its demo policy built (or taken from the cache)."""
+    from length_control import demo
+    from length_control.recipe import load_recipe
+
+    return demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Fast unit tests first, engine tests last."""
     items.sort(key=lambda item: item.get_closest_marker("engine") is not None)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from length_control import demo_task
+from length_control.demo import task as demo_task
 from length_control.grading import grade_exact
 from length_control.prompts import build_prompts, read_rows
 from length_control.sources import load_source_spec
@@ -45,7 +45,7 @@ def test_shipped_prompt_sets_match_their_generator() -> None:
     for name in demo_task.SHIPPED:
         shipped = (REPO / "prompts_sources" / "data" / name).read_text().splitlines()
         assert [json.loads(line) for line in shipped] == demo_task.shipped_records(name), (
-            f"regenerate with: python -m length_control.demo_task prompts_sources/data"
+            f"regenerate with: python -m length_control.demo.task prompts_sources/data"
         )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control import dryrun
+from length_control import evaluate, pipeline
 from length_control.envs import engine_bin, engine_environ
 from length_control.recipe import load_recipe
 
@@ -22,23 +22,35 @@ H100x8 = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": 8, "compute_capabili
 @pytest.fixture
 def plan(tmp_path: Path) -> tuple[str, Path]:
     recipe = load_recipe(REPO / "recipes" / "qwen3-14b-30k.yaml", [f"output_dir={tmp_path}"])
-    return dryrun.plan(recipe), tmp_path
+    return pipeline.dry_run(recipe), tmp_path
 
 
 def test_dry_run_renders_every_stage(plan) -> None:
     text, out = plan
-    for stage in ("[prompts]", "[generate]", "[splice]", "[train]", "[eval-before]", "[eval-after]", "[eval-forced]"):
+    for stage in ("[generate]", "[splice]", "[train seed 0]", "[eval-before]", "[eval-after seed 0]", "[eval-forced]",
+                  "[report]"):
         assert stage in text
+    assert "prompts: " in text
     # data parallel 4 x tensor parallel 2: four engines, each on its own two devices
     for devices in ("0,1", "2,3", "4,5", "6,7"):
         assert f"CUDA_VISIBLE_DEVICES={devices} " in text
     assert '"tensor_parallel_size": 2' in text and '"max_model_len": 40960' in text
     assert "max_tokens 30000" in text
-    assert f"axolotl train {out / 'dry-run' / 'axolotl-seed-0.yaml'} --launcher accelerate -- --num_processes 8" in text
+    assert f"axolotl train {out / 'train' / 'seed-0' / 'axolotl.yaml'} --launcher accelerate -- --num_processes 8" in text
+    assert f"rendered axolotl.yaml: {out / 'dry-run' / 'axolotl-seed-0.yaml'}" in text
     config = yaml.safe_load((out / "dry-run" / "axolotl-seed-0.yaml").read_text())
     assert config["base_model"] == "Qwen/Qwen3-14B" and config["sequence_len"] == 32768
     assert config["excess_length_strategy"] == "raise" and config["fsdp_version"] == 2
     assert not list(out.glob("generate*")) and not (out / "train").exists()  # nothing ran
+
+
+def test_the_after_arm_evaluates_the_model_training_leaves(tmp_path: Path) -> None:
+    """A LoRA template leaves its merged model: the after arm's plan must name that folder."""
+    for template, leaves in (("qwen3-14b-lora-32k.yaml", "model/merged"), ("qwen3-14b-fsdp2-32k.yaml", "model")):
+        recipe = load_recipe(REPO / "recipes" / "qwen3-14b-30k.yaml",
+                             [f"output_dir={tmp_path}", f"train.template=../axolotl_configs/{template}"])
+        plan = evaluate.plan(recipe, "after", 0)
+        assert plan.model == str(tmp_path / "train" / "seed-0" / leaves), template
 
 
 @pytest.mark.engine

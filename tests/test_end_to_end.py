@@ -14,9 +14,8 @@ import pytest
 from length_control import pipeline, report
 from length_control.artifacts import fingerprint
 from length_control.evaluate import summarize
-from length_control.recipe import load_recipe
 
-from conftest import REPO
+from conftest import demo_recipe
 
 pytestmark = pytest.mark.engine
 
@@ -28,7 +27,7 @@ def _manifest(path: Path) -> dict:
 
 
 def test_the_demo_loop(tmp_path: Path) -> None:
-    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [
+    recipe = demo_recipe([
         f"output_dir={tmp_path}", "train.seeds=[0,1]",
         # A weaker stage 2 than the demo's (the loss of a batch of 4 is mostly its SFT rows'),
         # so that the closed loop has a second round to run, whatever that does to the score.

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from length_control import generate
+from length_control import contracts, demo, generate
 from length_control.engine import EngineError, OpenAIEngine
 from length_control.envs import engine_bin, engine_environ
 from length_control.policy import load_tokenizer, policy_path
@@ -34,21 +34,21 @@ OVERRIDES = ["budget=104", "generation.shard_size=48"]
 
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory) -> Path:
-    recipe = load_recipe(RECIPE, [*OVERRIDES, f"output_dir={tmp_path_factory.mktemp('gen-a')}"])
-    generate.run(recipe)
+    recipe = demo.resolve(load_recipe(RECIPE, [*OVERRIDES, f"output_dir={tmp_path_factory.mktemp('gen-a')}"]))
+    generate.run(generate.plan(recipe))
     return recipe.output_dir / "generate"
 
 
 @pytest.fixture(scope="module")
 def recipe_a(run_a: Path):
-    return load_recipe(RECIPE, [*OVERRIDES, f"output_dir={run_a.parent}"])
+    return demo.resolve(load_recipe(RECIPE, [*OVERRIDES, f"output_dir={run_a.parent}"]))
 
 
 def test_traces_follow_the_contract(run_a: Path, recipe_a) -> None:
     tokenizer = load_tokenizer(policy_path(recipe_a.model))
     think = ThinkTokens(tokenizer, recipe_a.model.think)
     prompts = {p["id"]: p for p in generate.load_prompts(recipe_a)}
-    traces = generate.read_shards(run_a, "traces")
+    traces = contracts.read_shards(run_a, "traces")
     assert len(traces) == len(prompts) * recipe_a.generation.samples_per_prompt
     assert len({t["seed"] for t in traces}) == len(traces)  # one seed per request
     for trace in traces:
@@ -73,8 +73,8 @@ def test_both_cases_are_closed_and_answered(run_a: Path, recipe_a) -> None:
     tokenizer = load_tokenizer(policy_path(recipe_a.model))
     forced = tokenizer.encode(recipe_a.model.think.forced_close, add_special_tokens=False)
     think_close = tokenizer.encode(recipe_a.model.think.close, add_special_tokens=False)
-    traces = {(t["prompt_id"], t["sample"]): t for t in generate.read_shards(run_a, "traces")}
-    answers = generate.read_shards(run_a, "answers")
+    traces = {(t["prompt_id"], t["sample"]): t for t in contracts.read_shards(run_a, "traces")}
+    answers = contracts.read_shards(run_a, "answers")
     overrun = {key for key, t in traces.items() if t["finish_reason"] == "length"}
     assert {(a["prompt_id"], a["sample"]) for a in answers} == overrun
     cases = {1: 0, 2: 0}
@@ -92,12 +92,12 @@ def test_both_cases_are_closed_and_answered(run_a: Path, recipe_a) -> None:
     manifest = (run_a / "manifest.json").read_text()
     assert f'"case1": {cases[1]}' in manifest and f'"case2": {cases[2]}' in manifest
     # Stage 2 places the termination from these ids alone.
-    assert generate.read_termination(run_a) == ThinkTokens(tokenizer, recipe_a.model.think).termination()
+    assert contracts.read_termination(run_a) == ThinkTokens(tokenizer, recipe_a.model.think).termination()
 
 
 def test_a_rerun_skips_the_finished_stage(run_a: Path, recipe_a) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in run_a.iterdir()}
-    generate.run(recipe_a)
+    generate.run(generate.plan(recipe_a))
     assert {p.name: p.stat().st_mtime_ns for p in run_a.iterdir()} == before
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from length_control import pipeline
+import pytest
+
+from length_control import demo, generate, pipeline
+from length_control.artifacts import MANIFEST, write_json_atomic
 from length_control.recipe import LoopSpec, load_recipe
 
 from conftest import REPO
@@ -27,12 +30,23 @@ def test_the_loop_goes_on_above_the_target_and_stops_at_it_or_at_the_guard() -> 
 
 
 def test_a_round_takes_the_previous_model_as_its_policy(tmp_path: Path) -> None:
-    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}", "loop.until_overlong=0.01"])
+    recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml",
+                                      [f"output_dir={tmp_path}", "loop.until_overlong=0.01"]), build=False)
     model = tmp_path / "train" / "seed-0" / "model"
     model.mkdir(parents=True)
-    (model.parent / "axolotl.yaml").write_text(f"output_dir: {model}\n")
+    write_json_atomic(model.parent / MANIFEST, {"output": "x", "summary": {"model": str(model)}})
     this = pipeline.round_recipe(recipe, recipe, 2)
     assert this.output_dir == tmp_path / "rounds" / "2"
     assert this.model.path == model and this.model.demo is None and this.model.think == recipe.model.think
     assert this.eval.arms == ["after"] and this.train.seeds == recipe.train.seeds
     assert this.splice.sft_mix.dataset.path.name == "stage1_sft.parquet"  # the demo's own SFT set, by path
+
+
+def test_the_demo_resolves_to_a_plain_model_folder(tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}"])
+    resolved = demo.resolve(recipe, build=False)
+    assert resolved.model.demo is None and resolved.model.path.name == "model"
+    assert resolved.splice.sft_mix.dataset.path == resolved.model.path.parent / "stage1_sft.parquet"
+    assert not resolved.model.path.parent.exists() or (resolved.model.path.parent / "build.json").is_file()
+    with pytest.raises(ValueError, match="demo.resolve"):
+        generate.plan(recipe)  # a core stage never builds the demo itself

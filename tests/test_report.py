@@ -32,7 +32,7 @@ def test_report_layout_and_figures(tmp_path: Path) -> None:
                                             ("demo", "b", 300, False, False), ("demo", "b", 300, False, False)])
     _samples(tmp_path / "eval" / "after" / "seed-0", [("demo", "a", 50, True, True), ("demo", "a", 60, True, True),
                                                       ("demo", "b", 199, True, False), ("demo", "b", 300, False, False)])
-    text = report.run(recipe)
+    text = report.run(report.plan(recipe))
     row = report.build(recipe)["benchmarks"]["demo"]
     assert row["score_before"] == 0.25 and row["score_after"] == 0.5  # pass@1 averaged per problem
     assert row["score_relative_change"] == 1.0

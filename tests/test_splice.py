@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from length_control import demo_task
-from length_control.demo_model import build_tokenizer
+from length_control.demo import task as demo_task
+from length_control.demo.model import build_tokenizer
 from length_control.recipe import DemoModelSpec, SpliceSpec, ThinkTags
 from length_control.splice import IGNORE, Row, splice_row, write_dataset
 from length_control.think import ThinkTokens
@@ -118,7 +118,7 @@ def test_drops_are_explicit(think: ThinkTokens) -> None:
 
 def test_a_generate_folder_without_termination_ids_names_the_fix(tmp_path: Path) -> None:
     from length_control.artifacts import MissingInput
-    from length_control.generate import read_termination
+    from length_control.contracts import read_termination
 
     with pytest.raises(MissingInput, match="--from generate"):
         read_termination(tmp_path)
@@ -149,7 +149,7 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
 
     import yaml
 
-    from length_control.demo_model import cached_build
+    from length_control.demo.model import cached_build
     from length_control.envs import engine_bin, engine_environ
     from length_control.train import render_config
 
@@ -200,7 +200,7 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
 
     from rich.console import Console
 
-    from length_control import inspect
+    from length_control import inspect_rows
 
     tokenizer = think.tokenizer
     tokenizer.save_pretrained(tmp_path / "tok")
@@ -218,11 +218,11 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     (tmp_path / "stage2" / "manifest.json").write_text(json.dumps({"summary": {"tokenizer": str(tmp_path / "tok"),
                                                                              "no_answer": 2}}))
     console = Console(record=True, width=120)
-    inspect.show(tmp_path / "stage2", row=0, console=console)
+    inspect_rows.show(tmp_path / "stage2", row=0, console=console)
     text = console.export_text()
     close_at = len(prompt) + len(thinking) + len(think.forced_close_ids) - len(think.close_ids)
     assert f"trained positions {close_at}" in text and f"[{close_at}]</" in text
     assert "[... " in text  # the long reasoning is elided in the middle
     assert "length  case 1: 1 rows" in text and "dropped: {'no_answer': 2}" in text
     with pytest.raises(IndexError, match="rows 0..0"):
-        inspect.show(tmp_path / "stage2", row=5, console=console)
+        inspect_rows.show(tmp_path / "stage2", row=5, console=console)

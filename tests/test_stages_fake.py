@@ -15,8 +15,9 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from length_control import demo_task, evaluate, generate
-from length_control.demo_model import build_tokenizer
+from length_control import contracts, evaluate, generate
+from length_control.demo import task as demo_task
+from length_control.demo.model import build_tokenizer
 from length_control.engine import Engine, EngineError, OpenAIEngine, SharedEngine, VLLMEngine
 from length_control.fake_engine import UNLIKELY, ScriptedEngine, transcripts
 from length_control.policy import load_tokenizer
@@ -170,9 +171,9 @@ def generated(tmp_path_factory, policy: Path, ids: Ids) -> Generated:
     """One generate run over LONG (case 1), CUT (case 2) and SHORT (ends within B)."""
     recipe = make_recipe(tmp_path_factory.mktemp("generate"), policy, [LONG, CUT, SHORT])
     engine = ScriptedEngine(transcripts(ids.script()))
-    summary = generate.run(recipe, engine=engine)
+    summary = generate.run(generate.plan(recipe), engine=engine)
     folder = recipe.output_dir / "generate"
-    traces, answers = generate.read_shards(folder, "traces"), generate.read_shards(folder, "answers")
+    traces, answers = contracts.read_shards(folder, "traces"), contracts.read_shards(folder, "answers")
     answer_requests = [r for r in engine.requests if r["max_tokens"] == ANSWER_MAX_TOKENS]  # traces get B
     return Generated(recipe, summary, by_id(traces), by_id(answers), by_id(answer_requests, "key"))
 
@@ -228,16 +229,16 @@ def test_a_crashed_run_resumes_at_the_missing_shard_with_the_same_files(tmp_path
         return script(context)
 
     whole = make_recipe(tmp_path / "whole", policy, prompts)
-    generate.run(whole, engine=ScriptedEngine(script))
+    generate.run(generate.plan(whole), engine=ScriptedEngine(script))
     crashed = make_recipe(tmp_path / "crashed", policy, prompts)
     with pytest.raises(EngineError):
-        generate.run(crashed, engine=ScriptedEngine(dies_at_cut))
+        generate.run(generate.plan(crashed), engine=ScriptedEngine(dies_at_cut))
     folder = crashed.output_dir / "generate"
     assert sorted(p.name for p in folder.glob("*.parquet")) == ["answers-00000.parquet", "traces-00000.parquet"]
     assert not (folder / "manifest.json").exists()
 
     resumed = ScriptedEngine(script)
-    generate.run(crashed, engine=resumed)
+    generate.run(generate.plan(crashed), engine=resumed)
     # Only the second shard is asked for: CUT's trace, then its answer.
     assert [(r["key"], r["prompt_token_ids"]) for r in resumed.requests] == [
         ("prompts/cut#0", cut_prompt), ("prompts/cut#0", cut_prompt + ids.cut[:BUDGET])]
@@ -252,7 +253,7 @@ def test_a_finished_stage_reruns_without_the_engine(generated) -> None:
     folder = generated.recipe.output_dir / "generate"
     files = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     untouched = ScriptedEngine(lambda context: pytest.fail("the finished stage asked the engine"))
-    assert generate.run(generated.recipe, engine=untouched) == generated.summary
+    assert generate.run(generate.plan(generated.recipe), engine=untouched) == generated.summary
     assert untouched.calls == 0
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == files
 
@@ -273,7 +274,7 @@ def samples_of(recipe: Recipe, arm: str) -> dict[str, dict]:
 def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, policy: Path, ids: Ids) -> None:
     recipe = make_recipe(tmp_path, policy, EVALS)
     engine = ScriptedEngine(transcripts(ids.script()))
-    metrics = evaluate.run(recipe, "forced", engine=engine)
+    metrics = evaluate.run(evaluate.plan(recipe, "forced"), engine=engine)
 
     prompt = {name: ids.prompt(question) for name, question, _ in EVALS}
     room = {name: CONTEXT_LIMIT - len(p) for name, p in prompt.items()}
@@ -315,7 +316,7 @@ def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, polic
 def test_the_before_arm_counts_overlong_samples_and_probes_them(tmp_path: Path, policy: Path, ids: Ids) -> None:
     recipe = make_recipe(tmp_path, policy, EVALS)
     engine = ScriptedEngine(transcripts(ids.script()))
-    metrics = evaluate.run(recipe, "before", engine=engine)["benchmarks"]["evals"]
+    metrics = evaluate.run(evaluate.plan(recipe, "before"), engine=engine)["benchmarks"]["evals"]
 
     samples = samples_of(recipe, "before")
     long_room = CONTEXT_LIMIT - len(ids.prompt(LONG[1]))

@@ -16,10 +16,9 @@ import yaml
 from length_control import generate, splice, train
 from length_control.envs import engine_bin, engine_environ
 from length_control.policy import policy_path
-from length_control.recipe import load_recipe
 from length_control.train import render_config
 
-from conftest import REPO
+from conftest import REPO, demo_recipe
 
 pytestmark = pytest.mark.engine
 
@@ -58,9 +57,9 @@ def test_template_renders_and_validates(template: str, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory) -> Path:
     """A run folder with generated traces and a stage-2 dataset (no training yet)."""
-    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path_factory.mktemp('stage2')}"])
-    generate.run(recipe)
-    splice.run(recipe)
+    recipe = demo_recipe([f"output_dir={tmp_path_factory.mktemp('stage2')}"])
+    generate.run(generate.plan(recipe))
+    splice.run(splice.plan(recipe))
     return recipe.output_dir
 
 
@@ -93,9 +92,9 @@ def test_training_moves_the_termination_not_the_reasoning(stage2: Path, template
     overrides = [f"output_dir={run}", f"train.template=../axolotl_configs/{template}"]
     if "lora" in template:
         overrides.append("train.overrides={num_epochs: 3}")  # the template's own learning rate
-    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides + ["train.seeds=[0]"])
-    summary = train.run_seed(recipe, 0)
-    model = train.trained_model(recipe, 0)
+    recipe = demo_recipe(overrides + ["train.seeds=[0]"])
+    summary = train.run(train.plan(recipe, 0))
+    model = train.model_of(run / "train" / "seed-0")
     assert (model / "config.json").is_file() and summary["steps"] > 0
     if "lora" in template:
         assert model.name == "merged" and (run / "train" / "seed-0" / "merge.log").is_file()
@@ -111,8 +110,7 @@ def test_a_rewritten_dataset_is_prepared_anew(tmp_path: Path) -> None:
     """Axolotl keys its prepared data by path; ours is keyed by content, so a rewrite is seen."""
     import pyarrow as pa
 
-    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml")
-    model = policy_path(recipe.model)
+    model = policy_path(demo_recipe([]).model)
     rows = tmp_path / "rows.parquet"
     prepared = []
     for version in (1, 2):

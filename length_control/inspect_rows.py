@@ -16,7 +16,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-IGNORE = -100
+from length_control.artifacts import MANIFEST
+from length_control.contracts import IGNORE, META, ROWS
+
 
 
 def show(folder: Path, *, row: int = 0, tokenizer: str | None = None, console: Console | None = None) -> None:
@@ -26,9 +28,9 @@ def show(folder: Path, *, row: int = 0, tokenizer: str | None = None, console: C
 
     console = console or Console()
     folder = Path(folder)
-    rows = pq.read_table(folder / "rows.parquet")
-    meta = pq.read_table(folder / "meta.parquet").to_pylist()
-    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+    rows = pq.read_table(folder / ROWS)
+    meta = pq.read_table(folder / META).to_pylist()
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
     summary = manifest.get("summary", {})
     tok = load_tokenizer(tokenizer or summary["tokenizer"])
     if not 0 <= row < rows.num_rows:

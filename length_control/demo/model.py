@@ -4,7 +4,7 @@
 
 Builds, from nothing but this repo, what the Hermes 4 14B stage-1 model is in
 miniature: a byte-level BPE tokenizer with a ChatML template and think tags,
-and a small Qwen2 model trained on the demo task (`demo_task.py`) to think
+and a small Qwen2 model trained on the demo task (`demo/task.py`) to think
 inside `<think> ... </think>` and then answer (also after a `</think>` it did
 not write itself, as stage 2's forced close needs). Its thinking grows with the
 problem, so on long problems it runs past the demo's context limit, as the
@@ -34,7 +34,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from length_control import chat, demo_task
+from length_control import chat
+from length_control.demo import task as demo_task
 from length_control.artifacts import write_json_atomic
 from length_control.envs import cache_dir
 from length_control.recipe import DemoModelSpec, ThinkTags

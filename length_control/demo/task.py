@@ -145,7 +145,7 @@ def sft_conversation(problem: Problem, think_open: str, think_close: str) -> lis
 
 
 # Shipped prompt sets (prompts_sources/data/), regenerated with
-#   python -m length_control.demo_task prompts_sources/data
+#   python -m length_control.demo.task prompts_sources/data
 # (count, seed, prefix, kinds). Seeds differ from the stage-1 SFT set's, so no eval
 # problem is a training one by construction; each eval set holds one kind, one report row each.
 SHIPPED = {

@@ -1,0 +1,240 @@
+"""The run's contracts: where every stage writes, and what its records hold.
+
+A run folder, from the recipe's `output_dir`:
+
+    generate/             traces-NNNNN.parquet, answers-NNNNN.parquet, termination.json
+    stage2/               rows.parquet (Axolotl's pre-tokenized rows), meta.parquet
+    train/seed-<s>/       axolotl.yaml, train.log, model/  (one per stage-2 seed)
+    eval/before/  eval/forced/  eval/after/seed-<s>/    samples.parquet, probe.parquet, metrics.json
+    report/               report.md, report.json, thinking_lengths.png
+    rounds/<n>/           round n >= 2 of a closed loop: a run folder of its own
+    logs/  prepared/  sft_mix/  dry-run/
+
+Every stage folder ends with `manifest.json` (`artifacts.Stage`), and a
+stage finds its inputs by reading its upstream's manifest. Records are
+Arrow tables with the schemas below, token ids as int32 lists: token ids
+are the truth between stages, text is for people. Readers and writers
+here stream and write atomically; no stage writes or parses another's
+files by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from length_control.artifacts import MANIFEST, MissingInput, atomic_path, finished_output, write_json_atomic
+from length_control.think import Termination
+
+if TYPE_CHECKING:
+    from length_control.recipe import Recipe
+
+ARMS = ("before", "after", "forced")
+
+# ---------------------------------------------------------------- the run folder
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every stage folder and file of one run, from its `output_dir`."""
+
+    root: Path
+
+    @property
+    def generate(self) -> Path:
+        return self.root / "generate"
+
+    @property
+    def stage2(self) -> Path:
+        return self.root / "stage2"
+
+    def train(self, seed: int) -> Path:
+        return self.root / "train" / f"seed-{seed}"
+
+    def eval(self, arm: str, seed: int | None = None) -> Path:
+        """The after arm has one folder per stage-2 seed; before and forced are shared."""
+        if arm not in ARMS:
+            raise ValueError(f"no arm {arm!r}; use one of {', '.join(ARMS)}")
+        if (arm == "after") != (seed is not None):
+            raise ValueError("the after arm needs a stage-2 seed; before and forced take none")
+        base = self.root / "eval" / arm
+        return base / f"seed-{seed}" if arm == "after" else base
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    def round(self, number: int) -> RunLayout:
+        """Round `number` (>= 2) of a closed loop; round 1 is the run folder itself."""
+        return RunLayout(self.root / "rounds" / str(number))
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def prepared(self, seed: int) -> Path:
+        """Axolotl's prepared-data cache of one training seed."""
+        return self.root / "prepared" / f"seed-{seed}"
+
+    @property
+    def sft_mix_copy(self) -> Path:
+        """A Hub SFT set, fetched once per run folder."""
+        return self.root / "sft_mix" / "source.parquet"
+
+    @property
+    def dry_run(self) -> Path:
+        return self.root / "dry-run"
+
+
+# File names inside the stage folders.
+TERMINATION = "termination.json"
+ROWS = "rows.parquet"
+META = "meta.parquet"
+SAMPLES = "samples.parquet"
+PROBE = "probe.parquet"
+METRICS = "metrics.json"
+AXOLOTL_CONFIG = "axolotl.yaml"
+
+# ---------------------------------------------------------------- schemas
+
+IDS = pa.list_(pa.int32())
+
+TRACES = pa.schema([
+    ("prompt_id", pa.string()), ("sample", pa.int32()), ("prompt_token_ids", IDS), ("output_token_ids", IDS),
+    ("finish_reason", pa.string()),
+    ("think_close", pa.int32()),  # index of the first close-tag token in the output, or null
+    ("seed", pa.int64()),
+])
+"""A generate trace: the policy's first pass, at most B output tokens."""
+
+ANSWERS = pa.schema([
+    ("prompt_id", pa.string()), ("sample", pa.int32()),
+    ("case", pa.int8()),  # 1: no close within B, forced; 2: closed within B, the answer was cut
+    ("close_token_ids", IDS),  # the forced close (case 1) or the policy's own close tokens (case 2)
+    ("answer_token_ids", IDS), ("finish_reason", pa.string()),
+])
+"""The answer pass of a trace that ran into B."""
+
+ROWS_SCHEMA = pa.schema([("input_ids", IDS), ("attention_mask", IDS), ("labels", IDS)])
+"""A stage-2 row, exactly Axolotl's pre-tokenized format (labels IGNORE where no loss)."""
+IGNORE = -100  # the label of a token that carries no loss
+
+META_SCHEMA = pa.schema([
+    ("kind", pa.string()),  # "length" (a spliced trace) or "sft" (a stage-1 conversation)
+    ("prompt_id", pa.string()), ("sample", pa.int32()), ("case", pa.int8()),
+    ("span_start", pa.int32()), ("span_end", pa.int32()),  # input_ids[start:end] holds every trained token
+])
+"""Per stage-2 row, in the same order: where it came from."""
+
+SAMPLES_SCHEMA = pa.schema([
+    ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),
+    ("prompt_tokens", pa.int32()), ("prompt_token_ids", IDS), ("output_token_ids", IDS),
+    ("finish_reason", pa.string()),
+    ("thinking_tokens", pa.int32()),  # output tokens before the close, or all of them when it never closed
+    ("closed_think", pa.bool_()), ("overlong", pa.bool_()),
+    ("extracted", pa.string()), ("correct", pa.bool_()), ("why", pa.string()),
+])
+"""One eval sample: what the model wrote and how it was graded."""
+
+PROBE_SCHEMA = pa.schema([
+    ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),
+    ("close_nll", pa.float64()), ("greedy_close", pa.bool_()),
+])
+"""The termination probe on one held-out trace that ran past B."""
+
+# ---------------------------------------------------------------- readers and writers
+
+
+def write_records(path: Path, records: list[dict[str, Any]], schema: pa.Schema) -> None:
+    """One table, written atomically (a reader sees the old file or the whole new one)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
+
+
+def read_records(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    return pq.read_table(path, columns=columns).to_pylist()
+
+
+def shard_path(folder: Path, kind: str, index: int) -> Path:
+    """Shard `index` of the generate stage's "traces" or "answers"."""
+    return Path(folder) / f"{kind}-{index:05d}.parquet"
+
+
+def shard_pairs(folder: Path) -> Iterator[tuple[Path, Path]]:
+    """(traces, answers) shard paths of a generate folder, in order."""
+    for traces in sorted(Path(folder).glob("traces-*.parquet")):
+        yield traces, traces.with_name(traces.name.replace("traces-", "answers-"))
+
+
+def read_shards(folder: Path, kind: str) -> list[dict[str, Any]]:
+    """All records of one kind ("traces" or "answers"), in shard order (small runs and tests)."""
+    return [record for path in sorted(Path(folder).glob(f"{kind}-*.parquet")) for record in read_records(path)]
+
+
+def write_termination(folder: Path, termination: Termination) -> None:
+    write_json_atomic(Path(folder) / TERMINATION, asdict(termination))
+
+
+def read_termination(folder: Path) -> Termination:
+    """The ids stage 2 places the termination with, as the generate stage wrote them."""
+    path = Path(folder) / TERMINATION
+    if not path.is_file():
+        raise MissingInput(f"{path} is missing: {folder} was written by an older length-control; "
+                           "redo it with `length-control run RECIPE --from generate`")
+    return Termination(**json.loads(path.read_text()))
+
+
+def id_lists(column: pa.ListArray):
+    """Row i of an Arrow list<int32> column as a numpy view (no copy, no Python ints)."""
+    values = column.values.to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy()
+    return lambda i: values[offsets[i] : offsets[i + 1]]
+
+
+# ---------------------------------------------------------------- plans and manifests
+
+
+@dataclass
+class Plan:
+    """One stage of one run, decided before it runs.
+
+    Every stage module has `plan(recipe, ...) -> Plan` and `run(plan) ->
+    summary`; the pipeline runs plans and `run --dry-run` prints them, so
+    what a dry run shows is what runs. `inputs` are the upstream stage
+    folders it reads (their manifests), `steps` are for people (the engine
+    processes, request settings, exact commands), `configs` the files the
+    stage renders, by name (written into `folder` when it runs).
+    """
+
+    stage: str
+    recipe: Recipe
+    folder: Path
+    inputs: dict[str, Path] = field(default_factory=dict)
+    model: str = ""  # the model the stage runs or trains
+    arm: str | None = None
+    seed: int | None = None  # the stage-2 training seed (train, eval after)
+    steps: list[str] = field(default_factory=list)
+    configs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.stage + (f" seed {self.seed}" if self.seed is not None else "")
+
+    def describe(self) -> str:
+        lines = [f"[{self.label}] -> {self.folder}"]
+        if self.model:
+            lines.append(f"  model: {self.model}")
+        lines += [f"  reads {name}: {folder}" for name, folder in self.inputs.items()]
+        return "\n".join(lines + [f"  {step}" for step in self.steps])
+
+
+
+def upstream(folder: Path) -> dict[str, Any]:
+    """A finished stage's manifest: `output` (its fingerprint, the next stage's input) and `summary`."""
+    finished_output(folder)  # raises MissingInput, naming the stage to run, when unfinished
+    return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
