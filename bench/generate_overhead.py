@@ -114,7 +114,7 @@ def main() -> None:
                              [f"generation.samples_per_prompt={args.samples}", f"output_dir={scratch}/run"]))
         tokenizer = load_tokenizer(policy_path(recipe.model))
         think = ThinkTokens(tokenizer, recipe.model.think)
-        requests = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))
+        requests, _ = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))
         times = {"bare vLLM": [], "toolkit": []}
         for round_ in range(args.rounds):
             times["bare vLLM"].append(bare(recipe, requests, think, Path(scratch)))

@@ -97,7 +97,7 @@ def main() -> None:
     model = policy_path(recipe.model)
     tokenizer = load_tokenizer(model)
     think = ThinkTokens(tokenizer, recipe.model.think)
-    requests = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))
+    requests, _ = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))
     job = {
         "model": model, "max_model_len": recipe.context_limit, "budget": recipe.budget, "rounds": rounds,
         "prompts": [r["prompt_token_ids"] for r in requests], "forced_ids": think.forced_close_ids,

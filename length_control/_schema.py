@@ -18,8 +18,10 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo
 
+from length_control.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A YAML file that does not describe a valid config: one line per problem."""
 
     def __init__(self, file: Path | str, problems: list[str]) -> None:

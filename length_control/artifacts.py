@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from length_control.errors import UserError
+
 MANIFEST = "manifest.json"
 
 # Files larger than this are fingerprinted by size and mtime, not content:
@@ -114,7 +116,7 @@ def summary_line(summary: dict[str, Any]) -> str:
     return ", ".join(f"{key} {value}" for key, value in summary.items())
 
 
-class MissingInput(FileNotFoundError):
+class MissingInput(UserError, FileNotFoundError):
     """A stage's input is not there (yet); the message names the command that makes it."""
 
 

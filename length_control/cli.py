@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from length_control._schema import ConfigError
-from length_control.artifacts import MissingInput
+from length_control.errors import UserError
 from length_control.recipe import Recipe, load_recipe
 
 
@@ -178,10 +178,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # `key=value` overrides may come anywhere on the line, after flags too (`run R --dry-run budget=100`)
+    args, extra = parser.parse_known_args(argv)
+    stray = [token for token in extra if token.startswith("-") or "=" not in token or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
-    except (ConfigError, MissingInput) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

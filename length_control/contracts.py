@@ -234,6 +234,21 @@ class Plan:
 
 
 
+def source_inputs(name: str, definitions: list[Path]) -> dict[str, Path]:
+    """A stage's inputs for the sources it reads: each definition file and the local data file it names,
+    so that editing a data file makes the stage stale. (A Hub dataset is named by id, config and split in
+    its definition; its revision is not resolved offline.)"""
+    from length_control.sources import load_source_spec
+
+    inputs = {}
+    for i, definition in enumerate(definitions):
+        inputs[f"{name}{i}"] = Path(definition)
+        data = load_source_spec(definition).dataset.path
+        if data is not None and Path(data).is_file():
+            inputs[f"{name}{i}_data"] = Path(data)
+    return inputs
+
+
 def upstream(folder: Path) -> dict[str, Any]:
     """A finished stage's manifest: `output` (its fingerprint, the next stage's input) and `summary`."""
     finished_output(folder)  # raises MissingInput, naming the stage to run, when unfinished

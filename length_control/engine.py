@@ -409,6 +409,11 @@ def engine_for(recipe, model: str, *, log_name: str, shared: SharedEngine | None
     return contextlib.nullcontext(shared) if shared is not None else open_engine(recipe, model, log_name=log_name)
 
 
+def model_len(recipe) -> int:
+    """The engine's input+output token limit: `engine.vllm.max_model_len`, else the eval context limit."""
+    return recipe.engine.vllm.max_model_len or recipe.context_limit
+
+
 def open_engine(recipe, model: str, *, log_name: str):
     """The engine the recipe names, for `model` (a context manager)."""
     if recipe.engine.kind == "openai":
@@ -416,7 +421,7 @@ def open_engine(recipe, model: str, *, log_name: str):
     options = recipe.engine.vllm
     return VLLMEngine(
         model,
-        max_model_len=options.max_model_len or recipe.context_limit,
+        max_model_len=model_len(recipe),
         options=options,
         dtype=recipe.model.dtype,
         log_path=RunLayout(recipe.output_dir).log(log_name),

@@ -22,6 +22,7 @@ from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import METRICS, PROBE, PROBE_SCHEMA, SAMPLES, SAMPLES_SCHEMA, Plan, RunLayout
 from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request
+from length_control.errors import DataError, EmptyOutput
 from length_control.grading import grade_many
 from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
@@ -69,7 +70,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     stage = Stage(
         folder,
         inputs={"model": model_input(plan.model)}
-        | {f"set{i}": s.source for i, s in enumerate(recipe.eval.sets)}
+        | contracts.source_inputs("set", [s.source for s in recipe.eval.sets])
         | ({"probe_traces": upstream["probe traces"]} if "probe traces" in upstream else {}),
         config={
             "context_limit": recipe.context_limit,
@@ -85,21 +86,24 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(plan.model)
     think = ThinkTokens(tokenizer, recipe.model.think)
-    problems, requests = [], []
+    problems, requests, too_long = [], [], {}
     for eval_set in recipe.eval.sets:
         spec = load_source_spec(eval_set.source)
+        too_long[spec.name] = []
         for prompt in build_prompts(spec, read_rows(spec)):
             prompt_ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)[
                 "input_ids"
             ]
             room = recipe.context_limit - len(prompt_ids)
             if room <= 0:
-                raise ValueError(f"{prompt['id']}: the prompt ({len(prompt_ids)} tokens) fills the context limit")
+                too_long[spec.name].append(prompt["id"])
+                continue
             problems.append((spec, prompt, prompt_ids, eval_set.samples_per_problem))
             requests += [sample_request(prompt["id"], sample, prompt_ids, max_tokens=room, run_seed=recipe.seed,
                                         sampling=recipe.eval.sampling)
                          for sample in range(eval_set.samples_per_problem)]
 
+    _check_room(too_long, {spec.name for spec, *_ in problems}, recipe)
     with engine_for(recipe, plan.model, log_name=_log_name(arm, plan.seed), shared=engine) as engine:
         if arm == "forced":
             results = _forced(engine, requests, recipe, think)
@@ -117,9 +121,24 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     if probe is not None:
         contracts.write_records(folder / PROBE, probe, PROBE_SCHEMA)
     metrics = summarize(samples, context_limit=recipe.context_limit, probe=probe)
+    for name, dropped in too_long.items():
+        metrics["benchmarks"][name]["prompts_too_long"] = len(dropped)
     write_json_atomic(folder / METRICS, metrics)
     stage.finish(**metrics)
     return metrics
+
+
+def _check_room(too_long: dict[str, list[str]], kept: set[str], recipe: Recipe) -> None:
+    """Prompts that fill the context limit are dropped and counted, unless the recipe makes them an error;
+    a benchmark left with no problem is an error either way."""
+    fix = f"raise context_limit ({recipe.context_limit}) or shorten the prompts"
+    empty = [name for name in too_long if name not in kept]
+    if empty:
+        raise EmptyOutput(f"eval sets {', '.join(empty)}: every prompt fills the context limit; {fix}")
+    dropped = {name: ids for name, ids in too_long.items() if ids}
+    if dropped and recipe.eval.on_long_prompt == "error":
+        raise DataError("eval.sets", [f"{name}: {len(ids)} prompts fill the context limit (e.g. {', '.join(ids[:3])}); "
+                                      f"{fix}, or set eval.on_long_prompt: drop" for name, ids in dropped.items()])
 
 
 def plans(recipe: Recipe, arm: str) -> list[Plan]:

@@ -33,7 +33,8 @@ from typing import Any
 from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, shard_path
-from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request
+from length_control.engine import Engine, answer_request, engine_for, model_len, open_engine, sample_request
+from length_control.errors import DataError
 from length_control.policy import load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
@@ -69,14 +70,30 @@ def load_prompts(recipe: Recipe) -> list[dict[str, Any]]:
     return prompts
 
 
-def trace_requests(recipe: Recipe, tokenizer, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    requests = []
+def trace_requests(recipe: Recipe, tokenizer, prompts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The first pass's requests, and how many prompts were dropped for having no room at B.
+
+    A prompt needs room for B thinking tokens, the forced close and at least
+    one answer token within the engine's max_model_len: else the engine cuts
+    the trace before B, and closing it there would train the close at the
+    wrong place.
+    """
+    requests, too_long = [], []
+    room_needed = recipe.budget + len(tokenizer.encode(recipe.model.think.forced_close, add_special_tokens=False)) + 1
     for prompt in prompts:
         ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
+        if len(ids) + room_needed > model_len(recipe):
+            too_long.append(prompt["id"])
+            continue
         requests += [sample_request(prompt["id"], sample, ids, max_tokens=recipe.budget, run_seed=recipe.seed,
                                     sampling=recipe.generation.sampling)
                      for sample in range(recipe.generation.samples_per_prompt)]
-    return requests
+    if too_long and recipe.generation.on_long_prompt == "error":
+        raise DataError("prompts", [f"{len(too_long)} prompts (e.g. {', '.join(too_long[:3])}) leave no room for "
+                                    f"B = {recipe.budget} thinking tokens, the forced close and an answer within "
+                                    f"max_model_len {model_len(recipe)}; raise engine.vllm.max_model_len, lower "
+                                    "budget, or set generation.on_long_prompt: drop"])
+    return requests, len(too_long)
 
 
 def _stage(plan: Plan) -> Stage:
@@ -84,7 +101,7 @@ def _stage(plan: Plan) -> Stage:
     return Stage(
         plan.folder,
         inputs={"model": model_input(plan.model)}
-        | {f"source{i}": ref.source for i, ref in enumerate(recipe.prompts.sources)},
+        | contracts.source_inputs("source", [ref.source for ref in recipe.prompts.sources]),
         config={
             "records": RECORDS_VERSION,
             "budget": recipe.budget,
@@ -107,7 +124,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(plan.model)
     think = ThinkTokens(tokenizer, recipe.model.think)
-    requests = trace_requests(recipe, tokenizer, load_prompts(recipe))
+    requests, too_long = trace_requests(recipe, tokenizer, load_prompts(recipe))
     size = recipe.generation.shard_size
     shards = [requests[i : i + size] for i in range(0, len(requests), size)]
     todo = [i for i in range(len(shards)) if not shard_path(folder, "traces", i).is_file()]
@@ -116,7 +133,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
             for i in todo:
                 _generate_shard(engine, shards[i], i, len(shards), recipe, think, folder)
     contracts.write_termination(folder, think.termination())
-    summary = summarize(folder) | {"model": plan.model}
+    summary = summarize(folder) | {"prompts_too_long": too_long, "model": plan.model}
     stage.finish(**summary)
     return summary
 
@@ -164,12 +181,13 @@ def _answer_requests(requests: list[dict[str, Any]], traces: list[dict[str, Any]
             continue  # ended within B: not a stage-2 sample
         output = trace["output_token_ids"]
         closed = close_at_budget(output, recipe.budget, think.find_close(output), think.forced_close_ids)
+        prefix = closed.prefix()
         answers.append({
             "trace": trace,
             "case": closed.case,
             "close_token_ids": list(closed.close),
-            "request": answer_request(request, closed.prefix(), max_tokens=recipe.generation.answer_max_tokens,
-                                      run_seed=recipe.seed),
+            "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=min(
+                recipe.generation.answer_max_tokens, model_len(recipe) - len(request["prompt_token_ids"]) - len(prefix))),
         })
     return answers
 

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from length_control.artifacts import MANIFEST
 from length_control.contracts import IGNORE, META, ROWS
+from length_control.errors import EmptyOutput, UserError
 
 
 
@@ -33,8 +34,10 @@ def show(folder: Path, *, row: int = 0, tokenizer: str | None = None, console: C
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
     summary = manifest.get("summary", {})
     tok = load_tokenizer(tokenizer or summary["tokenizer"])
+    if rows.num_rows == 0:
+        raise EmptyOutput(f"{folder} has no rows: its splice run kept none (see the counts in its manifest.json)")
     if not 0 <= row < rows.num_rows:
-        raise IndexError(f"--row {row}: the dataset has rows 0..{rows.num_rows - 1}")
+        raise UserError(f"--row {row}: the dataset has rows 0..{rows.num_rows - 1}")
 
     input_ids = rows.column("input_ids")[row].as_py()
     labels = rows.column("labels")[row].as_py()

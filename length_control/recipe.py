@@ -174,6 +174,9 @@ class GenerationSpec(StrictModel):
     sampling: Sampling = Sampling()
     answer_max_tokens: int = Field(4096, gt=0, description="max tokens of the answer pass after the thinking closed")
     shard_size: int = Field(256, ge=1, description="requests per output shard; a killed run resumes by shard")
+    on_long_prompt: Literal["drop", "error"] = Field(
+        "drop", description="a prompt with no room for B thinking tokens, the forced close and an answer within "
+        "the engine's max_model_len: dropped and counted, or an error")
 
 
 class SFTMix(StrictModel):
@@ -223,6 +226,8 @@ class EvalSet(StrictModel):
 class EvalSpec(StrictModel):
     sets: list[EvalSet] = Field(min_length=1)
     sampling: Sampling = Sampling()
+    on_long_prompt: Literal["drop", "error"] = Field(
+        "drop", description="a prompt that fills the context limit: dropped and counted per benchmark, or an error")
     arms: list[Literal["before", "after", "forced"]] = Field(
         ["before", "after", "forced"],
         description="before/after training, and the stage-1 model forced to close at the budget",

@@ -43,6 +43,7 @@ import numpy as np
 from length_control import contracts
 from length_control.artifacts import Stage, atomic_path, tool_versions
 from length_control.contracts import IGNORE, META, META_SCHEMA, ROWS, ROWS_SCHEMA, Plan, RunLayout, id_lists
+from length_control.errors import EmptyOutput
 from length_control.policy import load_tokenizer, policy_path
 from length_control.recipe import Recipe, SpliceSpec
 from length_control.think import Termination, close_at_budget
@@ -139,9 +140,30 @@ def run(plan: Plan) -> dict[str, Any]:
     rows = (row for traces in plan.inputs.values() for row in length_rows(traces, recipe, termination, limit, stats))
     model = policy_path(recipe.model)
     summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, sft_path, limit, stats), stats=stats)
+    if summary["length_rows"] == 0:
+        raise EmptyOutput(_why_empty(stats, plan.inputs["generate"], recipe))
     summary["tokenizer"] = model
     stage.finish(**summary)
     return summary
+
+
+def _why_empty(stats: Counter, generated: Path, recipe: Recipe) -> str:
+    """Why no trace became a stage-2 row, with the setting that changes it."""
+    summary = contracts.upstream(generated)["summary"]
+    lines = [f"stage 2 has no row to train on: of {summary['traces']} traces, "
+             f"{summary['traces'] - summary['ended_within_budget']} ran past B = {recipe.budget}"]
+    if summary["traces"] == summary["ended_within_budget"]:
+        lines.append("every trace ended within the budget: lower `budget` (or sample more prompts)")
+    if stats["no_answer"]:
+        lines.append(f"{stats['no_answer']} answers did not finish within generation.answer_max_tokens "
+                     f"({recipe.generation.answer_max_tokens}): raise it")
+    if stats["long_answer"]:
+        lines.append(f"{stats['long_answer']} answers were longer than splice.max_answer_tokens "
+                     f"({recipe.splice.max_answer_tokens}): raise it or set splice.on_long_answer: truncate")
+    if stats["too_long"]:
+        lines.append(f"{stats['too_long']} rows were longer than the training sequence_len ({max_len(recipe)}): "
+                     "raise train.overrides.sequence_len or set splice.on_overlength: truncate")
+    return "; ".join(lines)
 
 
 def length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len: int | None,

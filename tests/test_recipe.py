@@ -174,3 +174,14 @@ def test_cli_validate_exit_codes(repo_copy: Path) -> None:
     assert bad.returncode == 2
     assert "1 problem:" in bad.stderr and "budget = 1000" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_overrides_are_taken_after_flags_too(repo_copy: Path, tmp_path: Path, capsys) -> None:
+    from length_control import cli
+
+    recipe = str(repo_copy / "recipes" / "demo-cpu.yaml")
+    assert cli.main(["run", recipe, "--dry-run", "budget=100", f"output_dir={tmp_path}"]) == 0
+    assert "max_tokens 100," in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["run", recipe, "--dry-run", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

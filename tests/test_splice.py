@@ -16,6 +16,7 @@ from length_control.demo import task as demo_task
 from length_control.demo.model import build_tokenizer
 from length_control.recipe import DemoModelSpec, SpliceSpec, ThinkTags
 from length_control.splice import IGNORE, Row, splice_row, write_dataset
+from length_control.errors import UserError
 from length_control.think import ThinkTokens
 
 
@@ -224,5 +225,5 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     assert f"trained positions {close_at}" in text and f"[{close_at}]</" in text
     assert "[... " in text  # the long reasoning is elided in the middle
     assert "length  case 1: 1 rows" in text and "dropped: {'no_answer': 2}" in text
-    with pytest.raises(IndexError, match="rows 0..0"):
+    with pytest.raises(UserError, match="rows 0..0"):
         inspect_rows.show(tmp_path / "stage2", row=5, console=console)

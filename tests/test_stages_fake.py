@@ -15,10 +15,11 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from length_control import contracts, evaluate, generate
+from length_control import contracts, evaluate, generate, splice
 from length_control.demo import task as demo_task
 from length_control.demo.model import build_tokenizer
 from length_control.engine import Engine, EngineError, OpenAIEngine, SharedEngine, VLLMEngine
+from length_control.errors import DataError, EmptyOutput
 from length_control.fake_engine import UNLIKELY, ScriptedEngine, transcripts
 from length_control.policy import load_tokenizer
 from length_control.recipe import DemoModelSpec, Recipe, load_recipe
@@ -330,3 +331,69 @@ def test_the_before_arm_counts_overlong_samples_and_probes_them(tmp_path: Path, 
     assert [(r["prompt_token_ids"], r["score_tail"]) for r in probed] == [
         (ids.prompt(LONG[1]) + ids.long_thinking[:BUDGET] + ids.forced_close, len(ids.close))]
     assert (metrics["probe_traces"], metrics["close_nll"], metrics["greedy_close_rate"]) == (1, -UNLIKELY, 0.0)
+
+
+# ---------------------------------------------------------------- what must fail before the GPUs do
+
+
+HUGE = ("huge", "Count down from 925 to 900" + ", slowly and out loud" * 8 + ". How many numbers do you say?", "26")
+
+
+def with_setting(recipe: Recipe, section: str, **values) -> Recipe:
+    return recipe.model_copy(update={section: getattr(recipe, section).model_copy(update=values)})
+
+
+def test_editing_a_data_file_makes_generate_and_eval_stale(tmp_path: Path, policy: Path, ids: Ids) -> None:
+    recipe = make_recipe(tmp_path, policy, [SHORT])
+    engine = ScriptedEngine(transcripts(ids.script()))
+    assert generate.run(generate.plan(recipe), engine=engine)["traces"] == 1
+    assert evaluate.run(evaluate.plan(recipe, "forced"), engine=engine)["benchmarks"]["evals"]["samples"] == 1
+    for name in ("prompts", "evals"):  # the same definitions, one more row in their data
+        with open(tmp_path / f"{name}.jsonl", "a") as data:
+            data.write(json.dumps({"id": CUT[0], "question": CUT[1], "answer": CUT[2]}) + "\n")
+    assert generate.run(generate.plan(recipe), engine=engine)["traces"] == 2
+    assert evaluate.run(evaluate.plan(recipe, "forced"), engine=engine)["benchmarks"]["evals"]["samples"] == 2
+
+
+def test_a_prompt_with_no_room_for_b_is_dropped_and_counted_never_cut_early(tmp_path: Path, policy: Path,
+                                                                             ids: Ids) -> None:
+    recipe = make_recipe(tmp_path, policy, [LONG, LIMIT])
+    assert len(ids.prompt(LIMIT[1])) + BUDGET + len(ids.forced_close) + 1 > CONTEXT_LIMIT
+    engine = ScriptedEngine(transcripts(ids.script()))
+    summary = generate.run(generate.plan(recipe), engine=engine)
+    assert (summary["prompts_too_long"], summary["traces"], summary["case1"]) == (1, 1, 1)
+    assert all(r["prompt_id"] != "prompts/limit" for r in engine.requests)
+    # No request asks for more than the engine's limit.
+    assert all(len(r["prompt_token_ids"]) + r["max_tokens"] <= CONTEXT_LIMIT for r in engine.requests)
+    strict = with_setting(make_recipe(tmp_path / "strict", policy, [LONG, LIMIT]), "generation", on_long_prompt="error")
+    with pytest.raises(DataError, match="1 prompts .*prompts/limit.* leave no room for B = 15"):
+        generate.run(generate.plan(strict), engine=engine)
+
+
+def test_a_prompt_that_fills_the_context_is_dropped_and_counted(tmp_path: Path, policy: Path, ids: Ids) -> None:
+    assert len(ids.prompt(HUGE[1])) >= CONTEXT_LIMIT
+    engine = ScriptedEngine(transcripts(ids.script()))
+    recipe = make_recipe(tmp_path / "mixed", policy, [LONG, HUGE])
+    metrics = evaluate.run(evaluate.plan(recipe, "forced"), engine=engine)["benchmarks"]["evals"]
+    assert (metrics["samples"], metrics["prompts_too_long"]) == (1, 1)
+    strict = with_setting(recipe, "eval", on_long_prompt="error")
+    (strict.output_dir / "eval" / "forced" / "manifest.json").unlink()
+    with pytest.raises(DataError, match="evals: 1 prompts fill the context limit"):
+        evaluate.run(evaluate.plan(strict, "forced"), engine=engine)
+    only_huge = make_recipe(tmp_path / "huge", policy, [HUGE])
+    with pytest.raises(EmptyOutput, match="every prompt fills the context limit; raise context_limit"):
+        evaluate.run(evaluate.plan(only_huge, "forced"), engine=engine)
+
+
+def test_a_stage_2_build_with_no_row_is_an_error_that_names_the_setting(tmp_path: Path, policy: Path,
+                                                                          ids: Ids) -> None:
+    engine = ScriptedEngine(transcripts(ids.script()))
+    within = make_recipe(tmp_path / "within", policy, [SHORT])
+    generate.run(generate.plan(within), engine=engine)
+    with pytest.raises(EmptyOutput, match="every trace ended within the budget: lower `budget`"):
+        splice.run(splice.plan(within))
+    unfinished = make_recipe(tmp_path / "unfinished", policy, [LONG])  # its answer runs past answer_max_tokens
+    generate.run(generate.plan(unfinished), engine=engine)
+    with pytest.raises(EmptyOutput, match="1 answers did not finish within generation.answer_max_tokens"):
+        splice.run(splice.plan(unfinished))
+    assert not (unfinished.output_dir / "stage2" / "manifest.json").exists()
