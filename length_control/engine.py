@@ -289,11 +289,13 @@ class OpenAIEngine:
 
     RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
-    def __init__(self, options, *, sleep=None) -> None:
+    def __init__(self, options, *, sleep=None, transport=None) -> None:
+        """`sleep` and `transport` (an httpx transport) stand in for the clock and the network in tests."""
         import time
 
         self.options = options
         self._sleep = sleep or time.sleep
+        self._transport = transport
         self._client = None
 
     def describe(self) -> list[str]:
@@ -311,7 +313,8 @@ class OpenAIEngine:
                 raise EngineError(f"environment variable {self.options.api_key_env} (openai.api_key_env) is not set")
             headers["Authorization"] = f"Bearer {key}"
         limits = httpx.Limits(max_connections=self.options.max_concurrency)
-        self._client = httpx.Client(timeout=self.options.timeout_s, headers=headers, limits=limits)
+        self._client = httpx.Client(timeout=self.options.timeout_s, headers=headers, limits=limits,
+                                    transport=self._transport)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -344,6 +347,8 @@ class OpenAIEngine:
             "seed": request["seed"],
             "return_token_ids": True,
             **{k: request[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in request},
+            # vLLM's extension: the prompt tokens' own log-probabilities (the termination probe's score_tail)
+            **({"prompt_logprobs": 0} if request.get("score_tail") else {}),
         }
         error = ""
         for attempt in range(self.options.max_retries + 1):
@@ -357,18 +362,31 @@ class OpenAIEngine:
                     choice = response.json()["choices"][0]
                     if choice.get("token_ids") is None:
                         raise EngineError(f"{url} returned no token_ids: the server must support return_token_ids")
-                    return {
+                    result = {
                         "key": request["key"],
                         "output_token_ids": choice["token_ids"],
                         "finish_reason": choice["finish_reason"],
                         "stop_reason": choice.get("stop_reason"),
                     }
+                    if request.get("score_tail"):
+                        result["tail_logprobs"] = _tail_logprobs(url, request, choice.get("prompt_logprobs"))
+                    return result
                 error = f"{url}: HTTP {response.status_code}: {response.text[:500]}"
                 if response.status_code not in self.RETRY_STATUS:
                     raise EngineError(f"request {request['key']} was refused: {error}")
             if attempt < self.options.max_retries:
                 self._sleep(min(30.0, 0.5 * 2**attempt))
         raise EngineError(f"request {request['key']} failed {self.options.max_retries + 1} times; last: {error}")
+
+
+def _tail_logprobs(url: str, request: dict[str, Any], prompt_logprobs: list | None) -> list[float]:
+    """The log-probabilities of the last `score_tail` prompt tokens, from vLLM's `prompt_logprobs`."""
+    count = request["score_tail"]
+    if not prompt_logprobs:
+        raise EngineError(f"{url} returned no prompt_logprobs: the termination probe needs a vLLM server "
+                          "(its prompt_logprobs extension); leave the probe's arms to the offline engine")
+    tail = zip(request["prompt_token_ids"][-count:], prompt_logprobs[-count:])
+    return [entry[str(token)]["logprob"] for token, entry in tail]  # JSON keys are strings
 
 
 class SharedEngine:

@@ -172,6 +172,20 @@ def test_endpoint_engine_generates_token_ids(vllm_server: str, recipe_a) -> None
         assert result["finish_reason"] in ("stop", "length")
         assert all(isinstance(t, int) and 0 <= t < len(tokenizer) for t in result["output_token_ids"])
 
+    # The termination probe's request: the log-probabilities of the prompt's last tokens. After the
+    # thinking's first line, the policy's own next token is far likelier than `</think>`.
+    first = results[0]
+    line = first["output_token_ids"][:8]
+    close = tokenizer.encode("</think>", add_special_tokens=False)
+    scored = [{"key": f"score{i}", "prompt_token_ids": requests[0]["prompt_token_ids"] + line[:7] + [token],
+               "max_tokens": 1, "seed": 0, "temperature": 0.0, "score_tail": 2} for i, token in enumerate((line[7], close[0]))]
+    with OpenAIEngine(options, sleep=lambda _: None) as engine:
+        own, closing = engine.generate(scored)
+    assert len(own["tail_logprobs"]) == len(closing["tail_logprobs"]) == 2
+    assert abs(own["tail_logprobs"][0] - closing["tail_logprobs"][0]) < 1e-3  # the same token before
+    assert own["tail_logprobs"][0] <= 0.0
+    assert closing["tail_logprobs"][1] < own["tail_logprobs"][1] <= 0.0
+
 
 def test_endpoint_failures_surface_instead_of_dropping_samples() -> None:
     dead = f"http://127.0.0.1:{_free_port()}/v1"
