@@ -10,15 +10,19 @@ eval sets (AIME, GPQA Diamond, LiveCodeBench), which add a grader.
     dataset: {hf: zwhe99/DeepMath-103K, split: train}
     prompt: "{question}"
     reference: final_answer
+
+A row without an id (no `id` key, or no such column in the row) gets a hash
+of its prompt text as its id (prompts.py says why).
 """
 
 from __future__ import annotations
 
+import string
 from datetime import date
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from length_control._schema import FilePath, StrictModel, read_yaml, validate
 
@@ -38,6 +42,12 @@ class DatasetLocation(StrictModel):
         if self.path is not None and self.path.suffix not in {".jsonl", ".json", ".parquet"}:
             raise ValueError(f"path {self.path.name}: use a .jsonl, .json or .parquet file")
         return self
+
+    def describe(self) -> str:
+        """Where the rows come from, for messages: the file, or the Hub id with its config and split."""
+        if self.path is not None:
+            return str(self.path)
+        return " ".join(part for part in (self.hf, self.config, self.split) if part)
 
 
 class MultipleChoice(StrictModel):
@@ -66,10 +76,19 @@ class CodeTests(StrictModel):
 class SourceSpec(StrictModel):
     name: str = Field(description="short name used in ids and reports")
     dataset: DatasetLocation
-    prompt: str = Field(description="user message: a format string over the row's columns, e.g. '{question}'")
+    prompt: str = Field(
+        description="user message: a format string over the row's columns, e.g. '{question}' ('{{' for a brace), "
+        "and over fields made from a row: {choices} (the lettered options, with `multiple_choice`), "
+        "{code_instructions} (LiveCodeBench's, with `code_tests`), {starter_code_block} (the row's `starter_code` "
+        "as LiveCodeBench shows it after a blank line, or nothing)"
+    )
     system: str | None = Field(None, description="system message, if any")
     reference: str | None = Field(None, description="column with the gold answer (null for prompts-only sources)")
-    id: str | None = Field(None, description="column with a stable row id (default: the row's index)")
+    id: str | None = Field(None, description="column with a stable row id (rows without it: a hash of the prompt text)")
+    aliases: dict[str, list[str]] = Field(
+        {}, description="a column's names in other published layouts of the dataset, read where a row lacks it: "
+        "{problem: [question]}"
+    )
     min_chars: int = Field(0, ge=0, description="drop prompts shorter than this many characters")
     dedup: Literal["none", "exact", "normalized"] = Field("none", description="drop repeated prompts")
     sample: int | None = Field(None, gt=0, description="keep this many rows, chosen with `seed` (null: all)")
@@ -80,6 +99,26 @@ class SourceSpec(StrictModel):
     multiple_choice: MultipleChoice | None = Field(None, description="render lettered options as `{choices}`")
     window: DateWindow | None = None
     code_tests: CodeTests | None = None
+
+    _definition: Path | None = PrivateAttr(None)
+
+    @property
+    def definition(self) -> str:
+        """The source definition file, for messages (a spec built in code has none: its name, then)."""
+        return str(self._definition) if self._definition is not None else f"source {self.name!r}"
+
+    @field_validator("prompt")
+    @classmethod
+    def _plain_fields(cls, prompt: str) -> str:
+        """Only plain column names: `{0}` or `{a.b}` would fail on every row, long after validation."""
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(prompt) if field is not None]
+        except ValueError as error:
+            raise ValueError(f"not a valid format string ({error}); write a literal brace as {{{{ or }}}}") from None
+        for field in fields:
+            if not field or field.isdigit() or "." in field or "[" in field:
+                raise ValueError(f"{{{field}}}: name a column, e.g. {{question}} (a literal brace is {{{{ or }}}})")
+        return prompt
 
     @model_validator(mode="after")
     def _grader_needs(self) -> SourceSpec:
@@ -93,4 +132,6 @@ class SourceSpec(StrictModel):
 def load_source_spec(path: Path) -> SourceSpec:
     """Read and validate one source definition (paths relative to its file)."""
     path = Path(path).resolve()
-    return validate(SourceSpec, read_yaml(path), path, path.parent)
+    spec = validate(SourceSpec, read_yaml(path), path, path.parent)
+    spec._definition = path
+    return spec

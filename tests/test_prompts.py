@@ -10,6 +10,7 @@ shared/notes/datasets.md); everything else in the definition is as shipped.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import pickle
 import re
@@ -24,8 +25,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from length_control._schema import read_yaml
-from length_control.prompts import build_prompts, read_rows
+from length_control._schema import ConfigError, read_yaml
+from length_control.errors import DataError, UserError
+from length_control.prompts import build_prompts, check_source, read_rows
 from length_control.sources import DatasetLocation, SourceSpec, load_source_spec
 
 from conftest import REPO
@@ -42,6 +44,13 @@ FIXTURE_OF = {
     "aime_2025": "aime_2025.jsonl",
     "gpqa_diamond": "gpqa_diamond.jsonl",
     "livecodebench_v6": "lcb_code_generation_lite_release_v6.jsonl",
+}
+# other published layouts the shipped definitions read too
+OTHER_LAYOUTS = {
+    "rstar_coder_synthetic_sft.jsonl": {"question", "seed_question", "seed_source", "response", "code"},
+    "rstar_coder_seed_sft.jsonl": {"question_id", "question", "starter_code", "response", "code", "verified",
+                                   "is_passed"},
+    "opencompass_aime2025.jsonl": {"question", "answer"},
 }
 
 BOXED = " Please reason step by step, and put your final answer within \\boxed{}."
@@ -61,19 +70,29 @@ GPQA_INSTRUCTION = (
 
 
 def fixture_rows(source: str) -> list[dict]:
-    return [json.loads(line) for line in (FIXTURES / FIXTURE_OF[source]).read_text(encoding="utf-8").splitlines()]
+    return read_fixture(FIXTURE_OF.get(source, source))
 
 
-def local_spec(source: str, folder: Path, data: Path | None = None) -> SourceSpec:
-    """The shipped definition with `dataset` pointing at a local file (written as YAML, loaded as a user would)."""
-    raw = read_yaml(SOURCES / f"{source}.yaml")
+def read_fixture(name: str) -> list[dict]:
+    return [json.loads(line) for line in (FIXTURES / name).read_text(encoding="utf-8").splitlines()]
+
+
+def local_spec(source: str, folder: Path, data: Path | None = None, **changes) -> SourceSpec:
+    """The shipped definition with `dataset` pointing at a local file, and `changes` (written as YAML, loaded as a
+    user would)."""
+    raw = read_yaml(SOURCES / f"{source}.yaml") | changes
     raw["dataset"] = {"path": str(data or FIXTURES / FIXTURE_OF[source])}
     file = folder / f"{source}.local.yaml"
     file.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
     spec = load_source_spec(file)
     shipped = load_source_spec(SOURCES / f"{source}.yaml")
-    assert spec.model_dump(exclude={"dataset"}) == shipped.model_dump(exclude={"dataset"})
+    assert spec.model_dump(exclude={"dataset", *changes}) == shipped.model_dump(exclude={"dataset", *changes})
     return spec
+
+
+def text_id(text: str) -> str:
+    """The id of a row without one, computed here independently: 16 hex digits of the prompt text's SHA-256."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def changed(spec: SourceSpec, **changes) -> SourceSpec:
@@ -156,12 +175,12 @@ def test_a_frozen_spec_can_be_copied_onto_a_local_file(tmp_path: Path) -> None:
     assert build(copy) == build(local_spec("aime_2024", tmp_path))
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURE_OF.values()))
+@pytest.mark.parametrize("name", sorted([*FIXTURE_OF.values(), *OTHER_LAYOUTS]))
 def test_fixtures_have_the_real_schema(name: str) -> None:
     """The fixtures themselves: 3-6 rows, the documented columns and encodings."""
-    rows = [json.loads(line) for line in (FIXTURES / name).read_text(encoding="utf-8").splitlines()]
+    rows = read_fixture(name)
     assert 3 <= len(rows) <= 6
-    columns = {
+    columns = OTHER_LAYOUTS | {
         "webinstruct_verified.jsonl": {"id", "question", "answer", "answer_type", "category", "difficulty"},
         "deepmath_103k.jsonl": {"question", "final_answer", "difficulty", "topic"}
         | {f"r1_solution_{i}" for i in (1, 2, 3)},
@@ -220,8 +239,11 @@ def test_deepmath_103k(tmp_path: Path) -> None:
     spec = local_spec("deepmath_103k", tmp_path)
     rows = fixture_rows("deepmath_103k")
     records = build(spec)
-    # no id column: ids are row indexes; row 3 is row 2 in fullwidth digits (NFKC), dropped as a duplicate
-    assert ids(records) == ["deepmath-103k/0", "deepmath-103k/1", "deepmath-103k/2"]
+    # row 3 is row 2 in fullwidth digits (NFKC), dropped as a duplicate
+    assert [record["meta"]["row"] for record in records] == [0, 1, 2]
+    # no id column: each id is a hash of the prompt text, the same whatever the row order
+    assert ids(records) == [f"deepmath-103k/{text_id(user(record))}" for record in records]
+    assert ids(build_prompts(spec, rows[2::-1])) == ids(records)[::-1]
     for record in records:
         row = row_of(record, rows)
         assert user(record) == row["question"] + BOXED
@@ -427,3 +449,201 @@ def test_private_tests_never_unpickle_code() -> None:
     hostile = base64.b64encode(zlib.compress(pickle.dumps(os.getcwd.__call__)))  # a callable, not a string
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         _decode_tests(hostile.decode())
+
+
+# ---------------------------------------------------------------- other published layouts
+
+
+def test_rstar_coder_synthetic_sft_rows_get_a_hash_of_their_prompt_as_id(tmp_path: Path) -> None:
+    """synthetic_sft has no question_id: each row's id is its prompt text's hash, not a KeyError."""
+    data = FIXTURES / "rstar_coder_synthetic_sft.jsonl"
+    spec = local_spec("rstar_coder", tmp_path, data)
+    rows = read_fixture(data.name)
+    records = build(spec)
+    # row 1 is too short; row 3 is row 0's question with another response, dropped by dedup
+    assert [record["meta"]["row"] for record in records] == [0, 2]
+    for record in records:
+        assert user(record) == row_of(record, rows)["question"]
+        assert record["id"] == f"rstar-coder/{text_id(user(record))}"
+    # the same ids whatever the row order and the rows around them
+    assert ids(build_prompts(spec, [rows[2], rows[0]])) == ids(records)[::-1]
+    # a repeated text without an id, kept (no dedup), gets a numbered id in row order
+    everything = build(changed(spec, min_chars=0, dedup="none"))
+    assert ids(everything)[3] == f"{ids(everything)[0]}-2"
+    check = check_source(spec)
+    assert check.hashed_ids == 2 and check.summary().endswith("2 prompts (2 ids hashed from the prompt text)")
+
+
+def test_rstar_coder_seed_rows_show_their_starter_code(tmp_path: Path) -> None:
+    """seed_sft / seed_testcase rows carry `starter_code`: where it is there, the prompt shows it."""
+    data = FIXTURES / "rstar_coder_seed_sft.jsonl"
+    spec = local_spec("rstar_coder", tmp_path, data)
+    rows = read_fixture(data.name)
+    records = build(spec)
+    # rows 0 and 1 are two solutions of one question: dedup keeps the first
+    assert ids(records) == ["rstar-coder/seed-0001", "rstar-coder/seed-0002"]
+    with_starter, stdin = records
+    assert rows[0]["starter_code"] and not rows[2]["starter_code"]
+    assert user(with_starter).startswith(rows[0]["question"] + "\n\nYou will use the following starter code")
+    assert user(with_starter).endswith(f"```python\n{rows[0]['starter_code']}\n```")
+    assert user(stdin) == rows[2]["question"]  # nothing added to a stdin problem
+    # without dedup the two solutions share a question_id, so they would share request seeds and keys
+    with pytest.raises(DataError, match=r"`id` column 'question_id' repeats its values in row 1 \('seed-0001' is also "
+                                        r"row 0's\)"):
+        build_prompts(changed(spec, dedup="none"), rows)
+
+
+def test_aime_2025_reads_both_published_layouts(tmp_path: Path) -> None:
+    """opencompass/AIME2025 has `question` and no `id`: the shipped definition reads it as it reads lighteval's."""
+    data = FIXTURES / "opencompass_aime2025.jsonl"
+    spec = local_spec("aime_2025", tmp_path, data)
+    rows = read_fixture(data.name)
+    records = build(spec)
+    assert [user(record) for record in records] == [AIME_INSTRUCTION + row["question"] for row in rows]
+    assert [record["reference"] for record in records] == [row["answer"] for row in rows]
+    assert ids(records) == [f"aime25/{text_id(user(record))}" for record in records]
+    # lighteval's layout keeps its own column and ids (test_aime); a row with both reads `problem`
+    both = [{"id": 7, "problem": "P?", "question": "Q?", "answer": "1"}]
+    assert [(r["id"], user(r)) for r in build_prompts(spec, both)] == [("aime25/7", AIME_INSTRUCTION + "P?")]
+
+
+# ---------------------------------------------------------------- what fails before the GPUs do
+
+
+def test_a_missing_data_file_names_the_path_and_the_key_that_names_it(tmp_path: Path) -> None:
+    data = tmp_path / "nowhere" / "train.jsonl"
+    spec = local_spec("deepmath_103k", tmp_path, data)
+    with pytest.raises(DataError) as caught:
+        read_rows(spec)
+    assert isinstance(caught.value, UserError)  # the CLI prints it and exits 2, no traceback
+    assert str(caught.value) == (
+        f"{data}: no such data file; `dataset.path` in {tmp_path / 'deepmath_103k.local.yaml'} names it (relative "
+        "paths start at that file's folder): fix the path there, or create the file"
+    )
+    check = check_source(spec)
+    assert (check.rows_read, check.prompts, check.problems) == (0, [], [str(caught.value)])  # once, not "no rows" too
+
+
+def test_a_corrupt_jsonl_line_is_named_by_file_and_line(tmp_path: Path) -> None:
+    rows = fixture_rows("deepmath_103k")
+    separator = rows[1] | {"question": rows[1]["question"] + "\u2028(a line separator inside a JSON string)"}
+    lines = [json.dumps(rows[0]), "", json.dumps(separator, ensure_ascii=False), json.dumps(rows[2])[:-1], "[1, 2]",
+             json.dumps(rows[3])]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spec = local_spec("deepmath_103k", tmp_path, data)
+    with pytest.raises(DataError) as caught:
+        read_rows(spec)
+    # line 4 (1-based, the blank line counted) is cut short; line 5 is not an object
+    assert re.fullmatch(rf"{re.escape(str(data))}:4: not valid JSON \(Expecting ',' delimiter at column \d+\); "
+                        r"fix or remove the line; other bad lines: 5", str(caught.value)), str(caught.value)
+    # the readable rows are still checked; the U+2028 inside a string does not split its line
+    check = check_source(spec)
+    assert check.problems == [str(caught.value)]
+    assert (check.rows_read, len(check.prompts)) == (3, 3)
+    data.write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")
+    assert read_rows(spec)[1]["question"] == separator["question"]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("train.json", b'[\n  {"question": "a"},\n  {"question": "b",}\n]\n',
+     r":3: not valid JSON \(Expecting property name"),
+    ("train.jsonl", b'{"question": "a"}\n{"question": "\xff"}\n', r":2: not UTF-8 text \(invalid start byte"),
+    ("train.parquet", b"question,answer\n", r": not a readable Parquet file \("),
+])
+def test_other_unreadable_files_name_the_file(name: str, content: bytes, expected: str, tmp_path: Path) -> None:
+    data = tmp_path / name
+    data.write_bytes(content)
+    with pytest.raises(DataError, match=f"^{re.escape(str(data))}{expected}"):
+        read_rows(local_spec("deepmath_103k", tmp_path, data))
+
+
+def test_a_prompt_field_the_rows_lack_names_the_definition_the_field_and_the_columns(tmp_path: Path) -> None:
+    spec = local_spec("deepmath_103k", tmp_path, prompt="{questoin}")
+    with pytest.raises(DataError) as caught:
+        build(spec)
+    assert str(caught.value) == (
+        f"{tmp_path / 'deepmath_103k.local.yaml'}: `prompt` names column 'questoin', missing from 4 of 4 rows "
+        "(first: row 0); that row has 'question', 'final_answer', 'difficulty', 'topic', 'r1_solution_1', "
+        "'r1_solution_2', 'r1_solution_3'; did you mean 'question'? fix `prompt`, or list the column's names in "
+        "other layouts under `aliases: {questoin: [...]}`"
+    )
+    # without the shipped alias, opencompass's AIME rows lack `problem`: the same error, not a KeyError
+    opencompass = local_spec("aime_2025", tmp_path, FIXTURES / "opencompass_aime2025.jsonl", aliases={})
+    with pytest.raises(DataError, match=r"`prompt` names column 'problem', missing from 3 of 3 rows .*'question'"):
+        build(opencompass)
+
+
+def test_an_empty_source_is_an_error(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n", encoding="utf-8")
+    spec = local_spec("deepmath_103k", tmp_path, data)
+    assert read_rows(spec) == []
+    expected = (f"{tmp_path / 'deepmath_103k.local.yaml'}: no rows in {data}; point `dataset` at the data "
+                "(or another split)")
+    with pytest.raises(DataError) as caught:
+        build_prompts(spec, [])
+    assert str(caught.value) == expected
+    assert check_source(spec).problems == [expected]
+
+
+def test_a_filter_that_keeps_nothing_is_an_error_naming_it(tmp_path: Path) -> None:
+    spec = local_spec("rstar_coder", tmp_path, min_chars=5000)
+    with pytest.raises(DataError) as caught:
+        build(spec)
+    assert str(caught.value) == (
+        f"{tmp_path / 'rstar_coder.local.yaml'}: `min_chars` drops all 6 rows that reach it (6 read); the longest "
+        "prompt has 2,600 characters; lower `min_chars`"
+    )
+    check = check_source(spec)
+    assert (check.rows_read, check.dropped, check.rows_kept, check.prompts) == (6, {"min_chars": 6, "dedup": 0}, 0, [])
+    assert check.summary() == "6 rows read, min_chars dropped 6, dedup dropped 0, 0 kept, 0 prompts; 1 problem"
+
+    late = local_spec("livecodebench_v6", tmp_path, window={"field": "contest_date", "start": "2030-01-01",
+                                                            "end": "2031-01-01"})
+    with pytest.raises(DataError, match=r"`window` drops all 6 rows that reach it \(6 read\); widen `window` "
+                                        r"\(2030-01-01 to 2031-01-01\)"):
+        build(late)
+    misnamed = local_spec("livecodebench_v6", tmp_path, window={"field": "contest_day", "start": "2024-08-01",
+                                                                "end": "2025-05-01"})
+    with pytest.raises(DataError, match="6 of them have no 'contest_day'"):
+        build(misnamed)
+
+
+def test_check_source_reports_every_problem_that_build_prompts_raises(tmp_path: Path) -> None:
+    """One path: the preflight's check and the stages' build find the same problems, all of them at once."""
+    rows = fixture_rows("livecodebench_v6")
+    rows[0] = rows[0] | {"contest_date": "next week"}
+    del rows[1]["question_content"]
+    rows[3] = rows[3] | {"question_id": rows[2]["question_id"]}
+    rows[4] = rows[4] | {"contest_date": "2025-04-01T00:00:00", "private_test_cases": "not base64!"}
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    spec = local_spec("livecodebench_v6", tmp_path, data)
+    check = check_source(spec)
+    with pytest.raises(DataError) as caught:
+        build_prompts(spec, read_rows(spec))
+    assert str(caught.value).splitlines() == check.problems
+    definition = f"{tmp_path / 'livecodebench_v6.local.yaml'}: "
+    window, missing, undecodable, repeated = check.problems
+    assert window == (f"{definition}`window.field`: column 'contest_date' cannot be read in row 0: 'next week' is not "
+                      "an ISO date; fix those rows in the data")
+    assert missing.startswith(f"{definition}`prompt` names column 'question_content', missing from row 1; ")
+    assert undecodable.startswith(f"{definition}`code_tests.private`: column 'private_test_cases' cannot be read in "
+                                  "row 4: the private tests: cannot decode")
+    assert repeated.startswith(f"{definition}`id` column 'question_id' repeats its values in row 3 ('2041C' is also "
+                               "row 2's)")
+    # row 5 is past the window; rows 2 and 3 pass every filter
+    assert (check.rows_read, check.dropped, check.rows_kept, ids(check.prompts)) == (
+        6, {"window": 1}, 2, ["lcb-v6/2041C", "lcb-v6/2041C"])
+    assert not check.ok
+    as_shipped = local_spec("livecodebench_v6", tmp_path)
+    clean = check_source(as_shipped)
+    assert clean.ok and clean.prompts == build(as_shipped)
+    assert clean.summary() == "6 rows read, window dropped 3, 3 kept, 3 prompts"
+
+
+@pytest.mark.parametrize("prompt", ["{0}", "{}", "{row.question}", "{row[0]}", "{question"])
+def test_a_prompt_that_no_row_could_fill_fails_at_load(prompt: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="prompt"):
+        local_spec("deepmath_103k", tmp_path, prompt=prompt)
