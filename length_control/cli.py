@@ -35,6 +35,10 @@ def _load(args: argparse.Namespace, *extra: str, build: bool = True) -> Recipe:
 
 def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.deep:
+        from length_control import preflight
+
+        print(preflight.check(_load(args)).text())
     print(f"ok: {args.recipe}")
     print(_summary(recipe))
     return 0
@@ -133,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = command("validate", _validate, "check a recipe and print every problem at once")
     validate.add_argument("recipe", type=Path)
     validate.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys (dotted)")
+    validate.add_argument("--deep", action="store_true",
+                          help="also the preflight: read every data file, load the tokenizer and check the think "
+                               "tags, measure the prompts, check output_dir and the disk (builds the demo policy)")
 
     config = command("config", _config, "print one value of the resolved recipe (for scripts)")
     config.add_argument("recipe", type=Path)

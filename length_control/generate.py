@@ -42,7 +42,7 @@ from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens, close_at_budget
 
 PLAN = ".plan.json"  # what the shards on disk were made for; hidden, so not part of the output
-RECORDS_VERSION = 2  # bumped when the records change, so an older run folder is regenerated, not misread
+RECORDS_VERSION = 3  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
 
 
 def plan(recipe: Recipe) -> Plan:

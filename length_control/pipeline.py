@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from length_control import evaluate, generate, report, splice, train
+from length_control import evaluate, generate, preflight, report, splice, train
 from length_control.artifacts import MANIFEST, summary_line, write_text_atomic
 from length_control.contracts import Plan, RunLayout
 from length_control.engine import SharedEngine
@@ -88,6 +88,8 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
     if start is not None and start not in STAGE_NAMES:
         raise ValueError(f"no stage {start!r}; one of {', '.join(STAGE_NAMES)}")
     echo(f"policy: {policy_path(recipe.model)}")
+    echo("[preflight]")
+    echo(preflight.check(recipe).text())  # every problem at once, before any engine starts
     policy = SharedEngine(recipe, policy_path(recipe.model), log_name="policy")
     last_policy_stage = max(i for i, stage in enumerate(STAGES) if stage.policy_engine)
     redo = False

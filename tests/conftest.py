@@ -19,6 +19,24 @@ def repo_copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def tokenizer_policy(tmp_path_factory) -> Path:
+    """The demo tokenizer in a model folder (no weights): all a stage needs of a policy when the engine
+    is scripted, and all the preflight loads."""
+    import json
+
+    from length_control.demo import task as demo_task
+    from length_control.demo.model import build_tokenizer
+    from length_control.recipe import DemoModelSpec
+
+    problems = demo_task.make_problems(200, seed=0, prefix="tok")
+    conversations = [demo_task.sft_conversation(p, "<think>", "</think>") for p in problems]
+    folder = tmp_path_factory.mktemp("policy")
+    build_tokenizer(conversations, DemoModelSpec(), folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    return folder
+
+
 def demo_recipe(overrides: list[str]):
     """The shipped demo recipe with `overrides`, its demo policy built (or taken from the cache)."""
     from length_control import demo

@@ -16,13 +16,11 @@ import pytest
 import yaml
 
 from length_control import contracts, evaluate, generate, splice
-from length_control.demo import task as demo_task
-from length_control.demo.model import build_tokenizer
 from length_control.engine import Engine, EngineError, OpenAIEngine, SharedEngine, VLLMEngine
 from length_control.errors import DataError, EmptyOutput
 from length_control.fake_engine import UNLIKELY, ScriptedEngine, transcripts
 from length_control.policy import load_tokenizer
-from length_control.recipe import DemoModelSpec, Recipe, load_recipe
+from length_control.recipe import Recipe, load_recipe
 
 BUDGET = 15  # "<think>\n" + two 7-token lines, less the last newline: the forced "\n</think>" ends a line
 CONTEXT_LIMIT = 60  # 28-token prompts get 32 tokens of room; the 46-token ones 14, less than B
@@ -37,14 +35,8 @@ CRAMPED = ("cramped", "Count down from 703 to 700, saying every number out loud.
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory) -> Path:
-    """The demo tokenizer in a model folder: all a stage needs of a policy when the engine is scripted."""
-    problems = demo_task.make_problems(200, seed=0, prefix="tok")
-    conversations = [demo_task.sft_conversation(p, "<think>", "</think>") for p in problems]
-    folder = tmp_path_factory.mktemp("policy")
-    build_tokenizer(conversations, DemoModelSpec(), folder)
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    return folder
+def policy(tokenizer_policy: Path) -> Path:
+    return tokenizer_policy
 
 
 class Ids:

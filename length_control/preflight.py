@@ -1,0 +1,180 @@
+"""Every check that can fail before an engine starts, run at once, in seconds.
+
+    length-control validate RECIPE --deep
+    length-control run RECIPE            (runs it before the first stage)
+
+A typo in a data file, a tokenizer that cannot spell `</think>`, prompts
+longer than the context or an output folder that cannot be written would
+otherwise surface after hours of GPU time. The preflight reads every prompt
+source and eval set (rows read, kept, dropped by each filter), loads the
+tokenizer and checks the think tags, measures the prompts against the budget
+and the context limit, checks the output folder and estimates the disk the
+traces need. Every problem is listed with its file and its fix.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from length_control.engine import model_len
+from length_control.errors import UserError
+from length_control.policy import policy_path
+from length_control.prompts import SourceCheck, check_source
+from length_control.recipe import Recipe
+from length_control.sources import load_source_spec
+
+ID_BYTES = 4  # token ids are int32 in every record
+
+
+class PreflightError(UserError):
+    def __init__(self, recipe: Recipe, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"preflight of {recipe.name}: {len(problems)} {noun}; nothing was started:\n{lines}")
+
+
+@dataclass
+class Preflight:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was checked, for people
+
+    def text(self) -> str:
+        return "\n".join(f"  {note}" for note in self.notes)
+
+
+def check(recipe: Recipe) -> Preflight:
+    """All checks; raise `PreflightError` listing every problem, else return what was found."""
+    found = Preflight()
+    _output_dir(recipe, found)
+    tokenizer = _tokenizer(recipe, found)
+    prompts = _sources("prompts", [(ref.source, ref.sample) for ref in recipe.prompts.sources], found)
+    evals = _sources("eval", [(s.source, None) for s in recipe.eval.sets], found)
+    if tokenizer is not None:
+        _lengths(recipe, tokenizer, prompts, evals, found)
+    if found.problems:
+        raise PreflightError(recipe, found.problems)
+    return found
+
+
+def _output_dir(recipe: Recipe, found: Preflight) -> None:
+    folder = Path(recipe.output_dir)
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if existing.is_file():
+        found.problems.append(f"output_dir {folder}: {existing} is a file; point output_dir at a folder")
+        return
+    import os
+
+    if not os.access(existing, os.W_OK | os.X_OK):
+        found.problems.append(f"output_dir {folder}: {existing} is not writable; pick a folder you can write")
+        return
+    found.notes.append(f"output_dir {folder}: writable, {shutil.disk_usage(existing).free / 1e9:.1f} GB free")
+
+
+def _tokenizer(recipe: Recipe, found: Preflight):
+    """The policy's tokenizer with its think tags checked, or None when it is not on this machine."""
+    from length_control.think import ThinkTokens
+
+    model = policy_path(recipe.model)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as error:
+        if recipe.model.path is not None:
+            found.problems.append(f"model.path {model}: its tokenizer does not load ({error}); "
+                                  "point model.path at a Hugging Face model folder with its tokenizer files")
+        else:
+            found.notes.append(f"tokenizer of {model}: not on this machine; the think tags are checked when the "
+                               "engine loads it")
+        return None
+    tags = recipe.model.think
+    think = ThinkTokens(tokenizer, tags)
+    problems = []
+    for key, text, ids in (("open", tags.open, tokenizer.encode(tags.open, add_special_tokens=False)),
+                           ("close", tags.close, think.close_ids), ("forced_close", tags.forced_close,
+                                                                    think.forced_close_ids)):
+        if not ids:
+            problems.append(f"model.think.{key} {text!r}: the tokenizer of {model} encodes it to no token")
+        elif tokenizer.decode(ids) != text:
+            problems.append(f"model.think.{key} {text!r}: the tokenizer of {model} cannot spell it (it comes back "
+                            f"as {tokenizer.decode(ids)!r}); name the tags its vocabulary has, or use its tokenizer")
+    if not problems:
+        closed = tokenizer.encode(f"{tags.open}\nx{tags.forced_close}\n\nanswer", add_special_tokens=False)
+        if think.find_close(think.forced_close_ids) is None or think.find_close(closed) is None:
+            problems.append(f"model.think: {tags.close!r} is not found back in the tokenized thinking; check the tags")
+    if tokenizer.eos_token_id is None:
+        problems.append(f"model {model}: its tokenizer has no EOS token; stage 2 trains the EOS after the answer")
+    if not tokenizer.chat_template:
+        problems.append(f"model {model}: its tokenizer has no chat template; prompts are chats")
+    found.problems += problems
+    if problems:
+        return None
+    found.notes.append(f"tokenizer of {model}: {tags.close!r} = {think.close_ids}, forced close "
+                       f"{tags.forced_close!r} = {think.forced_close_ids}, EOS {tokenizer.eos_token_id}")
+    return tokenizer
+
+
+def _sources(key: str, definitions: list[tuple[Path, int | None]], found: Preflight) -> dict[str, SourceCheck]:
+    """Each local source read and built as its stage will (with the recipe's `sample`); Hub ones noted."""
+    checks = {}
+    for definition, sample in definitions:
+        spec = load_source_spec(definition)
+        if spec.dataset.path is None:
+            found.notes.append(f"{key}: {definition.name} reads the Hub dataset {spec.dataset.hf}; its rows are "
+                               "checked when the stage reads them")
+            continue
+        result = check_source(spec, sample)
+        found.problems += result.problems
+        found.notes.append(f"{key}: {definition.name}: {result.summary()}")
+        checks[spec.name] = result
+    return checks
+
+
+def _lengths(recipe: Recipe, tokenizer, prompts: dict[str, SourceCheck], evals: dict[str, SourceCheck],
+             found: Preflight) -> None:
+    """Prompts against the room they need: B + the close + an answer (generate), the context limit (eval)."""
+    close = len(tokenizer.encode(recipe.model.think.forced_close, add_special_tokens=False))
+    limit = model_len(recipe)
+
+    def lengths(check: SourceCheck) -> list[int]:
+        return [len(tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True)
+                    ["input_ids"]) for p in check.prompts]
+
+    total_tokens = 0
+    for name, check in prompts.items():
+        sizes = lengths(check)
+        too_long = sum(size + recipe.budget + close + 1 > limit for size in sizes)
+        total_tokens += sum(sizes) + len(sizes) * (recipe.budget + recipe.generation.answer_max_tokens)
+        if too_long:
+            line = (f"prompts: {name}: {too_long} of {len(sizes)} prompts leave no room for B = {recipe.budget} "
+                    f"thinking tokens, the close and an answer within {limit} tokens")
+            if recipe.generation.on_long_prompt == "error":
+                found.problems.append(f"{line}; raise engine.vllm.max_model_len, lower budget, or set "
+                                      "generation.on_long_prompt: drop")
+            else:
+                found.notes.append(f"{line}: they will be dropped")
+    for name, check in evals.items():
+        sizes = lengths(check)
+        too_long = sum(size >= recipe.context_limit for size in sizes)
+        if too_long == len(sizes) and sizes:
+            found.problems.append(f"eval: {name}: every prompt fills the context limit ({recipe.context_limit}); "
+                                  "raise context_limit")
+        elif too_long:
+            line = f"eval: {name}: {too_long} of {len(sizes)} prompts fill the context limit ({recipe.context_limit})"
+            if recipe.eval.on_long_prompt == "error":
+                found.problems.append(f"{line}; raise context_limit or set eval.on_long_prompt: drop")
+            else:
+                found.notes.append(f"{line}: they will be dropped")
+    if prompts:
+        # Traces and answers of every sample, ids uncompressed: an upper bound of what generate writes.
+        need = total_tokens * recipe.generation.samples_per_prompt * ID_BYTES
+        folder = next(p for p in (Path(recipe.output_dir), *Path(recipe.output_dir).parents) if p.exists())
+        free = shutil.disk_usage(folder).free
+        line = f"disk: the traces need at most {need / 1e9:.2f} GB; {free / 1e9:.1f} GB free"
+        if need > free:
+            found.problems.append(f"{line}; free space or point output_dir elsewhere")
+        else:
+            found.notes.append(line)

@@ -1,0 +1,108 @@
+"""The preflight: every problem a recipe's data, tokenizer, lengths and output folder hold,
+reported at once before any engine starts (unit tier: no engine, a tokenizer-only policy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from length_control import pipeline, preflight
+from length_control.recipe import Recipe, load_recipe
+
+from conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures" / "sources"
+LOCAL_DATA = {  # the 14B recipe's sources -> fixture files in their real schemas
+    "webinstruct_verified": "webinstruct_verified.jsonl", "deepmath_103k": "deepmath_103k.jsonl",
+    "rstar_coder": "rstar_coder_synthetic_rl.jsonl", "aime_2024": "aime_2024.jsonl",
+    "aime_2025": "aime_2025.jsonl", "gpqa_diamond": "gpqa_diamond.jsonl",
+    "livecodebench_v6": "lcb_code_generation_lite_release_v6.jsonl",
+}
+SHORT = "Count down from 102 to 100. How many numbers do you say?"
+HUGE = "Count down from 925 to 900" + ", slowly and out loud" * 8 + ". How many numbers do you say?"
+
+
+def small_recipe(folder: Path, policy: Path, prompts: list[str], evals: list[str], **settings) -> Recipe:
+    """A recipe over `policy` with its own prompt and eval files (one question per row)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, questions in (("prompts", prompts), ("evals", evals)):
+        rows = [{"id": f"q{i}", "question": q, "answer": "3"} for i, q in enumerate(questions)]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"name": name, "dataset": {"path": f"{name}.jsonl"}, "prompt": "{question}", "reference": "answer",
+             "id": "id", "grader": "exact"}))
+    (folder / "axolotl.yaml").write_text("{}\n")
+    recipe = {"name": "small", "output_dir": "run", "model": {"path": str(policy)}, "budget": 15,
+              "context_limit": 60, "prompts": {"sources": ["prompts.yaml"]}, "train": {"template": "axolotl.yaml"},
+              "eval": {"sets": ["evals.yaml"]}} | settings
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return load_recipe(folder / "recipe.yaml")
+
+
+def test_the_14b_recipe_with_local_data_passes_and_says_what_it_read(repo_copy: Path, tmp_path: Path) -> None:
+    for name, data in LOCAL_DATA.items():
+        definition = repo_copy / "prompts_sources" / f"{name}.yaml"
+        spec = yaml.safe_load(definition.read_text())
+        spec["dataset"] = {"path": str(FIXTURES / data)}
+        definition.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+    recipe = load_recipe(repo_copy / "recipes" / "qwen3-14b-30k.yaml", [f"output_dir={tmp_path / 'run'}"])
+    notes = preflight.check(recipe).text()
+    for name in LOCAL_DATA:
+        assert f"{name}.yaml: " in notes and " rows read" in notes
+    assert "tokenizer of Qwen/Qwen3-14B: not on this machine" in notes
+    assert f"output_dir {tmp_path / 'run'}: writable" in notes
+
+
+def test_every_problem_is_reported_at_once_with_its_file_and_fix(tmp_path: Path, tokenizer_policy: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    recipe = small_recipe(tmp_path / "r", tokenizer_policy, prompts=[SHORT, HUGE], evals=[HUGE],
+                          output_dir=str(blocker / "run"), generation={"on_long_prompt": "error"})
+    with open(tmp_path / "r" / "prompts.jsonl", "a") as data:
+        data.write('{"id": "q9", "question": \n')  # a corrupt third line
+    with pytest.raises(preflight.PreflightError) as raised:
+        preflight.check(recipe)
+    problems = raised.value.problems
+    assert any(f"{blocker} is a file; point output_dir at a folder" in p for p in problems)
+    assert any(f"{tmp_path / 'r' / 'prompts.jsonl'}:3" in p for p in problems)
+    assert any("prompts: prompts: 1 of 2 prompts leave no room for B = 15" in p
+               and "generation.on_long_prompt: drop" in p for p in problems)
+    assert any("eval: evals: every prompt fills the context limit (60)" in p for p in problems)
+    assert "nothing was started" in str(raised.value)
+
+
+def test_long_prompts_that_will_be_dropped_are_counted_not_refused(tmp_path: Path, tokenizer_policy: Path) -> None:
+    recipe = small_recipe(tmp_path, tokenizer_policy, prompts=[SHORT, HUGE], evals=[SHORT, HUGE])
+    notes = preflight.check(recipe).text()
+    assert "prompts: prompts: 1 of 2 prompts leave no room for B = 15" in notes and "will be dropped" in notes
+    assert "eval: evals: 1 of 2 prompts fill the context limit (60): they will be dropped" in notes
+    assert "disk: the traces need at most " in notes
+
+
+def test_a_tokenizer_that_cannot_spell_the_think_tags_is_refused(tmp_path: Path, tokenizer_policy: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "count": 1, "<eos>": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "word-level"
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="<eos>").save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    recipe = small_recipe(tmp_path / "r", folder, prompts=[SHORT], evals=[SHORT])
+    with pytest.raises(preflight.PreflightError) as raised:
+        preflight.check(recipe)
+    problems = "\n".join(raised.value.problems)
+    for key, tag in (("close", "'</think>'"), ("forced_close", "'\\n</think>'")):  # measured: both came out empty
+        assert f"model.think.{key} {tag}: the tokenizer of {folder} encodes it to no token" in problems
+    assert "no chat template" in problems
+
+
+def test_run_stops_at_the_preflight_before_any_engine(tmp_path: Path, tokenizer_policy: Path) -> None:
+    recipe = small_recipe(tmp_path, tokenizer_policy, prompts=[SHORT], evals=[SHORT])
+    (tmp_path / "evals.jsonl").unlink()
+    with pytest.raises(preflight.PreflightError, match="evals.jsonl"):
+        pipeline.run(recipe, echo=lambda _: None)
+    assert not recipe.output_dir.exists()  # no stage folder, no engine log
