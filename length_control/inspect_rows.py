@@ -33,11 +33,13 @@ def show(folder: Path, *, row: int = 0, tokenizer: str | None = None, console: C
     meta = pq.read_table(folder / META).to_pylist()
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else {}
     summary = manifest.get("summary", {})
-    tok = load_tokenizer(tokenizer or summary["tokenizer"])
     if rows.num_rows == 0:
         raise EmptyOutput(f"{folder} has no rows: its splice run kept none (see the counts in its manifest.json)")
     if not 0 <= row < rows.num_rows:
         raise UserError(f"--row {row}: the dataset has rows 0..{rows.num_rows - 1}")
+    if tokenizer is None and "tokenizer" not in summary:
+        raise UserError(f"{folder} has no finished manifest naming its tokenizer: pass --tokenizer MODEL")
+    tok = load_tokenizer(tokenizer or summary["tokenizer"])
 
     input_ids = rows.column("input_ids")[row].as_py()
     labels = rows.column("labels")[row].as_py()

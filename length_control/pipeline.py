@@ -120,7 +120,11 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
 def dry_run(recipe: Recipe) -> str:
     """Every stage's plan, nothing run; the rendered configs go to `<run>/dry-run/`."""
     folder = RunLayout(recipe.output_dir).dry_run
-    out = [f"run {recipe.name} -> {recipe.output_dir}", f"policy: {policy_path(recipe.model)}"]
+    out = [f"run {recipe.name} -> {recipe.output_dir}", f"policy: {policy_path(recipe.model)}", "", "[preflight]"]
+    if recipe.model.path is not None and not recipe.model.path.exists():  # the demo policy, not built yet
+        out.append("  the policy is not built yet; the preflight runs once it is (run, or validate --deep)")
+    else:
+        out.append(preflight.check(recipe).text())
     for stage in STAGES:
         for plan in stage.plans(recipe):
             out += ["", plan.describe()]

@@ -70,7 +70,7 @@ def _output_dir(recipe: Recipe, found: Preflight) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         found.problems.append(f"output_dir {folder}: {existing} is not writable; pick a folder you can write")
         return
-    found.notes.append(f"output_dir {folder}: writable, {shutil.disk_usage(existing).free / 1e9:.1f} GB free")
+    found.notes.append(f"output_dir {folder}: writable, {_size(shutil.disk_usage(existing).free)} free")
 
 
 def _tokenizer(recipe: Recipe, found: Preflight):
@@ -173,8 +173,12 @@ def _lengths(recipe: Recipe, tokenizer, prompts: dict[str, SourceCheck], evals: 
         need = total_tokens * recipe.generation.samples_per_prompt * ID_BYTES
         folder = next(p for p in (Path(recipe.output_dir), *Path(recipe.output_dir).parents) if p.exists())
         free = shutil.disk_usage(folder).free
-        line = f"disk: the traces need at most {need / 1e9:.2f} GB; {free / 1e9:.1f} GB free"
+        line = f"disk: the traces need at most {_size(need)}; {_size(free)} free"
         if need > free:
             found.problems.append(f"{line}; free space or point output_dir elsewhere")
         else:
             found.notes.append(line)
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"

@@ -106,3 +106,17 @@ def test_run_stops_at_the_preflight_before_any_engine(tmp_path: Path, tokenizer_
     with pytest.raises(preflight.PreflightError, match="evals.jsonl"):
         pipeline.run(recipe, echo=lambda _: None)
     assert not recipe.output_dir.exists()  # no stage folder, no engine log
+
+
+def test_a_data_error_is_one_message_and_exit_2_never_a_traceback(tmp_path: Path, tokenizer_policy: Path) -> None:
+    import subprocess
+    import sys
+
+    small_recipe(tmp_path, tokenizer_policy, prompts=[SHORT], evals=[SHORT])
+    with open(tmp_path / "evals.jsonl", "a") as data:
+        data.write("{not json\n")
+    for command in (["validate", "--deep"], ["run", "--dry-run"]):
+        result = subprocess.run([sys.executable, "-m", "length_control.cli", command[0], str(tmp_path / "recipe.yaml"),
+                                 *command[1:]], capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        assert f"{tmp_path / 'evals.jsonl'}:2" in result.stderr and "Traceback" not in result.stderr

@@ -227,3 +227,6 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     assert "length  case 1: 1 rows" in text and "dropped: {'no_answer': 2}" in text
     with pytest.raises(UserError, match="rows 0..0"):
         inspect_rows.show(tmp_path / "stage2", row=5, console=console)
+    write_dataset(tmp_path / "empty", iter(()), mix_rows=lambda n: iter(()), stats=Counter(no_answer=3))
+    with pytest.raises(UserError, match="has no rows: its splice run kept none"):
+        inspect_rows.show(tmp_path / "empty", console=console)
