@@ -1,13 +1,15 @@
-"""Does the stage-2 build stream? Peak memory at two sizes of long traces.
+"""Do the stage-2 build and generate's bookkeeping stream? Peak memory at two sizes of long traces.
 
     .envs/vllm/bin/python bench/splice_memory.py [--small 200] [--large 2000] [--tokens 30000]
 
 Writes synthetic generate shards (256 traces each, as the generate stage
 does) of case-1 traces with `--tokens` output tokens drawn from a
 Qwen3-sized vocabulary (151,669 ids; `</think>` = 151668, `<|im_end|>` =
-151645, as in Qwen3's tokenizer), then splices each set in a fresh process
-and reports that process's peak resident memory (its VmHWM). Flat means the large/small
-ratio stays near 1 while the data grows 10x; printed last.
+151645, as in Qwen3's tokenizer), then, each in a fresh process, splices
+each set and computes the generate stage's summary of it (the counts its
+manifest holds), and reports that process's peak resident memory (its
+VmHWM). Flat means the large/small ratio stays near 1 while the data grows
+10x; printed last.
 """
 
 from __future__ import annotations
@@ -41,8 +43,13 @@ class Recipe:  # the two settings the row builder reads (no sequence_len: nothin
 started = time.perf_counter()
 stats = Counter()
 folder = Path(sys.argv[1])
-rows = splice.length_rows(folder, Recipe, contracts.read_termination(folder), None, stats)
-summary = splice.write_dataset(folder / "stage2", rows, mix_rows=lambda n: iter(()), stats=stats)
+if sys.argv[4] == "summary":
+    from length_control import generate
+
+    summary = {"rows": generate.summarize(folder)["traces"]}
+else:
+    rows = splice.length_rows(folder, Recipe, contracts.read_termination(folder), None, stats)
+    summary = splice.write_dataset(folder / "stage2", rows, mix_rows=lambda n: iter(()), stats=stats)
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and starts at the parent's size at fork.
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"rows": summary["rows"], "seconds": time.perf_counter() - started, "peak_mb": peak_kb / 1024}))
@@ -79,10 +86,10 @@ def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
     contracts.write_termination(folder, termination)
 
 
-def measure(folder: Path, budget: int, scratch: Path) -> dict:
+def measure(folder: Path, budget: int, scratch: Path, job: str) -> dict:
     script = scratch / "worker.py"
     script.write_text(WORKER)
-    result = subprocess.run([sys.executable, str(script), str(folder), str(budget), str(REPO)],
+    result = subprocess.run([sys.executable, str(script), str(folder), str(budget), str(REPO), job],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
@@ -100,12 +107,14 @@ def main() -> None:
         for name, traces in (("small", args.small), ("large", args.large)):
             folder = Path(scratch) / name
             write_shards(folder, traces, args.tokens)
-            results[name] = measure(folder, args.tokens, Path(scratch))
-            r = results[name]
-            print(f"{traces} traces x {args.tokens} tokens: {r['rows']} rows in {r['seconds']:.1f} s, "
-                  f"peak {r['peak_mb']:.0f} MB")
-    print(f"peak memory {args.large} / {args.small} traces: {results['large']['peak_mb'] / results['small']['peak_mb']:.2f} "
-          f"(flat = near 1, for {args.large / args.small:.0f}x the data)")
+            for job in ("splice", "summary"):
+                results[name, job] = r = measure(folder, args.tokens, Path(scratch), job)
+                print(f"{job}: {traces} traces x {args.tokens} tokens: {r['rows']} rows in {r['seconds']:.1f} s, "
+                      f"peak {r['peak_mb']:.0f} MB")
+    for job, what in (("splice", "the stage-2 build"), ("summary", "generate's bookkeeping")):
+        ratio = results["large", job]["peak_mb"] / results["small", job]["peak_mb"]
+        print(f"peak memory of {what}, {args.large} / {args.small} traces: {ratio:.2f} "
+              f"(flat = near 1, for {args.large / args.small:.0f}x the data)")
 
 
 if __name__ == "__main__":

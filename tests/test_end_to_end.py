@@ -37,7 +37,9 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     lines: list[str] = []
     pipeline.run(recipe, echo=lines.append)
     stages = [line for line in lines if line.startswith("[")]
-    assert stages[:len(pipeline.STAGE_NAMES)] == [f"[{name}]" for name in pipeline.STAGE_NAMES]
+    assert stages[:len(pipeline.STAGE_NAMES) + 1] == ["[preflight]"] + [f"[{name}]" for name in pipeline.STAGE_NAMES]
+    checked = lines[lines.index("[preflight]") + 1]  # what the preflight read before any engine started
+    assert "demo_train.yaml: 240 rows read, 240 kept, 240 prompts" in checked and "forced close '\\n</think>'" in checked
     assert stages[-2].startswith("[round 2] policy: ") and stages[-1].startswith("[loop] round 2: stopped after 2")
 
     built = report.build(recipe)
