@@ -1,6 +1,6 @@
 """The `length-control` command: thin over the library, one subcommand per job.
 
-    length-control validate RECIPE [key=value ...]   check a recipe, print every problem
+    length-control validate RECIPE [--deep] [k=v]    check a recipe, print every problem (--deep: the preflight)
     length-control config RECIPE KEY [key=value ...] print one resolved recipe value
     length-control demo-model OUT [--variant V]      build (or reuse) the embedded demo policy
     length-control generate RECIPE [key=value ...]   traces up to the budget, and the answers after it
@@ -9,8 +9,11 @@
     length-control train RECIPE [key=value ...]      stage 2 with Axolotl
     length-control evaluate RECIPE [--arm A] [k=v]   score and overlong rate at the context limit
     length-control report RECIPE [key=value ...]     the overlong-rate report (Table 2 layout, JSON, PNG)
-    length-control run RECIPE [key=value ...] [--from STAGE] [--until-overlong R --max-rounds N]
-                                                     every stage; up-to-date ones are skipped
+    length-control run RECIPE [key=value ...] [--from STAGE] [--dry-run] [--until-overlong R --max-rounds N]
+                                                     the preflight, then every stage; up-to-date ones are skipped
+
+`key=value` overrides may come anywhere on the line. A user's mistake exits 2
+with one message; a traceback is a bug.
 """
 
 from __future__ import annotations
