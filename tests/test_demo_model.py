@@ -30,6 +30,13 @@ def small_policy(request) -> Path:
     return cached_build(DemoModelSpec(variant=request.param, **SMALL)) / "model"
 
 
+@pytest.fixture(scope="module")
+def multi_token_policy() -> Path:
+    """The variant no other engine test runs: `</think>` as several BPE pieces. (The standard policy is
+    generated from and trained in test_generate, test_train and the end-to-end test: no engine start here.)"""
+    return cached_build(DemoModelSpec(variant="multi-token-close", **SMALL)) / "model"
+
+
 def _chat() -> list[dict[str, str]]:
     return [{"role": "user", "content": "Count down from 305 to 300. How many numbers do you say?"}]
 
@@ -78,15 +85,15 @@ def test_a_build_is_deterministic_for_its_seed(tmp_path: Path) -> None:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_vllm_generates_from_the_demo_policy(small_policy: Path, tmp_path: Path) -> None:
-    tokenizer = load_tokenizer(str(small_policy))
+def test_vllm_generates_from_the_demo_policy(multi_token_policy: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(str(multi_token_policy))
     prompt = tokenizer.apply_chat_template(_chat(), add_generation_prompt=True, tokenize=True)["input_ids"]
     requests = [
         {"key": f"s{i}", "prompt_token_ids": prompt, "max_tokens": 16, "seed": request_seed(0, "p", i),
          "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
         for i in range(3)
     ]
-    with VLLMEngine(small_policy, max_model_len=256, options=VLLMOptions(), log_path=tmp_path / "vllm.log") as engine:
+    with VLLMEngine(multi_token_policy, max_model_len=256, options=VLLMOptions(), log_path=tmp_path / "vllm.log") as engine:
         results = engine.generate(requests)
     assert [r["key"] for r in results] == ["s0", "s1", "s2"]
     for result in results:
@@ -95,9 +102,9 @@ def test_vllm_generates_from_the_demo_policy(small_policy: Path, tmp_path: Path)
         assert result["finish_reason"] == "stop" or len(result["output_token_ids"]) == 16
 
 
-def test_axolotl_trains_the_demo_policy(small_policy: Path, tmp_path: Path) -> None:
+def test_axolotl_trains_the_demo_policy(multi_token_policy: Path, tmp_path: Path) -> None:
     """One real Axolotl training step on pre-tokenized rows, from the CPU template."""
-    tokenizer = load_tokenizer(str(small_policy))
+    tokenizer = load_tokenizer(str(multi_token_policy))
     rows = tmp_path / "rows.jsonl"
     with rows.open("w") as f:
         for n in range(4):
@@ -107,7 +114,7 @@ def test_axolotl_trains_the_demo_policy(small_policy: Path, tmp_path: Path) -> N
             f.write(json.dumps({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}) + "\n")
     config = render_config(
         REPO / "axolotl_configs" / "cpu-tiny.yaml",
-        base_model=str(small_policy),
+        base_model=str(multi_token_policy),
         datasets=[rows],
         output_dir=tmp_path / "out",
         sequence_len=128,
