@@ -93,7 +93,8 @@ def test_vllm_generates_from_the_demo_policy(multi_token_policy: Path, tmp_path:
          "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
         for i in range(3)
     ]
-    with VLLMEngine(multi_token_policy, max_model_len=256, options=VLLMOptions(), log_path=tmp_path / "vllm.log") as engine:
+    with VLLMEngine(multi_token_policy, max_model_len=256, options=VLLMOptions(),
+                    log_path=tmp_path / "vllm.log") as engine:
         results = engine.generate(requests)
     assert [r["key"] for r in results] == ["s0", "s1", "s2"]
     for result in results:
