@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from length_control.artifacts import MANIFEST, MissingInput, atomic_path, finished_output, write_json_atomic
+from length_control.sources import load_source_spec
 from length_control.think import Termination
 
 if TYPE_CHECKING:
@@ -233,13 +234,10 @@ class Plan:
         return "\n".join(lines + [f"  {step}" for step in self.steps])
 
 
-
 def source_inputs(name: str, definitions: list[Path]) -> dict[str, Path]:
     """A stage's inputs for the sources it reads: each definition file and the local data file it names,
     so that editing a data file makes the stage stale. (A Hub dataset is named by id, config and split in
     its definition; its revision is not resolved offline.)"""
-    from length_control.sources import load_source_spec
-
     inputs = {}
     for i, definition in enumerate(definitions):
         inputs[f"{name}{i}"] = Path(definition)
