@@ -120,12 +120,20 @@ class MissingInput(UserError, FileNotFoundError):
     """A stage's input is not there (yet); the message names the command that makes it."""
 
 
+def finished_manifest(folder: Path) -> dict[str, Any]:
+    """A finished stage folder's manifest: `output` (its fingerprint, the next stage's input) and `summary`."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        manifest = {}
+    if "output" not in manifest:
+        raise MissingInput(f"{folder} has no finished {MANIFEST}: run that stage first")
+    return manifest
+
+
 def finished_output(folder: Path) -> str:
     """The output fingerprint of a finished stage folder (for the next stage's inputs)."""
-    try:
-        return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["output"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        raise MissingInput(f"{folder} has no finished {MANIFEST}: run that stage first") from None
+    return finished_manifest(folder)["output"]
 
 
 class Stage:

@@ -39,9 +39,9 @@ def _load(args: argparse.Namespace, *extra: str, build: bool = True) -> Recipe:
 def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.deep:
-        from length_control import preflight
+        from length_control import demo, preflight
 
-        print(preflight.check(_load(args)).text())
+        print(preflight.check(demo.resolve(recipe)).text())
     print(f"ok: {args.recipe}")
     print(_summary(recipe))
     return 0

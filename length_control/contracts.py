@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from length_control.artifacts import MANIFEST, MissingInput, atomic_path, finished_output, write_json_atomic
+from length_control.artifacts import MissingInput, atomic_path, finished_manifest, write_json_atomic
 from length_control.sources import load_source_spec
 from length_control.think import Termination
 
@@ -248,6 +248,5 @@ def source_inputs(name: str, definitions: list[Path]) -> dict[str, Path]:
 
 
 def upstream(folder: Path) -> dict[str, Any]:
-    """A finished stage's manifest: `output` (its fingerprint, the next stage's input) and `summary`."""
-    finished_output(folder)  # raises MissingInput, naming the stage to run, when unfinished
-    return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    """A finished stage's manifest (`output`, `summary`); MissingInput, naming the stage to run, if unfinished."""
+    return finished_manifest(folder)

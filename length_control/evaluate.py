@@ -36,15 +36,13 @@ def plan(recipe: Recipe, arm: str = "before", seed: int | None = None) -> Plan:
     stage-1 policy with inference-time forcing at the same budget (cut at B tokens, append the
     forced close, let it answer within the limit). The before and after arms also run the
     termination probe on the before arm's held-out traces."""
-    import yaml
-
     from length_control import train
 
     layout = RunLayout(recipe.output_dir)
     inputs = {}
     if arm == "after":
         inputs["train"] = layout.train(seed)
-        model = str(train.trained_model(yaml.safe_load(train.plan(recipe, seed).configs[contracts.AXOLOTL_CONFIG])))
+        model = str(train.trained_model(recipe, seed))
         if "before" in recipe.eval.arms:
             inputs["probe traces"] = layout.eval("before")
     else:

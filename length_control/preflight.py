@@ -59,14 +59,19 @@ def check(recipe: Recipe) -> Preflight:
     return found
 
 
+def _existing(folder: Path) -> Path:
+    """`folder`, or its nearest parent that exists: where the run's files will land."""
+    return next(parent for parent in (folder, *folder.parents) if parent.exists())
+
+
 def _output_dir(recipe: Recipe, found: Preflight) -> None:
+    import os
+
     folder = Path(recipe.output_dir)
-    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    existing = _existing(folder)
     if existing.is_file():
         found.problems.append(f"output_dir {folder}: {existing} is a file; point output_dir at a folder")
         return
-    import os
-
     if not os.access(existing, os.W_OK | os.X_OK):
         found.problems.append(f"output_dir {folder}: {existing} is not writable; pick a folder you can write")
         return
@@ -171,8 +176,7 @@ def _lengths(recipe: Recipe, tokenizer, prompts: dict[str, SourceCheck], evals: 
     if prompts:
         # Traces and answers of every sample, ids uncompressed: an upper bound of what generate writes.
         need = total_tokens * recipe.generation.samples_per_prompt * ID_BYTES
-        folder = next(p for p in (Path(recipe.output_dir), *Path(recipe.output_dir).parents) if p.exists())
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(_existing(Path(recipe.output_dir))).free
         line = f"disk: the traces need at most {_size(need)}; {_size(free)} free"
         if need > free:
             found.problems.append(f"{line}; free space or point output_dir elsewhere")

@@ -84,9 +84,12 @@ def launch_command(recipe, config_path: Path, verb: str = "train") -> list[str]:
     return command
 
 
-def trained_model(config: dict[str, Any]) -> Path:
-    """The Hugging Face folder a rendered config leaves: the merged model for LoRA, else the output folder."""
-    return Path(config["output_dir"]) / ("merged" if config.get("adapter") else "")
+def trained_model(recipe, seed: int) -> Path:
+    """The Hugging Face folder training leaves for a seed: the merged model for LoRA (an `adapter` in the
+    template or the overrides), else the output folder. Known before training: the after arm plans with it."""
+    template = yaml.safe_load(Path(recipe.train.template).read_text(encoding="utf-8")) or {}
+    adapter = recipe.train.overrides.get("adapter", template.get("adapter"))
+    return RunLayout(recipe.output_dir).train(seed) / "model" / ("merged" if adapter else "")
 
 
 def sequence_len(recipe, longest_row: int | None) -> int:
@@ -127,7 +130,7 @@ def plan(recipe, seed: int) -> Plan:
     if config.get("adapter"):
         commands.append(launch_command(recipe, config_path, "merge-lora"))
     return Plan("train", recipe, folder, inputs={"stage2": layout.stage2}, model=model, seed=seed,
-                steps=[shlex.join(command) for command in commands] + [f"leaves {trained_model(config)}"],
+                steps=[shlex.join(command) for command in commands] + [f"leaves {trained_model(recipe, seed)}"],
                 configs={AXOLOTL_CONFIG: yaml.safe_dump(config, sort_keys=False)})
 
 
@@ -152,7 +155,7 @@ def run(plan: Plan) -> dict[str, Any]:
     if config.get("adapter"):
         _run_logged(launch_command(recipe, config_path, "merge-lora"), folder / "merge.log", desc="merge-lora")
     summary = {"steps": len(steps), "first_loss": steps[0] if steps else None,
-               "last_loss": steps[-1] if steps else None, "model": str(trained_model(config))}
+               "last_loss": steps[-1] if steps else None, "model": str(trained_model(recipe, plan.seed))}
     stage.finish(**summary)
     return summary
 
