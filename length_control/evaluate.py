@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -181,12 +182,21 @@ def termination_probe(engine, samples: list[dict[str, Any]], budget: int, think:
 
 
 def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: ThinkTokens) -> list[dict[str, Any]]:
-    """Inference-time forcing at the budget: what the stage-1 policy does without stage 2."""
-    first = engine.generate([{**r, "max_tokens": min(recipe.budget, r["max_tokens"])} for r in requests],
-                            desc="eval forced (to B)")
-    continuations, outputs = [], {}
-    for request, result in zip(requests, first):
-        output = result["output_token_ids"]
+    """Inference-time forcing at the budget: what the stage-1 policy does without stage 2.
+
+    One stream: a sample cut at B is closed and its answer asked for as soon
+    as its first pass is back.
+    """
+    by_key = {r["key"]: r for r in requests}
+    feed = deque({**r, "max_tokens": min(recipe.budget, r["max_tokens"])} for r in requests)
+    answering: dict[str, tuple[str, list[int]]] = {}  # answer key -> (sample key, prefix)
+    outputs: dict[str, dict[str, Any]] = {}
+    for result in engine.stream(feed, desc="eval forced"):
+        if result["key"] in answering:
+            key, prefix = answering.pop(result["key"])
+            outputs[key] = {**result, "key": key, "output_token_ids": prefix + result["output_token_ids"]}
+            continue
+        request, output = by_key[result["key"]], result["output_token_ids"]
         if result["finish_reason"] != "length":
             outputs[request["key"]] = result  # ended within B
             continue
@@ -195,11 +205,9 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
         if room <= 0:  # the context limit came first
             outputs[request["key"]] = {**result, "output_token_ids": prefix[: request["max_tokens"]]}
             continue
-        continuations.append((request, prefix, answer_request(request, prefix, max_tokens=room, run_seed=recipe.seed)))
-    answers = engine.generate([c[2] for c in continuations], desc="eval forced (answers)")
-    for (request, prefix, _), answer in zip(continuations, answers):
-        outputs[request["key"]] = {**answer, "key": request["key"],
-                                   "output_token_ids": prefix + answer["output_token_ids"]}
+        answer = answer_request(request, prefix, max_tokens=room, run_seed=recipe.seed)
+        answering[answer["key"]] = (request["key"], prefix)
+        feed.appendleft(answer)
     return [outputs[r["key"]] for r in requests]
 
 

@@ -16,8 +16,11 @@ A recipe's logic can be checked the same way before a GPU is rented.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
+
+from length_control.engine import collect
 
 Continuation = Callable[[list[int]], list[int]]  # context ids -> what the model writes after them (EOS included)
 LogProb = Callable[[list[int], int], float]  # (context ids, next token) -> log p(token | context)
@@ -28,18 +31,22 @@ UNLIKELY = math.log(1e-6)
 class ScriptedEngine:
     """An `engine.Engine` that writes what `continuation` says.
 
-    `generate` answers a request with the first `max_tokens` tokens of the
+    A request is answered with the first `max_tokens` tokens of the
     continuation of its prompt: "length" when the continuation is longer,
     else all of it and "stop". A `score_tail` request's `tail_logprobs` come
     from `logprob`; by default a token is certain when the script would write
-    it next and nearly impossible otherwise, as for a greedy model.
+    it next and nearly impossible otherwise, as for a greedy model. `stream`
+    holds `in_flight` requests and finishes the shortest output first, as a
+    real engine does, so a stage that relies on results in request order
+    fails here too.
     """
 
-    def __init__(self, continuation: Continuation, logprob: LogProb | None = None) -> None:
+    def __init__(self, continuation: Continuation, logprob: LogProb | None = None, *, in_flight: int = 8) -> None:
         self.continuation = continuation
         self.logprob = logprob or self._scripted_logprob
+        self.in_flight = in_flight
         self.requests: list[dict[str, Any]] = []  # every request received, in order
-        self.calls = 0  # generate calls, empty ones included
+        self.calls = 0  # generate and stream calls, empty ones included
 
     def __enter__(self) -> ScriptedEngine:
         return self
@@ -48,9 +55,17 @@ class ScriptedEngine:
         pass
 
     def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict[str, Any]]:
+        return collect(self, requests, desc=desc)
+
+    def stream(self, requests: deque[dict[str, Any]], *, desc: str = "generate") -> Iterator[dict[str, Any]]:
         self.calls += 1
-        self.requests += requests
-        return [self._result(request) for request in requests]
+        running: list[dict[str, Any]] = []
+        while requests or running:
+            while requests and len(running) < self.in_flight:
+                self.requests.append(request := requests.popleft())
+                running.append(self._result(request))
+            running.sort(key=lambda result: len(result["output_token_ids"]))
+            yield running.pop(0)
 
     def _result(self, request: dict[str, Any]) -> dict[str, Any]:
         prompt = list(request["prompt_token_ids"])

@@ -12,11 +12,15 @@ answered by the same engine (its prefix is still in the prefix cache):
   and the policy writes the answer;
 - case 2, `</think>` inside B but the answer was cut: the policy finishes it.
 
-Output goes in shards of `shard_size` requests, each written atomically as
-soon as both of its passes are done (`traces-NNNNN.parquet`, then
-`answers-NNNNN.parquet`); a killed run resumes at the first missing shard,
-and a shard is always generated whole, with the same batch, so a resumed run
-writes the same bytes as an uninterrupted one.
+The engine is fed continuously: every trace request goes into one stream,
+and a trace's answer request goes in, ahead of the traces still waiting, as
+soon as the trace is back, so the engine never drains. Output goes in shards
+of `shard_size` requests, each written atomically as soon as all its traces
+and answers are in (`answers-NNNNN.parquet`, then `traces-NNNNN.parquet`); a
+killed run resumes at the missing shards. A sample's tokens depend only on
+its request (its own seed; the engine's output does not depend on the batch,
+see `engine.Engine`), so a resumed run writes the same bytes as an
+uninterrupted one.
 
 The records are `contracts.TRACES` and `contracts.ANSWERS`;
 `termination.json` holds the EOS and forced-close ids, so stage 2 needs no
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -130,66 +135,95 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     todo = [i for i in range(len(shards)) if not shard_path(folder, "traces", i).is_file()]
     if todo:
         with engine_for(recipe, plan.model, log_name="generate", shared=engine) as engine:
-            for i in todo:
-                _generate_shard(engine, shards[i], i, len(shards), recipe, think, folder)
+            _generate_shards(engine, {i: shards[i] for i in todo}, recipe, think, folder)
     contracts.write_termination(folder, think.termination())
     summary = summarize(folder) | {"prompts_too_long": too_long, "model": plan.model}
     stage.finish(**summary)
     return summary
 
 
-def _generate_shard(engine, shard, index, total, recipe: Recipe, think: ThinkTokens, folder: Path) -> None:
-    results = engine.generate(shard, desc=f"traces {index + 1}/{total}")
-    traces = []
-    for request, result in zip(shard, results):
-        output = result["output_token_ids"]
-        close = think.find_close(output)
-        traces.append(
-            {
-                "prompt_id": request["prompt_id"],
-                "sample": request["sample"],
-                "prompt_token_ids": request["prompt_token_ids"],
-                "output_token_ids": output,
-                "finish_reason": result["finish_reason"],
-                "think_close": close[0] if close else None,
-                "seed": request["seed"],
-            }
-        )
-    answers = _answer_requests(shard, traces, recipe, think)
-    results = engine.generate([a["request"] for a in answers], desc=f"answers {index + 1}/{total}")
-    records = [
-        {
-            "prompt_id": a["trace"]["prompt_id"],
-            "sample": a["trace"]["sample"],
-            "case": a["case"],
-            "close_token_ids": a["close_token_ids"],
-            "answer_token_ids": result["output_token_ids"],
-            "finish_reason": result["finish_reason"],
-        }
-        for a, result in zip(answers, results)
-    ]
-    contracts.write_records(shard_path(folder, "answers", index), records, ANSWERS)
-    contracts.write_records(shard_path(folder, "traces", index), traces, TRACES)  # last: marks the shard done
+class _Shard:
+    """One shard's traces and answers as they come back, in request order once complete."""
+
+    def __init__(self, requests: list[dict[str, Any]]) -> None:
+        self.requests = requests
+        self.traces: list[dict[str, Any] | None] = [None] * len(requests)
+        self.answers: dict[int, dict[str, Any]] = {}  # by trace position: None until its answer is back
+        self.waiting = len(requests)  # results still to come: traces, then the answers they ask for
+
+    def records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return self.traces, [self.answers[position] for position in sorted(self.answers)]
 
 
-def _answer_requests(requests: list[dict[str, Any]], traces: list[dict[str, Any]], recipe: Recipe,
-                     think: ThinkTokens) -> list[dict[str, Any]]:
-    """Continuations for the traces that did not end within B (cases 1 and 2)."""
-    answers = []
-    for request, trace in zip(requests, traces):
-        if trace["finish_reason"] != "length":
-            continue  # ended within B: not a stage-2 sample
-        output = trace["output_token_ids"]
-        closed = close_at_budget(output, recipe.budget, think.find_close(output), think.forced_close_ids)
-        prefix = closed.prefix()
-        answers.append({
-            "trace": trace,
-            "case": closed.case,
-            "close_token_ids": list(closed.close),
-            "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=min(
-                recipe.generation.answer_max_tokens, model_len(recipe) - len(request["prompt_token_ids"]) - len(prefix))),
-        })
-    return answers
+def _generate_shards(engine: Engine, todo: dict[int, list[dict[str, Any]]], recipe: Recipe, think: ThinkTokens,
+                     folder: Path) -> None:
+    """Every trace request of the missing shards in one stream; an answer goes in as soon as its trace is back.
+
+    The engine never drains between shards: it takes the next requests while
+    the longest traces of a shard still run. A shard is written once its last
+    trace and answer are in, whatever the order the engine finished them in;
+    its content depends only on its requests (each has its own seed), so a
+    resumed run writes the same files.
+    """
+    shards = {index: _Shard(requests) for index, requests in todo.items()}
+    where = {request["key"]: (index, position) for index, requests in todo.items()
+             for position, request in enumerate(requests)}
+    feed = deque(request for requests in todo.values() for request in requests)
+    for result in engine.stream(feed, desc=f"traces and answers ({len(todo)} shards)"):
+        index, position = where.pop(result["key"])
+        shard = shards[index]
+        request = shard.requests[position]
+        if shard.traces[position] is None:
+            shard.traces[position] = trace = _trace(request, result, think)
+            if trace["finish_reason"] == "length":  # not ended within B: a stage-2 sample, its answer comes next
+                answer = _answer_request(request, trace, recipe, think)
+                shard.answers[position] = answer
+                where[answer["request"]["key"]] = (index, position)
+                feed.appendleft(answer["request"])
+                shard.waiting += 1
+        else:
+            shard.answers[position] = _answer(shard.answers[position], result)
+        shard.waiting -= 1
+        if not shard.waiting:
+            traces, answers = shards.pop(index).records()
+            contracts.write_records(shard_path(folder, "answers", index), answers, ANSWERS)
+            contracts.write_records(shard_path(folder, "traces", index), traces, TRACES)  # last: marks it done
+
+
+def _trace(request: dict[str, Any], result: dict[str, Any], think: ThinkTokens) -> dict[str, Any]:
+    output = result["output_token_ids"]
+    close = think.find_close(output)
+    return {
+        "prompt_id": request["prompt_id"],
+        "sample": request["sample"],
+        "prompt_token_ids": request["prompt_token_ids"],
+        "output_token_ids": output,
+        "finish_reason": result["finish_reason"],
+        "think_close": close[0] if close else None,
+        "seed": request["seed"],
+    }
+
+
+def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Recipe,
+                    think: ThinkTokens) -> dict[str, Any]:
+    """The continuation of a trace that did not end within B (case 1 or 2), and what the answer record keeps."""
+    output = trace["output_token_ids"]
+    closed = close_at_budget(output, recipe.budget, think.find_close(output), think.forced_close_ids)
+    prefix = closed.prefix()
+    max_tokens = min(recipe.generation.answer_max_tokens,
+                     model_len(recipe) - len(request["prompt_token_ids"]) - len(prefix))
+    return {
+        "prompt_id": trace["prompt_id"],
+        "sample": trace["sample"],
+        "case": closed.case,
+        "close_token_ids": list(closed.close),
+        "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=max_tokens),
+    }
+
+
+def _answer(pending: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    record = {key: pending[key] for key in ("prompt_id", "sample", "case", "close_token_ids")}
+    return record | {"answer_token_ids": result["output_token_ids"], "finish_reason": result["finish_reason"]}
 
 
 # ---------------------------------------------------------------- files

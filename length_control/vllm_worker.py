@@ -1,20 +1,24 @@
-"""A vLLM engine in its own process, serving generation jobs until stdin closes.
+"""A vLLM engine in its own process, fed requests continuously until stdin closes.
 
     .envs/vllm/bin/python -m length_control.vllm_worker --engine-args JSON --reply-fd FD
 
 Started by `length_control.engine.VLLMEngine`, never by hand. Importing vLLM
 and creating `LLM()` change the process (LD_PRELOAD, multiprocessing start
 method, thread settings), so the engine lives here and the caller stays clean.
-One engine start (30-80 s on a CPU) serves every pass of a stage: the caller
-sends one job line per batch on stdin:
+One engine start (30-80 s on a CPU) serves every pass of a stage.
 
-    {"requests": "batch.jsonl", "output": "out.jsonl", "chunk": 256}
-
-Each request line holds `prompt_token_ids`, `max_tokens`, `seed` and the
-sampling settings, and may ask for `score_tail: k`, the log-probabilities of
-the prompt's last k tokens; each output line the request's `key`,
-`output_token_ids`, `finish_reason` and `stop_reason` (and `tail_logprobs`). Replies (`ready`, `progress`, `done`,
-`error`) go to a dedicated pipe, so vLLM's own logging can go anywhere.
+The caller writes one request per line on stdin, whenever it likes: each
+holds its `key`, `prompt_token_ids`, `max_tokens`, `seed` and the sampling
+settings, and may ask for `score_tail: k`, the log-probabilities of the
+prompt's last k tokens. The worker adds every request to the engine as soon
+as its line arrives, steps the engine while anything is unfinished, and
+replies each result the moment it finishes, so the engine never drains
+between batches (`LLM.generate` would: it returns only when its whole batch
+is done). Replies go to a dedicated pipe, one JSON line each (`ready`,
+`result` with `key`, `output_token_ids`, `finish_reason`, `stop_reason` and
+`tail_logprobs` when asked, and the times the engine took its first request
+and gave this result; `error` with the `key` of a refused request), so vLLM's
+own logging can go anywhere.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
+import time
 import traceback
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "stop_token_ids", "thinking_token_budget")
@@ -38,7 +44,7 @@ def main() -> int:
     def reply(**message: object) -> None:
         reply_stream.write(json.dumps(message) + "\n")
 
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.platforms import current_platform
 
     engine_args = json.loads(args.engine_args)
@@ -48,52 +54,76 @@ def main() -> int:
         engine_args.setdefault("enable_chunked_prefill", False)
     llm = LLM(**engine_args)
     reply(ready=True)
-    for line in sys.stdin:
-        job = json.loads(line)
-        try:
-            _serve(llm, SamplingParams, job, reply)
-        except Exception:  # report, keep serving: the caller decides what a failed job means
-            reply(error=traceback.format_exc(), output=job.get("output"))
+    _serve(llm.llm_engine, _Lines(sys.stdin.fileno()), reply)
     return 0
 
 
-def _serve(llm, SamplingParams, job: dict, reply) -> None:
-    with open(job["requests"], encoding="utf-8") as f:
-        requests = [json.loads(line) for line in f]
-    chunk = max(1, int(job.get("chunk", 256)))
-    tmp = job["output"] + ".partial"
-    with open(tmp, "w", encoding="utf-8") as out:
-        for start in range(0, len(requests), chunk):
-            batch = requests[start : start + chunk]
-            params = [
-                SamplingParams(
-                    n=1,
-                    max_tokens=r["max_tokens"],
-                    seed=r["seed"],
-                    detokenize=False,
-                    prompt_logprobs=0 if r.get("score_tail") else None,
-                    **{k: r[k] for k in SAMPLING_KEYS if r.get(k) is not None},
-                )
-                for r in batch
-            ]
-            prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in batch]
-            tokens = 0
-            for request, result in zip(batch, llm.generate(prompts, params, use_tqdm=False)):
-                completion = result.outputs[0]
-                tokens += len(completion.token_ids)
-                record = {
-                    "key": request["key"],
-                    "output_token_ids": list(completion.token_ids),
-                    "finish_reason": completion.finish_reason,
-                    "stop_reason": completion.stop_reason,
-                }
-                if request.get("score_tail"):
-                    record["tail_logprobs"] = _tail_logprobs(result, request["score_tail"])
-                out.write(json.dumps(record) + "\n")
-            out.flush()
-            reply(progress=len(batch), tokens=tokens)
-    os.replace(tmp, job["output"])
-    reply(done=job["output"])
+class _Lines:
+    """Whole lines from a file descriptor, without blocking when asked not to."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self._rest, self.closed = fd, b"", False
+
+    def read(self, *, block: bool) -> list[bytes]:
+        if self.closed or not select.select([self.fd], [], [], None if block else 0)[0]:
+            return []
+        chunk = os.read(self.fd, 1 << 20)
+        if not chunk:
+            self.closed = True
+            return [self._rest] if self._rest.strip() else []
+        lines = (self._rest + chunk).split(b"\n")
+        self._rest = lines.pop()
+        return [line for line in lines if line.strip()]
+
+
+def _serve(engine, lines: _Lines, reply) -> None:
+    """Add requests as their lines arrive; step while any is unfinished; reply each result as it finishes."""
+    waiting: dict[str, dict] = {}
+    started_at = None  # when the engine took its first request: with each result's `at`, the generation phase
+    while not lines.closed or engine.has_unfinished_requests():
+        for line in lines.read(block=not engine.has_unfinished_requests()):
+            request = json.loads(line)
+            try:
+                engine.add_request(request["key"], {"prompt_token_ids": request["prompt_token_ids"]},
+                                   _sampling_params(request))
+            except Exception:  # refuse this request, keep serving: the caller decides what it means
+                reply(error=traceback.format_exc(), key=request.get("key"))
+            else:
+                waiting[request["key"]] = request
+                started_at = started_at or time.time()
+        if not engine.has_unfinished_requests():
+            continue
+        for output in engine.step():
+            if output.finished:
+                reply(result=_record(output, waiting.pop(output.request_id)), started_at=started_at, at=time.time())
+
+
+def _sampling_params(request: dict):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=1,
+        max_tokens=request["max_tokens"],
+        seed=request["seed"],
+        detokenize=False,
+        prompt_logprobs=0 if request.get("score_tail") else None,
+        output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it is done
+        **{k: request[k] for k in SAMPLING_KEYS if request.get(k) is not None},
+    )
+
+
+def _record(output, request: dict) -> dict:
+    completion = output.outputs[0]
+    record = {
+        "key": request["key"],
+        "output_token_ids": list(completion.token_ids),
+        "finish_reason": completion.finish_reason,
+        "stop_reason": completion.stop_reason,
+    }
+    if request.get("score_tail"):
+        record["tail_logprobs"] = _tail_logprobs(output, request["score_tail"])
+    return record
 
 
 def _tail_logprobs(result, count: int) -> list[float]:

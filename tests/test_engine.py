@@ -1,13 +1,14 @@
-"""Engine plumbing that needs no engine: per-request seeds, data-parallel splits and
-device slices."""
+"""Engine plumbing that needs no engine: per-request seeds, device slices, and the
+endpoint engine against an in-process transport."""
 
 from __future__ import annotations
 
 import json
+from collections import deque
 
 import pytest
 
-from length_control.engine import EngineError, _split, replica_devices, request_seed
+from length_control.engine import EngineError, replica_devices, request_seed
 
 
 def test_request_seeds_are_stable_and_distinct() -> None:
@@ -15,14 +16,6 @@ def test_request_seeds_are_stable_and_distinct() -> None:
     assert len(seeds) == 800
     assert request_seed(0, "p1", 0) == request_seed(0, "p1", 0) != request_seed(1, "p1", 0)
     assert all(0 <= seed < 2**31 for seed in seeds)
-
-
-@pytest.mark.parametrize("n, parts", [(0, 3), (7, 3), (8, 2), (3, 4)])
-def test_split_is_contiguous_and_balanced(n: int, parts: int) -> None:
-    chunks = _split(list(range(n)), parts)
-    assert len(chunks) == parts
-    assert [x for chunk in chunks for x in chunk] == list(range(n))
-    assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
 
 
 def test_replicas_get_their_own_devices() -> None:
@@ -61,3 +54,38 @@ def test_the_endpoint_engine_asks_for_and_reads_prompt_logprobs() -> None:
     without = httpx.MockTransport(lambda r: server(r, with_logprobs=False))
     with OpenAIEngine(options, transport=without) as engine, pytest.raises(EngineError, match="no prompt_logprobs"):
         engine.generate([request])
+
+
+def test_the_endpoint_engine_keeps_its_limit_in_flight_and_takes_follow_ups() -> None:
+    """`max_concurrency` requests at once, never more; a request added mid-stream is served; `generate`
+    returns results in request order whatever order they finish in."""
+    import asyncio
+    import random
+
+    import httpx
+
+    from length_control.engine import OpenAIEngine
+    from length_control.recipe import OpenAIOptions
+
+    in_flight, most = 0, 0
+
+    async def server(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(random.Random(request.content).random() / 1000)  # finish out of order
+        in_flight -= 1
+        body = json.loads(request.content)
+        return httpx.Response(200, json={"choices": [{"token_ids": body["prompt"][-1:], "finish_reason": "stop"}]})
+
+    options = OpenAIOptions(endpoints=["http://a/v1", "http://b/v1"], model="m", max_concurrency=16)
+    requests = [{"key": f"p{i}", "prompt_token_ids": [i], "max_tokens": 1, "seed": i} for i in range(200)]
+    with OpenAIEngine(options, transport=httpx.MockTransport(server)) as engine:
+        assert [r["output_token_ids"] for r in engine.generate(requests)] == [[i] for i in range(200)]
+        feed, keys = deque(requests[:3]), []
+        for result in engine.stream(feed):
+            keys.append(result["key"])
+            if result["key"] == "p1":
+                feed.appendleft({**requests[1], "key": "p1/answer", "prompt_token_ids": [1, 99]})
+    assert most == 16
+    assert sorted(keys) == ["p0", "p1", "p1/answer", "p2"]

@@ -125,6 +125,10 @@ def test_sigkill_then_resume_gives_identical_files(run_a: Path, tmp_path: Path) 
 # ---------------------------------------------------------------- endpoints
 
 
+async def no_wait(seconds: float) -> None:
+    """The engine's backoff, without the wait."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +168,7 @@ def test_endpoint_engine_generates_token_ids(vllm_server: str, recipe_a) -> None
     requests, _ = generate.trace_requests(recipe_a, tokenizer, generate.load_prompts(recipe_a)[:8])
     dead = f"http://127.0.0.1:{_free_port()}/v1"  # nobody listens: requests there are retried on the live one
     options = OpenAIOptions(endpoints=[dead, vllm_server], model="demo", max_concurrency=4, max_retries=2)
-    with OpenAIEngine(options, sleep=lambda _: None) as engine:
+    with OpenAIEngine(options, sleep=no_wait) as engine:
         results = engine.generate(requests)
     assert [r["key"] for r in results] == [r["key"] for r in requests]
     for request, result in zip(requests, results):
@@ -179,7 +183,7 @@ def test_endpoint_engine_generates_token_ids(vllm_server: str, recipe_a) -> None
     close = tokenizer.encode("</think>", add_special_tokens=False)
     scored = [{"key": f"score{i}", "prompt_token_ids": requests[0]["prompt_token_ids"] + line[:7] + [token],
                "max_tokens": 1, "seed": 0, "temperature": 0.0, "score_tail": 2} for i, token in enumerate((line[7], close[0]))]
-    with OpenAIEngine(options, sleep=lambda _: None) as engine:
+    with OpenAIEngine(options, sleep=no_wait) as engine:
         own, closing = engine.generate(scored)
     assert len(own["tail_logprobs"]) == len(closing["tail_logprobs"]) == 2
     assert abs(own["tail_logprobs"][0] - closing["tail_logprobs"][0]) < 1e-3  # the same token before
@@ -191,5 +195,5 @@ def test_endpoint_failures_surface_instead_of_dropping_samples() -> None:
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     options = OpenAIOptions(endpoints=[dead], model="demo", max_retries=2)
     request = {"key": "p#0", "prompt_token_ids": [1, 2], "max_tokens": 4, "seed": 1}
-    with OpenAIEngine(options, sleep=lambda _: None) as engine, pytest.raises(EngineError, match="failed 3 times"):
+    with OpenAIEngine(options, sleep=no_wait) as engine, pytest.raises(EngineError, match="failed 3 times"):
         engine.generate([request])

@@ -156,7 +156,7 @@ class Generated(NamedTuple):
     summary: dict
     traces: dict[str, dict]  # by prompt id
     answers: dict[str, dict]  # by prompt id
-    answer_requests: dict[str, dict]  # by request key
+    answer_requests: dict[str, dict]  # by prompt id
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +167,8 @@ def generated(tmp_path_factory, policy: Path, ids: Ids) -> Generated:
     summary = generate.run(generate.plan(recipe), engine=engine)
     folder = recipe.output_dir / "generate"
     traces, answers = contracts.read_shards(folder, "traces"), contracts.read_shards(folder, "answers")
-    answer_requests = [r for r in engine.requests if r["max_tokens"] == ANSWER_MAX_TOKENS]  # traces get B
-    return Generated(recipe, summary, by_id(traces), by_id(answers), by_id(answer_requests, "key"))
+    answer_requests = [r for r in engine.requests if r["key"].endswith("/answer")]
+    return Generated(recipe, summary, by_id(traces), by_id(answers), by_id(answer_requests))
 
 
 def test_case_1_answers_after_exactly_b_tokens_and_the_forced_close(generated, ids: Ids) -> None:
@@ -176,7 +176,7 @@ def test_case_1_answers_after_exactly_b_tokens_and_the_forced_close(generated, i
     trace = traces["prompts/long"]
     assert trace["output_token_ids"] == ids.long[:BUDGET]
     assert (trace["finish_reason"], trace["think_close"]) == ("length", None)
-    request = answer_requests["prompts/long#0"]
+    request = answer_requests["prompts/long"]
     assert request["prompt_token_ids"] == ids.prompt(LONG[1]) + ids.long_thinking[:BUDGET] + ids.forced_close
     answer = answers["prompts/long"]
     assert (answer["case"], answer["close_token_ids"]) == (1, ids.forced_close)
@@ -190,7 +190,7 @@ def test_case_2_continues_the_whole_trace_from_its_own_close(generated, ids: Ids
     trace = traces["prompts/cut"]
     assert trace["output_token_ids"] == ids.cut[:BUDGET]
     assert (trace["finish_reason"], trace["think_close"]) == ("length", len(ids.cut_thinking))
-    assert answer_requests["prompts/cut#0"]["prompt_token_ids"] == ids.prompt(CUT[1]) + ids.cut[:BUDGET]
+    assert answer_requests["prompts/cut"]["prompt_token_ids"] == ids.prompt(CUT[1]) + ids.cut[:BUDGET]
     answer = answers["prompts/cut"]
     assert (answer["case"], answer["close_token_ids"]) == (2, ids.close)
     assert (answer["answer_token_ids"], answer["finish_reason"]) == (ids.cut[BUDGET:], "stop")
@@ -199,7 +199,7 @@ def test_case_2_continues_the_whole_trace_from_its_own_close(generated, ids: Ids
 def test_a_trace_that_ends_within_b_gets_no_answer(generated, ids: Ids) -> None:
     trace = generated.traces["prompts/short"]
     assert (trace["output_token_ids"], trace["finish_reason"]) == (ids.short, "stop")
-    assert "prompts/short" not in generated.answers and "prompts/short#0" not in generated.answer_requests
+    assert "prompts/short" not in generated.answers and "prompts/short" not in generated.answer_requests
     counts = {"traces": 3, "ended_within_budget": 1, "case1": 1, "case2": 1, "answers_cut": 1,
               "output_tokens": 2 * BUDGET + len(ids.short)}
     assert {key: generated.summary[key] for key in counts} == counts
@@ -225,7 +225,8 @@ def test_a_crashed_run_resumes_at_the_missing_shard_with_the_same_files(tmp_path
     generate.run(generate.plan(whole), engine=ScriptedEngine(script))
     crashed = make_recipe(tmp_path / "crashed", policy, prompts)
     with pytest.raises(EngineError):
-        generate.run(generate.plan(crashed), engine=ScriptedEngine(dies_at_cut))
+        # One request in flight: the first shard is done before the second one's trace is asked for.
+        generate.run(generate.plan(crashed), engine=ScriptedEngine(dies_at_cut, in_flight=1))
     folder = crashed.output_dir / "generate"
     assert sorted(p.name for p in folder.glob("*.parquet")) == ["answers-00000.parquet", "traces-00000.parquet"]
     assert not (folder / "manifest.json").exists()
@@ -234,7 +235,7 @@ def test_a_crashed_run_resumes_at_the_missing_shard_with_the_same_files(tmp_path
     generate.run(generate.plan(crashed), engine=resumed)
     # Only the second shard is asked for: CUT's trace, then its answer.
     assert [(r["key"], r["prompt_token_ids"]) for r in resumed.requests] == [
-        ("prompts/cut#0", cut_prompt), ("prompts/cut#0", cut_prompt + ids.cut[:BUDGET])]
+        ("prompts/cut#0", cut_prompt), ("prompts/cut#0/answer", cut_prompt + ids.cut[:BUDGET])]
     files = outputs(whole.output_dir / "generate")
     assert files == outputs(folder) == ["answers-00000.parquet", "answers-00001.parquet", "termination.json",
                                         "traces-00000.parquet", "traces-00001.parquet"]
@@ -278,8 +279,8 @@ def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, polic
     # B: continued from its own close. SHORT ended; LIMIT and CRAMPED ran out of room first.
     long_prefix = ids.long_thinking[:BUDGET] + ids.forced_close
     assert [(r["key"], r["prompt_token_ids"], r["max_tokens"]) for r in answers] == [
-        ("evals/long#0", prompt["long"] + long_prefix, room["long"] - len(long_prefix)),
-        ("evals/cut#0", prompt["cut"] + ids.cut[:BUDGET], room["cut"] - BUDGET),
+        ("evals/long#0/answer", prompt["long"] + long_prefix, room["long"] - len(long_prefix)),
+        ("evals/cut#0/answer", prompt["cut"] + ids.cut[:BUDGET], room["cut"] - BUDGET),
     ]
 
     samples = samples_of(recipe, "forced")
