@@ -9,10 +9,14 @@ fed continuously, shards, Parquet files, manifest); the bare side is
 `LLM.generate` twice in one script, all traces at once, then all answers.
 
 The workload has long-tailed trace lengths, where an engine that drains
-between batches loses the most: the demo policy with B = 768 in a 1,024-token
-context, so the short counts end after ~100 tokens and the long ones run to
-the budget, and shards of 32 requests (a drain at every shard's end would
-leave a few budget-length traces running alone).
+between batches loses the most: a random-weight policy of the demo policy's
+shape and tokenizer, sampled from its whole vocabulary at temperature 1,
+writes EOS with probability ~1/326 at every token, so
+its trace lengths are geometric (mean ~300 tokens) and ~15 % of the 240
+traces run to B = 640 (in a 1,024-token context), then get their answers;
+shards of 32 requests (a drain at every shard's end would leave a few
+budget-length traces running alone). The trained demo policy cannot make
+this workload: its thinking is 70-200 tokens whatever the prompt.
 
 Two figures per side: the whole run (engine start included) and the
 generation phase (engine start excluded: from the first request the engine
@@ -46,7 +50,24 @@ from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
 from length_control.think import ThinkTokens  # noqa: E402
 
-WORKLOAD = ["budget=768", "context_limit=1024", "generation.shard_size=32"]
+# Sampling from the whole vocabulary at temperature 1: EOS at ~1/326 a token, whatever the random weights rank first.
+WORKLOAD = ["budget=640", "context_limit=1024", "generation.shard_size=32",
+            "generation.sampling={temperature: 1.0, top_p: 1.0, top_k: -1}"]
+
+
+def random_policy(trained: Path, folder: Path) -> Path:
+    """The trained policy's config and tokenizer with random weights: near-uniform next tokens, EOS included."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(trained))
+    model.save_pretrained(folder)
+    for file in trained.iterdir():
+        if file.is_file() and not file.name.endswith(".safetensors") and not (folder / file.name).exists():
+            shutil.copy(file, folder / file.name)
+    return folder
+
 
 BARE = r'''
 import json, sys, time
@@ -81,7 +102,7 @@ def main():
                                           job["model_len"] - len(r["prompt_token_ids"]) - len(prefix))})
     run(answers)
     phase = time.time() - started
-    print(json.dumps({"phase": phase, "answers": len(answers)}))
+    print("RESULT " + json.dumps({"phase": phase, "answers": len(answers)}))
 
 
 if __name__ == "__main__":  # vLLM starts its engine with spawn
@@ -110,7 +131,8 @@ def bare(recipe, requests, think, scratch: Path) -> dict[str, float]:
         log = scratch / "bare.log"
         log.write_text(result.stdout + result.stderr)
         raise SystemExit(f"the bare script failed; its output is in {log}:\n{result.stderr[-3000:]}")
-    return {"whole": whole, **json.loads(result.stdout.strip().splitlines()[-1])}
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))  # vLLM logs to stdout
+    return {"whole": whole, **json.loads(line.removeprefix("RESULT "))}
 
 
 def toolkit(recipe) -> dict[str, float]:
@@ -135,8 +157,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
-        recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml", [
-            *WORKLOAD, f"generation.samples_per_prompt={args.samples}", f"output_dir={scratch}/run"]))
+        trained = Path(policy_path(demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml")).model))
+        recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [
+            *WORKLOAD, "model.demo=null", f"model.path={random_policy(trained, Path(scratch) / 'policy')}",
+            "splice.sft_mix=null", f"generation.samples_per_prompt={args.samples}", f"output_dir={scratch}/run"])
         tokenizer = load_tokenizer(policy_path(recipe.model))
         think = ThinkTokens(tokenizer, recipe.model.think)
         requests, _ = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))
@@ -147,7 +171,7 @@ def main() -> None:
                 f"{side} whole {r['whole']:.1f} s, phase {r['phase']:.1f} s, {r['answers']} answers"
                 for side, r in rounds[-1].items()), flush=True)
     print(f"{len(requests)} trace requests per side, B = {recipe.budget}, shards of {recipe.generation.shard_size}; "
-          f"{rounds[-1]['toolkit']['at_budget']:.0%} of the traces ran to B, the rest ended after ~100 tokens")
+          f"{rounds[-1]['toolkit']['at_budget']:.0%} of the traces ran to B")
     for figure in ("phase", "whole"):
         ratios = [r["toolkit"][figure] / r["bare"][figure] for r in rounds]
         target = {"phase": 1.02, "whole": 1.05}[figure]
