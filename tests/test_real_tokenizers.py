@@ -1,0 +1,242 @@
+"""The real tokenizers (envs/tokenizers.lock, fetched by ./run.sh setup) where this toolkit works on them.
+
+Pinned per family, on the real files: how the think tags tokenize and what
+their pieces merge with, the end of a turn (the tokenizer's eos_token and
+what the chat template writes), the generation prompt, what Qwen3's template
+does to reasoning, gpt-oss's channel tokens; and that `ThinkTokens` finds
+the policy's own close in the ids of a realistic trace, canonical or written
+in pieces. A new package version or transformers version that moves one of
+these facts fails here first.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from length_control import tokenizer_files
+from length_control.recipe import ThinkTags
+from length_control.think import ThinkTokens, close_at_budget
+
+FAMILIES = ("qwen3", "deepseek-v3", "llama-3.1", "gpt-oss")
+
+tokenizer = functools.cache(tokenizer_files.load_tokenizer)
+
+# Thinking as a policy writes it: LaTeX, code with indentation, unicode (multi-byte, an emoji).
+THINKING = ("<think>\nThe sum of the first 12 odd numbers: $\\sum_{k=1}^{12} (2k-1) = 12^2 = 144$.\n\n"
+            "Check:\n```python\ndef odd_sum(n):\n    return sum(2 * k - 1 for k in range(1, n + 1))\n```\n"
+            "odd_sum(12) → 144 ✓  (12 terms , each odd) 😀 so it is 144")  # " ," survives: no clean-up
+# What comes right before and after the close: its pieces merge with some of them.
+BEFORE_CLOSE = (".\n", ".\n\n", " ", "", "\n```\n", " 😀", "…")
+AFTER_CLOSE = ("\n\nThe sum is $\\boxed{144}$.", "\nThe sum is 144.", "144")
+
+
+def pieces(tok, text: str) -> list[str]:
+    return [tok.decode([i]) for i in tok.encode(text, add_special_tokens=False)]
+
+
+def test_the_lock_pins_exact_versions_and_tarball_integrity() -> None:
+    pins = tokenizer_files.pins()
+    assert tuple(pins) == FAMILIES
+    for pin in pins.values():
+        assert pin.version.count(".") == 2 and pin.version.replace(".", "").isdigit(), pin
+        assert pin.integrity.startswith("sha512-") and len(pin.integrity) == 95, pin
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_loads_each_as_its_tokenizer_json_defines_it(family: str) -> None:
+    from tokenizers import Tokenizer
+
+    tok = tokenizer(family)
+    text = THINKING + ".\n</think>\n\n" + AFTER_CLOSE[0]
+    own = Tokenizer.from_file(str(tokenizer_files.folder(family) / "tokenizer.json"))
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids == own.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids) == text
+
+
+def test_deepseek_v3_loads_wrong_without_its_model_type(tmp_path: Path) -> None:
+    """Why a fetched folder carries a config.json: DeepSeek-V3's tokenizer_config names LlamaTokenizerFast,
+    and transformers 5 then builds a SentencePiece pipeline on the vocabulary that drops newlines."""
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_files.folder("deepseek-v3") / name, tmp_path / name)
+    bare = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(bare).__name__ == "LlamaTokenizer"
+    assert bare.decode(bare.encode("x\n</think>", add_special_tokens=False)) != "x\n</think>"
+    assert json.loads((tokenizer_files.folder("deepseek-v3") / "config.json").read_text()) == {
+        "model_type": "deepseek_v3"}
+
+
+@pytest.mark.parametrize("family, open_pieces, close_pieces", [
+    ("qwen3", ["<think>"], ["</think>"]),  # one added token each (not special: skip_special_tokens keeps them)
+    ("deepseek-v3", ["<", "think", ">"], ["</", "think", ">"]),
+    ("llama-3.1", ["<th", "ink", ">"], ["</", "think", ">"]),
+    ("gpt-oss", ["<th", "ink", ">"], ["</", "think", ">"]),
+])
+def test_how_the_think_tags_tokenize(family: str, open_pieces: list[str], close_pieces: list[str]) -> None:
+    """In the BPE families the open tag's ">" also takes the thinking's first newline: the first thinking
+    token is inside the tag."""
+    tok = tokenizer(family)
+    assert pieces(tok, "<think>") == open_pieces
+    assert pieces(tok, "</think>") == close_pieces
+    first_line = [*open_pieces[:-1], ">\n", "So"] if len(open_pieces) > 1 else ["<think>", "\n", "So"]
+    assert pieces(tok, "<think>\nSo") == first_line
+    if family == "qwen3":
+        assert tok.convert_tokens_to_ids(["<think>", "</think>"]) == [151667, 151668]
+        assert tok.decode([151667, 151668], skip_special_tokens=True) == "<think></think>"
+
+
+@pytest.mark.parametrize("family, close_in_context, spaced", [
+    ("qwen3", [".\n", "</think>", "\n\n", "The"], [" ", "</think>"]),
+    ("deepseek-v3", [".\n", "</", "think", ">\n\n", "The"], [" </", "think", ">"]),
+    ("llama-3.1", [".\n", "</", "think", ">\n\n", "The"], [" </", "think", ">"]),
+    ("gpt-oss", [".\n", "</", "think", ">\n\n", "The"], [" </", "think", ">"]),
+])
+def test_what_the_close_merges_with(family: str, close_in_context: list[str], spaced: list[str]) -> None:
+    """The "\\n" before the close goes to the text before it (".\\n"); in the BPE families ">" takes the
+    newlines after it and "</" the space before it. Qwen3's one token merges with nothing."""
+    tok = tokenizer(family)
+    assert pieces(tok, ".\n</think>\n\nThe") == close_in_context
+    assert pieces(tok, "so </think>")[1:] == spaced
+    whole = tok.encode("\n</think>\n\n", add_special_tokens=False)
+    parts = [i for part in ("\n", "</think>", "\n\n") for i in tok.encode(part, add_special_tokens=False)]
+    assert (whole == parts) == (family == "qwen3")
+
+
+@pytest.mark.parametrize("family, forced_close_pieces, eos_id", [
+    ("qwen3", ["\n", "</think>"], 151645),
+    ("deepseek-v3", ["\n", "</", "think", ">"], 1),
+    ("llama-3.1", ["\n", "</", "think", ">"], 128009),
+    ("gpt-oss", ["\n", "</", "think", ">"], 200002),
+])
+def test_the_forced_close_and_the_termination(family: str, forced_close_pieces: list[str], eos_id: int) -> None:
+    tok = tokenizer(family)
+    think = ThinkTokens(tok, ThinkTags())
+    assert [tok.decode([i]) for i in think.forced_close_ids] == forced_close_pieces
+    assert think.termination().forced_close_tag_start == 1 and think.termination().eos_id == eos_id
+
+
+def chunked(tok, text: str, rng: random.Random, keep_whole: str | None) -> list[int]:
+    """The ids of `text` written in pieces (a valid, non-canonical sequence, as a policy may write it):
+    each chunk encoded alone. No cut falls inside `keep_whole`."""
+    inside = range(text.index(keep_whole) + 1, text.index(keep_whole) + len(keep_whole)) if keep_whole else ()
+    cuts = sorted(rng.sample([i for i in range(1, len(text)) if i not in inside], 16))
+    chunks = [text[start:end] for start, end in zip([0, *cuts], [*cuts, len(text)])]
+    return [i for chunk in chunks for i in tok.encode(chunk, add_special_tokens=False)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_think_tokens_find_the_policys_own_close_in_a_realistic_trace(family: str) -> None:
+    """Canonical ids and ids written in pieces (cuts inside the tag too, where it is BPE pieces; Qwen3's
+    policy writes its `</think>` as the one token): the span found holds the whole tag and no token
+    more, thinking + close + after are the output unchanged, and the close takes from the thinking at
+    most the space that merges into "</"."""
+    tok = tokenizer(family)
+    think = ThinkTokens(tok, ThinkTags())
+    rng = random.Random(0)
+    for before in BEFORE_CLOSE:
+        for after in AFTER_CLOSE:
+            text = THINKING + before + "</think>" + after
+            canonical = tok.encode(text, add_special_tokens=False)
+            for ids in [canonical] + [chunked(tok, text, rng, "</think>" if family == "qwen3" else None)
+                                      for _ in range(5)]:
+                span = think.find_close(ids)
+                assert span is not None, (text, pieces(tok, text))
+                start, end = span
+                assert "</think>" in tok.decode(ids[start:end])
+                assert "</think>" not in tok.decode(ids[start + 1:end]) + tok.decode(ids[start:end - 1])
+                closed = close_at_budget(ids, len(ids), span, think.forced_close_ids)
+                assert closed.case == 2 and closed.prefix() == ids
+                thinking = tok.decode(list(closed.thinking))
+                assert text.startswith(thinking)
+                carried = (THINKING + before)[len(thinking):]  # what the close's first token holds before "<"
+                assert carried == "" or (carried == " " and family != "qwen3")
+
+
+@pytest.mark.parametrize("family, eos, turn_end", [
+    ("qwen3", "<|im_end|>", "<|im_end|>\n"),
+    ("deepseek-v3", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    ("llama-3.1", "<|eot_id|>", "<|eot_id|>"),
+])
+def test_the_template_ends_an_assistant_turn_with_the_eos_token(family: str, eos: str, turn_end: str) -> None:
+    tok = tokenizer(family)
+    conversation = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "ANSWER"}]
+    rendered = tok.apply_chat_template(conversation, tokenize=False)
+    assert tok.eos_token == eos
+    assert rendered.split("ANSWER")[1] == turn_end
+
+
+def test_the_end_ids_beside_the_eos_token() -> None:
+    """Each family's other end-of-text ids. Qwen3's generation config stops on <|endoftext|> too. The
+    llama3_1 package's names are Llama 3.0's: 3.1 names 128008 <|eom_id|> and stops on it."""
+    assert tokenizer("qwen3").convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) == [151645, 151643]
+    llama = tokenizer("llama-3.1")
+    assert llama.convert_ids_to_tokens([128001, 128008, 128009]) == [
+        "<|end_of_text|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    assert tokenizer("gpt-oss").convert_ids_to_tokens([199999, 200002, 200007, 200012]) == [
+        "<|endoftext|>", "<|return|>", "<|end|>", "<|call|>"]
+
+
+@pytest.mark.parametrize("family, prompt_end", [
+    ("qwen3", "<|im_start|>assistant\n"),
+    ("deepseek-v3", "<｜Assistant｜>"),  # DeepSeek-V3's template; R1's opens "<think>\n" here
+    ("llama-3.1", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+])
+def test_the_generation_prompt_does_not_open_the_thinking(family: str, prompt_end: str) -> None:
+    tok = tokenizer(family)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith(prompt_end) and "<think>" not in prompt
+
+
+def test_qwen3_closes_an_empty_thinking_in_the_prompt_when_thinking_is_off() -> None:
+    prompt = tokenizer("qwen3").apply_chat_template([{"role": "user", "content": "2+3?"}], tokenize=False,
+                                                    add_generation_prompt=True, enable_thinking=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_qwen3s_template_rewrites_the_reasoning_it_renders() -> None:
+    """An assistant turn is not rendered as written: the last turn's reasoning loses its outer newlines and
+    gets its own, an earlier turn's reasoning is dropped (stage 2 must not train on rendered text)."""
+    conversation = [
+        {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
+        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "<think>\n\n  r2  \n\n</think>\nA2"},
+    ]
+    assert tokenizer("qwen3").apply_chat_template(conversation, tokenize=False) == (
+        "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n<think>\n  r2  \n</think>\n\nA2<|im_end|>\n")
+
+
+def test_llamas_template_trims_the_assistant_turn() -> None:
+    rendered = tokenizer("llama-3.1").apply_chat_template(
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA\n"}],
+        tokenize=False)
+    assert rendered.endswith("<|end_header_id|>\n\n<think>\nr\n</think>\n\nA<|eot_id|>")
+
+
+def test_gpt_oss_has_channels_and_no_chat_template() -> None:
+    tok = tokenizer("gpt-oss")
+    assert tok.chat_template is None
+    assert pieces(tok, "<|start|>assistant<|channel|>analysis<|message|>") == [
+        "<|start|>", "assistant", "<|channel|>", "analysis", "<|message|>"]
+    assert pieces(tok, "<|end|><|start|>assistant<|channel|>final<|message|>") == [
+        "<|end|>", "<|start|>", "assistant", "<|channel|>", "final", "<|message|>"]
+
+
+def test_gpt_oss_switch_to_the_final_channel_is_a_close_the_machinery_finds() -> None:
+    """gpt-oss thinks in the analysis channel and answers in the final one; as think tags, the switch is
+    a six-token close (all special tokens but "assistant" and "final"), found like any multi-token close."""
+    tok = tokenizer("gpt-oss")
+    switch = "<|end|><|start|>assistant<|channel|>final<|message|>"
+    think = ThinkTokens(tok, ThinkTags(open="<|channel|>analysis<|message|>", close=switch, forced_close=switch))
+    thinking = "<|channel|>analysis<|message|>We need 12 odd numbers: 144."
+    ids = tok.encode(thinking + switch + "144<|return|>", add_special_tokens=False)
+    start = len(tok.encode(thinking, add_special_tokens=False))
+    assert think.find_close(ids) == (start, start + 6)
+    assert think.termination().forced_close_tag_start == 0 and think.eos_id == 200002
