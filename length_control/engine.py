@@ -162,22 +162,29 @@ class _Worker:
         os.close(write_fd)
         self._replies = os.fdopen(read_fd, "r")
         self.in_flight = 0
+        self.max_num_seqs = 0  # the engine's, from its `ready`
 
     def wait_ready(self) -> None:
         message = self._read()
         if "ready" not in message:
             raise EngineError(f"unexpected reply from the vLLM engine: {message}")
+        self.max_num_seqs = message["max_num_seqs"]
 
     def forward_replies(self, into: queue.Queue) -> None:
         """Pass every reply to `into` from a thread; a worker that dies sends its EngineError instead."""
         def forward() -> None:
-            try:
-                while True:
-                    into.put((self, self._read()))
-            except EngineError as failure:
-                into.put((self, failure))
+            with self._replies:
+                try:
+                    while True:
+                        into.put((self, self._read()))
+                except EngineError as failure:
+                    into.put((self, failure))
 
         threading.Thread(target=forward, daemon=True, name=f"replies of {self.log_path.name}").start()
+
+    def room(self) -> int:
+        """How many more requests it takes: up to twice what its scheduler runs at once."""
+        return 2 * self.max_num_seqs - self.in_flight
 
     def send(self, request: dict[str, Any]) -> None:
         assert self.process.stdin is not None
@@ -319,17 +326,17 @@ class VLLMEngine:
     def stream(self, requests: deque[dict[str, Any]], *, desc: str = "generate") -> Iterator[dict[str, Any]]:
         """Feed `requests` continuously to the replicas; yield each result as it finishes.
 
-        Each replica holds up to `in_flight` requests (twice its scheduler's
-        `max_num_seqs`): its waiting queue is never empty while work is left,
-        so no batch drains before the next starts. A request goes to the
-        replica with the fewest in flight.
+        Each replica holds up to twice its scheduler's `max_num_seqs` (as the
+        engine reports it, vLLM's default for the device included): its
+        waiting queue is never empty while work is left, so no batch drains
+        before the next starts. A request goes to the replica with the most
+        room.
         """
         assert self._workers, "use VLLMEngine as a context manager"
-        in_flight = 2 * (self.options.max_num_seqs or 256)
         pending: set[str] = set()
         with _Progress(desc, len(requests)) as bar:
             while requests or pending:
-                while requests and (worker := min(self._workers, key=lambda w: w.in_flight)).in_flight < in_flight:
+                while requests and (worker := max(self._workers, key=_Worker.room)).room() > 0:
                     request = requests.popleft()
                     worker.send(request)
                     pending.add(request["key"])

@@ -14,7 +14,8 @@ prompt's last k tokens. The worker adds every request to the engine as soon
 as its line arrives, steps the engine while anything is unfinished, and
 replies each result the moment it finishes, so the engine never drains
 between batches (`LLM.generate` would: it returns only when its whole batch
-is done). Replies go to a dedicated pipe, one JSON line each (`ready`,
+is done). Replies go to a dedicated pipe, one JSON line each (`ready` with the
+scheduler's `max_num_seqs`,
 `result` with `key`, `output_token_ids`, `finish_reason`, `stop_reason` and
 `tail_logprobs` when asked, and the times the engine took its first request
 and gave this result; `error` with the `key` of a refused request), so vLLM's
@@ -53,7 +54,8 @@ def main() -> int:
         # seeded request's prefill is split over steps; whole prefills avoid it.
         engine_args.setdefault("enable_chunked_prefill", False)
     llm = LLM(**engine_args)
-    reply(ready=True)
+    # What its scheduler runs at once, whatever default vLLM chose for this device: the caller keeps more in flight.
+    reply(ready=True, max_num_seqs=llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
     _serve(llm.llm_engine, _Lines(sys.stdin.fileno()), reply)
     return 0
 
