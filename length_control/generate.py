@@ -148,7 +148,7 @@ class _Shard:
     def __init__(self, requests: list[dict[str, Any]]) -> None:
         self.requests = requests
         self.traces: list[dict[str, Any] | None] = [None] * len(requests)
-        self.answers: dict[int, dict[str, Any]] = {}  # by trace position: None until its answer is back
+        self.answers: dict[int, dict[str, Any]] = {}  # by trace position: the pending answer, then its record
         self.waiting = len(requests)  # results still to come: traces, then the answers they ask for
 
     def records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
