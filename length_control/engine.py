@@ -333,13 +333,10 @@ class VLLMEngine:
         room.
         """
         assert self._workers, "use VLLMEngine as a context manager"
-        pending: set[str] = set()
         with _Progress(desc, len(requests)) as bar:
-            while requests or pending:
+            while requests or any(worker.in_flight for worker in self._workers):
                 while requests and (worker := max(self._workers, key=_Worker.room)).room() > 0:
-                    request = requests.popleft()
-                    worker.send(request)
-                    pending.add(request["key"])
+                    worker.send(requests.popleft())
                 worker, message = self._replies.get()
                 if isinstance(message, EngineError):
                     raise message
@@ -347,10 +344,9 @@ class VLLMEngine:
                     raise EngineError(f"the vLLM engine refused request {message.get('key')}:\n{message['error']}")
                 worker.in_flight -= 1
                 result = message["result"]
-                pending.discard(result["key"])
                 self.started_at = min(self.started_at or message["started_at"], message["started_at"])
                 self.finished_at = max(self.finished_at or message["at"], message["at"])
-                bar.done(result, waiting=len(requests) + len(pending))
+                bar.done(result, waiting=len(requests) + sum(worker.in_flight for worker in self._workers))
                 yield result
 
 
@@ -523,11 +519,7 @@ class SharedEngine:
         self._engine = None
 
     def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict]:
-        if not requests:
-            return []
-        if self._engine is None:
-            self._engine = self._make().__enter__()
-        return self._engine.generate(requests, desc=desc)
+        return collect(self, requests, desc=desc)
 
     def stream(self, requests: deque[dict[str, Any]], *, desc: str = "generate") -> Iterator[dict[str, Any]]:
         if not requests:

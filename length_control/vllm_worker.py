@@ -80,10 +80,10 @@ class _Lines:
 
 def _serve(engine, lines: _Lines, reply) -> None:
     """Add requests as their lines arrive; step while any is unfinished; reply each result as it finishes."""
-    waiting: dict[str, dict] = {}
+    waiting: dict[str, dict] = {}  # added and unfinished: what the engine holds
     started_at = None  # when the engine took its first request: with each result's `at`, the generation phase
-    while not lines.closed or engine.has_unfinished_requests():
-        for line in lines.read(block=not engine.has_unfinished_requests()):
+    while waiting or not lines.closed:
+        for line in lines.read(block=not waiting):
             request = json.loads(line)
             try:
                 engine.add_request(request["key"], {"prompt_token_ids": request["prompt_token_ids"]},
@@ -93,7 +93,7 @@ def _serve(engine, lines: _Lines, reply) -> None:
             else:
                 waiting[request["key"]] = request
                 started_at = started_at or time.time()
-        if not engine.has_unfinished_requests():
+        if not waiting:
             continue
         for output in engine.step():
             if output.finished:
