@@ -107,12 +107,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from length_control import evaluate
+    from length_control.engine import SharedEngine
 
     if args.seed is not None and args.arm != "after":
         raise ConfigError(args.recipe, ["--seed picks a stage-2 model: use it with --arm after"])
     recipe = _load(args)
     plans = [evaluate.plan(recipe, "after", args.seed)] if args.seed is not None else evaluate.plans(recipe, args.arm)
-    print(evaluate.format_metrics([(plan.label, evaluate.run(plan)) for plan in plans]))
+    with SharedEngine(recipe, plans[0].model, log_name=f"evaluate-{args.arm}") as engine:  # the seeds share it
+        print(evaluate.format_metrics([(plan.label, evaluate.run(plan, engine)) for plan in plans]))
     return 0
 
 

@@ -320,6 +320,25 @@ class VLLMEngine:
             worker.close()
         self._workers = []
 
+    @property
+    def model(self) -> str:
+        return self.engine_args["model"]
+
+    def load(self, model: Path | str) -> None:
+        """Swap every replica's weights for `model`'s, in place (see `same_architecture`), between streams."""
+        assert self._workers and not any(worker.in_flight for worker in self._workers), "load between streams"
+        with ticking(f"loading {Path(model).name} into vLLM ({self.log_path.name})"):
+            for worker in self._workers:
+                worker.send({"load": str(model)})
+            for _ in self._workers:
+                worker, message = self._replies.get()
+                worker.in_flight -= 1
+                if isinstance(message, EngineError):
+                    raise message
+                if "loaded" not in message:
+                    raise EngineError(f"the vLLM engine could not load {model}:\n{message.get('error', message)}")
+        self.engine_args["model"] = str(model)
+
     def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict]:
         return collect(self, requests, desc=desc)
 
@@ -506,17 +525,60 @@ def _tail_logprobs(url: str, request: dict[str, Any], prompt_logprobs: list | No
     return [entry[str(token)]["logprob"] for token, entry in tail]  # JSON keys are strings
 
 
-class SharedEngine:
-    """One engine for several stages of the same model, started on first use.
+# What may differ between two checkpoints whose weights one engine can swap: bookkeeping, not shape.
+_CONFIG_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+# Files an engine reads at its start and keeps: a checkpoint that changes one needs a fresh engine.
+_ENGINE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja")
 
-    The pipeline hands it to every stage that runs the stage-1 policy (eval
-    before, eval forced, generate), so the policy costs one engine start; a
-    stage that is up to date never starts it.
+
+def same_architecture(running: Path | str, other: Path | str) -> bool:
+    """Whether an engine started on `running` can serve `other` by swapping weights alone.
+
+    True when both are local folders with the same model config (bookkeeping
+    keys aside) and the same tokenizer and generation config files: a full
+    fine-tune of the policy, as stage 2 makes. A LoRA merge or any other
+    change of shape, vocabulary or stop tokens needs an engine of its own.
+    """
+    running, other = Path(running), Path(other)
+    try:
+        configs = [{k: v for k, v in json.loads((folder / "config.json").read_text()).items()
+                    if k not in _CONFIG_BOOKKEEPING} for folder in (running, other)]
+    except (OSError, ValueError):
+        return False
+    if configs[0] != configs[1]:
+        return False
+
+    def read(path: Path) -> bytes | None:
+        return path.read_bytes() if path.is_file() else None
+
+    return all(read(running / name) == read(other / name) for name in _ENGINE_FILES)
+
+
+class SharedEngine:
+    """One engine for the stages of a run, started on first use, following the model each stage asks for.
+
+    The pipeline hands it to every stage that runs a model: eval before, eval
+    forced and generate (the stage-1 policy), then each seed's after arm. A
+    stage names its model with `serving(model)`; when the running engine has
+    another, a vLLM engine swaps the weights in place if the two checkpoints
+    share their architecture (`same_architecture`: seconds, against an
+    engine start of 30-80 s on a CPU and minutes for a large model on GPUs);
+    otherwise, or for an engine that cannot `load` (servers serve what they
+    were started with), it is closed and a new one started. A stage that is up
+    to date never starts it.
     """
 
     def __init__(self, recipe, model: str, log_name: str) -> None:
-        self._make = lambda: open_engine(recipe, model, log_name=log_name)
+        self._recipe, self._log_name = recipe, log_name
+        self._wanted = str(model)
         self._engine = None
+        self._serves: str | None = None  # the model the running engine has
+
+    def serving(self, model: Path | str) -> SharedEngine:
+        """This engine, for `model` from the next request on."""
+        self._wanted = str(model)
+        return self
 
     def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict]:
         return collect(self, requests, desc=desc)
@@ -524,14 +586,21 @@ class SharedEngine:
     def stream(self, requests: deque[dict[str, Any]], *, desc: str = "generate") -> Iterator[dict[str, Any]]:
         if not requests:
             return iter(())
+        if self._engine is not None and self._serves != self._wanted:
+            if hasattr(self._engine, "load") and same_architecture(self._serves, self._wanted):
+                self._engine.load(self._wanted)
+                self._serves = self._wanted
+            else:
+                self.close()
         if self._engine is None:
-            self._engine = self._make().__enter__()
+            self._engine = open_engine(self._recipe, self._wanted, log_name=self._log_name).__enter__()
+            self._serves = self._wanted
         return self._engine.stream(requests, desc=desc)
 
     def close(self) -> None:
         if self._engine is not None:
             self._engine.__exit__(None, None, None)
-            self._engine = None
+            self._engine, self._serves = None, None
 
     def __enter__(self) -> SharedEngine:
         return self  # the engine starts on first use, not here
@@ -541,10 +610,12 @@ class SharedEngine:
 
 
 def engine_for(recipe, model: str, *, log_name: str, shared: SharedEngine | None):
-    """The shared engine when the caller has one (left open), else a new one for this stage."""
+    """The shared engine when the caller has one (left open, set to `model`), else a new one for this stage."""
     import contextlib
 
-    return contextlib.nullcontext(shared) if shared is not None else open_engine(recipe, model, log_name=log_name)
+    if shared is None:
+        return open_engine(recipe, model, log_name=log_name)
+    return contextlib.nullcontext(shared.serving(model) if isinstance(shared, SharedEngine) else shared)
 
 
 def model_len(recipe) -> int:

@@ -9,9 +9,12 @@ every plan without running one: what it shows is what runs.
 
 Each stage skips itself when its manifest says it is up to date, so a rerun
 resumes where the last one stopped; `--from STAGE` redoes that stage and
-every one after it. The stages that run the stage-1 policy (eval before,
-eval forced, generate) come first and share one engine: one engine start
-per model.
+every one after it. The stages that run a model share one engine
+(`engine.SharedEngine`): the stage-1 policy's (eval before, eval forced,
+generate), then each seed's after arm, whose model is swapped into the
+running engine when it has the policy's architecture. The engine is closed
+while Axolotl trains, to free its memory, unless
+`engine.vllm.keep_during_training`: then the whole run costs one engine start.
 
 With `loop.until_overlong` (`run --until-overlong 0.01 --max-rounds 3`) the
 loop closes: while the after arm is above the target on some benchmark, the
@@ -58,21 +61,22 @@ class PipelineStage:
     name: str
     plans: Callable[[Recipe], list[Plan]]  # none: the stage does not run for this recipe
     run: Callable[..., Any]
-    policy_engine: bool = False  # runs the stage-1 policy: takes the engine it shares with the others
+    run_all: Callable[[list[Plan]], list[Any]] | None = None  # runs every plan at once, in their order
+    engine: bool = False  # runs a model: takes the engine the run's stages share
     show: Callable[[Results], str] = _summaries
     help: str | None = None  # a CLI command of its own (`length-control NAME RECIPE`); the arms share `evaluate`
 
 
 STAGES = [
-    PipelineStage("eval-before", _arm("before"), evaluate.run, policy_engine=True, show=_metrics),
-    PipelineStage("eval-forced", _arm("forced"), evaluate.run, policy_engine=True, show=_metrics),
-    PipelineStage("generate", lambda recipe: [generate.plan(recipe)], generate.run, policy_engine=True,
+    PipelineStage("eval-before", _arm("before"), evaluate.run, engine=True, show=_metrics),
+    PipelineStage("eval-forced", _arm("forced"), evaluate.run, engine=True, show=_metrics),
+    PipelineStage("generate", lambda recipe: [generate.plan(recipe)], generate.run, engine=True,
                   help="traces from the policy up to the budget, then the answers"),
     PipelineStage("splice", lambda recipe: [splice.plan(recipe)], splice.run,
                   help="build the stage-2 dataset from the traces and answers"),
     PipelineStage("train", lambda recipe: [train.plan(recipe, seed) for seed in recipe.train.seeds], train.run,
-                  help="stage 2: train the policy on the stage-2 dataset with Axolotl, once per seed"),
-    PipelineStage("eval-after", _arm("after"), evaluate.run, show=_metrics),
+                  run_all=train.run_all, help="stage 2: train the policy on the stage-2 dataset with Axolotl, once per seed"),
+    PipelineStage("eval-after", _arm("after"), evaluate.run, engine=True, show=_metrics),
     PipelineStage("report", lambda recipe: [report.plan(recipe)], report.run, show=lambda results: results[0][1],
                   help="the overlong-rate report from the eval arms' sample files (Table 2 layout, JSON, PNG)"),
 ]
@@ -80,8 +84,11 @@ STAGE_NAMES = [stage.name for stage in STAGES]
 
 
 def run_stage(stage: PipelineStage, recipe: Recipe) -> str:
-    """One stage alone, every plan of it, each with an engine of its own (`length-control generate ...`)."""
-    return stage.show([(plan, stage.run(plan)) for plan in stage.plans(recipe)])
+    """One stage alone, every plan of it (`length-control generate ...`)."""
+    plans = stage.plans(recipe)
+    if stage.run_all is not None:
+        return stage.show(list(zip(plans, stage.run_all(plans))))
+    return stage.show([(plan, stage.run(plan)) for plan in plans])
 
 
 def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None] = print) -> None:
@@ -90,29 +97,30 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
     echo(f"policy: {policy_path(recipe.model)}")
     echo("[preflight]")
     echo(preflight.check(recipe).text())  # every problem at once, before any engine starts
-    policy = SharedEngine(recipe, policy_path(recipe.model), log_name="policy")
-    last_policy_stage = max(i for i, stage in enumerate(STAGES) if stage.policy_engine)
+    engine = SharedEngine(recipe, policy_path(recipe.model), log_name="engine")
     redo = False
     try:
-        for index, stage in enumerate(STAGES):
+        for stage in STAGES:
             redo = redo or stage.name == start
             echo(f"[{stage.name}]")
             plans = stage.plans(recipe)
             if not plans:
                 echo("not in eval.arms: skipped")
                 continue
+            if stage.name == "train" and not recipe.engine.vllm.keep_during_training:
+                engine.close()  # free its memory for training
             started = time.monotonic()
-            results = []
             for plan in plans:
                 if redo:
                     (plan.folder / MANIFEST).unlink(missing_ok=True)
-                results.append((plan, stage.run(plan, policy) if stage.policy_engine else stage.run(plan)))
+            if stage.run_all is not None:
+                results = list(zip(plans, stage.run_all(plans)))
+            else:
+                results = [(plan, stage.run(plan, engine) if stage.engine else stage.run(plan)) for plan in plans]
             echo(stage.show(results))
             echo(f"({stage.name}: {time.monotonic() - started:.0f} s)")
-            if index == last_policy_stage:
-                policy.close()  # free its memory for training
     finally:
-        policy.close()
+        engine.close()
     if recipe.loop.until_overlong is not None:
         _closed_loop(recipe, echo)
 
@@ -128,9 +136,9 @@ def dry_run(recipe: Recipe) -> str:
     for stage in STAGES:
         for plan in stage.plans(recipe):
             out += ["", plan.describe()]
-            if stage.policy_engine:
-                out.append("  (on the stage-1 policy's engine, which eval-before, eval-forced and generate share: "
-                           "one start, logs/policy.log)")
+            if stage.engine:
+                out.append("  (on the engine the run's model stages share, logs/engine.log: the stage-1 policy's for "
+                           "eval-before, eval-forced and generate; the after arms swap their weights in)")
             for name, text in plan.configs.items():
                 stem, dot, suffix = name.rpartition(".")
                 path = folder / (f"{stem}-seed-{plan.seed}.{suffix}" if plan.seed is not None and dot else name)
@@ -177,19 +185,23 @@ def _closed_loop(recipe: Recipe, echo: Callable[[str], None]) -> None:
     """More rounds while the after arm is above `loop.until_overlong` (rows accumulate)."""
     loop = recipe.loop
     previous, generated = recipe, [RunLayout(recipe.output_dir).generate]
-    for number in range(2, loop.max_rounds + 2):
-        verdict = loop_verdict(report.round_rows(recipe, previous), loop)
-        if verdict is None and number > loop.max_rounds:
-            verdict = f"stopped after {loop.max_rounds} rounds, above the target"
-        if verdict is not None:
-            echo(f"[loop] round {number - 1}: {verdict}")
-            return
-        this = round_recipe(recipe, previous, number)
-        echo(f"[round {number}] policy: {this.model.path}")
-        echo(summary_line(generate.run(generate.plan(this))))
-        echo(summary_line(splice.run(splice.plan(this, earlier=tuple(generated)))))
-        echo(_summaries([(plan, train.run(plan)) for plan in (train.plan(this, seed) for seed in this.train.seeds)]))
-        echo(_metrics([(plan, evaluate.run(plan)) for plan in evaluate.plans(this, "after")]))
-        echo(report.run(report.plan(recipe)))
-        previous = this
-        generated.append(RunLayout(this.output_dir).generate)
+    with SharedEngine(recipe, policy_path(recipe.model), log_name="engine") as engine:
+        for number in range(2, loop.max_rounds + 2):
+            verdict = loop_verdict(report.round_rows(recipe, previous), loop)
+            if verdict is None and number > loop.max_rounds:
+                verdict = f"stopped after {loop.max_rounds} rounds, above the target"
+            if verdict is not None:
+                echo(f"[loop] round {number - 1}: {verdict}")
+                return
+            this = round_recipe(recipe, previous, number)
+            echo(f"[round {number}] policy: {this.model.path}")
+            echo(summary_line(generate.run(generate.plan(this), engine)))
+            echo(summary_line(splice.run(splice.plan(this, earlier=tuple(generated)))))
+            if not recipe.engine.vllm.keep_during_training:
+                engine.close()
+            plans = [train.plan(this, seed) for seed in this.train.seeds]
+            echo(_summaries(list(zip(plans, train.run_all(plans)))))
+            echo(_metrics([(plan, evaluate.run(plan, engine)) for plan in evaluate.plans(this, "after")]))
+            echo(report.run(report.plan(recipe)))
+            previous = this
+            generated.append(RunLayout(this.output_dir).generate)

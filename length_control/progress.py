@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 
 @contextmanager
-def ticking(desc: str, unit: str = "it", interval: float = 1.0) -> Iterator[tqdm]:
-    """A tqdm bar (closed on exit) refreshed every `interval` seconds from a thread."""
-    bar = tqdm(desc=desc, unit=unit, leave=False)
+def ticking(desc: str, unit: str = "it", interval: float = 1.0, position: int | None = None) -> Iterator[tqdm]:
+    """A tqdm bar (closed on exit) refreshed every `interval` seconds from a thread; `position`: its line,
+    for bars shown together."""
+    bar = tqdm(desc=desc, unit=unit, leave=False, position=position)
     stop = threading.Event()
 
     def tick() -> None:

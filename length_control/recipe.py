@@ -108,6 +108,9 @@ class VLLMOptions(StrictModel):
     enable_prefix_caching: bool = Field(True, description="the answer pass reuses the trace's KV cache")
     extra_args: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for vllm.LLM")
     env: dict[str, str] = Field(default_factory=dict, description="environment of the engine process")
+    keep_during_training: bool = Field(
+        False, description="keep the engine up while Axolotl trains, to evaluate the stage-2 models without "
+        "another start; off by default: on GPUs training needs the engine's memory")
 
 
 class OpenAIOptions(StrictModel):
@@ -206,6 +209,10 @@ class TrainSpec(StrictModel):
         description="stage-2 training seeds: each trains its own model and gets its own after arm; the report "
         "shows the mean and the range over them (generation and the before/forced arms are shared)",
     )
+    parallel: int = Field(
+        1, ge=1,
+        description="seeds trained at once, each with its share of the CPU cores (OMP_NUM_THREADS); 1 on GPUs, "
+        "where one seed takes every device")
     launcher: Literal["python", "accelerate", "torchrun"] = "python"
     launcher_args: list[str] = Field(default_factory=list, description="e.g. ['--num_processes', '8']")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Axolotl keys set over the template")

@@ -134,8 +134,8 @@ def plan(recipe, seed: int) -> Plan:
                 configs={AXOLOTL_CONFIG: yaml.safe_dump(config, sort_keys=False)})
 
 
-def run(plan: Plan) -> dict[str, Any]:
-    """Train with Axolotl (and merge a LoRA); skip when up to date."""
+def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
+    """Train with Axolotl (and merge a LoRA); skip when up to date. `position`: the line of its progress bar."""
     from length_control.artifacts import Stage, tool_versions, write_text_atomic
 
     recipe, folder = plan.recipe, plan.folder
@@ -151,13 +151,46 @@ def run(plan: Plan) -> dict[str, Any]:
     config_path = folder / AXOLOTL_CONFIG
     write_text_atomic(config_path, plan.configs[AXOLOTL_CONFIG])
     config = yaml.safe_load(plan.configs[AXOLOTL_CONFIG])
-    steps = _run_logged(launch_command(recipe, config_path), folder / "train.log", desc=f"train seed {plan.seed}")
+    env = _thread_share(recipe)
+    steps = _run_logged(launch_command(recipe, config_path), folder / "train.log", desc=f"train seed {plan.seed}",
+                        env=env, position=position)
     if config.get("adapter"):
-        _run_logged(launch_command(recipe, config_path, "merge-lora"), folder / "merge.log", desc="merge-lora")
+        _run_logged(launch_command(recipe, config_path, "merge-lora"), folder / "merge.log", desc="merge-lora",
+                    env=env, position=position)
     summary = {"steps": len(steps), "first_loss": steps[0] if steps else None,
                "last_loss": steps[-1] if steps else None, "model": str(trained_model(recipe, plan.seed))}
     stage.finish(**summary)
     return summary
+
+
+def run_all(plans: list[Plan]) -> list[dict[str, Any]]:
+    """Every seed's training, `train.parallel` of them at once (each a process of its own); in the order of `plans`.
+
+    On a CPU, Axolotl's start-up (~30 s of imports) runs on one core and a tiny model's steps barely use two,
+    so seeds side by side finish sooner than one after another.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not plans:
+        return []
+    parallel = min(plans[0].recipe.train.parallel, len(plans))
+    if parallel == 1:
+        return [run(plan) for plan in plans]
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(run, plans, range(len(plans))))
+
+
+def _thread_share(recipe) -> dict[str, str]:
+    """The threads of one training process when seeds train side by side: its share of the cores.
+
+    Set from the recipe alone, never from how many seeds happen to run, so a seed trained again alone
+    computes exactly what it computed beside the others.
+    """
+    import os
+
+    if recipe.train.parallel == 1 or "OMP_NUM_THREADS" in os.environ:  # the user's setting wins
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // recipe.train.parallel))}
 
 
 def model_of(folder: Path) -> Path:
@@ -169,7 +202,8 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _run_logged(command: list[str], log: Path, desc: str) -> list[float]:
+def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | None = None,
+                position: int | None = None) -> list[float]:
     """Run an Axolotl command, log everything, show a progress bar of the steps; return the losses."""
     import ast
     import subprocess
@@ -182,9 +216,9 @@ def _run_logged(command: list[str], log: Path, desc: str) -> list[float]:
     with open(log, "w", encoding="utf-8") as sink:
         sink.write("$ " + " ".join(command) + "\n")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env=engine_environ(), cwd=log.parent)
+                                   env=engine_environ(**(env or {})), cwd=log.parent)
         try:
-            with ticking(desc, unit="step") as bar:
+            with ticking(desc, unit="step", position=position) as bar:
                 for line in process.stdout:
                     sink.write(line)
                     start = line.find("{'loss'")

