@@ -1,6 +1,6 @@
 """Does the demo's effect hold beyond one draw? The demo recipe on more than one stage-1 build.
 
-    .envs/vllm/bin/python bench/demo_robustness.py [--build-seeds 0 1] [--out runs/bench-robustness]
+    .envs/vllm/bin/python bench/demo_robustness.py [--build-seeds 0 1] [--out runs/bench-robustness] [key=value ...]
 
 The demo recipe already trains stage 2 on three seeds; a different machine
 (other kernels, other rounding) is another draw of the stage-1 policy as
@@ -9,7 +9,8 @@ build seed of the demo policy (`model.demo.seed`), each in its own run
 folder (reruns resume), and prints, per build, benchmark and stage-2 seed,
 the overlong rate after and the relative score change, each checked against
 the bounds the report's v2 level sets: overlong after <= 1.0 %, score change
->= -3.9 %. The verdict is printed last.
+>= -3.9 %. The verdict is printed last. Recipe overrides (`key=value`) try
+another setting of the recipe's levers on every build.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-robustness")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. generation.samples_per_prompt=2")
     args = parser.parse_args()
 
     lines, failures = [], 0
     for build_seed in args.build_seeds:
         recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml",
-                             [f"output_dir={args.out / f'build-{build_seed}'}", f"model.demo.seed={build_seed}"]))
+                             [f"output_dir={args.out.resolve() / f'build-{build_seed}'}", f"model.demo.seed={build_seed}",
+                              *args.overrides]))
         pipeline.run(recipe, echo=lambda line: print(line, flush=True))
         for name, row in report.build(recipe)["benchmarks"].items():
             for seed, after in row["per_seed"].items():

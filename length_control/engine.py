@@ -525,34 +525,43 @@ def _tail_logprobs(url: str, request: dict[str, Any], prompt_logprobs: list | No
     return [entry[str(token)]["logprob"] for token, entry in tail]  # JSON keys are strings
 
 
-# What may differ between two checkpoints whose weights one engine can swap: bookkeeping, not shape.
-_CONFIG_BOOKKEEPING = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
-# Files an engine reads at its start and keeps: a checkpoint that changes one needs a fresh engine.
-_ENGINE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                 "chat_template.jinja")
+# Keys of a checkpoint's JSON files that say how it was saved or loaded, not what an engine computes.
+_BOOKKEEPING = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
+                "_from_model_config", "do_sample", "local_files_only", "is_local", "_commit_hash"}
+
+
+def _engine_view(folder: Path) -> dict[str, Any]:
+    """What of a checkpoint a running vLLM engine fixed at its start: model shape, vocabulary, stop ids."""
+    def load(name: str) -> Any:
+        path = folder / name
+        if not path.is_file():
+            return None
+        if name.endswith(".json"):
+            data = json.loads(path.read_text())
+            return {k: ([v] if k.endswith("token_id") and isinstance(v, int) else v)
+                    for k, v in data.items() if k not in _BOOKKEEPING}
+        return path.read_bytes()
+
+    config = load("config.json")
+    if config is None:
+        raise FileNotFoundError(folder / "config.json")
+    return {"config": config, "tokenizer": load("tokenizer.json"), "tokenizer_config": load("tokenizer_config.json"),
+            "generation": load("generation_config.json")}
 
 
 def same_architecture(running: Path | str, other: Path | str) -> bool:
     """Whether an engine started on `running` can serve `other` by swapping weights alone.
 
-    True when both are local folders with the same model config (bookkeeping
-    keys aside) and the same tokenizer and generation config files: a full
-    fine-tune of the policy, as stage 2 makes. A LoRA merge or any other
-    change of shape, vocabulary or stop tokens needs an engine of its own.
+    True when both are local folders with the same model config, vocabulary,
+    tokenizer settings and stop ids, bookkeeping aside (how a file was saved:
+    Axolotl writes `use_cache: false`, an EOS id as a list): a full fine-tune
+    of the policy, as stage 2 makes. A LoRA merge or any other change of
+    shape, vocabulary or stop tokens needs an engine of its own.
     """
-    running, other = Path(running), Path(other)
     try:
-        configs = [{k: v for k, v in json.loads((folder / "config.json").read_text()).items()
-                    if k not in _CONFIG_BOOKKEEPING} for folder in (running, other)]
+        return _engine_view(Path(running)) == _engine_view(Path(other))
     except (OSError, ValueError):
         return False
-    if configs[0] != configs[1]:
-        return False
-
-    def read(path: Path) -> bytes | None:
-        return path.read_bytes() if path.is_file() else None
-
-    return all(read(running / name) == read(other / name) for name in _ENGINE_FILES)
 
 
 class SharedEngine:

@@ -121,6 +121,7 @@ def _load(engine, folder: str, *, busy: int) -> dict:
             raise RuntimeError("vLLM could not clear its prefix cache: blocks of the old weights would be reused")
     except Exception:
         return {"error": traceback.format_exc(), "key": None}
+    print(f"length-control: swapped in the weights of {folder}", file=sys.stderr, flush=True)
     return {"loaded": folder}
 
 

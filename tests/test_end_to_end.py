@@ -1,8 +1,8 @@
 """The whole loop on the demo policy, end to end with real vLLM and real Axolotl:
 eval before, traces, stage-2 rows, training on two seeds, eval after and forced, the
 termination probe, a second round of the closed loop, and the report, whose figures are
-recomputed here from the sample files; a rerun of one seed's training gives a
-byte-identical report."""
+recomputed here from the sample files; a rerun of one seed's training, evaluated on an
+engine of its own instead of swapped into the running one, gives a byte-identical report."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     checked = lines[lines.index("[preflight]") + 1]  # what the preflight read before any engine started
     assert "demo_train.yaml: 240 rows read, 240 kept, 240 prompts" in checked and "forced close '\\n</think>'" in checked
     assert stages[-2].startswith("[round 2] policy: ") and stages[-1].startswith("[loop] round 2: stopped after 2")
+    # One engine start a round (the demo keeps it up through training): every other model, each
+    # seed's stage-2 model included, was swapped into it. The seed redone below runs on a fresh
+    # engine, and its report must not move.
+    engine_log = (tmp_path / "logs" / "engine.log").read_text()
+    assert engine_log.count("Initializing a V1 LLM engine") == 2
+    assert engine_log.count("length-control: swapped in the weights of") == 4  # 2 seeds x 2 rounds
 
     built = report.build(recipe)
     for arm in ("before", "forced", "after/0", "after/1"):

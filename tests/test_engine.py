@@ -100,14 +100,23 @@ def _checkpoint(folder: Path, **config: object) -> Path:
 
 
 def test_a_checkpoint_of_the_same_shape_and_tokenizer_can_be_swapped_in(tmp_path: Path) -> None:
-    policy = _checkpoint(tmp_path / "policy", _name_or_path="stage-1", transformers_version="5.16.1")
-    trained = _checkpoint(tmp_path / "trained", _name_or_path="stage-2", torch_dtype="float32")
+    policy = _checkpoint(tmp_path / "policy", _name_or_path="stage-1", transformers_version="5.16.1", use_cache=True)
+    (policy / "generation_config.json").write_text('{"eos_token_id": 2}')
+    (policy / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>", "local_files_only": false}')
+    # As Axolotl saves a full fine-tune: other bookkeeping, the same model.
+    trained = _checkpoint(tmp_path / "trained", _name_or_path="stage-2", torch_dtype="float32", use_cache=False)
+    (trained / "generation_config.json").write_text('{"do_sample": true, "eos_token_id": [2]}')
+    (trained / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>", "local_files_only": true}')
     assert same_architecture(policy, trained)
+    other_eos = _checkpoint(tmp_path / "other-eos")
+    (other_eos / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    assert not same_architecture(_checkpoint(tmp_path / "plain"), other_eos)
     assert not same_architecture(policy, _checkpoint(tmp_path / "wider", hidden_size=128))
     retokenized = _checkpoint(tmp_path / "retokenized")
     (retokenized / "tokenizer.json").write_text('{"added_tokens": []}')
     assert not same_architecture(policy, retokenized)
-    stops = _checkpoint(tmp_path / "stops")
+    stops = _checkpoint(tmp_path / "stops", _name_or_path="stage-1", use_cache=True)
+    (stops / "tokenizer_config.json").write_text((policy / "tokenizer_config.json").read_text())
     (stops / "generation_config.json").write_text('{"eos_token_id": [1, 2]}')
     assert not same_architecture(policy, stops)
     assert not same_architecture(policy, tmp_path / "missing")
