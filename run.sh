@@ -4,6 +4,7 @@
 #   ./run.sh setup          build the engine environments, fetch the tests' tokenizers (idempotent: seconds when done)
 #   ./run.sh test [ARGS]    set up if needed, then pytest (ARGS go to pytest)
 #   ./run.sh demo           set up, then the whole loop on the embedded demo policy
+#   ./run.sh doctor         what this machine has and lacks (environments, GPUs, kernels, disk), each gap with its fix
 #   ./run.sh lock [--upgrade]  re-resolve envs/<profile>/*.in into *.lock (maintainers)
 #   ./run.sh ARGS           anything else goes to the length-control CLI, e.g.
 #                           ./run.sh validate recipes/qwen3-14b-30k.yaml
@@ -50,8 +51,8 @@ uv_bin() {
   if [[ ! -x $tools/bin/uv || $("$tools/bin/uv" --version 2>/dev/null) != "uv $UV_VERSION"* ]]; then
     mkdir -p "$ENVS_DIR"
     python3 -m venv --clear "$tools" >/dev/null
-    "$tools/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" \
-      || die "could not install uv $UV_VERSION from PyPI into $tools (is PyPI reachable? PIP_INDEX_URL picks a mirror)"
+    "$tools/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" >"$tools.log" 2>&1 \
+      || { cat "$tools.log" >&2; die "could not install uv $UV_VERSION from PyPI into $tools (is PyPI reachable? PIP_INDEX_URL picks a mirror)"; }
   fi
   echo "$tools/bin/uv"
 }
@@ -90,7 +91,13 @@ build_env() {
     "$uv" venv --quiet --allow-existing --python "$PYTHON" "$venv" &&
       "$uv" pip sync --python "$venv/bin/python" "${source[@]}" "$lock" &&
       "$uv" pip install --python "$venv/bin/python" --no-deps -e .
-  } >"$log" 2>&1 || { tail -n 30 "$log" >&2; return 1; }
+  } >"$log" 2>&1 || {
+    tail -n 30 "$log" >&2
+    if grep -q "no version of torch==" "$log"; then
+      echo "run.sh: torch $(grep -m1 '^torch==' "$lock" | cut -d= -f3) is a CPU build that PyPI does not serve: set LC_TORCH_INDEX to PyTorch's CPU wheel index ($TORCH_INDEX_DEFAULT, or a mirror of it) or LC_FIND_LINKS to a folder holding the wheel" >&2
+    fi
+    return 1
+  }
 }
 
 setup_envs() {
@@ -173,6 +180,7 @@ cli() { "$ENVS_DIR/vllm/bin/length-control" "$@"; }
 case "${1:-}" in
   setup) setup; fetch_tokenizers ;;
   lock) shift; lock "$@" ;;
+  doctor) exec python3 -m length_control.doctor ;;
   test)
     shift
     setup
