@@ -116,6 +116,9 @@ setup_envs() {
     rm -f "$ENVS_DIR/$name/.stamp"
     build_env "$name" "$uv" & pid[$name]=$!
   done
+  # A line every 10 s while they install: set-up is never silent for long.
+  ( while sleep 10; do echo "run.sh: installing ${stale[*]} ($((SECONDS - started)) s)" >&2; done ) &
+  local ticker=$!
   for name in "${stale[@]}"; do
     if wait "${pid[$name]}"; then
       env_stamp "$name" > "$ENVS_DIR/$name/.stamp.tmp" && mv "$ENVS_DIR/$name/.stamp.tmp" "$ENVS_DIR/$name/.stamp"
@@ -125,6 +128,7 @@ setup_envs() {
       status=1
     fi
   done
+  kill "$ticker" 2>/dev/null || true
   [[ $status == 0 ]] || die "set-up failed; a rerun retries only what failed"
 }
 
