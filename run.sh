@@ -57,11 +57,12 @@ uv_bin() {
   echo "$tools/bin/uv"
 }
 
-# Where uv finds torch's CPU build: LC_TORCH_INDEX if set; else a local wheel of the
+# Where uv finds torch's CPU build (a CPU lock only): LC_TORCH_INDEX if set; else a local wheel of the
 # locked version in LC_FIND_LINKS; else PyTorch's CPU index. Printed as uv arguments.
 torch_source() {
   local lock=$1 links=${LC_FIND_LINKS-${PIP_FIND_LINKS:-}} torch dir
-  torch=$(grep -m1 '^torch==' "$lock" | cut -d= -f3)
+  torch=$(grep -m1 '^torch==' "$lock" 2>/dev/null | cut -d= -f3)
+  [[ $torch == *+cpu ]] || return 0  # a CUDA torch (the gpu profile) comes from PyPI itself
   for dir in $links; do
     echo "--find-links"; echo "$dir"
   done
