@@ -34,7 +34,8 @@ from typing import Any
 
 from length_control import evaluate, generate, preflight, report, splice, train
 from length_control.artifacts import MANIFEST, summary_line, write_text_atomic
-from length_control.contracts import Plan, RunLayout
+from length_control._schema import ConfigError
+from length_control.contracts import AXOLOTL_CONFIG, Plan, RunLayout
 from length_control.engine import SharedEngine
 from length_control.policy import policy_path
 from length_control.recipe import LoopSpec, Recipe
@@ -125,9 +126,14 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
         _closed_loop(recipe, echo)
 
 
-def dry_run(recipe: Recipe) -> str:
-    """Every stage's plan, nothing run; the rendered configs go to `<run>/dry-run/`."""
+def dry_run(recipe: Recipe, check_axolotl: bool = True) -> str:
+    """Every stage's plan, nothing run; the rendered configs go to `<run>/dry-run/`.
+
+    With `check_axolotl` (and the Axolotl environment set up) each rendered training config passes Axolotl's own
+    schema first, unknown keys included: a typo in `train.overrides` stops here, not on the GPUs.
+    """
     folder = RunLayout(recipe.output_dir).dry_run
+    training_configs = []
     out = [f"run {recipe.name} -> {recipe.output_dir}", f"policy: {policy_path(recipe.model)}", "", "[preflight]"]
     if recipe.model.path is not None and not recipe.model.path.exists():  # the demo policy, not built yet
         out.append("  the policy is not built yet; the preflight runs once it is (run, or validate --deep)")
@@ -144,6 +150,10 @@ def dry_run(recipe: Recipe) -> str:
                 path = folder / (f"{stem}-seed-{plan.seed}.{suffix}" if plan.seed is not None and dot else name)
                 write_text_atomic(path, text)
                 out.append(f"  rendered {name}: {path}")
+                if name == AXOLOTL_CONFIG:
+                    training_configs.append(path)
+    if check_axolotl and training_configs:
+        out += ["", _check_training_configs(recipe, training_configs)]
     loop = recipe.loop
     if loop.until_overlong is not None:
         out += ["", f"[loop] while overlong after > {100 * loop.until_overlong:.1f} % on a benchmark and the score "
@@ -153,6 +163,19 @@ def dry_run(recipe: Recipe) -> str:
     text = "\n".join(out) + "\n"
     write_text_atomic(folder / "plan.txt", text)
     return text
+
+
+def _check_training_configs(recipe: Recipe, configs: list) -> str:
+    """Axolotl's verdict on the rendered configs, as a line; an invalid one is the user's error."""
+    from length_control.envs import envs_dir
+
+    if not (envs_dir() / "axolotl" / "bin" / "python").exists():
+        return "[axolotl check] skipped: the axolotl environment is not set up (./run.sh setup)"
+    invalid = train.check_configs(configs)
+    if invalid:
+        raise ConfigError(configs[0], [f"Axolotl rejects {path}: {error}; fix train.overrides or the template "
+                                       f"{recipe.train.template}" for path, error in invalid.items()])
+    return f"[axolotl check] {len(configs)} rendered config(s) pass Axolotl's schema, unknown keys included"
 
 
 # ---------------------------------------------------------------- the closed loop

@@ -193,6 +193,25 @@ def _thread_share(recipe) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // recipe.train.parallel))}
 
 
+def check_configs(configs: list[Path]) -> dict[Path, str]:
+    """Axolotl's own schema on rendered configs, in its environment: {config: error} for the invalid ones.
+
+    Unknown keys count as errors (Axolotl would drop them and train with its default).
+    """
+    import subprocess
+
+    from length_control.envs import engine_bin, engine_environ
+
+    command = [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", *map(str, configs)]
+    result = subprocess.run(command, capture_output=True, text=True, env=engine_environ(), timeout=600)
+    verdicts = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    missing = [path for path in configs if str(path) not in verdicts]
+    if missing:
+        raise TrainError(f"the Axolotl check gave no verdict on {missing[0]}; its output:\n"
+                         + (result.stdout + result.stderr)[-3000:])
+    return {path: verdicts[str(path)].removeprefix("invalid: ") for path in configs if verdicts[str(path)] != "ok"}
+
+
 def model_of(folder: Path) -> Path:
     """The model a finished training folder left (from its manifest)."""
     return Path(contracts.upstream(folder)["summary"]["model"])

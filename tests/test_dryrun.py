@@ -22,7 +22,7 @@ H100x8 = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": 8, "compute_capabili
 @pytest.fixture
 def plan(tmp_path: Path) -> tuple[str, Path]:
     recipe = load_recipe(REPO / "recipes" / "qwen3-14b-30k.yaml", [f"output_dir={tmp_path}"])
-    return pipeline.dry_run(recipe), tmp_path
+    return pipeline.dry_run(recipe, check_axolotl=False), tmp_path  # Axolotl's check: the engine tests below
 
 
 def test_dry_run_renders_every_stage(plan) -> None:
@@ -62,3 +62,19 @@ def test_axolotl_accepts_the_rendered_14b_config(plan) -> None:
         capture_output=True, text=True, env=engine_environ(), timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.engine
+def test_the_dry_run_stops_a_typo_in_the_training_overrides(tmp_path: Path) -> None:
+    """Axolotl drops a key it does not know and trains with its default; the dry run refuses it first."""
+    result = subprocess.run(
+        [str(engine_bin("vllm", "length-control")), "run", str(REPO / "recipes" / "demo-cpu.yaml"), "--dry-run",
+         f"output_dir={tmp_path / 'typo'}", "train.overrides={micro_batch_sise: 1, num_epochs: 1}"],
+        capture_output=True, text=True, env=engine_environ(), timeout=600,
+    )
+    said = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in said
+    assert "unknown Axolotl key(s): micro_batch_sise (did you mean micro_batch_size?)" in said
+    assert "fix train.overrides or the template" in said
+    recipe = load_recipe(REPO / "recipes" / "qwen3-14b-30k.yaml", [f"output_dir={tmp_path / '14b'}"])
+    assert "1 rendered config(s) pass Axolotl's schema, unknown keys included" in pipeline.dry_run(recipe)
