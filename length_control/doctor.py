@@ -157,9 +157,11 @@ def check() -> Findings:
             found.fact(f"{module}: absent (CPU only: the demo's template does not use it)")
 
     found.lines.append("access:")
-    offline = os.environ.get("HF_HUB_OFFLINE", "1")
-    found.fact(f"Hugging Face Hub: {'offline' if offline == '1' else 'online'} in the engines "
-               f"(HF_HUB_OFFLINE={offline}; set HF_HUB_OFFLINE=0 for a recipe that names a Hub model)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        found.fact("Hugging Face Hub: offline for every model (HF_HUB_OFFLINE=1 is set: Hub models from the cache only)")
+    else:
+        found.fact("Hugging Face Hub: engines run offline on local model folders, online for a model named by "
+                   "its Hub id (HF_HUB_OFFLINE=1 keeps them all offline)")
     missing = [tool for tool in ("bwrap", "prlimit", "setpriv") if shutil.which(tool) is None]
     if missing and os.environ.get("LC_SANDBOX") != "unconfined":
         found.problem(f"the code sandbox lacks {', '.join(missing)}",

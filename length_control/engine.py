@@ -33,6 +33,7 @@ from length_control.contracts import RunLayout
 from length_control.envs import engine_bin, engine_environ
 from length_control.progress import ticking
 from length_control.recipe import VLLMOptions
+from length_control.vllm_worker import SAMPLING_KEYS
 
 
 @runtime_checkable
@@ -268,7 +269,7 @@ class VLLMEngine:
             **options.extra_args,
         }
         self.options = options
-        self.env = engine_environ(**options.env)
+        self.env = engine_environ(online=not Path(model).is_dir(), **options.env)  # a Hub id needs the Hub
         self.log_path = Path(log_path)
         self._workers: list[_Worker] = []
         # The generation phase, engine start excluded: from the first request a replica took to the last
@@ -478,7 +479,7 @@ class OpenAIEngine:
             "max_tokens": request["max_tokens"],
             "seed": request["seed"],
             "return_token_ids": True,
-            **{k: request[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in request},
+            **{k: request[k] for k in SAMPLING_KEYS if request.get(k) is not None},  # the offline worker's too
             # vLLM's extension: the prompt tokens' own log-probabilities (the termination probe's score_tail)
             **({"prompt_logprobs": 0} if request.get("score_tail") else {}),
         }

@@ -35,17 +35,18 @@ def engine_bin(engine: str, program: str = "python") -> Path:
     return path
 
 
-def engine_environ(**extra: str) -> dict[str, str]:
-    """The environment for an engine subprocess: offline, no telemetry, caches in the repo.
+def engine_environ(online: bool = False, **extra: str) -> dict[str, str]:
+    """The environment for an engine subprocess: no telemetry, caches in the repo, and offline unless `online`.
 
-    Values already set by the user win, except `extra`.
+    Offline is the default because every model and data file of a local run is on disk, and a Hub lookup that
+    cannot connect costs minutes of retries; a model named by its Hub id passes `online=True`. Values already
+    set by the user win (HF_HUB_OFFLINE=1 keeps a Hub model to the local cache), except `extra`.
     """
     env = dict(os.environ)
     vllm_cache = cache_dir() / "vllm"
+    offline = {} if online else {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     defaults = {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+        **offline,
         "AXOLOTL_DO_NOT_TRACK": "1",  # offline telemetry retries cost ~50 s per start
         "DO_NOT_TRACK": "1",
         "WANDB_MODE": "disabled",

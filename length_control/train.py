@@ -152,11 +152,12 @@ def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
     write_text_atomic(config_path, plan.configs[AXOLOTL_CONFIG])
     config = yaml.safe_load(plan.configs[AXOLOTL_CONFIG])
     env = _thread_share(recipe)
+    online = not Path(plan.model).is_dir()  # a base model named by its Hub id
     steps = _run_logged(launch_command(recipe, config_path), folder / "train.log", desc=f"train seed {plan.seed}",
-                        env=env, position=position)
+                        env=env, online=online, position=position)
     if config.get("adapter"):
         _run_logged(launch_command(recipe, config_path, "merge-lora"), folder / "merge.log", desc="merge-lora",
-                    env=env, position=position)
+                    env=env, online=online, position=position)
     summary = {"steps": len(steps), "first_loss": steps[0] if steps else None,
                "last_loss": steps[-1] if steps else None, "model": str(trained_model(recipe, plan.seed))}
     stage.finish(**summary)
@@ -222,7 +223,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | None = None,
-                position: int | None = None) -> list[float]:
+                online: bool = False, position: int | None = None) -> list[float]:
     """Run an Axolotl command, log everything, show a progress bar of the steps; return the losses."""
     import ast
     import subprocess
@@ -235,7 +236,7 @@ def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | 
     with open(log, "w", encoding="utf-8") as sink:
         sink.write("$ " + " ".join(command) + "\n")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env=engine_environ(**(env or {})), cwd=log.parent)
+                                   env=engine_environ(online, **(env or {})), cwd=log.parent)
         try:
             with ticking(desc, unit="step", position=position) as bar:
                 for line in process.stdout:

@@ -163,3 +163,38 @@ def test_the_shared_engine_swaps_weights_when_it_can_and_restarts_when_it_cannot
     shared.close()
     assert log == [("start", "policy"), ("load", "seed-0"), ("load", "seed-1"),
                    ("close", "seed-1"), ("start", "merged"), ("close", "merged")]
+
+
+def test_engines_go_online_only_for_a_model_named_by_its_hub_id(monkeypatch) -> None:
+    from length_control.envs import engine_environ
+
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    assert engine_environ()["HF_HUB_OFFLINE"] == "1"  # local folders: never a Hub lookup
+    assert "HF_HUB_OFFLINE" not in engine_environ(online=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert engine_environ(online=True)["HF_HUB_OFFLINE"] == "1"  # the user's setting wins
+
+
+def test_the_endpoint_engine_sends_every_sampling_field_the_offline_worker_takes() -> None:
+    import httpx
+
+    from length_control.engine import OpenAIEngine
+    from length_control.recipe import OpenAIOptions
+    from length_control.vllm_worker import SAMPLING_KEYS
+
+    bodies = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"token_ids": [7], "finish_reason": "stop"}]})
+
+    sampling = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.05, "stop_token_ids": [2, 9],
+                "thinking_token_budget": 126}
+    assert set(sampling) == set(SAMPLING_KEYS)
+    request = {"key": "p#0", "prompt_token_ids": [5, 6], "max_tokens": 4, "seed": 3, **sampling}
+    options = OpenAIOptions(endpoints=["http://server/v1"], model="m", max_retries=0)
+    with OpenAIEngine(options, transport=httpx.MockTransport(server)) as engine:
+        engine.generate([request, {**request, "key": "p#1", "stop_token_ids": None}])
+    assert {k: bodies[0][k] for k in sampling} == sampling
+    assert "stop_token_ids" not in bodies[1]  # unset stays unset: the server's default
