@@ -9,7 +9,7 @@
 #   ./run.sh ARGS           anything else goes to the length-control CLI, e.g.
 #                           ./run.sh validate recipes/qwen3-14b-30k.yaml
 #
-# Environment: LC_PROFILE (cpu; the engines' versions, envs/<profile>/), LC_PYTHON (the
+# Environment: LC_PROFILE (cpu or gpu, default gpu where nvidia-smi lists a GPU; envs/<profile>/), LC_PYTHON (the
 # Python to build with, default the profile's pythonX.Y), LC_ENVS_DIR (default .envs/), LC_CACHE_DIR
 # (default .cache/), LC_TORCH_INDEX (where torch's CPU build comes from, default
 # PyTorch's CPU wheel index), LC_FIND_LINKS (folders of local wheels, default
@@ -18,7 +18,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 ENVS_DIR=${LC_ENVS_DIR:-$PWD/.envs}
-PROFILE=${LC_PROFILE:-cpu}
+# The profile: LC_PROFILE, else gpu where nvidia-smi lists a GPU, else cpu.
+if [[ -n ${LC_PROFILE:-} ]]; then
+  PROFILE=$LC_PROFILE
+elif command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+  PROFILE=gpu
+else
+  PROFILE=cpu
+fi
 UV_VERSION=0.13.9
 TORCH_INDEX_DEFAULT=https://download.pytorch.org/whl/cpu
 ENGINES=(vllm axolotl)
@@ -88,6 +95,10 @@ build_env() {
   local name=$1 uv=$2 venv="$ENVS_DIR/$1" lock="envs/$PROFILE/$1.lock" log="$ENVS_DIR/$1.log"
   local -a source
   mapfile -t source < <(torch_source "$lock")
+  # Another profile's environment (another Python) is replaced, not patched.
+  if [[ -x $venv/bin/python && $("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])') != "$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" ]]; then
+    rm -rf "$venv"
+  fi
   {
     "$uv" venv --quiet --allow-existing --python "$PYTHON" "$venv" &&
       "$uv" pip sync --python "$venv/bin/python" "${source[@]}" "$lock" &&

@@ -61,7 +61,13 @@ class Findings:
 
 
 def profile() -> str:
-    return os.environ.get("LC_PROFILE", "cpu")
+    """As run.sh picks it: LC_PROFILE, else gpu where nvidia-smi lists a GPU, else cpu."""
+    if os.environ.get("LC_PROFILE"):
+        return os.environ["LC_PROFILE"]
+    if shutil.which("nvidia-smi") is None:
+        return "cpu"
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    return "gpu" if any(line.startswith("GPU ") for line in listed.splitlines()) else "cpu"
 
 
 def wanted_python(name: str) -> str | None:
@@ -100,7 +106,7 @@ def gpus() -> list[dict[str, str]]:
 def check() -> Findings:
     found = Findings()
     name = profile()
-    found.lines.append(f"profile: {name} (LC_PROFILE)")
+    found.lines.append(f"profile: {name} (LC_PROFILE, else gpu where nvidia-smi lists a GPU)")
     if not (REPO_ROOT / "envs" / name).is_dir():
         profiles = sorted(p.name for p in (REPO_ROOT / "envs").iterdir() if p.is_dir())
         found.problem(f"no profile {name!r}", f"set LC_PROFILE to one of {', '.join(profiles)}")
