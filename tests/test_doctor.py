@@ -29,10 +29,10 @@ def test_the_doctor_names_each_gap_with_its_fix(tmp_path: Path) -> None:
     smi.write_text('#!/bin/sh\nif [ "$1" = -L ]; then echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"; '
                    'else echo "NVIDIA H100 80GB HBM3, 570.86.15, 81559 MiB"; fi\n')
     smi.chmod(0o755)
-    path = f"{bin_dir}:{os.environ['PATH']}"
-    assert "profile: gpu" in _doctor({"PATH": path}).stdout  # a listed GPU picks the gpu profile
-    result = _doctor({"PATH": path, "LC_PROFILE": "cpu"})  # the CPU environments on a GPU machine
+    result = _doctor({"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert result.returncode == 1
+    assert "profile: gpu" in result.stdout  # a listed GPU picks the gpu profile, whose Python is 3.12
+    assert "the gpu profile wants 3.12" in result.stdout
     assert "GPU NVIDIA H100 80GB HBM3, 81559 MiB, driver 570.86.15" in result.stdout
     assert "torch sees none" in result.stdout and "cu128/cu129" in result.stdout
     assert "flash_attn: not importable" in result.stdout and "cut_cross_entropy: not importable" in result.stdout
