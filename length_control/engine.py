@@ -321,10 +321,6 @@ class VLLMEngine:
             worker.close()
         self._workers = []
 
-    @property
-    def model(self) -> str:
-        return self.engine_args["model"]
-
     def load(self, model: Path | str) -> None:
         """Swap every replica's weights for `model`'s, in place (see `same_architecture`), between streams."""
         assert self._workers and not any(worker.in_flight for worker in self._workers), "load between streams"

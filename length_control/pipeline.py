@@ -86,10 +86,15 @@ STAGE_NAMES = [stage.name for stage in STAGES]
 
 def run_stage(stage: PipelineStage, recipe: Recipe) -> str:
     """One stage alone, every plan of it (`length-control generate ...`)."""
-    plans = stage.plans(recipe)
+    return stage.show(_run_plans(stage, stage.plans(recipe)))
+
+
+def _run_plans(stage: PipelineStage, plans: list[Plan], engine: SharedEngine | None = None) -> Results:
+    """Every plan of a stage: all at once where the stage can (`run_all`), else one by one, on `engine` if it
+    runs a model (without one, each opens its own)."""
     if stage.run_all is not None:
-        return stage.show(list(zip(plans, stage.run_all(plans))))
-    return stage.show([(plan, stage.run(plan)) for plan in plans])
+        return list(zip(plans, stage.run_all(plans)))
+    return [(plan, stage.run(plan, engine) if stage.engine else stage.run(plan)) for plan in plans]
 
 
 def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None] = print) -> None:
@@ -114,10 +119,7 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
             for plan in plans:
                 if redo:
                     (plan.folder / MANIFEST).unlink(missing_ok=True)
-            if stage.run_all is not None:
-                results = list(zip(plans, stage.run_all(plans)))
-            else:
-                results = [(plan, stage.run(plan, engine) if stage.engine else stage.run(plan)) for plan in plans]
+            results = _run_plans(stage, plans, engine)
             echo(stage.show(results))
             echo(f"({stage.name}: {time.monotonic() - started:.0f} s)")
     finally:
