@@ -116,6 +116,7 @@ TRACES = pa.schema([
 ANSWERS = pa.schema([
     ("prompt_id", pa.string()), ("sample", pa.int32()),
     ("case", pa.int8()),  # 1: no close within B, forced; 2: closed within B, the answer was cut
+    ("close_at", pa.int32()),  # output tokens before the close: case 1 the cut after B thinking tokens
     ("close_token_ids", IDS),  # the forced close (case 1) or the policy's own close tokens (case 2)
     ("answer_token_ids", IDS), ("finish_reason", pa.string()),
 ])

@@ -25,7 +25,7 @@ from length_control.contracts import METRICS, PROBE, PROBE_SCHEMA, SAMPLES, SAMP
 from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request
 from length_control.errors import DataError, EmptyOutput
 from length_control.grading import grade_many
-from length_control.policy import load_tokenizer, model_input, policy_path
+from length_control.policy import end_ids, load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
@@ -84,7 +84,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         return stage.read_manifest()["summary"]
 
     tokenizer = load_tokenizer(plan.model)
-    think = ThinkTokens(tokenizer, recipe.model.think)
+    think = ThinkTokens(tokenizer, recipe.model.think, end_ids(plan.model))
     problems, requests, too_long = [], [], {}
     for eval_set in recipe.eval.sets:
         spec = load_source_spec(eval_set.source)
@@ -154,19 +154,23 @@ def termination_probe(engine, samples: list[dict[str, Any]], budget: int, think:
     """What a model does at the budget, measured without sampling.
 
     For every held-out sample whose thinking ran past B (no close in its
-    first B output tokens: a case-1 trace), given the prompt and those B
-    tokens: `close_nll`, -log p of the `</think>` tokens of the forced close
+    first B thinking tokens: a case-1 trace), given the prompt and the
+    output up to the cut (`ThinkTokens.budget_cut`, as stage 2's rows): `close_nll`, -log p of the `</think>` tokens of the forced close
     (the "\\n" before them is context), and `greedy_close`, whether greedy
     decoding writes the close in the next len(forced close) tokens. Stage 2
     trains exactly this spot, so the probe shows whether training moved the
     close even when sampling noise hides it in the overlong rate.
     """
-    traces = [s for s in samples if len(s["output_token_ids"]) >= budget
-              and think.find_close(s["output_token_ids"][:budget]) is None]
+    traces = []
+    for s in samples:
+        output = s["output_token_ids"]
+        past = think.thinking_start(output) + budget
+        if len(output) >= past and think.find_close(output[:past]) is None:
+            traces.append((s, think.budget_cut(output, budget)))
     close, tag_start = think.forced_close_ids, think.termination().forced_close_tag_start
     scored, greedy = [], []
-    for s in traces:
-        prefix = list(s["prompt_token_ids"]) + list(s["output_token_ids"][:budget])
+    for s, cut in traces:
+        prefix = list(s["prompt_token_ids"]) + list(s["output_token_ids"][:cut])
         key = f"{s['problem_id']}#{s['sample']}"
         scored.append({"key": key, "prompt_token_ids": prefix + close, "max_tokens": 1, "seed": 0,
                        "temperature": 0.0, "score_tail": len(close) - tag_start})
@@ -177,7 +181,7 @@ def termination_probe(engine, samples: list[dict[str, Any]], budget: int, think:
     return [
         {"benchmark": s["benchmark"], "problem_id": s["problem_id"], "sample": s["sample"],
          "close_nll": -sum(score["tail_logprobs"]), "greedy_close": think.find_close(cont["output_token_ids"]) is not None}
-        for s, score, cont in zip(traces, scores, continuations)
+        for (s, _), score, cont in zip(traces, scores, continuations)
     ]
 
 
@@ -188,7 +192,8 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
     as its first pass is back.
     """
     by_key = {r["key"]: r for r in requests}
-    feed = deque({**r, "max_tokens": min(recipe.budget, r["max_tokens"])} for r in requests)
+    first_pass = think.first_pass_tokens(recipe.budget)
+    feed = deque({**r, "max_tokens": min(first_pass, r["max_tokens"])} for r in requests)
     answering: dict[str, tuple[str, list[int]]] = {}  # answer key -> (sample key, prefix)
     outputs: dict[str, dict[str, Any]] = {}
     for result in engine.stream(feed, desc="eval forced"):
@@ -200,7 +205,8 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
         if result["finish_reason"] != "length":
             outputs[request["key"]] = result  # ended within B
             continue
-        prefix = close_at_budget(output, recipe.budget, think.find_close(output), think.forced_close_ids).prefix()
+        prefix = close_at_budget(output, think.budget_cut(output, recipe.budget), think.find_close(output),
+                                 think.forced_close_ids).prefix()
         room = request["max_tokens"] - len(prefix)
         if room <= 0:  # the context limit came first
             outputs[request["key"]] = {**result, "output_token_ids": prefix[: request["max_tokens"]]}
@@ -227,7 +233,7 @@ def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, 
                 "prompt_token_ids": prompt_ids,
                 "output_token_ids": output,
                 "finish_reason": result["finish_reason"],
-                "thinking_tokens": close[0] if close else len(output),
+                "thinking_tokens": (close[0] if close else len(output)) - think.thinking_start(output),
                 "closed_think": close is not None,
                 "overlong": close is None,
                 "extracted": None,

@@ -40,14 +40,14 @@ from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, shard_path
 from length_control.engine import Engine, answer_request, engine_for, model_len, open_engine, sample_request
 from length_control.errors import DataError
-from length_control.policy import load_tokenizer, model_input, policy_path
+from length_control.policy import end_ids, load_tokenizer, model_input, policy_path
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens, close_at_budget
 
 PLAN = ".plan.json"  # what the shards on disk were made for; hidden, so not part of the output
-RECORDS_VERSION = 3  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
+RECORDS_VERSION = 4  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
 
 
 def plan(recipe: Recipe) -> Plan:
@@ -75,7 +75,8 @@ def load_prompts(recipe: Recipe) -> list[dict[str, Any]]:
     return prompts
 
 
-def trace_requests(recipe: Recipe, tokenizer, prompts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+def trace_requests(recipe: Recipe, tokenizer, think: ThinkTokens,
+                   prompts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """The first pass's requests, and how many prompts were dropped for having no room at B.
 
     A prompt needs room for B thinking tokens, the forced close and at least
@@ -84,13 +85,14 @@ def trace_requests(recipe: Recipe, tokenizer, prompts: list[dict[str, Any]]) -> 
     wrong place.
     """
     requests, too_long = [], []
-    room_needed = recipe.budget + len(tokenizer.encode(recipe.model.think.forced_close, add_special_tokens=False)) + 1
+    first_pass = think.first_pass_tokens(recipe.budget)
+    room_needed = first_pass + len(think.forced_close_ids) + 1
     for prompt in prompts:
         ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
         if len(ids) + room_needed > model_len(recipe):
             too_long.append(prompt["id"])
             continue
-        requests += [sample_request(prompt["id"], sample, ids, max_tokens=recipe.budget, run_seed=recipe.seed,
+        requests += [sample_request(prompt["id"], sample, ids, max_tokens=first_pass, run_seed=recipe.seed,
                                     sampling=recipe.generation.sampling)
                      for sample in range(recipe.generation.samples_per_prompt)]
     if too_long and recipe.generation.on_long_prompt == "error":
@@ -128,8 +130,8 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     _reset_if_stale(folder, stage.expected)
 
     tokenizer = load_tokenizer(plan.model)
-    think = ThinkTokens(tokenizer, recipe.model.think)
-    requests, too_long = trace_requests(recipe, tokenizer, load_prompts(recipe))
+    think = ThinkTokens(tokenizer, recipe.model.think, end_ids(plan.model))
+    requests, too_long = trace_requests(recipe, tokenizer, think, load_prompts(recipe))
     size = recipe.generation.shard_size
     shards = [requests[i : i + size] for i in range(0, len(requests), size)]
     todo = [i for i in range(len(shards)) if not shard_path(folder, "traces", i).is_file()]
@@ -208,7 +210,8 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
                     think: ThinkTokens) -> dict[str, Any]:
     """The continuation of a trace that did not end within B (case 1 or 2), and what the answer record keeps."""
     output = trace["output_token_ids"]
-    closed = close_at_budget(output, recipe.budget, think.find_close(output), think.forced_close_ids)
+    closed = close_at_budget(output, think.budget_cut(output, recipe.budget), think.find_close(output),
+                             think.forced_close_ids)
     prefix = closed.prefix()
     max_tokens = min(recipe.generation.answer_max_tokens,
                      model_len(recipe) - len(request["prompt_token_ids"]) - len(prefix))
@@ -216,13 +219,14 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
         "prompt_id": trace["prompt_id"],
         "sample": trace["sample"],
         "case": closed.case,
+        "close_at": len(closed.thinking),
         "close_token_ids": list(closed.close),
         "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=max_tokens),
     }
 
 
 def _answer(pending: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    record = {key: pending[key] for key in ("prompt_id", "sample", "case", "close_token_ids")}
+    record = {key: pending[key] for key in ("prompt_id", "sample", "case", "close_at", "close_token_ids")}
     return record | {"answer_token_ids": result["output_token_ids"], "finish_reason": result["finish_reason"]}
 
 

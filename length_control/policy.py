@@ -31,3 +31,16 @@ def load_tokenizer(model: str):
 def model_input(model: str) -> Path | str:
     """A model as a stage input: a local folder is fingerprinted, a Hub id is taken as it is."""
     return Path(model) if Path(model).exists() else model
+
+
+def end_ids(model: str) -> list[int]:
+    """The ids the model's generation config ends a turn with, as vLLM stops on them (besides the
+    tokenizer's eos_token): Qwen3 lists <|im_end|> and <|endoftext|>. None when it has no generation config."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model)
+    except OSError:
+        return []
+    ids = config.eos_token_id
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)

@@ -20,7 +20,7 @@ conversations is mixed in with ordinary assistant-only labels. Rows without
 an answer (the answer pass ran out of tokens), with answers past
 `max_answer_tokens`, or longer than the training `sequence_len` are dropped or
 cut as the recipe says, and every such row is counted in the stats.
-The split itself is `think.close_at_budget`, the rule generate used.
+The split is the one generate made with `think.close_at_budget`, read from its records.
 
 The build streams: one generate shard at a time, rows written in row groups,
 so memory stays flat however many traces there are. Writes
@@ -46,7 +46,7 @@ from length_control.contracts import IGNORE, META, META_SCHEMA, ROWS, ROWS_SCHEM
 from length_control.errors import EmptyOutput
 from length_control.policy import load_tokenizer, policy_path
 from length_control.recipe import Recipe, SpliceSpec
-from length_control.think import Termination, close_at_budget
+from length_control.think import Termination
 
 @dataclass(frozen=True)
 class Row:
@@ -59,27 +59,30 @@ def splice_row(
     trace: dict[str, Any],
     answer: dict[str, Any],
     *,
-    budget: int,
     termination: Termination,
     spec: SpliceSpec,
     max_len: int | None,
 ) -> tuple[Row | None, str]:
     """One stage-2 row from a trace and its answer, or (None, why it was dropped).
 
+    The split is the one generate made (`think.close_at_budget`), read from
+    the answer record: the thinking is the output before `close_at`, then
+    the close; in case 2 the policy's own close is in the output, and what
+    it wrote after it comes before the answer. The row ends with the end id
+    the policy wrote (Qwen3 may end with <|im_end|> or <|endoftext|>).
     Token ids may come as lists or numpy arrays; the row's are int32 arrays,
     sliced and concatenated without a Python object per token.
     """
     output = np.asarray(trace["output_token_ids"], dtype=np.int32)
-    start = trace["think_close"]
-    span = None if start is None else (start, start + len(answer["close_token_ids"]))
-    closed = close_at_budget(output, budget, span, np.asarray(answer["close_token_ids"], dtype=np.int32))
-    thinking, close = closed.thinking, closed.close
-    body = np.concatenate([closed.after_close, np.asarray(answer["answer_token_ids"], dtype=np.int32)])
+    close = np.asarray(answer["close_token_ids"], dtype=np.int32)
+    thinking = output[: answer["close_at"]]
+    after_close = output[answer["close_at"] + len(close) :] if answer["case"] == 2 else output[:0]
+    body = np.concatenate([after_close, np.asarray(answer["answer_token_ids"], dtype=np.int32)])
     # where `</think>` starts in the close: a forced close may carry a "\n" before it; the policy's own starts there
-    tag_offset = termination.forced_close_tag_start if closed.case == 1 else 0
-    if answer["finish_reason"] != "stop" or not len(body) or body[-1] != termination.eos_id:
+    tag_offset = termination.forced_close_tag_start if answer["case"] == 1 else 0
+    if answer["finish_reason"] != "stop" or not len(body) or not termination.ends_turn(int(body[-1])):
         return None, "no_answer"
-    body = body[:-1]  # the EOS goes back on after any cut
+    body, end = body[:-1], body[-1:]  # the end id goes back on after any cut
     if len(body) > spec.max_answer_tokens:
         if spec.on_long_answer == "drop":
             return None, "long_answer"
@@ -89,8 +92,7 @@ def splice_row(
         if spec.on_overlength == "drop" or prefix_len + len(close) + 1 > max_len:
             return None, "too_long"
         body = body[: max_len - prefix_len - len(close) - 1]  # cut the (masked) answer, keep the termination
-    input_ids = np.concatenate([np.asarray(trace["prompt_token_ids"], dtype=np.int32), thinking, close, body,
-                                np.array([termination.eos_id], dtype=np.int32)])
+    input_ids = np.concatenate([np.asarray(trace["prompt_token_ids"], dtype=np.int32), thinking, close, body, end])
     tag_start = prefix_len + tag_offset
     close_end = prefix_len + len(close)
     labels = np.full(len(input_ids), IGNORE, dtype=np.int32)
@@ -175,18 +177,16 @@ def length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len:
         answers = _answers(pq.ParquetFile(answers_path).read())
         # A few traces at a time, their ids as numpy views: a shard never sits in memory whole
         # (and reading threads only cost at this size).
-        columns = ["prompt_id", "sample", "prompt_token_ids", "output_token_ids", "think_close"]
+        columns = ["prompt_id", "sample", "prompt_token_ids", "output_token_ids"]
         for batch in pq.ParquetFile(traces_path).iter_batches(batch_size=64, columns=columns, use_threads=False):
             keys = zip(batch.column("prompt_id").to_pylist(), batch.column("sample").to_pylist())
             prompts, outputs = id_lists(batch.column("prompt_token_ids")), id_lists(batch.column("output_token_ids"))
-            closes = batch.column("think_close").to_pylist()
             for i, key in enumerate(keys):
                 answer = answers.get(key)
                 if answer is None:
                     continue  # ended within the budget: not a stage-2 sample
-                trace = {"prompt_token_ids": prompts(i), "output_token_ids": outputs(i), "think_close": closes[i]}
-                row, why = splice_row(trace, answer, budget=recipe.budget, termination=termination,
-                                      spec=recipe.splice, max_len=max_len)
+                trace = {"prompt_token_ids": prompts(i), "output_token_ids": outputs(i)}
+                row, why = splice_row(trace, answer, termination=termination, spec=recipe.splice, max_len=max_len)
                 stats[why] += 1
                 if row is not None:
                     stats[f"case{answer['case']}"] += 1
@@ -199,10 +199,10 @@ def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
     columns = {name: table.column(name).combine_chunks() for name in table.column_names}
     closes, bodies = id_lists(columns["close_token_ids"]), id_lists(columns["answer_token_ids"])
     keys = zip(columns["prompt_id"].to_pylist(), columns["sample"].to_pylist())
-    fields = zip(columns["case"].to_pylist(), columns["finish_reason"].to_pylist())
-    return {key: {"prompt_id": key[0], "sample": key[1], "case": case, "finish_reason": finish,
+    fields = zip(columns["case"].to_pylist(), columns["close_at"].to_pylist(), columns["finish_reason"].to_pylist())
+    return {key: {"prompt_id": key[0], "sample": key[1], "case": case, "close_at": close_at, "finish_reason": finish,
                   "close_token_ids": closes(i), "answer_token_ids": bodies(i)}
-            for i, (key, (case, finish)) in enumerate(zip(keys, fields))}
+            for i, (key, (case, close_at, finish)) in enumerate(zip(keys, fields))}
 
 
 def _row_columns(rows: list[Row]) -> list:

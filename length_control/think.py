@@ -23,9 +23,13 @@ class Termination:
     records (`termination.json`); stage 2 builds its rows from ids alone.
     """
 
-    eos_id: int
+    eos_id: int  # the tokenizer's eos_token
     forced_close_ids: list[int]
     forced_close_tag_start: int  # where `</think>` starts among them (a "\n" before it is context)
+    end_ids: list[int] = field(default_factory=list)  # every id the engine stops on (eos_id and the generation config's)
+
+    def ends_turn(self, token: int) -> bool:
+        return token == self.eos_id or token in self.end_ids
 
 
 @dataclass(frozen=True)
@@ -42,51 +46,109 @@ class Closed:
         return [*self.thinking, *self.close, *self.after_close]
 
 
-def close_at_budget(output: Sequence[int], budget: int, close_span: tuple[int, int] | None,
+def close_at_budget(output: Sequence[int], cut: int, close_span: tuple[int, int] | None,
                     forced_close: Sequence[int]) -> Closed:
-    """The method's one rule, shared by generate, splice and the forced arm.
+    """The method's one rule, shared by generate and the forced arm.
 
-    `output` is a first pass of at most B tokens and `close_span` where its
+    `output` is a first pass that ran into the budget, `cut` where its B
+    thinking tokens end (`ThinkTokens.budget_cut`) and `close_span` where its
     first close tag lies (`ThinkTokens.find_close`), or None. Case 1, no
-    close: keep exactly the first B tokens and append the forced close.
-    Case 2, the policy closed within B: keep its thinking, its own close and
-    what it wrote after it (the answer that B cut).
+    close: keep the output up to the cut and append the forced close. Case 2,
+    the policy closed within B: keep its thinking, its own close and what it
+    wrote after it (the answer that B cut).
     """
-    if close_span is None:
-        return Closed(1, output[:budget], forced_close, output[:0])
+    if close_span is None or close_span[1] > cut:
+        return Closed(1, output[:cut], forced_close, output[:0])
     start, end = close_span
     return Closed(2, output[:start], output[start:end], output[end:])
 
 
 @dataclass
 class ThinkTokens:
-    """A tokenizer's view of the think tags and the end of a turn."""
+    """A tokenizer's view of the think tags, the budget and the end of a turn.
+
+    B counts thinking tokens: the output tokens after the open tag when the
+    policy writes it (`<think>` is one token in Qwen3, three BPE pieces in
+    Llama 3.1, the last one holding the first newline too), every output
+    token when the chat template opened the thinking in the prompt (R1-style
+    templates end the generation prompt with `<think>\n`).
+    """
 
     tokenizer: object
     tags: ThinkTags
+    end_ids: list[int] = field(default_factory=list)  # ids the engine stops on besides the eos_token
+    open_ids: list[int] = field(init=False)
     close_ids: list[int] = field(init=False)
     forced_close_ids: list[int] = field(init=False)
     eos_id: int = field(init=False)
+    opened_by_template: bool = field(init=False)
     _pieces: dict[int, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         encode = self.tokenizer.encode
+        self.open_ids = encode(self.tags.open, add_special_tokens=False)
         self.close_ids = encode(self.tags.close, add_special_tokens=False)
         self.forced_close_ids = encode(self.tags.forced_close, add_special_tokens=False)
         self.eos_id = self.tokenizer.eos_token_id
+        self.end_ids = sorted({self.eos_id, *self.end_ids})
+        self.opened_by_template = template_opens_thinking(self.tokenizer, self.tags)
 
     def termination(self) -> Termination:
         found = self.find_close(self.forced_close_ids)
-        return Termination(self.eos_id, self.forced_close_ids, found[0] if found else 0)
+        return Termination(self.eos_id, self.forced_close_ids, found[0] if found else 0, self.end_ids)
 
-    def find_close(self, output_ids: list[int]) -> tuple[int, int] | None:
-        """(start, end): output_ids[start:end] are the tokens of the first close tag, or None."""
-        if len(self.close_ids) == 1:
-            try:
-                start = output_ids.index(self.close_ids[0])
-            except ValueError:
-                return None
-            return start, start + 1
+    def first_pass_tokens(self, budget: int) -> int:
+        """max_tokens of a first pass: B thinking tokens, and the open tag's tokens when the policy writes it."""
+        return budget if self.opened_by_template else budget + len(self.open_ids)
+
+    def thinking_start(self, output_ids: Sequence[int]) -> int:
+        """Where the thinking tokens start: after the token that completes an open tag the output starts
+        with (whitespace before it allowed), else at the first output token."""
+        if self.opened_by_template:
+            return 0
+        text = ""
+        for i, token in enumerate(output_ids[: len(self.open_ids) + 4]):
+            text += self._piece(token)
+            if text.lstrip().startswith(self.tags.open):
+                return i + 1
+            if not self.tags.open.startswith(text.lstrip()):
+                break
+        return 0
+
+    def budget_cut(self, output_ids: Sequence[int], budget: int) -> int:
+        """Where B thinking tokens end in `output_ids`, before a close tag the cut splits.
+
+        A policy cut while writing a multi-token close ("...</", "think" | ">")
+        is closing: its partial tag is dropped, so the forced close does not
+        follow half a tag.
+        """
+        start = self.thinking_start(output_ids)
+        cut = min(len(output_ids), start + budget)
+        first = max(start, cut - len(self.close_ids) - 1)
+        pieces = [self._piece(token) for token in output_ids[first:cut]]
+        at = _partial_tag_at("".join(pieces), self.tags.close)
+        if at is None:
+            return cut
+        for i, piece in enumerate(pieces):  # the token that holds the partial tag's first character
+            at -= len(piece)
+            if at < 0:
+                return first + i
+        return cut
+
+    def find_close(self, output_ids: Sequence[int]) -> tuple[int, int] | None:
+        """(start, end): output_ids[start:end] are the tokens of the first close tag, or None.
+
+        Found in the decoded pieces, so a close the policy wrote in other
+        pieces than the canonical ones (Qwen3's `</think>` as "</", "think",
+        ">" instead of its one token) is found too.
+        """
+        if len(self.close_ids) == 1 and self.close_ids[0] in output_ids:
+            first = list(output_ids).index(self.close_ids[0])
+            earlier = self._find_in_text(output_ids[:first])
+            return earlier or (first, first + 1)
+        return self._find_in_text(output_ids)
+
+    def _find_in_text(self, output_ids: Sequence[int]) -> tuple[int, int] | None:
         text, starts = "", []
         for token in output_ids:
             starts.append(len(text))
@@ -102,5 +164,22 @@ class ThinkTokens:
     def _piece(self, token: int) -> str:
         piece = self._pieces.get(token)
         if piece is None:
-            piece = self._pieces[token] = self.tokenizer.decode([token])
+            piece = self._pieces[token] = self.tokenizer.decode([int(token)])
         return piece
+
+
+def _partial_tag_at(text: str, tag: str) -> int | None:
+    """Where `text` ends with a proper prefix of `tag` of at least two characters ("</"), or None."""
+    for length in range(min(len(tag) - 1, len(text)), 1, -1):
+        if text.endswith(tag[:length]):
+            return len(text) - length
+    return None
+
+
+def template_opens_thinking(tokenizer, tags: ThinkTags) -> bool:
+    """Whether the chat template's generation prompt ends inside an open thinking (R1-style templates)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return False
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 + 3?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    return prompt.rstrip().endswith(tags.open.rstrip())

@@ -40,24 +40,24 @@ def test_the_probe_takes_case_1_traces_and_scores_the_close_tag() -> None:
     think = ThinkTokens(Tokenizer(), ThinkTags())
     a, b, close = VOCAB["a"], VOCAB["b"], VOCAB["</think>"]
     samples = [
-        _sample("long", [1, 3, a, a, a, a, a, a]),           # ran past B = 4 without closing: probed
+        _sample("long", [1, 3, a, a, a, a, a, a]),           # ran past B = 3 thinking tokens unclosed: probed
         _sample("late", [1, 3, b, a, 3, close, 3, a]),       # closed after B: probed too
         _sample("short", [1, 3, close, 3, a, 5]),            # closed within B: not a case-1 trace
         _sample("cut", [1, 3, a]),                           # never reached B: nothing to probe
     ]
-    # What the model writes after each probed prefix (prompt + B tokens) and after the forced
+    # What the model writes after each probed prefix (prompt + <think> + B tokens) and after the forced
     # close there, and how likely it finds the close after the forced close's "\n".
     script = transcripts({(9, 9, 1, 3, a, a): [3, a], (9, 9, 1, 3, a, a, 3, close): [3, b, 5],
                           (9, 9, 1, 3, b, a): [3, close, 3, b, 5]})
     p_close = {(9, 9, 1, 3, a, a, 3): 0.25, (9, 9, 1, 3, b, a, 3): 0.5}
     engine = ScriptedEngine(script, logprob=lambda context, token: math.log(p_close[tuple(context)]))
-    probe = termination_probe(engine, samples, budget=4, think=think)
+    probe = termination_probe(engine, samples, budget=3, think=think)
 
     assert [p["problem_id"] for p in probe] == ["long", "late"]
     assert [p["close_nll"] for p in probe] == [math.log(4), math.log(2)]
     assert [p["greedy_close"] for p in probe] == [False, True]
     scored = [r for r in engine.requests if r.get("score_tail")]
-    # prompt + the first B output tokens + the forced close ("\n</think>"); only "</think>" is scored
+    # prompt + <think> and the first B thinking tokens + the forced close ("\n</think>"); only "</think>" is scored
     assert [r["prompt_token_ids"] for r in scored] == [[9, 9, 1, 3, a, a, 3, close], [9, 9, 1, 3, b, a, 3, close]]
     assert [r["score_tail"] for r in scored] == [1, 1]
     greedy = [r for r in engine.requests if not r.get("score_tail")]
@@ -85,5 +85,5 @@ def test_samples_are_graded_after_their_close_and_an_unclosed_one_is_overlong() 
     samples = _score_all([(spec, prompt, [9, 9], 3)], results, think, Tokenizer())
     assert [s["correct"] for s in samples] == [True, False, False]
     assert [s["overlong"] for s in samples] == [False, False, True]
-    assert [s["thinking_tokens"] for s in samples] == [2, 2, 4]
+    assert [s["thinking_tokens"] for s in samples] == [1, 1, 3]  # after <think>, up to the close
     assert samples[1]["extracted"] == "a" and samples[2]["why"] == "the thinking never closed"

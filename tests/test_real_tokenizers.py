@@ -240,3 +240,72 @@ def test_gpt_oss_switch_to_the_final_channel_is_a_close_the_machinery_finds() ->
     start = len(tok.encode(thinking, add_special_tokens=False))
     assert think.find_close(ids) == (start, start + 6)
     assert think.termination().forced_close_tag_start == 0 and think.eos_id == 200002
+
+
+R1_GENERATION_PROMPT = "{{'<｜Assistant｜><think>\\n'}}"
+
+
+def r1_template() -> str:
+    """DeepSeek-R1's change to DeepSeek-V3's template: the generation prompt opens the thinking."""
+    template = tokenizer("deepseek-v3").chat_template
+    assert template.endswith("{{'<｜Assistant｜>'}}{% endif %}")
+    return template.removesuffix("{{'<｜Assistant｜>'}}{% endif %}") + R1_GENERATION_PROMPT + "{% endif %}"
+
+
+@pytest.mark.parametrize("family, open_tokens", [("qwen3", 1), ("deepseek-v3", 3), ("llama-3.1", 3)])
+def test_b_counts_the_thinking_tokens_after_the_policys_open_tag(family: str, open_tokens: int) -> None:
+    """Qwen3's <think> is one token; the BPE families' open tag ends in ">\\n", so their first newline is
+    part of the tag and the first thinking token is "So". Either way the first pass asks for B more."""
+    tok = tokenizer(family)
+    think = ThinkTokens(tok, ThinkTags())
+    ids = tok.encode("<think>\nSo 12 odd numbers sum to 144.", add_special_tokens=False)
+    assert not think.opened_by_template and len(think.open_ids) == open_tokens
+    assert think.thinking_start(ids) == open_tokens and think.first_pass_tokens(10) == 10 + open_tokens
+    assert think.budget_cut(ids, 4) == open_tokens + 4
+    assert think.thinking_start(tok.encode("So it is", add_special_tokens=False)) == 0  # no open tag: all thinking
+
+
+def test_an_r1_template_opens_the_thinking_and_every_output_token_is_thinking() -> None:
+    import copy
+
+    tok = copy.copy(tokenizer("deepseek-v3"))
+    tok.chat_template = r1_template()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<｜Assistant｜><think>\n")
+    think = ThinkTokens(tok, ThinkTags())
+    ids = tok.encode("So 12 odd numbers sum to 144.", add_special_tokens=False)
+    assert think.opened_by_template and think.first_pass_tokens(10) == 10
+    assert think.thinking_start(ids) == 0 and think.budget_cut(ids, 4) == 4
+
+
+@pytest.mark.parametrize("family", FAMILIES[:3])
+def test_a_cut_inside_a_multi_token_close_drops_the_partial_tag(family: str) -> None:
+    """Cut at B while the policy writes "</", "think" (">" would come next): the thinking ends before
+    the partial tag, so the forced close does not follow half a tag. Qwen3's policy may write the BPE
+    pieces too, instead of its one token."""
+    tok = tokenizer(family)
+    think = ThinkTokens(tok, ThinkTags())
+    thinking = tok.encode("<think>\nSo it is 144.\n", add_special_tokens=False)
+    partial = tok.encode("</", add_special_tokens=False) + tok.encode("think", add_special_tokens=False)
+    ids = thinking + partial + tok.encode(">", add_special_tokens=False)
+    budget = len(thinking) + len(partial) - think.thinking_start(ids)
+    assert think.budget_cut(ids, budget) == len(thinking)
+    assert think.budget_cut(ids, budget - 3) == len(thinking) - 1  # no partial tag there: exactly B
+    assert think.find_close(ids) == (len(thinking), len(ids))
+
+
+def test_qwen3s_close_written_in_pieces_is_found_before_a_later_canonical_one() -> None:
+    tok = tokenizer("qwen3")
+    think = ThinkTokens(tok, ThinkTags())
+    pieces_close = [i for part in ("</", "think", ">") for i in tok.encode(part, add_special_tokens=False)]
+    head = tok.encode("<think>\nSo 144.", add_special_tokens=False)
+    ids = head + pieces_close + tok.encode("\n\nThe sum is 144. </think>", add_special_tokens=False)
+    assert len(pieces_close) == 3 and think.find_close(ids) == (len(head), len(head) + 3)
+
+
+def test_the_termination_ends_on_every_id_the_engine_stops_on() -> None:
+    """Qwen3's generation config stops on <|endoftext|> too: a row may end with it."""
+    think = ThinkTokens(tokenizer("qwen3"), ThinkTags(), end_ids=[151645, 151643])
+    termination = think.termination()
+    assert termination.eos_id == 151645 and termination.end_ids == [151643, 151645]
+    assert termination.ends_turn(151643) and termination.ends_turn(151645) and not termination.ends_turn(198)

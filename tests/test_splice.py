@@ -44,7 +44,7 @@ def trace_and_answer(draw, think: ThinkTokens):
     if case == 1:
         output = draw(st.lists(safe, min_size=budget, max_size=budget))
         answer_ids, close_ids = body, think.forced_close_ids
-        close_at = None
+        close_at = budget  # generate's cut: B thinking tokens (no open tag in these outputs)
     else:
         close = think.tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
         thinking = draw(st.lists(safe, min_size=1, max_size=budget - len(close)))
@@ -54,9 +54,9 @@ def trace_and_answer(draw, think: ThinkTokens):
         answer_ids = full[len(output):]
         close_at, close_end = think.find_close(output)
         close_ids = output[close_at:close_end]  # the generate stage records the policy's own close
-    trace = {"prompt_token_ids": prompt, "output_token_ids": output, "finish_reason": "length",
-             "think_close": close_at}
-    answer = {"case": case, "close_token_ids": close_ids, "answer_token_ids": answer_ids, "finish_reason": "stop"}
+    trace = {"prompt_token_ids": prompt, "output_token_ids": output, "finish_reason": "length"}
+    answer = {"case": case, "close_at": close_at, "close_token_ids": close_ids, "answer_token_ids": answer_ids,
+              "finish_reason": "stop"}
     return budget, trace, answer
 
 
@@ -67,12 +67,12 @@ SPANS = ["think_close", "think_close_eos", "think_close_answer_eos"]
 @given(data=st.data(), span=st.sampled_from(SPANS))
 def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: str) -> None:
     budget, trace, answer = data.draw(trace_and_answer(think))
-    row, why = splice_row(trace, answer, budget=budget, termination=think.termination(),
-                          spec=SpliceSpec(termination_span=span), max_len=None)
+    row, why = splice_row(trace, answer, termination=think.termination(), spec=SpliceSpec(termination_span=span),
+                          max_len=None)
     assert why == "kept" and isinstance(row, Row)
     ids, labels = row.input_ids.tolist(), row.labels.tolist()
     prompt, output = trace["prompt_token_ids"], trace["output_token_ids"]
-    thinking = budget if answer["case"] == 1 else trace["think_close"]
+    thinking = answer["close_at"]
 
     # Everything before the close is the policy's own tokens, untouched.
     assert ids[: len(prompt) + thinking] == prompt + output[:thinking]
@@ -94,14 +94,14 @@ def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: st
 
 def test_drops_are_explicit(think: ThinkTokens) -> None:
     safe = _safe_ids(think)
-    trace = {"prompt_token_ids": safe[:3], "output_token_ids": [safe[0]] * 10, "finish_reason": "length",
-             "think_close": None}
+    trace = {"prompt_token_ids": safe[:3], "output_token_ids": [safe[0]] * 10, "finish_reason": "length"}
 
     def answer(body, finish="stop"):
-        return {"case": 1, "close_token_ids": think.forced_close_ids, "answer_token_ids": body, "finish_reason": finish}
+        return {"case": 1, "close_at": 10, "close_token_ids": think.forced_close_ids, "answer_token_ids": body,
+                "finish_reason": finish}
 
     def splice(answer_record, max_len=None, **spec):
-        return splice_row(trace, answer_record, budget=10, termination=think.termination(), spec=SpliceSpec(**spec),
+        return splice_row(trace, answer_record, termination=think.termination(), spec=SpliceSpec(**spec),
                           max_len=max_len)
 
     assert splice(answer([safe[1]] * 5, "length"))[1] == "no_answer"  # the answer pass ran out of tokens
@@ -165,11 +165,10 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
     rows = []
     for n in range(12):  # case-1 rows of different lengths, each with a one-token answer
         trace = {"prompt_token_ids": safe[:4], "output_token_ids": [safe[n % len(safe)]] * (10 + n),
-                 "finish_reason": "length", "think_close": None}
-        answer = {"case": 1, "close_token_ids": think.forced_close_ids,
+                 "finish_reason": "length"}
+        answer = {"case": 1, "close_at": 10 + n, "close_token_ids": think.forced_close_ids,
                   "answer_token_ids": [safe[1], think.eos_id], "finish_reason": "stop"}
-        row, _ = splice_row(trace, answer, budget=10 + n, termination=think.termination(), spec=SpliceSpec(),
-                            max_len=None)
+        row, _ = splice_row(trace, answer, termination=think.termination(), spec=SpliceSpec(), max_len=None)
         rows.append({"row": row, "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1}})
     write_dataset(tmp_path / "stage2", iter(rows), mix_rows=lambda n: iter(()), stats=Counter())
 
@@ -207,12 +206,11 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     tokenizer.save_pretrained(tmp_path / "tok")
     prompt = tokenizer.encode("Count down from 305 to 300.", add_special_tokens=False)
     thinking = tokenizer.encode("<think>\n" + "01:305\n" * 30 + "02:304", add_special_tokens=False)
-    trace = {"prompt_token_ids": prompt, "output_token_ids": thinking, "finish_reason": "length", "think_close": None}
-    answer = {"case": 1, "close_token_ids": think.forced_close_ids,
+    trace = {"prompt_token_ids": prompt, "output_token_ids": thinking, "finish_reason": "length"}
+    answer = {"case": 1, "close_at": len(thinking), "close_token_ids": think.forced_close_ids,
               "answer_token_ids": tokenizer.encode("\n\nThe answer is 2.", add_special_tokens=False) + [think.eos_id],
               "finish_reason": "stop"}
-    row, _ = splice_row(trace, answer, budget=len(thinking), termination=think.termination(), spec=SpliceSpec(),
-                        max_len=None)
+    row, _ = splice_row(trace, answer, termination=think.termination(), spec=SpliceSpec(), max_len=None)
     write_dataset(tmp_path / "stage2", iter([{"row": row, "meta": {"kind": "length", "prompt_id": "p", "sample": 0,
                                                                   "case": 1}}]),
                   mix_rows=lambda n: iter(()), stats=Counter(kept=1, no_answer=2))

@@ -22,7 +22,9 @@ from length_control.fake_engine import UNLIKELY, ScriptedEngine, transcripts
 from length_control.policy import load_tokenizer
 from length_control.recipe import Recipe, load_recipe
 
-BUDGET = 15  # "<think>\n" + two 7-token lines, less the last newline: the forced "\n</think>" ends a line
+BUDGET = 14  # B thinking tokens after <think>: "\n" + two 7-token lines, less the last newline,
+             # so the forced "\n</think>" ends a line
+FIRST_PASS = BUDGET + 1  # a first pass's output tokens: the policy's <think> and B thinking tokens
 CONTEXT_LIMIT = 60  # 28-token prompts get 32 tokens of room; the 46-token ones 14, less than B
 ANSWER_MAX_TOKENS = 8
 
@@ -73,7 +75,7 @@ class Ids:
         return {
             tuple(self.prompt(SHORT[1])): self.short,
             tuple(long): self.long,
-            (*long, *self.long_thinking[:BUDGET], *self.forced_close): self.after_forced_close,
+            (*long, *self.long_thinking[:FIRST_PASS], *self.forced_close): self.after_forced_close,
             tuple(self.prompt(CUT[1])): self.cut,
             tuple(self.prompt(LIMIT[1])): self.long,
             tuple(self.prompt(CRAMPED[1])): self.cut,
@@ -85,11 +87,11 @@ def ids(policy: Path) -> Ids:
     ids = Ids(policy)
     # What the tests below mean by each transcript.
     assert ids.close[0] not in ids.long_thinking
-    assert len(ids.long_thinking) > CONTEXT_LIMIT - len(ids.prompt(LONG[1])) > BUDGET + len(ids.forced_close)
-    assert len(ids.cut_thinking + ids.close) < BUDGET < len(ids.cut) <= BUDGET + ANSWER_MAX_TOKENS
-    assert len(ids.short) <= BUDGET and len(ids.after_forced_close) > ANSWER_MAX_TOKENS
+    assert len(ids.long_thinking) > CONTEXT_LIMIT - len(ids.prompt(LONG[1])) > FIRST_PASS + len(ids.forced_close)
+    assert len(ids.cut_thinking + ids.close) < FIRST_PASS < len(ids.cut) <= FIRST_PASS + ANSWER_MAX_TOKENS
+    assert len(ids.short) <= FIRST_PASS and len(ids.after_forced_close) > ANSWER_MAX_TOKENS
     for cramped in (LIMIT, CRAMPED):
-        assert len(ids.cut_thinking + ids.close) < CONTEXT_LIMIT - len(ids.prompt(cramped[1])) < BUDGET
+        assert len(ids.cut_thinking + ids.close) < CONTEXT_LIMIT - len(ids.prompt(cramped[1])) < FIRST_PASS
     return ids
 
 
@@ -174,10 +176,10 @@ def generated(tmp_path_factory, policy: Path, ids: Ids) -> Generated:
 def test_case_1_answers_after_exactly_b_tokens_and_the_forced_close(generated, ids: Ids) -> None:
     traces, answers, answer_requests = generated.traces, generated.answers, generated.answer_requests
     trace = traces["prompts/long"]
-    assert trace["output_token_ids"] == ids.long[:BUDGET]
+    assert trace["output_token_ids"] == ids.long[:FIRST_PASS]
     assert (trace["finish_reason"], trace["think_close"]) == ("length", None)
     request = answer_requests["prompts/long"]
-    assert request["prompt_token_ids"] == ids.prompt(LONG[1]) + ids.long_thinking[:BUDGET] + ids.forced_close
+    assert request["prompt_token_ids"] == ids.prompt(LONG[1]) + ids.long_thinking[:FIRST_PASS] + ids.forced_close
     answer = answers["prompts/long"]
     assert (answer["case"], answer["close_token_ids"]) == (1, ids.forced_close)
     # The scripted answer after the forced close, cut at answer_max_tokens.
@@ -188,12 +190,12 @@ def test_case_1_answers_after_exactly_b_tokens_and_the_forced_close(generated, i
 def test_case_2_continues_the_whole_trace_from_its_own_close(generated, ids: Ids) -> None:
     traces, answers, answer_requests = generated.traces, generated.answers, generated.answer_requests
     trace = traces["prompts/cut"]
-    assert trace["output_token_ids"] == ids.cut[:BUDGET]
+    assert trace["output_token_ids"] == ids.cut[:FIRST_PASS]
     assert (trace["finish_reason"], trace["think_close"]) == ("length", len(ids.cut_thinking))
-    assert answer_requests["prompts/cut"]["prompt_token_ids"] == ids.prompt(CUT[1]) + ids.cut[:BUDGET]
+    assert answer_requests["prompts/cut"]["prompt_token_ids"] == ids.prompt(CUT[1]) + ids.cut[:FIRST_PASS]
     answer = answers["prompts/cut"]
     assert (answer["case"], answer["close_token_ids"]) == (2, ids.close)
-    assert (answer["answer_token_ids"], answer["finish_reason"]) == (ids.cut[BUDGET:], "stop")
+    assert (answer["answer_token_ids"], answer["finish_reason"]) == (ids.cut[FIRST_PASS:], "stop")
 
 
 def test_a_trace_that_ends_within_b_gets_no_answer(generated, ids: Ids) -> None:
@@ -201,7 +203,7 @@ def test_a_trace_that_ends_within_b_gets_no_answer(generated, ids: Ids) -> None:
     assert (trace["output_token_ids"], trace["finish_reason"]) == (ids.short, "stop")
     assert "prompts/short" not in generated.answers and "prompts/short" not in generated.answer_requests
     counts = {"traces": 3, "ended_within_budget": 1, "case1": 1, "case2": 1, "answers_cut": 1,
-              "output_tokens": 2 * BUDGET + len(ids.short)}
+              "output_tokens": 2 * FIRST_PASS + len(ids.short)}
     assert {key: generated.summary[key] for key in counts} == counts
 
 
@@ -235,7 +237,7 @@ def test_a_crashed_run_resumes_at_the_missing_shard_with_the_same_files(tmp_path
     generate.run(generate.plan(crashed), engine=resumed)
     # Only the second shard is asked for: CUT's trace, then its answer.
     assert [(r["key"], r["prompt_token_ids"]) for r in resumed.requests] == [
-        ("prompts/cut#0", cut_prompt), ("prompts/cut#0/answer", cut_prompt + ids.cut[:BUDGET])]
+        ("prompts/cut#0", cut_prompt), ("prompts/cut#0/answer", cut_prompt + ids.cut[:FIRST_PASS])]
     files = outputs(whole.output_dir / "generate")
     assert files == outputs(folder) == ["answers-00000.parquet", "answers-00001.parquet", "termination.json",
                                         "traces-00000.parquet", "traces-00001.parquet"]
@@ -274,13 +276,13 @@ def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, polic
     room = {name: CONTEXT_LIMIT - len(p) for name, p in prompt.items()}
     first_pass, answers = engine.requests[: len(EVALS)], engine.requests[len(EVALS) :]
     assert [(r["prompt_token_ids"], r["max_tokens"]) for r in first_pass] == [
-        (prompt[name], min(BUDGET, room[name])) for name, _, _ in EVALS]
+        (prompt[name], min(FIRST_PASS, room[name])) for name, _, _ in EVALS]
     # Past B without a close: cut at B, forced close, answer in the room left. Closed within
     # B: continued from its own close. SHORT ended; LIMIT and CRAMPED ran out of room first.
-    long_prefix = ids.long_thinking[:BUDGET] + ids.forced_close
+    long_prefix = ids.long_thinking[:FIRST_PASS] + ids.forced_close
     assert [(r["key"], r["prompt_token_ids"], r["max_tokens"]) for r in answers] == [
         ("evals/long#0/answer", prompt["long"] + long_prefix, room["long"] - len(long_prefix)),
-        ("evals/cut#0/answer", prompt["cut"] + ids.cut[:BUDGET], room["cut"] - BUDGET),
+        ("evals/cut#0/answer", prompt["cut"] + ids.cut[:FIRST_PASS], room["cut"] - FIRST_PASS),
     ]
 
     samples = samples_of(recipe, "forced")
@@ -304,7 +306,7 @@ def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, polic
     assert (evals["score"], evals["overlong_rate"], evals["closed_accuracy"]) == (2 / 5, 1 / 5, 2 / 4)
     thinking = [len(long_prefix) - len(ids.close), len(ids.cut_thinking), len(ids("<think>\n")), room["limit"],
                 len(ids.cut_thinking)]
-    assert evals["mean_thinking_tokens"] == sum(thinking) / 5
+    assert evals["mean_thinking_tokens"] == sum(thinking) / 5 - 1  # <think> is not a thinking token
 
 
 def test_the_before_arm_counts_overlong_samples_and_probes_them(tmp_path: Path, policy: Path, ids: Ids) -> None:
@@ -322,7 +324,7 @@ def test_the_before_arm_counts_overlong_samples_and_probes_them(tmp_path: Path, 
     # B + "\n", so the default log-probability makes the close unlikely, and greedy does not close.
     probed = [r for r in engine.requests if r.get("score_tail")]
     assert [(r["prompt_token_ids"], r["score_tail"]) for r in probed] == [
-        (ids.prompt(LONG[1]) + ids.long_thinking[:BUDGET] + ids.forced_close, len(ids.close))]
+        (ids.prompt(LONG[1]) + ids.long_thinking[:FIRST_PASS] + ids.forced_close, len(ids.close))]
     assert (metrics["probe_traces"], metrics["close_nll"], metrics["greedy_close_rate"]) == (1, -UNLIKELY, 0.0)
 
 
@@ -351,7 +353,7 @@ def test_editing_a_data_file_makes_generate_and_eval_stale(tmp_path: Path, polic
 def test_a_prompt_with_no_room_for_b_is_dropped_and_counted_never_cut_early(tmp_path: Path, policy: Path,
                                                                              ids: Ids) -> None:
     recipe = make_recipe(tmp_path, policy, [LONG, LIMIT])
-    assert len(ids.prompt(LIMIT[1])) + BUDGET + len(ids.forced_close) + 1 > CONTEXT_LIMIT
+    assert len(ids.prompt(LIMIT[1])) + FIRST_PASS + len(ids.forced_close) + 1 > CONTEXT_LIMIT
     engine = ScriptedEngine(transcripts(ids.script()))
     summary = generate.run(generate.plan(recipe), engine=engine)
     assert (summary["prompts_too_long"], summary["traces"], summary["case1"]) == (1, 1, 1)
@@ -359,7 +361,7 @@ def test_a_prompt_with_no_room_for_b_is_dropped_and_counted_never_cut_early(tmp_
     # No request asks for more than the engine's limit.
     assert all(len(r["prompt_token_ids"]) + r["max_tokens"] <= CONTEXT_LIMIT for r in engine.requests)
     strict = with_setting(make_recipe(tmp_path / "strict", policy, [LONG, LIMIT]), "generation", on_long_prompt="error")
-    with pytest.raises(DataError, match="1 prompts .*prompts/limit.* leave no room for B = 15"):
+    with pytest.raises(DataError, match="1 prompts .*prompts/limit.* leave no room for B = 14 thinking"):
         generate.run(generate.plan(strict), engine=engine)
 
 
