@@ -45,6 +45,7 @@ from length_control.engine import OpenAIEngine  # noqa: E402
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import OpenAIOptions, load_recipe  # noqa: E402
+from length_control.think import ThinkTokens  # noqa: E402
 
 LIMITS = (64, 256, 1024)
 
@@ -190,7 +191,8 @@ def vllm_part(samples: int, rounds: int, limit: int = 64) -> None:
         recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml",
                                           [f"generation.samples_per_prompt={samples}", f"output_dir={scratch}/run"]))
         tokenizer = load_tokenizer(policy_path(recipe.model))
-        requests, _ = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))
+        think = ThinkTokens(tokenizer, recipe.model.think)
+        requests, _ = generate.trace_requests(recipe, tokenizer, think, generate.load_prompts(recipe))
         server, url = start_vllm(recipe, Path(scratch) / "server.log")
         times: dict[str, list[float]] = {side: [] for side in SIDES}
         differ = 0

@@ -117,7 +117,7 @@ def bare(recipe, requests, think, scratch: Path) -> dict[str, float]:
         "requests": requests,
         "close_id": think.close_ids[0],
         "forced": think.forced_close_ids,
-        "budget": recipe.budget,
+        "budget": think.first_pass_tokens(recipe.budget),  # the output tokens a first pass keeps
         "answer_max_tokens": recipe.generation.answer_max_tokens,
         "model_len": engine.engine_args["max_model_len"],
     }
@@ -163,7 +163,7 @@ def main() -> None:
             "splice.sft_mix=null", f"generation.samples_per_prompt={args.samples}", f"output_dir={scratch}/run"])
         tokenizer = load_tokenizer(policy_path(recipe.model))
         think = ThinkTokens(tokenizer, recipe.model.think)
-        requests, _ = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))
+        requests, _ = generate.trace_requests(recipe, tokenizer, think, generate.load_prompts(recipe))
         rounds = []
         for number in range(1, args.rounds + 1):
             rounds.append({"bare": bare(recipe, requests, think, Path(scratch)), "toolkit": toolkit(recipe)})

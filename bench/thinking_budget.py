@@ -2,17 +2,18 @@
 
     .envs/vllm/bin/python bench/thinking_budget.py [--rounds 3]
 
-Case 1 of the recipe: cut the thinking at exactly B output tokens, append
+Case 1 of the recipe: cut the thinking at exactly B thinking tokens, append
 `forced_close`, let the policy answer. Two ways, on the demo policy's 240
 prompts, in one engine, alternating rounds:
 
-- two passes (what `generate` does): max_tokens = B, then an answer pass on
-  prompt + the first B tokens + the close for the traces that ran into B;
+- two passes (what `generate` does): max_tokens = B + 1 (the policy's
+  `<think>` and B thinking tokens), then an answer pass on prompt + those
+  tokens + the close for the traces that ran into B;
 - one pass: `SamplingParams(thinking_token_budget=...)` with a
   `ReasoningConfig(reasoning_start_str="<think>", reasoning_end_str=forced_close)`.
 
-vLLM counts the budget in tokens after `<think>`; the demo policy writes
-`<think>` as its first output token, so the one-pass budget is B - 1. Prints
+vLLM counts the budget in tokens after `<think>`, as B is counted, so the
+one-pass budget is B. Prints
 how often the one-pass close sits where the two-pass rule puts it, then the
 time ratio one-pass / two-pass last.
 """
@@ -45,24 +46,24 @@ def main():
 
     llm = LLM(model=job["model"], max_model_len=job["max_model_len"], seed=0, enable_chunked_prefill=False,
               reasoning_config=ReasoningConfig(reasoning_start_str="<think>", reasoning_end_str=job["forced_text"]))
-    prompts, B, forced, close = job["prompts"], job["budget"], job["forced_ids"], job["close_id"]
+    prompts, B, first, forced, close = (job[key] for key in ("prompts", "budget", "first_pass", "forced_ids", "close_id"))
 
     def params(seed, max_tokens, budget=None):
         return SamplingParams(max_tokens=max_tokens, seed=seed, temperature=0.6, top_p=0.95, top_k=20,
                               detokenize=False, thinking_token_budget=budget)
 
     def two_pass():
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [params(i, B) for i in range(len(prompts))],
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [params(i, first) for i in range(len(prompts))],
                             use_tqdm=False)
         cut = [(p, list(o.outputs[0].token_ids), i) for i, (p, o) in enumerate(zip(prompts, outs))
                if o.outputs[0].finish_reason == "length" and close not in o.outputs[0].token_ids]
-        llm.generate([{"prompt_token_ids": p + close_at_budget(out, B, None, forced).prefix()} for p, out, _ in cut],
+        llm.generate([{"prompt_token_ids": p + close_at_budget(out, first, None, forced).prefix()} for p, out, _ in cut],
                      [params(10_000 + i, job["answer_max_tokens"]) for _, _, i in cut], use_tqdm=False)
-        return {i: B + len(forced) - 1 for _, _, i in cut}  # index of </think> in the spliced output
+        return {i: first + len(forced) - 1 for _, _, i in cut}  # index of </think> in the spliced output
 
     def one_pass():
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            [params(i, B + len(forced) + job["answer_max_tokens"], budget=B - 1)
+                            [params(i, first + len(forced) + job["answer_max_tokens"], budget=B)
                              for i in range(len(prompts))], use_tqdm=False)
         return {i: (list(o.outputs[0].token_ids).index(close) if close in o.outputs[0].token_ids else None)
                 for i, o in enumerate(outs)}
@@ -97,9 +98,10 @@ def main() -> None:
     model = policy_path(recipe.model)
     tokenizer = load_tokenizer(model)
     think = ThinkTokens(tokenizer, recipe.model.think)
-    requests, _ = generate.trace_requests(recipe, tokenizer, generate.load_prompts(recipe))
+    requests, _ = generate.trace_requests(recipe, tokenizer, think, generate.load_prompts(recipe))
     job = {
         "model": model, "max_model_len": recipe.context_limit, "budget": recipe.budget, "rounds": rounds,
+        "first_pass": think.first_pass_tokens(recipe.budget),
         "prompts": [r["prompt_token_ids"] for r in requests], "forced_ids": think.forced_close_ids,
         "forced_text": recipe.model.think.forced_close, "close_id": think.close_ids[0],
         "answer_max_tokens": recipe.generation.answer_max_tokens,

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from length_control.engine import model_len
 from length_control.errors import UserError
-from length_control.policy import policy_path
+from length_control.policy import end_ids, policy_path
 from length_control.prompts import SourceCheck, check_source
-from length_control.recipe import Recipe
+from length_control.recipe import GPT_OSS_SWITCH, Recipe
 from length_control.sources import load_source_spec
+from length_control.think import ThinkTokens, detect_preset, turn_end
 
 ID_BYTES = 4  # token ids are int32 in every record
 
@@ -80,7 +81,6 @@ def _output_dir(recipe: Recipe, found: Preflight) -> None:
 
 def _tokenizer(recipe: Recipe, found: Preflight):
     """The policy's tokenizer with its think tags checked, or None when it is not on this machine."""
-    from length_control.think import ThinkTokens
 
     model = policy_path(recipe.model)
     try:
@@ -96,7 +96,7 @@ def _tokenizer(recipe: Recipe, found: Preflight):
                                "engine loads it")
         return None
     tags = recipe.model.think
-    think = ThinkTokens(tokenizer, tags)
+    think = ThinkTokens(tokenizer, tags, end_ids(model))
     problems = []
     for key, text, ids in (("open", tags.open, tokenizer.encode(tags.open, add_special_tokens=False)),
                            ("close", tags.close, think.close_ids), ("forced_close", tags.forced_close,
@@ -114,12 +114,39 @@ def _tokenizer(recipe: Recipe, found: Preflight):
         problems.append(f"model {model}: its tokenizer has no EOS token; stage 2 trains the EOS after the answer")
     if not tokenizer.chat_template:
         problems.append(f"model {model}: its tokenizer has no chat template; prompts are chats")
+    preset = detect_preset(tokenizer)
+    if preset == "gpt-oss" and tags.close != GPT_OSS_SWITCH:
+        problems.append(f"model.think: the tokenizer of {model} has gpt-oss's channels (<|channel|>): its policy "
+                        f"thinks in the analysis channel and never writes {tags.close!r}; set model.think: gpt-oss")
     found.problems += problems
     if problems:
         return None
-    found.notes.append(f"tokenizer of {model}: {tags.close!r} = {think.close_ids}, forced close "
-                       f"{tags.forced_close!r} = {think.forced_close_ids}, EOS {tokenizer.eos_token_id}")
+    opened = ("the chat template opens it in the prompt: B counts every output token" if think.opened_by_template
+              else f"the policy writes {tags.open!r} ({len(think.open_ids)} tokens): B counts the tokens after it")
+    found.notes.append(f"tokenizer of {model}: looks like model.think: {preset}; {opened}; {tags.close!r} = "
+                       f"{think.close_ids}, forced close {tags.forced_close!r} = {think.forced_close_ids}, "
+                       f"turn ends on {think.end_ids}")
+    _turn_end(tokenizer, think, model, found)
     return tokenizer
+
+
+def _turn_end(tokenizer, think, model: str, found: Preflight) -> None:
+    """Warn when the template ends an assistant turn with a token the engine does not stop on.
+
+    vLLM stops on the tokenizer's eos_token and the generation config's
+    eos_token_id list; a policy trained on its template ends its answers with
+    the template's end-of-turn token. If that is neither, the answer pass
+    runs on past the end of the answer, and stage 2 drops the row.
+    """
+    end = turn_end(tokenizer)
+    if end is None or think.tags.close == GPT_OSS_SWITCH:  # gpt-oss ends the final channel with <|return|>
+        return
+    ids = tokenizer.encode(end, add_special_tokens=False)
+    if ids and ids[0] not in think.end_ids:
+        found.notes.append(f"warning: the chat template of {model} ends an assistant turn with {end!r} (id {ids[0]}), "
+                           f"but the engine stops on {think.end_ids} (eos_token {tokenizer.eos_token!r} and the "
+                           f"generation config's eos_token_id): answers would run past their end; list {ids[0]} in "
+                           "generation_config.json's eos_token_id, or set eos_token to it in tokenizer_config.json")
 
 
 def _sources(key: str, definitions: list[tuple[Path, int | None]], found: Preflight) -> dict[str, SourceCheck]:

@@ -44,6 +44,20 @@ class ThinkTags(StrictModel):
         return self
 
 
+GPT_OSS_SWITCH = "<|end|><|start|>assistant<|channel|>final<|message|>"
+
+# `model.think: NAME`: the tags of a model family, so a recipe need not spell them. The first three
+# are the same text; what differs is how their tokenizers cut it, which the stages handle from the
+# ids (think.ThinkTokens). gpt-oss thinks in its analysis channel: closing the thinking is switching
+# to the final channel, a six-token "close" found and forced like any other.
+THINK_PRESETS = {
+    "qwen3": {},  # <think> and </think> are one added token each (Qwen3, Hermes 4 14B)
+    "deepseek-r1": {},  # BPE pieces; R1's template opens "<think>\n" in the generation prompt
+    "llama-think": {},  # BPE pieces written by the policy (Llama-3.1-based reasoners, Hermes 4 70B/405B)
+    "gpt-oss": {"open": "<|channel|>analysis<|message|>", "close": GPT_OSS_SWITCH, "forced_close": GPT_OSS_SWITCH},
+}
+
+
 class DemoModelSpec(StrictModel):
     """Settings of the embedded demo policy that `length-control demo-model` builds."""
 
@@ -87,7 +101,17 @@ class ModelSpec(StrictModel):
     )
     demo: DemoModelSpec | None = Field(None, description="build the embedded demo policy")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    think: ThinkTags = ThinkTags()
+    think: ThinkTags = Field(ThinkTags(), description=f"the think tags, or a family preset: {', '.join(THINK_PRESETS)}")
+
+    @field_validator("think", mode="before")
+    @classmethod
+    def _preset(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in THINK_PRESETS:
+                raise ValueError(f"unknown think preset {value!r}; use one of {', '.join(THINK_PRESETS)}, "
+                                 "or give the tags: {open: ..., close: ..., forced_close: ...}")
+            return THINK_PRESETS[value]
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

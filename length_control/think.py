@@ -183,3 +183,21 @@ def template_opens_thinking(tokenizer, tags: ThinkTags) -> bool:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 + 3?"}], tokenize=False,
                                            add_generation_prompt=True)
     return prompt.rstrip().endswith(tags.open.rstrip())
+
+
+def detect_preset(tokenizer) -> str:
+    """The `model.think` preset a tokenizer points to: its vocabulary and its template tell the family."""
+    if "<|channel|>" in tokenizer.get_vocab():
+        return "gpt-oss"
+    if template_opens_thinking(tokenizer, ThinkTags()):
+        return "deepseek-r1"
+    return "qwen3" if len(tokenizer.encode("</think>", add_special_tokens=False)) == 1 else "llama-think"
+
+
+def turn_end(tokenizer) -> str | None:
+    """The text the chat template ends an assistant turn with (whitespace after it aside), or None."""
+    marker = "ANSWER-7f3a"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "2 + 3?"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    after = rendered.rpartition(marker)[2].rstrip()
+    return after or None

@@ -85,8 +85,6 @@ def _build(family: str, architecture: str, scripts: list[Script], eos_ids: list[
     used = sorted({i for s in scripts for i in (*s.context, *s.continuation)})
     local = {token: i for i, token in enumerate(used)}
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(architecture, len(used)))
     rows = [([local[t] for t in s.context + s.continuation], len(s.context)) for s in scripts]
     width = max(len(ids) for ids, _ in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -94,21 +92,12 @@ def _build(family: str, architecture: str, scripts: list[Script], eos_ids: list[
     for r, (row, start) in enumerate(rows):
         ids[r, : len(row)] = torch.tensor(row)
         labels[r, start : len(row)] = ids[r, start : len(row)]
-    targets = labels[:, 1:]
-    trained = targets != -100
-    rest = math.log(vocab - len(used))  # every unused token: logit 0, exactly
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(2000):
-        logits = model(input_ids=ids).logits[:, :-1][trained]
-        logits = torch.cat([logits, torch.full((len(logits), 1), rest)], dim=1)
-        logp = logits.log_softmax(-1).gather(1, targets[trained][:, None])
-        if step % 20 == 0 and logp.min().exp() > MIN_PROBABILITY + 0.005:
+    for seed in range(8):
+        model = _train(_config(architecture, len(used)), ids, labels, math.log(vocab - len(used)), seed)
+        if model is not None:
             break
-        (-logp.mean()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
     else:
-        raise RuntimeError(f"the {family} script did not train to p > {MIN_PROBABILITY} in 2000 steps")
+        raise RuntimeError(f"the {family} scripts did not train to p > {MIN_PROBABILITY} from 8 seeds")
 
     full = AutoModelForCausalLM.from_config(_config(architecture, vocab, eos_ids))
     state = model.state_dict()
@@ -125,9 +114,46 @@ def _build(family: str, architecture: str, scripts: list[Script], eos_ids: list[
     GenerationConfig(eos_token_id=eos_ids, bos_token_id=None).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_files.folder(family) / name, out / name)
+    # The class tokenizer_files loads (its folder's config.json names the tokenizer's own model type; this
+    # one names the architecture, and DeepSeek-V3's tokenizer_config names a class that drops newlines).
+    config = json.loads((out / "tokenizer_config.json").read_text()) | {"tokenizer_class": type(tokenizer).__name__}
     if chat_template is not None:
-        config = json.loads((out / "tokenizer_config.json").read_text())
-        (out / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": chat_template}))
+        config["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    probe = "<think>\nSo 144.\n</think>\n\nThe sum is 144."
+    assert AutoTokenizer.from_pretrained(out).encode(probe) == tokenizer.encode(probe), "the folder's tokenizer differs"
+
+
+def _train(config, ids, labels, rest: float, seed: int):
+    """The local model trained on the scripts, or None when this seed stalls.
+
+    Where scripts part after a shared context (the open tag), attention must
+    carry the prompt's difference there; from some initialisations it stalls
+    at an even split between them: then the next seed is tried.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    targets = labels[:, 1:]
+    trained = targets != -100
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(1500):
+        logits = model(input_ids=ids).logits[:, :-1][trained]
+        logits = torch.cat([logits, torch.full((len(logits), 1), rest)], dim=1)  # every unused token: logit 0
+        lowest = logits.log_softmax(-1).gather(1, targets[trained][:, None]).min().exp()
+        if step % 20 == 0 and lowest > MIN_PROBABILITY + 0.005:
+            return model
+        if step == 600 and lowest < 0.9:
+            return None
+        loss = -logits.log_softmax(-1).gather(1, targets[trained][:, None]).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return None
 
 
 def _check(model, scripts: list[Script]) -> None:

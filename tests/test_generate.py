@@ -165,7 +165,8 @@ def vllm_server(recipe_a, tmp_path_factory):
 
 def test_endpoint_engine_generates_token_ids(vllm_server: str, recipe_a) -> None:
     tokenizer = load_tokenizer(policy_path(recipe_a.model))
-    requests, _ = generate.trace_requests(recipe_a, tokenizer, generate.load_prompts(recipe_a)[:8])
+    requests, _ = generate.trace_requests(recipe_a, tokenizer, ThinkTokens(tokenizer, recipe_a.model.think),
+                                          generate.load_prompts(recipe_a)[:8])
     dead = f"http://127.0.0.1:{_free_port()}/v1"  # nobody listens: requests there are retried on the live one
     options = OpenAIOptions(endpoints=[dead, vllm_server], model="demo", max_concurrency=4, max_retries=2)
     with OpenAIEngine(options, sleep=no_wait) as engine:

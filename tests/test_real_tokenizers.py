@@ -309,3 +309,86 @@ def test_the_termination_ends_on_every_id_the_engine_stops_on() -> None:
     termination = think.termination()
     assert termination.eos_id == 151645 and termination.end_ids == [151643, 151645]
     assert termination.ends_turn(151643) and termination.ends_turn(151645) and not termination.ends_turn(198)
+
+
+def _tokenizer_folder(tmp_path: Path, family: str, **config) -> Path:
+    """A copy of a family's tokenizer folder (what the preflight loads of a policy), tokenizer_config edited."""
+    folder = tmp_path / family
+    shutil.copytree(tokenizer_files.folder(family), folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text()) | config
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+@pytest.mark.parametrize("family, preset, opened", [
+    ("qwen3", "qwen3", "the policy writes '<think>' (1 tokens)"),
+    ("llama-3.1", "llama-think", "the policy writes '<think>' (3 tokens)"),
+    ("deepseek-r1", "deepseek-r1", "the chat template opens it in the prompt: B counts every output token"),
+])
+def test_the_preflight_says_which_family_the_tokenizer_looks_like(tmp_path: Path, family: str, preset: str,
+                                                                   opened: str) -> None:
+    from length_control import preflight
+    from test_preflight import SHORT, small_recipe
+
+    if family == "deepseek-r1":
+        folder = _tokenizer_folder(tmp_path, "deepseek-v3", chat_template=r1_template())
+    else:
+        folder = _tokenizer_folder(tmp_path, family)
+    notes = preflight.check(small_recipe(tmp_path / "recipe", folder, [SHORT], [SHORT], context_limit=200)).text()
+    assert f"looks like model.think: {preset}; {opened}" in notes
+    assert "warning" not in notes
+
+
+def test_the_preflight_stops_think_tags_on_a_gpt_oss_tokenizer_and_takes_its_preset(tmp_path: Path) -> None:
+    from length_control import preflight
+    from test_preflight import SHORT, small_recipe
+
+    harmony = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+    folder = _tokenizer_folder(tmp_path, "gpt-oss", chat_template=harmony)
+    with pytest.raises(preflight.PreflightError, match="gpt-oss's channels .* set model.think: gpt-oss"):
+        preflight.check(small_recipe(tmp_path / "tags", folder, [SHORT], [SHORT], context_limit=200))
+    recipe = small_recipe(tmp_path / "preset", folder, [SHORT], [SHORT], context_limit=200,
+                          model={"path": str(folder), "think": "gpt-oss"})
+    assert recipe.model.think.close == "<|end|><|start|>assistant<|channel|>final<|message|>"
+    assert "looks like model.think: gpt-oss" in preflight.check(recipe).text()
+
+
+def test_the_preflight_warns_when_the_turn_ends_on_a_token_the_engine_does_not_stop_on(tmp_path: Path) -> None:
+    """Qwen3 base models name <|endoftext|> as eos_token while the template ends turns with <|im_end|>:
+    without a generation config listing <|im_end|>, the answer pass would run past the answer."""
+    from length_control import preflight
+    from test_preflight import SHORT, small_recipe
+
+    folder = _tokenizer_folder(tmp_path, "qwen3", eos_token="<|endoftext|>")
+    notes = preflight.check(small_recipe(tmp_path / "bare", folder, [SHORT], [SHORT], context_limit=200)).text()
+    assert "warning: the chat template" in notes and "'<|im_end|>' (id 151645)" in notes
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151643, 151645]}))
+    notes = preflight.check(small_recipe(tmp_path / "listed", folder, [SHORT], [SHORT], context_limit=200)).text()
+    assert "warning" not in notes and "turn ends on [151643, 151645]" in notes
+
+
+def test_an_unknown_think_preset_names_the_presets(tmp_path: Path) -> None:
+    from length_control._schema import ConfigError
+    from test_preflight import SHORT, small_recipe
+
+    folder = _tokenizer_folder(tmp_path, "qwen3")
+    with pytest.raises(ConfigError, match="unknown think preset 'qwen2'; use one of qwen3, deepseek-r1, llama-think"):
+        small_recipe(tmp_path / "r", folder, [SHORT], [SHORT], model={"path": str(folder), "think": "qwen2"})
+
+
+def test_the_sft_mix_masks_qwen3s_reasoning_turn_and_stops_a_conversation_its_template_rewrites() -> None:
+    """One turn with reasoning: the assistant turn as Qwen3's template renders it is trained, its end
+    token too, the newline after it not. Two turns: the first turn's reasoning vanishes once the second
+    follows, so the turns cannot be trained as rendered: one error naming the template's behaviour and
+    the fix."""
+    from length_control.chat import assistant_only_row
+    from length_control.errors import DataError
+
+    tok = tokenizer("qwen3")
+    turn = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n5"}]
+    ids, labels = assistant_only_row(tok, turn)
+    trained = tok.decode([i for i, label in zip(ids, labels) if label != -100])
+    assert trained == "<think>\nadd\n</think>\n\n5<|im_end|>"
+    with pytest.raises(DataError, match="Qwen3's drops the reasoning .* mix single-turn conversations"):
+        assistant_only_row(tok, turn + turn)
