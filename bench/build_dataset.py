@@ -5,7 +5,7 @@
 
 The samples are a finished run's case-1 traces (by default the demo's: run
 `./run.sh demo` first). The demo's are taken at two lengths: as the demo
-policy wrote them (B = 113 thinking tokens), repeated --copies times, and
+policy wrote them (B = 126 thinking tokens), repeated --copies times, and
 stretched to --long-tokens thinking tokens (the report's B = 30,000) by
 repeating each trace's own numbered lines, repeated --long-copies times.
 Our side: `length-control splice` as a command (token ids in, token ids
@@ -16,7 +16,8 @@ with `type: chat_template`, `train_on_eos: turn` (so `</think>` and the EOS
 are trained, as ours). Both are timed as whole commands, alternately. Also
 printed: the share of samples whose text round trip (decode, then encode
 again) does not give back the policy's tokens, i.e. rows the text path
-would silently change — the figure to look at on a real model's tokenizer.
+would silently change, on the demo's tokenizer and then, on generated math
+and code thinking, on each real tokenizer (`bench/text_round_trip.py`).
 The ratios are printed last.
 """
 
@@ -37,6 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import text_round_trip  # noqa: E402
 from length_control import contracts, demo, generate  # noqa: E402
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
@@ -58,12 +60,12 @@ def case1_samples(generate_dir: Path, budget: int, thinking_tokens: int) -> list
         if answer["case"] != 1 or answer["finish_reason"] != "stop":
             continue
         trace = dict(traces[(answer["prompt_id"], answer["sample"])])
-        thinking = trace["output_token_ids"][:budget]
+        thinking = trace["output_token_ids"][: answer["close_at"]]  # "<think>" and B thinking tokens
         if thinking_tokens > budget:
             lines = thinking[2:] + answer["close_token_ids"][:1]  # the forced close starts with the line's "\n"
-            thinking = thinking[:2] + [lines[i % len(lines)] for i in range(thinking_tokens - 2)]
+            thinking = thinking[:2] + [lines[i % len(lines)] for i in range(thinking_tokens - 1)]
         trace["output_token_ids"] = thinking
-        pairs.append((trace, answer))
+        pairs.append((trace, {**answer, "close_at": len(thinking)}))
     return pairs
 
 
@@ -176,6 +178,9 @@ def main() -> None:
               f"{seconds['axolotl']:.1f} s (medians of {args.rounds}, whole commands); text round trip not "
               f"token-exact: {inexact}/{len(pairs)} ({100 * inexact / len(pairs):.1f} %)")
         results.append((thinking, seconds["axolotl"] / seconds["ours"]))
+    print("\nThe same on real tokenizers (bench/text_round_trip.py), on math and code thinking text:")
+    settings = dict(samples=200, budget=512, chunk_chars=16, chars=4000, seed=0)
+    text_round_trip.print_table(text_round_trip.damage(**settings), **settings)
     for thinking, ratio in results:
         print(f"axolotl chat_template + train_detail / ours at {thinking:,} thinking tokens: {ratio:.1f}x "
               f"(target >= 20x: {'met' if ratio >= 20 else 'NOT met'})")

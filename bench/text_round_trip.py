@@ -101,6 +101,42 @@ def in_pieces(tok, text: str, cuts: list[int]) -> list[int]:
     return [i for ids in tok(chunks, add_special_tokens=False)["input_ids"] for i in ids]
 
 
+def damage(samples: int = 400, budget: int = 512, chunk_chars: int = 16, chars: int = 4000,
+           seed: int = 0) -> list[tuple[str, float, list[float]]]:
+    """Per real tokenizer: (family, mean tokens a sample, the four shares whose ids decode -> encode changes)."""
+    rng = random.Random(seed)
+    texts = [thinking_text(rng, chars) for _ in range(samples)]
+    one_split = [[rng.randrange(1, len(text))] for text in texts]
+    pieces = [sorted(rng.sample(range(1, len(text)), len(text) // chunk_chars)) for text in texts]
+    rows = []
+    for family in tokenizer_files.pins():
+        tok = tokenizer_files.load_tokenizer(family)
+        canonical = tok(texts, add_special_tokens=False)["input_ids"]
+        if min(map(len, canonical)) <= budget:
+            raise SystemExit(f"a sample is {min(map(len, canonical))} {family} tokens, not over B = {budget}: "
+                             "raise --chars")
+        shares = [changed_share(tok, ids) for ids in (
+            canonical,
+            [ids[:budget] for ids in canonical],
+            [in_pieces(tok, text, cuts) for text, cuts in zip(texts, one_split)],
+            [in_pieces(tok, text, cuts) for text, cuts in zip(texts, pieces)],
+        )]
+        rows.append((family, sum(map(len, canonical)) / len(texts), shares))
+        print(f"{family}: done", file=sys.stderr)
+    return rows
+
+
+def print_table(rows: list[tuple[str, float, list[float]]], *, samples: int, chars: int, seed: int, budget: int,
+                chunk_chars: int) -> None:
+    print(f"{samples} samples of >= {chars} characters of math and code thinking (seed {seed}); "
+          f"share whose ids decode -> encode changes:")
+    print(f"{'tokenizer':<12} {'tokens':>7} {'canonical':>10} {f'cut at B={budget}':>13} {'one split':>10} "
+          f"{f'pieces of ~{chunk_chars} chars':>20}")
+    for family, tokens, shares in rows:
+        print(f"{family:<12} {tokens:>7.0f} "
+              + " ".join(f"{100 * share:>{width}.1f}%" for share, width in zip(shares, (9, 12, 9, 19))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=400)
@@ -109,34 +145,9 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=4000, help="characters of a sample (at least)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    texts = [thinking_text(rng, args.chars) for _ in range(args.samples)]
-    one_split = [[rng.randrange(1, len(text))] for text in texts]
-    pieces = [sorted(rng.sample(range(1, len(text)), len(text) // args.chunk_chars)) for text in texts]
-
-    rows = []
-    for family in tokenizer_files.pins():
-        tok = tokenizer_files.load_tokenizer(family)
-        canonical = tok(texts, add_special_tokens=False)["input_ids"]
-        if min(map(len, canonical)) <= args.budget:
-            raise SystemExit(f"a sample is {min(map(len, canonical))} {family} tokens, not over B = {args.budget}: "
-                             "raise --chars")
-        shares = [changed_share(tok, samples) for samples in (
-            canonical,
-            [ids[:args.budget] for ids in canonical],
-            [in_pieces(tok, text, cuts) for text, cuts in zip(texts, one_split)],
-            [in_pieces(tok, text, cuts) for text, cuts in zip(texts, pieces)],
-        )]
-        rows.append((family, sum(map(len, canonical)) / len(texts), shares))
-        print(f"{family}: done", file=sys.stderr)
-
-    print(f"{args.samples} samples of >= {args.chars} characters of math and code thinking (seed {args.seed}); "
-          f"share whose ids decode -> encode changes:")
-    print(f"{'tokenizer':<12} {'tokens':>7} {'canonical':>10} {f'cut at B={args.budget}':>13} {'one split':>10} "
-          f"{f'pieces of ~{args.chunk_chars} chars':>20}")
-    for family, tokens, shares in rows:
-        print(f"{family:<12} {tokens:>7.0f} "
-              + " ".join(f"{100 * share:>{width}.1f}%" for share, width in zip(shares, (9, 12, 9, 19))))
+    settings = dict(samples=args.samples, budget=args.budget, chunk_chars=args.chunk_chars, chars=args.chars,
+                    seed=args.seed)
+    print_table(damage(**settings), **settings)
 
 
 if __name__ == "__main__":

@@ -123,8 +123,9 @@ class ThinkTokens:
         follow half a tag.
         """
         start = self.thinking_start(output_ids)
-        cut = min(len(output_ids), start + budget)
-        first = max(start, cut - len(self.close_ids) - 1)
+        cut = first = min(len(output_ids), start + budget)
+        while first > start and sum(len(self._piece(t)) for t in output_ids[first:cut]) < len(self.tags.close):
+            first -= 1  # enough tokens to hold all but the last character of the tag, whatever their pieces
         pieces = [self._piece(token) for token in output_ids[first:cut]]
         at = _partial_tag_at("".join(pieces), self.tags.close)
         if at is None:

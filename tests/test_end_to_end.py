@@ -40,7 +40,9 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     assert stages[:len(pipeline.STAGE_NAMES) + 1] == ["[preflight]"] + [f"[{name}]" for name in pipeline.STAGE_NAMES]
     checked = lines[lines.index("[preflight]") + 1]  # what the preflight read before any engine started
     assert "demo_train.yaml: 240 rows read, 240 kept, 240 prompts" in checked and "forced close '\\n</think>'" in checked
-    assert stages[-2].startswith("[round 2] policy: ") and stages[-1].startswith("[loop] round 2: stopped after 2")
+    # Round 1 missed the target, so round 2 ran; it may meet the target or end the loop at max_rounds.
+    assert stages[-2].startswith("[round 2] policy: ")
+    assert stages[-1].startswith(("[loop] round 2: stopped after 2", "[loop] round 2: target met"))
     # One engine start a round (the demo keeps it up through training): every other model, each
     # seed's stage-2 model included, was swapped into it. The seed redone below runs on a fresh
     # engine, and its report must not move.

@@ -14,8 +14,9 @@ an end-of-turn id. Three prompts:
 
 Every row's ids are the engine's own, the trained tokens are the close's
 pieces (all of them, whatever they merged with) and the end id the policy
-wrote, and Axolotl prepares the rows unchanged and trains on them. One engine
-start and one Axolotl run per family.
+wrote, and Axolotl prepares the rows unchanged and trains on them; the eval's
+before arm renders and counts the same prompts. One engine start (for the
+eval and generate) and one Axolotl run per family.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from length_control import generate, splice, tokenizer_files, train
+from length_control import evaluate, generate, splice, tokenizer_files, train
+from length_control.engine import SharedEngine
 from length_control.contracts import IGNORE
 from length_control.envs import engine_bin, engine_environ
 from length_control.recipe import THINK_PRESETS, ThinkTags, load_recipe
@@ -141,7 +143,7 @@ def family_recipe(family: Family, folder: Path, model: Path):
                    "sft_mix": {"dataset": {"path": "sft.parquet"}, "share": 0.4}},
         "train": {"template": str(REPO / "axolotl_configs" / "cpu-tiny.yaml"),
                   "overrides": {"max_steps": 1, "micro_batch_size": 1}},
-        "eval": {"sets": ["prompts.yaml"]},
+        "eval": {"sets": ["prompts.yaml"], "sampling": {"temperature": 0.0, "top_p": 1.0, "top_k": -1}},
     }
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return load_recipe(folder / "recipe.yaml")
@@ -159,7 +161,9 @@ def family_run(request, tmp_path_factory):
     model = scripted_policy.build(family.tokenizer, family.architecture, said.scripts(), eos_ids=family.end_ids,
                                   chat_template=template)
     recipe = family_recipe(family, tmp_path_factory.mktemp(family.name), model)
-    generate.run(generate.plan(recipe))
+    with SharedEngine(recipe, str(model), log_name="engine") as engine:  # one engine start for both stages
+        evaluate.run(evaluate.plan(recipe, "before"), engine=engine)
+        generate.run(generate.plan(recipe), engine=engine)
     splice.run(splice.plan(recipe))
     summary = train.run(train.plan(recipe, 0))
     return family, said, recipe, summary
@@ -178,6 +182,21 @@ def test_the_engine_writes_the_policys_own_ids(family_run) -> None:
     assert traces["short"]["output_token_ids"] == said.short[:first_pass]
     assert traces["done"]["output_token_ids"] == said.done and traces["done"]["finish_reason"] == "stop"
     assert {name: t["prompt_token_ids"] for name, t in traces.items()} == said.prompts
+
+
+def test_the_eval_renders_the_familys_prompts_and_counts_its_thinking(family_run) -> None:
+    """The eval's prompts are the family's generation prompts (R1's ends inside the thinking); a sample
+    that closed counts its thinking from after the open tag (from its first token under R1's template)."""
+    family, said, recipe, _ = family_run
+    samples = {s["problem_id"].split("/")[-1]: s for s in pq.read_table(
+        recipe.output_dir / "eval" / "before" / "samples.parquet").to_pylist()}
+    assert {name: s["prompt_token_ids"] for name, s in samples.items()} == said.prompts
+    for name, written in (("short", said.short), ("done", said.done)):
+        close = said.think.find_close(written)
+        assert samples[name]["output_token_ids"][: len(written)] == written
+        assert not samples[name]["overlong"]
+        assert samples[name]["thinking_tokens"] == close[0] - said.think.thinking_start(written)
+    assert samples["done"]["correct"]
 
 
 def test_case_1_is_cut_at_exactly_b_thinking_tokens_and_trains_the_close_and_eos(family_run) -> None:

@@ -392,3 +392,12 @@ def test_the_sft_mix_masks_qwen3s_reasoning_turn_and_stops_a_conversation_its_te
     assert trained == "<think>\nadd\n</think>\n\n5<|im_end|>"
     with pytest.raises(DataError, match="Qwen3's drops the reasoning .* mix single-turn conversations"):
         assistant_only_row(tok, turn + turn)
+
+
+def test_a_partial_close_in_small_pieces_is_dropped_too() -> None:
+    tok = tokenizer("qwen3")
+    think = ThinkTokens(tok, ThinkTags())
+    thinking = tok.encode("<think>\nSo 144.\n", add_special_tokens=False)
+    partial = [i for part in ("</", "th", "ink") for i in tok.encode(part, add_special_tokens=False)]
+    ids = thinking + partial
+    assert len(partial) == 3 and think.budget_cut(ids, len(ids) - 1) == len(thinking)
