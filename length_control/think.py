@@ -3,8 +3,10 @@
 A policy's `</think>` may be one token (Qwen3, the demo policy) or several
 BPE pieces, and then the pieces the policy generates need not be the pieces
 that encoding the tag alone gives (">" may merge with the newlines after it).
-So a multi-token tag is found in the decoded text and mapped back to the
-tokens that hold it; the ids stay the policy's own.
+So a tag is found in the decoded pieces and mapped back to the tokens that
+hold it; the ids stay the policy's own. B counts thinking tokens, whoever
+opens the thinking (the policy, or an R1-style template in the prompt), and
+a turn ends on any id the engine stops on.
 """
 
 from __future__ import annotations
