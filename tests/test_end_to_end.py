@@ -56,7 +56,7 @@ def test_the_demo_loop(tmp_path: Path) -> None:
         samples = report.load_samples(folder)
         recomputed = summarize(samples, recipe.context_limit, probe=report.load_probe(folder))["benchmarks"]
         assert built["arms"][arm] == recomputed
-        assert len(samples) == 2 * 40 * 4
+        assert len(samples) == 2 * 40 * 8
     for name in BENCHMARKS:
         row = built["benchmarks"][name]
         assert 0.2 <= row["overlong_before"] <= 0.6  # the stage-1 policy runs past its limit
