@@ -26,9 +26,9 @@ from conftest import REPO
 pytestmark = pytest.mark.engine
 
 RECIPE = REPO / "recipes" / "demo-cpu.yaml"
-# A budget of 104 cuts long counts in the thinking (case 1) and the longest short
-# counts (14 lines: </think> at token 100) in their answer (case 2); prompt + B + the
-# forced close stays inside the context limit (176).
+# A budget of 104 thinking tokens (105 output tokens with <think>) cuts long counts in the
+# thinking (case 1) and the longest short counts (14 lines: </think> at token 100) in their
+# answer (case 2); prompt + the first pass + the forced close stays inside the context limit (176).
 OVERRIDES = ["budget=104", "generation.shard_size=48"]
 
 
@@ -58,10 +58,11 @@ def test_traces_follow_the_contract(run_a: Path, recipe_a) -> None:
         chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
         assert trace["prompt_token_ids"] == chat
         output = trace["output_token_ids"]
-        assert len(output) <= recipe_a.budget
+        first_pass = think.first_pass_tokens(recipe_a.budget)  # <think> and B thinking tokens
+        assert first_pass == recipe_a.budget + 1 and len(output) <= first_pass
         assert trace["finish_reason"] in ("stop", "length")
         if trace["finish_reason"] == "length":
-            assert len(output) == recipe_a.budget
+            assert len(output) == first_pass and think.budget_cut(output, recipe_a.budget) == first_pass
         if trace["think_close"] is not None:
             assert output[trace["think_close"]] == think.close_ids[0]
             assert think.close_ids[0] not in output[: trace["think_close"]]
