@@ -25,7 +25,7 @@ from length_control.contracts import METRICS, PROBE, PROBE_SCHEMA, SAMPLES, SAMP
 from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request
 from length_control.errors import DataError, EmptyOutput
 from length_control.grading import grade_many
-from length_control.policy import end_ids, load_tokenizer, model_input, policy_path
+from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
@@ -84,7 +84,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         return stage.read_manifest()["summary"]
 
     tokenizer = load_tokenizer(plan.model)
-    think = ThinkTokens(tokenizer, recipe.model.think, end_ids(plan.model))
+    think = think_tokens(plan.model, tokenizer, recipe.model.think)
     problems, requests, too_long = [], [], {}
     for eval_set in recipe.eval.sets:
         spec = load_source_spec(eval_set.source)
@@ -155,8 +155,9 @@ def termination_probe(engine, samples: list[dict[str, Any]], budget: int, think:
 
     For every held-out sample whose thinking ran past B (no close in its
     first B thinking tokens: a case-1 trace), given the prompt and the
-    output up to the cut (`ThinkTokens.budget_cut`, as stage 2's rows): `close_nll`, -log p of the `</think>` tokens of the forced close
-    (the "\\n" before them is context), and `greedy_close`, whether greedy
+    output up to the cut (`ThinkTokens.budget_cut`, as stage 2's rows):
+    `close_nll`, -log p of the `</think>` tokens of the forced close (the
+    "\\n" before them is context), and `greedy_close`, whether greedy
     decoding writes the close in the next len(forced close) tokens. Stage 2
     trains exactly this spot, so the probe shows whether training moved the
     close even when sampling noise hides it in the overlong rate.

@@ -40,7 +40,7 @@ from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, shard_path
 from length_control.engine import Engine, answer_request, engine_for, model_len, open_engine, sample_request
 from length_control.errors import DataError
-from length_control.policy import end_ids, load_tokenizer, model_input, policy_path
+from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
@@ -130,7 +130,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     _reset_if_stale(folder, stage.expected)
 
     tokenizer = load_tokenizer(plan.model)
-    think = ThinkTokens(tokenizer, recipe.model.think, end_ids(plan.model))
+    think = think_tokens(plan.model, tokenizer, recipe.model.think)
     requests, too_long = trace_requests(recipe, tokenizer, think, load_prompts(recipe))
     size = recipe.generation.shard_size
     shards = [requests[i : i + size] for i in range(0, len(requests), size)]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from length_control.recipe import ModelSpec
+from length_control.recipe import ModelSpec, ThinkTags
+from length_control.think import ThinkTokens
 
 
 def policy_path(model: ModelSpec) -> str:
@@ -35,7 +36,7 @@ def model_input(model: str) -> Path | str:
 
 def end_ids(model: str) -> list[int]:
     """The ids the model's generation config ends a turn with, as vLLM stops on them (besides the
-    tokenizer's eos_token): Qwen3 lists <|im_end|> and <|endoftext|>. None when it has no generation config."""
+    tokenizer's eos_token): Qwen3 lists <|im_end|> and <|endoftext|>; [] without a generation config."""
     from transformers import GenerationConfig
 
     try:
@@ -44,3 +45,8 @@ def end_ids(model: str) -> list[int]:
         return []
     ids = config.eos_token_id
     return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+def think_tokens(model: str, tokenizer, tags: ThinkTags) -> ThinkTokens:
+    """The policy's view of its think tags and of the ids its turns end on (tokenizer and generation config)."""
+    return ThinkTokens(tokenizer, tags, end_ids(model))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from length_control.engine import model_len
 from length_control.errors import UserError
-from length_control.policy import end_ids, policy_path
+from length_control.policy import policy_path, think_tokens
 from length_control.prompts import SourceCheck, check_source
 from length_control.recipe import GPT_OSS_SWITCH, Recipe
 from length_control.sources import load_source_spec
@@ -96,7 +96,7 @@ def _tokenizer(recipe: Recipe, found: Preflight):
                                "engine loads it")
         return None
     tags = recipe.model.think
-    think = ThinkTokens(tokenizer, tags, end_ids(model))
+    think = think_tokens(model, tokenizer, tags)
     problems = []
     for key, text, ids in (("open", tags.open, tokenizer.encode(tags.open, add_special_tokens=False)),
                            ("close", tags.close, think.close_ids), ("forced_close", tags.forced_close,

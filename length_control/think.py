@@ -126,8 +126,10 @@ class ThinkTokens:
         """
         start = self.thinking_start(output_ids)
         cut = first = min(len(output_ids), start + budget)
-        while first > start and sum(len(self._piece(t)) for t in output_ids[first:cut]) < len(self.tags.close):
+        held = 0  # characters in output_ids[first:cut]
+        while first > start and held < len(self.tags.close):
             first -= 1  # enough tokens to hold all but the last character of the tag, whatever their pieces
+            held += len(self._piece(output_ids[first]))
         pieces = [self._piece(token) for token in output_ids[first:cut]]
         at = _partial_tag_at("".join(pieces), self.tags.close)
         if at is None:
@@ -145,13 +147,6 @@ class ThinkTokens:
         pieces than the canonical ones (Qwen3's `</think>` as "</", "think",
         ">" instead of its one token) is found too.
         """
-        if len(self.close_ids) == 1 and self.close_ids[0] in output_ids:
-            first = list(output_ids).index(self.close_ids[0])
-            earlier = self._find_in_text(output_ids[:first])
-            return earlier or (first, first + 1)
-        return self._find_in_text(output_ids)
-
-    def _find_in_text(self, output_ids: Sequence[int]) -> tuple[int, int] | None:
         text, starts = "", []
         for token in output_ids:
             starts.append(len(text))
