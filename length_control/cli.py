@@ -8,9 +8,11 @@
     length-control inspect DATASET [--row N]         a stage-2 row with its trained span, and the stats
     length-control train RECIPE [key=value ...]      stage 2 with Axolotl
     length-control evaluate RECIPE [--arm A] [k=v]   score and overlong rate at the context limit
+    length-control evaluate --model M --set S --context-limit N   the same for any model, no recipe
     length-control report RECIPE [key=value ...]     the overlong-rate report (Table 2 layout, JSON, PNG)
     length-control run RECIPE [key=value ...] [--from STAGE] [--dry-run] [--until-overlong R --max-rounds N]
                                                      the preflight, then every stage; up-to-date ones are skipped
+    length-control sweep RECIPE key=[a,b] [...]      the loop per combination of the axes, sharing what they share
 
 `key=value` overrides may come anywhere on the line. A user's mistake exits 2
 with one message; a traceback is a bug.
@@ -109,12 +111,37 @@ def _evaluate(args: argparse.Namespace) -> int:
     from length_control import evaluate
     from length_control.engine import SharedEngine
 
+    if args.model is not None:
+        return _evaluate_model(args)
+    if args.recipe is None or args.set or args.context_limit is not None:
+        raise ConfigError(args.recipe or Path("evaluate"),
+                          ["give a RECIPE, or --model PATH with --set SOURCE and --context-limit N (no recipe)"])
     if args.seed is not None and args.arm != "after":
         raise ConfigError(args.recipe, ["--seed picks a stage-2 model: use it with --arm after"])
     recipe = _load(args)
     plans = [evaluate.plan(recipe, "after", args.seed)] if args.seed is not None else evaluate.plans(recipe, args.arm)
     with SharedEngine(recipe, plans[0].model, log_name=f"evaluate-{args.arm}") as engine:  # the seeds share it
         print(evaluate.format_metrics([(plan.label, evaluate.run(plan, engine)) for plan in plans]))
+    return 0
+
+
+def _evaluate_model(args: argparse.Namespace) -> int:
+    """Any checkpoint's overlong rate and score, measured as the loop measures its arms."""
+    from length_control import evaluate
+    from length_control.recipe import eval_recipe
+
+    overrides = list(args.overrides)
+    if args.recipe is not None:  # `evaluate --model M key=value`: argparse puts the first override in RECIPE's place
+        if "=" not in str(args.recipe):
+            raise ConfigError(args.recipe, ["--model evaluates a model without a recipe: drop the recipe, or drop --model"])
+        overrides.insert(0, str(args.recipe))
+    if not args.set or args.context_limit is None:
+        raise ConfigError(Path("evaluate --model"), ["--model needs --set SOURCE (one or more) and --context-limit N"])
+    recipe = eval_recipe(args.model, args.set, context_limit=args.context_limit, samples_per_problem=args.samples,
+                         budget=args.budget, think=args.think, output_dir=args.output, overrides=overrides)
+    plan = evaluate.plan(recipe, "before")
+    print(evaluate.format_metrics([(Path(args.model).name or args.model, evaluate.run(plan))]))
+    print(f"samples: {plan.folder / 'samples.parquet'} (compare two with: length-control report --samples A B)")
     return 0
 
 
@@ -127,6 +154,36 @@ def _run(args: argparse.Namespace) -> int:
         print(pipeline.dry_run(_load(args, *loop, build=False)))
         return 0
     pipeline.run(_load(args, *loop), start=args.start)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from length_control import pipeline, report
+    from length_control.artifacts import write_json_atomic, write_text_atomic
+    from length_control.recipe import preset_tags
+
+    if args.samples is None:
+        if args.recipe is None:
+            raise ConfigError(Path("report"), ["give a RECIPE, or --samples BEFORE AFTER [...] (no recipe)"])
+        print(pipeline.run_stage(next(s for s in pipeline.STAGES if s.name == "report"), _load(args)))
+        return 0
+    if args.recipe is not None:
+        raise ConfigError(args.recipe, ["--samples reports sample files without a recipe: drop one of the two"])
+    tags = preset_tags(args.think) if args.think else None
+    built = report.from_samples(args.samples, tokenizer=args.tokenizer, tags=tags, context_limit=args.context_limit,
+                                budget=args.budget)
+    text = report.markdown(built)
+    if args.output is not None:
+        write_text_atomic(args.output / "report.md", text)
+        write_json_atomic(args.output / "report.json", built)
+    print(text, end="")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from length_control import demo, sweep
+
+    sweep.run(sweep.settings(args.recipe, args.overrides, resolve=demo.resolve), start=args.start)
     return 0
 
 
@@ -159,23 +216,45 @@ def _parser() -> argparse.ArgumentParser:
     from length_control import pipeline
 
     for stage in pipeline.STAGES:
-        if stage.help is not None:
+        if stage.help is not None and stage.name != "report":
             sub = command(stage.name, _stage(stage), stage.help)
             sub.add_argument("recipe", type=Path)
             sub.add_argument("overrides", nargs="*", metavar="key=value")
+
+    report = command("report", _report, "the overlong-rate report of a run (Table 2 layout, JSON, PNG), or of "
+                                        "sample files from anywhere (--samples BEFORE AFTER...)")
+    report.add_argument("recipe", type=Path, nargs="?")
+    report.add_argument("overrides", nargs="*", metavar="key=value")
+    report.add_argument("--samples", type=Path, nargs="+", metavar="FILE",
+                        help="no recipe: the before arm's samples, then the after arm's (the eval's samples.parquet, "
+                             "or JSONL/Parquet of prompts and raw outputs with --tokenizer)")
+    report.add_argument("--tokenizer", help="with raw samples: the model's tokenizer folder or Hub id")
+    report.add_argument("--think", help="with raw samples: the think tags' preset (default <think>...</think>)")
+    report.add_argument("--context-limit", type=int, help="with raw samples: the input+output limit overlong counts at")
+    report.add_argument("--budget", type=int, help="B, for the report's heading")
+    report.add_argument("--output", type=Path, help="with --samples: also write report.md and report.json here")
 
     inspect = command("inspect", _inspect, "show a stage-2 row (trained span highlighted) and the dataset's stats")
     inspect.add_argument("dataset", type=Path, help="a stage2/ folder (rows.parquet, meta.parquet, manifest.json)")
     inspect.add_argument("--row", type=int, default=0)
     inspect.add_argument("--tokenizer", help="model folder or Hub id (default: the one the dataset was built with)")
 
-    evaluate = command("evaluate", _evaluate, "score and overlong rate of a policy at the recipe's context limit")
-    evaluate.add_argument("recipe", type=Path)
+    evaluate = command("evaluate", _evaluate, "score and overlong rate of a policy at the recipe's context limit, "
+                                               "or of any model (--model) on eval sets (--set) at --context-limit")
+    evaluate.add_argument("recipe", type=Path, nargs="?")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
     evaluate.add_argument("--arm", default="before", choices=["before", "after", "forced"],
                           help="before: the stage-1 policy; after: the stage-2 model; "
                                "forced: the stage-1 policy forced to close at the budget")
     evaluate.add_argument("--seed", type=int, help="with --arm after: only this stage-2 seed (default: every seed)")
+    evaluate.add_argument("--model", help="no recipe: a model folder or Hub id to evaluate as it is")
+    evaluate.add_argument("--set", type=Path, action="append", default=[], metavar="SOURCE",
+                          help="with --model: an eval set's source definition, e.g. prompts_sources/aime_2024.yaml")
+    evaluate.add_argument("--context-limit", type=int, help="with --model: the input+output token limit")
+    evaluate.add_argument("--samples", type=int, default=1, help="with --model: samples per problem")
+    evaluate.add_argument("--budget", type=int, help="with --model: B, for the termination probe at it")
+    evaluate.add_argument("--think", help="with --model: the think tags' preset (qwen3, deepseek-r1, ...)")
+    evaluate.add_argument("--output", type=Path, help="with --model: the run folder (default runs/evaluate-<model>)")
 
     run = command("run", _run, "run every stage of a recipe in order (up-to-date stages are skipped)")
     run.add_argument("recipe", type=Path)
@@ -186,6 +265,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="closed loop: more rounds until the after arm's overlong rate is at most RATE "
                           "(= loop.until_overlong)")
     run.add_argument("--max-rounds", type=int, metavar="N", help="closed loop: at most N rounds (= loop.max_rounds)")
+
+    sweep = command("sweep", _sweep, "the loop at every combination of the axes key=[a,b,...], sharing the before "
+                                     "arm and the traces; a Table 2 row per setting, the ablations, a plot")
+    sweep.add_argument("recipe", type=Path)
+    sweep.add_argument("overrides", nargs="*", metavar="key=[a,b,...] | key=value",
+                       help="an axis (a list on a key that is not a list) or an override of every setting")
+    sweep.add_argument("--from", dest="start", metavar="STAGE", help="redo this stage and every one after it")
     return parser
 
 

@@ -117,6 +117,7 @@ ANSWERS = pa.schema([
     ("prompt_id", pa.string()), ("sample", pa.int32()),
     ("case", pa.int8()),  # 1: no close within B, forced; 2: closed within B, the answer was cut
     ("close_at", pa.int32()),  # output tokens before the close: case 1 the cut after B thinking tokens
+    ("cut_back", pa.int32()),  # case 1: tokens a line-end cut (splice.cut) moved back from B; 0 otherwise
     ("close_token_ids", IDS),  # the forced close (case 1) or the policy's own close tokens (case 2)
     ("answer_token_ids", IDS), ("finish_reason", pa.string()),
 ])
@@ -129,6 +130,7 @@ IGNORE = -100  # the label of a token that carries no loss
 META_SCHEMA = pa.schema([
     ("kind", pa.string()),  # "length" (a spliced trace) or "sft" (a stage-1 conversation)
     ("prompt_id", pa.string()), ("sample", pa.int32()), ("case", pa.int8()),
+    ("close_at", pa.int32()), ("cut_back", pa.int32()),  # where the thinking was closed (ANSWERS); null for sft
     ("span_start", pa.int32()), ("span_end", pa.int32()),  # input_ids[start:end] holds every trained token
 ])
 """Per stage-2 row, in the same order: where it came from."""
@@ -246,6 +248,26 @@ def source_inputs(name: str, definitions: list[Path]) -> dict[str, Path]:
         if data is not None and Path(data).is_file():
             inputs[f"{name}{i}_data"] = Path(data)
     return inputs
+
+
+def settings_differ(manifest: dict[str, Any], expected: dict[str, Any], *, but_config: tuple[str, ...] = (),
+                    but_inputs: tuple[str, ...] = ()) -> list[str]:
+    """What differs between a finished stage's manifest and what another stage expects, bar the named
+    config keys and inputs: a stage reuses another's output only when nothing else does."""
+    ours, theirs = expected["config"], manifest["config"]
+    differ = [key for key in sorted({*ours, *theirs}) if key not in but_config and ours.get(key) != theirs.get(key)]
+    inputs = {name: value for name, value in expected["inputs"].items() if name not in but_inputs}
+    theirs_inputs = {name: value for name, value in manifest["inputs"].items() if name not in but_inputs}
+    return differ + [f"input {name}" for name in sorted({*inputs, *theirs_inputs})
+                     if inputs.get(name) != theirs_inputs.get(name)]
+
+
+def is_finished(folder: Path) -> bool:
+    try:
+        finished_manifest(folder)
+    except MissingInput:
+        return False
+    return True
 
 
 def upstream(folder: Path) -> dict[str, Any]:

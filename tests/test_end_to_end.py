@@ -93,3 +93,20 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     redone = {p.relative_to(tmp_path) for p in tmp_path.rglob("manifest.json") if p.stat().st_mtime_ns != stamps.get(p)}
     assert redone == {Path("train/seed-1/manifest.json"), Path("eval/after/seed-1/manifest.json")}
     assert (tmp_path / "report" / "report.json").read_bytes() == report_json  # training is deterministic here
+
+    # Any checkpoint measured without a recipe (evaluate --model) gets the samples its after arm got: the same
+    # requests (seed, sampling, context limit), so the same overlong rate, and report --samples compares it.
+    from length_control import cli
+
+    evaluated = tmp_path / "evaluate"
+    assert cli.main(["evaluate", "--model", str(tmp_path / "train" / "seed-0" / "model"),
+                     "--set", str(recipe.eval.sets[0].source), "--context-limit", str(recipe.context_limit),
+                     "--samples", "8", "--budget", str(recipe.budget), "--output", str(evaluated), "model.dtype=float32",
+                     "engine.vllm.extra_args={enforce_eager: true}",
+                     "engine.vllm.env={VLLM_ENABLE_V1_MULTIPROCESSING: '0'}"]) == 0
+    after = [s for s in report.load_samples(tmp_path / "eval" / "after" / "seed-0") if s["benchmark"] == "demo-count"]
+    assert report.load_samples(evaluated / "eval" / "before") == after
+    assert cli.main(["report", "--samples", str(tmp_path / "eval" / "before" / "samples.parquet"),
+                     str(evaluated / "eval" / "before" / "samples.parquet"), "--output", str(evaluated / "report")]) == 0
+    compared = json.loads((evaluated / "report" / "report.json").read_text())["benchmarks"]["demo-count"]
+    assert compared["overlong_after"] == built["benchmarks"]["demo-count"]["per_seed"]["0"]["overlong_after"]

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from length_control import contracts, demo, generate
-from length_control.engine import EngineError, OpenAIEngine
+from length_control import contracts, demo, generate, splice
+from length_control.engine import EngineError, OpenAIEngine, SharedEngine
 from length_control.envs import engine_bin, engine_environ
 from length_control.policy import load_tokenizer, policy_path
 from length_control.recipe import OpenAIOptions, load_recipe
@@ -121,6 +121,28 @@ def test_sigkill_then_resume_gives_identical_files(run_a: Path, tmp_path: Path) 
     assert files == sorted(p.name for p in (out / "generate").glob("*.parquet"))
     for name in files:
         assert (run_a / name).read_bytes() == (out / "generate" / name).read_bytes(), name
+
+
+def test_traces_cut_from_a_larger_budget_are_the_ones_sampled_at_it(run_a: Path, tmp_path: Path) -> None:
+    """Prefix sharing on real vLLM, as a budget sweep does it: the first passes at B = 97 cut from run_a's at
+    104 (same seeded requests), then only the answers after the close at 97 generated, give the files and
+    the stage-2 rows that sampling at 97 gives."""
+    at = {name: demo.resolve(load_recipe(RECIPE, [*OVERRIDES, "budget=97", f"output_dir={tmp_path / name}"]))
+          for name in ("sampled", "cut")}
+    with SharedEngine(at["sampled"], policy_path(at["sampled"].model), log_name="prefix-sharing") as engine:
+        sampled = generate.run(generate.plan(at["sampled"]), engine)
+        cut = generate.run(generate.plan(at["cut"], longer=run_a), engine)
+    assert cut == sampled and 0 < sampled["case1"] < sampled["traces"]
+    folders = {name: recipe.output_dir / "generate" for name, recipe in at.items()}
+    files = sorted(p.name for p in folders["sampled"].glob("*.parquet"))
+    assert files == sorted(p.name for p in folders["cut"].glob("*.parquet"))
+    for name in files:
+        assert contracts.read_records(folders["cut"] / name) == contracts.read_records(folders["sampled"] / name), name
+    rows = {}
+    for name, recipe in at.items():
+        splice.run(splice.plan(recipe))
+        rows[name] = contracts.read_records(recipe.output_dir / "stage2" / "rows.parquet")
+    assert rows["cut"] == rows["sampled"] and len(rows["cut"]) > sampled["case1"]
 
 
 # ---------------------------------------------------------------- endpoints

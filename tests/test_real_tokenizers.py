@@ -401,3 +401,23 @@ def test_a_partial_close_in_small_pieces_is_dropped_too() -> None:
     partial = [i for part in ("</", "th", "ink") for i in tok.encode(part, add_special_tokens=False)]
     ids = thinking + partial
     assert len(partial) == 3 and think.budget_cut(ids, len(ids) - 1) == len(thinking)
+
+
+@pytest.mark.parametrize("family", FAMILIES[:3])
+def test_a_line_end_cut_moves_back_to_the_last_whole_line(family: str) -> None:
+    """`splice.cut: line_end` on real BPE: B falls inside the third line. Where a token starts the next line
+    ("\\n", "\\n\\n"), the cut goes before it and the forced "\\n</think>" ends the line; where the newlines
+    merged into the line's last token (".\\n\\n"), the cut goes after it. Outside the grace it stays at B."""
+    tok = tokenizer(family)
+    think = ThinkTokens(tok, ThinkTags())
+    lines = "<think>\nSo 12 odd numbers sum to 144.\nCheck with n = 3: 1 + 3 + 5 = 9.\n\nSo far so good, and"
+    ids = tok.encode(lines, add_special_tokens=False)
+    start = think.thinking_start(ids)
+    budget = len(ids) - start - 2  # two tokens before the end: inside "So far so good"
+    exact = think.cut(ids, budget)
+    line_end = think.cut(ids, budget, grace=budget)
+    kept = tok.decode(ids[:line_end])
+    assert exact == start + budget and line_end < exact
+    assert kept.endswith(("= 9.", "= 9.\n\n"))  # before the newlines, or after a token that holds them
+    assert tok.decode(ids[line_end:exact]).lstrip("\n").startswith("So far")
+    assert think.cut(ids, budget, grace=1) == exact  # no line end within one token of B

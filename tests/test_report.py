@@ -70,3 +70,49 @@ def test_report_names_the_missing_seed(tmp_path: Path) -> None:
     _samples(tmp_path / "eval" / "after" / "seed-0", [("demo", "a", 50, True, True)])
     with pytest.raises(MissingInput, match=r"after \(seed 1\)"):
         report.build(recipe)
+
+
+def test_sample_files_from_anywhere_get_the_same_rows(tmp_path: Path, capsys) -> None:
+    """report --samples: the eval's sample files, no recipe, give the row the run's report gives."""
+    from length_control import cli
+
+    _samples(tmp_path / "before", [("demo", "a", 50, True, True), ("demo", "a", 60, True, False),
+                                   ("demo", "b", 300, False, False), ("demo", "b", 300, False, False)])
+    _samples(tmp_path / "after", [("demo", "a", 50, True, True), ("demo", "a", 60, True, True),
+                                  ("demo", "b", 199, True, False), ("demo", "b", 300, False, False)])
+    files = [str(tmp_path / arm / "samples.parquet") for arm in ("before", "after")]
+    assert cli.main(["report", "--samples", *files, "--output", str(tmp_path / "out")]) == 0
+    assert "| demo | 25.0% ± 25.0% | 50.0% | +100.0% | 50.0% | 25.0% | -50.0% | 2 |" in capsys.readouterr().out
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert cli.main(["report", "--samples", files[0]]) == 2
+    assert "two files or more" in capsys.readouterr().err
+
+
+def test_raw_outputs_are_measured_with_their_tokenizer_at_the_context_limit(tmp_path: Path, tokenizer_policy: Path,
+                                                                          capsys) -> None:
+    """A JSONL of prompts and raw outputs (text or ids): overlong = no close within the limit, counted in the
+    model's tokens; without a `correct` field the scores are n/a."""
+    import json
+
+    from length_control import cli
+    from length_control.policy import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_policy))
+    prompt = "Count down from 102 to 100. How many numbers do you say?"
+    closes = "<think>\n01:102\n02:101\n03:100\n</think>\n\nThe answer is 3."
+    late = "<think>\n" + "".join(f"{i:02d}:9{i:02d}\n" for i in range(1, 30)) + "</think>\n\nThe answer is 29."
+    never = "<think>\n01:102\n02:101"
+    limit = len(tok.encode(prompt, add_special_tokens=False)) + len(tok.encode(closes, add_special_tokens=False)) + 5
+    before = [{"prompt": prompt, "output": text, "problem_id": str(i)} for i, text in enumerate([closes, late, never])]
+    after = [{"prompt_token_ids": tok.encode(prompt, add_special_tokens=False),
+              "output_token_ids": tok.encode(closes, add_special_tokens=False), "problem_id": str(i)} for i in range(3)]
+    for name, rows in (("before", before), ("after", after)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = [str(tmp_path / "before.jsonl"), str(tmp_path / "after.jsonl")]
+    assert cli.main(["report", "--samples", *files]) == 2
+    assert "give --tokenizer" in capsys.readouterr().err
+    assert cli.main(["report", "--samples", *files, "--tokenizer", str(tokenizer_policy),
+                     "--context-limit", str(limit), "--output", str(tmp_path / "out")]) == 0
+    row = json.loads((tmp_path / "out" / "report.json").read_text())["benchmarks"]["samples"]
+    assert (row["overlong_before"], row["overlong_after"]) == (2 / 3, 0.0)  # `late` closes past the limit
+    assert row["score_before"] is None and "n/a ± n/a" in capsys.readouterr().out

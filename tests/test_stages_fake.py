@@ -392,3 +392,150 @@ def test_a_stage_2_build_with_no_row_is_an_error_that_names_the_setting(tmp_path
     with pytest.raises(EmptyOutput, match="1 answers did not finish within generation.answer_max_tokens"):
         splice.run(splice.plan(unfinished))
     assert not (unfinished.output_dir / "stage2" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- what a sweep shares
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in outputs(folder) if name.endswith(".parquet")}
+
+
+def elsewhere(recipe: Recipe, name: str, **update) -> Recipe:
+    """The recipe (same sources) with its run folder in `name`, and `update` set."""
+    return recipe.model_copy(update={"output_dir": recipe.output_dir.parent / name, **update})
+
+
+def test_a_lower_budget_cut_from_longer_traces_writes_the_files_sampled_at_it(tmp_path: Path, policy: Path,
+                                                                              ids: Ids) -> None:
+    """Prefix sharing: traces sampled at B + 7 hold the first passes at B; only the answers after the close at B
+    are generated, and the files are the ones a run sampled at B writes."""
+    long = ids.prompt(LONG[1])
+    script = transcripts(ids.script() | {
+        (*long, *ids.long_thinking[: BUDGET + 8], *ids.forced_close): ids.after_forced_close})
+    sampled = make_recipe(tmp_path, policy, [LONG, CUT, SHORT])
+    expected = generate.run(generate.plan(sampled), engine=ScriptedEngine(script))
+    longer = elsewhere(sampled, "longer", budget=BUDGET + 7)
+    generate.run(generate.plan(longer), engine=ScriptedEngine(script))
+    assert contracts.upstream(longer.output_dir / "generate")["summary"]["case2"] == 0  # CUT ends within B + 7
+
+    cut = elsewhere(sampled, "cut")
+    engine = ScriptedEngine(script)
+    summary = generate.run(generate.plan(cut, longer=longer.output_dir / "generate"), engine=engine)
+    # No first pass is sampled: LONG's and CUT's answers after their close at B are.
+    assert sorted(r["key"] for r in engine.requests) == ["prompts/cut#0/answer", "prompts/long#0/answer"]
+    assert files_of(cut.output_dir / "generate") == files_of(sampled.output_dir / "generate")
+    assert summary == expected
+
+    # The same budget with other stage-2 settings (a span sweep) takes every answer too: nothing is generated.
+    other = elsewhere(with_setting(sampled, "splice", termination_span="think_close"), "span")
+    untouched = ScriptedEngine(lambda context: pytest.fail("an answer the longer run has was asked for again"))
+    generate.run(generate.plan(other, longer=sampled.output_dir / "generate"), engine=untouched)
+    assert untouched.calls == 0
+    assert files_of(other.output_dir / "generate") == files_of(sampled.output_dir / "generate")
+
+    # Traces of other settings, or of a lower budget, are not cut into a run.
+    with pytest.raises(DataError, match="seed"):
+        generate.run(generate.plan(elsewhere(sampled, "seed", seed=7), longer=longer.output_dir / "generate"),
+                     engine=ScriptedEngine(script))
+    with pytest.raises(DataError, match=f"budget \\({BUDGET + 7} < {BUDGET + 8}\\)"):
+        generate.run(generate.plan(elsewhere(sampled, "larger", budget=BUDGET + 8),
+                                   longer=longer.output_dir / "generate"), engine=ScriptedEngine(script))
+
+
+def test_the_forced_arm_cuts_its_first_passes_from_the_before_arm(tmp_path: Path, policy: Path, ids: Ids) -> None:
+    alone = make_recipe(tmp_path, policy, EVALS)
+    evaluate.run(evaluate.plan(alone, "forced"), engine=ScriptedEngine(transcripts(ids.script())))
+
+    recipe = elsewhere(alone, "after-before")
+    evaluate.run(evaluate.plan(recipe, "before"), engine=ScriptedEngine(transcripts(ids.script())))
+    engine = ScriptedEngine(transcripts(ids.script()))
+    plan = evaluate.plan(recipe, "forced")
+    assert plan.inputs["first passes"] == recipe.output_dir / "eval" / "before"
+    evaluate.run(plan, engine=engine)
+    assert sorted(r["key"] for r in engine.requests) == ["evals/cut#0/answer", "evals/long#0/answer"]
+    assert samples_of(recipe, "forced") == samples_of(alone, "forced")
+
+
+def test_a_before_arm_shared_at_another_budget_runs_only_its_probe(tmp_path: Path, policy: Path, ids: Ids) -> None:
+    leader = make_recipe(tmp_path, policy, EVALS)
+    evaluate.run(evaluate.plan(leader, "before"), engine=ScriptedEngine(transcripts(ids.script())))
+    lower = elsewhere(leader, "lower", budget=BUDGET - 7)
+    long, limit = ids.prompt(LONG[1]), ids.prompt(LIMIT[1])
+    engine = ScriptedEngine(transcripts(ids.script() | {  # at B - 7 LIMIT has room to reach the budget
+        (*prompt, *ids.long_thinking[: BUDGET - 6], *ids.forced_close): ids.after_forced_close
+        for prompt in (long, limit)}))
+    shared = leader.output_dir / "eval" / "before"
+    metrics = evaluate.run(evaluate.plan(lower, "before", samples=shared), engine=engine)
+    assert all(r.get("score_tail") or r["temperature"] == 0.0 for r in engine.requests)  # the probe's, no sampling
+    assert samples_of(lower, "before") == samples_of(leader, "before")
+    # At B - 7 every sample but SHORT runs past the budget: the probe takes four, LONG's cut at B - 7.
+    probed = [r["prompt_token_ids"] for r in engine.requests if r.get("score_tail")]
+    assert long + ids.long_thinking[: BUDGET - 6] + ids.forced_close in probed
+    assert len(probed) == metrics["benchmarks"]["evals"]["probe_traces"] == 4
+
+    resampled = elsewhere(with_setting(leader, "eval", sampling=leader.eval.sampling.model_copy(
+        update={"temperature": 1.0})), "resampled")
+    with pytest.raises(DataError, match="eval"):
+        evaluate.run(evaluate.plan(resampled, "before", samples=shared), engine=ScriptedEngine(lambda context: []))
+
+
+def test_a_line_end_cut_closes_after_the_last_whole_line_and_records_it(tmp_path: Path, policy: Path,
+                                                                       ids: Ids) -> None:
+    """B = 12 falls inside LONG's second line ("\\n02:924" starts at thinking token 7): with `splice.cut:
+    line_end` and room for it, the close goes before that line's newline, so "\\n</think>" ends the first
+    line as the policy's own closes do; the answer record and the stage-2 row say where."""
+    budget, line = 12, len(ids("<think>\n01:925"))  # the cut: after the first whole line
+    long = ids.prompt(LONG[1])
+    script = transcripts(ids.script() | {(*long, *ids.long_thinking[:line], *ids.forced_close): ids.answer("26")})
+    recipe = with_setting(make_recipe(tmp_path, policy, [LONG]).model_copy(update={"budget": budget}),
+                          "splice", cut="line_end", cut_grace=0.5)
+    recipe = with_setting(recipe, "generation", answer_max_tokens=16)  # room for the whole answer
+    engine = ScriptedEngine(script)
+    summary = generate.run(generate.plan(recipe), engine=engine)
+    answer = contracts.read_shards(recipe.output_dir / "generate", "answers")[0]
+    assert engine.requests[-1]["prompt_token_ids"] == long + ids.long_thinking[:line] + ids.forced_close
+    assert (answer["case"], answer["close_at"], answer["cut_back"]) == (1, line, budget + 1 - line)
+    assert summary["case1_cut_at_line_end"] == 1
+
+    import pyarrow.parquet as pq
+
+    splice.run(splice.plan(recipe))
+    meta = pq.read_table(recipe.output_dir / "stage2" / "meta.parquet").to_pylist()
+    assert [(m["close_at"], m["cut_back"]) for m in meta] == [(line, budget + 1 - line)]
+
+    # The forced arm cuts the same way; an exact cut (the default) stays at B, inside the line.
+    forced = ScriptedEngine(script)
+    evaluate.run(evaluate.plan(recipe, "forced"), engine=forced)
+    assert forced.requests[-1]["prompt_token_ids"] == long + ids.long_thinking[:line] + ids.forced_close
+    assert with_setting(recipe, "splice", cut="exact").splice.grace_tokens(budget) == 0
+
+
+def test_any_model_is_evaluated_without_a_recipe_as_a_recipes_before_arm(tmp_path: Path, policy: Path,
+                                                                          ids: Ids) -> None:
+    from length_control._schema import ConfigError
+    from length_control.recipe import eval_recipe
+
+    recipe = make_recipe(tmp_path, policy, EVALS)
+    evaluate.run(evaluate.plan(recipe, "before"), engine=ScriptedEngine(transcripts(ids.script())))
+    alone = eval_recipe(str(policy), [tmp_path / "evals.yaml"], context_limit=CONTEXT_LIMIT, budget=BUDGET,
+                        output_dir=tmp_path / "alone")
+    assert alone.output_dir == tmp_path / "alone" and alone.eval.arms == ["before"]
+    evaluate.run(evaluate.plan(alone, "before"), engine=ScriptedEngine(transcripts(ids.script())))
+    assert samples_of(alone, "before") == samples_of(recipe, "before")
+    # Without a budget there is no probe; the rest is the same.
+    unbudgeted = eval_recipe(str(policy), [tmp_path / "evals.yaml"], context_limit=CONTEXT_LIMIT,
+                             output_dir=tmp_path / "unbudgeted")
+    engine = ScriptedEngine(transcripts(ids.script()))
+    metrics = evaluate.run(evaluate.plan(unbudgeted, "before"), engine=engine)["benchmarks"]["evals"]
+    assert "probe_traces" not in metrics and not any(r.get("score_tail") for r in engine.requests)
+    assert samples_of(unbudgeted, "before") == samples_of(recipe, "before")
+
+    (tmp_path / "ungraded.yaml").write_text(yaml.safe_dump({"name": "ungraded", "dataset": {"path": "evals.jsonl"},
+                                                            "prompt": "{question}", "id": "id"}))
+    for kwargs, message in [({"budget": CONTEXT_LIMIT}, "smaller than --context-limit"),
+                            ({"overrides": ["eval.arms=[before,forced]"]}, "give --budget"),
+                            ({"sets": [tmp_path / "ungraded.yaml"]}, "no `grader`")]:
+        arguments = {"sets": [tmp_path / "evals.yaml"], "context_limit": CONTEXT_LIMIT} | kwargs
+        with pytest.raises(ConfigError, match=message):
+            eval_recipe(str(policy), arguments.pop("sets"), **arguments)
