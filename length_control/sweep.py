@@ -108,6 +108,11 @@ def sweep_dir(base: Recipe) -> Path:
     return base.output_dir / "sweep"
 
 
+def _folder(all_settings: list[Setting]) -> Path:
+    """The sweep's folder, from its settings: their run folders' parent."""
+    return all_settings[0].recipe.output_dir.parent
+
+
 # ---------------------------------------------------------------- what the settings share
 
 
@@ -154,7 +159,7 @@ def plans_of(all_settings: list[Setting]) -> Callable[[PipelineStage], list[Plan
 
 def run(all_settings: list[Setting], *, start: str | None = None, echo: Callable[[str], None] = print) -> None:
     """The preflight of every setting (every problem before any engine starts), then every stage."""
-    echo(f"sweep: {len(all_settings)} settings -> {all_settings[0].recipe.output_dir.parent}")
+    echo(f"sweep: {len(all_settings)} settings -> {_folder(all_settings)}")
     echo(f"policy: {policy_path(all_settings[0].recipe.model)}")
     echo("[preflight]")
     for setting in all_settings:
@@ -256,7 +261,7 @@ def plot(sweep: dict[str, Any], path: Path) -> None:
 
 def write_report(all_settings: list[Setting]) -> str:
     """The sweep's report from every setting's eval samples: sweep.md (returned), sweep.json, sweep.png."""
-    folder = all_settings[0].recipe.output_dir.parent / "report"  # beside the settings' run folders
+    folder = _folder(all_settings) / "report"
     sweep = build(all_settings)
     text = markdown(sweep)
     write_text_atomic(folder / "sweep.md", text)
