@@ -41,9 +41,10 @@ def _load(args: argparse.Namespace, *extra: str, build: bool = True) -> Recipe:
 def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.deep:
-        from length_control import demo, preflight
+        from length_control import conditioning, demo, preflight
 
-        print(preflight.check(demo.resolve(recipe)).text())
+        resolved = demo.resolve(recipe)
+        print((preflight.check(resolved) if recipe.conditioning is None else conditioning.check(resolved)).text())
     print(f"ok: {args.recipe}")
     print(_summary(recipe))
     return 0
@@ -55,7 +56,9 @@ def _summary(recipe: Recipe) -> str:
         [
             f"  run          {recipe.name} -> {recipe.output_dir}",
             f"  model        {model}",
-            f"  budget       {recipe.budget} thinking tokens, eval context limit {recipe.context_limit}",
+            f"  budget       {recipe.budget} thinking tokens, eval context limit {recipe.context_limit}"
+            + (f"; conditioned on {', '.join(map(str, recipe.conditioning.budgets))}, stated as "
+               f"{recipe.conditioning.instruction!r}" if recipe.conditioning is not None else ""),
             f"  prompts      {', '.join(ref.source.stem for ref in recipe.prompts.sources)}",
             f"  engine       {recipe.engine.kind}",
             f"  train        {recipe.train.template.name} via {recipe.train.launcher}",

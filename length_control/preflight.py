@@ -21,7 +21,7 @@ from pathlib import Path
 from length_control.engine import model_len
 from length_control.errors import UserError
 from length_control.policy import policy_path, think_tokens
-from length_control.prompts import SourceCheck, check_source
+from length_control.prompts import SourceCheck, check_source, with_system_line
 from length_control.recipe import GPT_OSS_SWITCH, Recipe
 from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens, detect_preset, turn_end
@@ -172,8 +172,9 @@ def _lengths(recipe: Recipe, tokenizer, prompts: dict[str, SourceCheck], evals: 
     limit = model_len(recipe)
 
     def lengths(check: SourceCheck) -> list[int]:
-        return [len(tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True)
-                    ["input_ids"]) for p in check.prompts]
+        stated = recipe.stated_budget()
+        return [len(tokenizer.apply_chat_template(with_system_line(p, stated)["messages"], add_generation_prompt=True,
+                                                  tokenize=True)["input_ids"]) for p in check.prompts]
 
     total_tokens = 0
     for name, check in prompts.items():

@@ -454,6 +454,19 @@ def _record(spec: SourceSpec, item: _Row) -> dict[str, Any]:
             "meta": {"row": item.index}}
 
 
+def with_system_line(prompt: dict[str, Any], line: str | None) -> dict[str, Any]:
+    """`prompt` with `line` in its system message (after the source's own, if it has one): how a run
+    states its budget (`EvalRecipe.stated_budget`). Unchanged for None."""
+    if line is None:
+        return prompt
+    messages = list(prompt["messages"])
+    if messages[0]["role"] == "system":
+        messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n{line}"}
+    else:
+        messages.insert(0, {"role": "system", "content": line})
+    return {**prompt, "messages": messages}
+
+
 def _code_instructions(starter_code: str) -> str:
     """LiveCodeBench's own instructions: the starter code, or stdin/stdout."""
     if starter_code.strip():

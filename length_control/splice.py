@@ -62,6 +62,7 @@ def splice_row(
     termination: Termination,
     spec: SpliceSpec,
     max_len: int | None,
+    train_thinking: bool = False,
 ) -> tuple[Row | None, str]:
     """One stage-2 row from a trace and its answer, or (None, why it was dropped).
 
@@ -72,6 +73,9 @@ def splice_row(
     the policy wrote (Qwen3 may end with <|im_end|> or <|endoftext|>).
     Token ids may come as lists or numpy arrays; the row's are int32 arrays,
     sliced and concatenated without a Python object per token.
+
+    `train_thinking` (a budget-conditioned run, `conditioning.train_thinking`):
+    the row's own thinking, from its first token to the close, is trained too.
     """
     output = np.asarray(trace["output_token_ids"], dtype=np.int32)
     close = np.asarray(answer["close_token_ids"], dtype=np.int32)
@@ -102,20 +106,27 @@ def splice_row(
         labels[tag_start:close_end] = input_ids[tag_start:close_end]
         if spec.termination_span == "think_close_eos":
             labels[-1] = input_ids[-1]
+    span_start = tag_start
+    if train_thinking:
+        span_start = len(trace["prompt_token_ids"]) + answer["thinking_start"]
+        labels[span_start:tag_start] = input_ids[span_start:tag_start]
     span_end = close_end if spec.termination_span == "think_close" else len(input_ids)
-    return Row(input_ids, labels, (tag_start, span_end)), "kept"
+    return Row(input_ids, labels, (span_start, span_end)), "kept"
 
 
 # ---------------------------------------------------------------- the stage
 
 
-def plan(recipe: Recipe, earlier: tuple[Path, ...] = ()) -> Plan:
-    """In a closed loop, `earlier` are the earlier rounds' generate folders: their rows accumulate."""
+def plan(recipe: Recipe, earlier: tuple[Path, ...] = (), generated: dict[str, Path] | None = None) -> Plan:
+    """In a closed loop, `earlier` are the earlier rounds' generate folders: their rows accumulate. A
+    budget-conditioned run's rows come from the generate folders of its budgets (`generated`, by name)
+    in place of the run's own."""
     s = recipe.splice
     mix = f"{s.sft_mix.share} of the rows from {_mix_source(recipe)}" if s.sft_mix else "none"
     inputs = {f"earlier{i}": Path(folder) for i, folder in enumerate(earlier)}
-    inputs["generate"] = RunLayout(recipe.output_dir).generate
+    inputs |= generated or {"generate": RunLayout(recipe.output_dir).generate}
     return Plan("splice", recipe, RunLayout(recipe.output_dir).stage2, inputs=inputs, steps=[
+        *(f"rows from {folder}" for folder in (generated or {}).values()),
         f"termination span {s.termination_span}; answers > {s.max_answer_tokens} tokens: {s.on_long_answer}; "
         f"rows > sequence_len ({max_len(recipe) or 'not fixed'}): {s.on_overlength}",
         f"SFT mix: {mix}",
@@ -132,18 +143,20 @@ def run(plan: Plan) -> dict[str, Any]:
         folder,
         inputs={name: contracts.upstream(path)["output"] for name, path in plan.inputs.items()}
         | ({"sft_mix": sft_path} if sft_path else {}),
-        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": limit},
+        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": limit,
+                "conditioning": recipe.section("conditioning")},
         versions=tool_versions("transformers"),
     )
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
     stats: Counter[str] = Counter()
-    termination = contracts.read_termination(plan.inputs["generate"])
+    own = list(plan.inputs.values())[-1]  # the policy's traces (the others are earlier rounds' or other budgets')
+    termination = contracts.read_termination(own)
     rows = (row for traces in plan.inputs.values() for row in length_rows(traces, recipe, termination, limit, stats))
     model = policy_path(recipe.model)
     summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, sft_path, limit, stats), stats=stats)
     if summary["length_rows"] == 0:
-        raise EmptyOutput(_why_empty(stats, plan.inputs["generate"], recipe))
+        raise EmptyOutput(_why_empty(stats, own, recipe))
     summary["tokenizer"] = model
     stage.finish(**summary)
     return summary
@@ -173,6 +186,8 @@ def length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len:
     """Stage-2 rows, one generate shard at a time, from token ids alone (no tokenizer is loaded)."""
     import pyarrow.parquet as pq
 
+    budget = contracts.upstream(folder)["config"]["budget"]  # the folder's own: a conditioned run's differ
+    train_thinking = recipe.conditioning is not None and recipe.conditioning.train_thinking
     for traces_path, answers_path in contracts.shard_pairs(folder):
         answers = _answers(pq.ParquetFile(answers_path).read())
         # A few traces at a time, their ids as numpy views: a shard never sits in memory whole
@@ -186,13 +201,14 @@ def length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len:
                 if answer is None:
                     continue  # ended within the budget: not a stage-2 sample
                 trace = {"prompt_token_ids": prompts(i), "output_token_ids": outputs(i)}
-                row, why = splice_row(trace, answer, termination=termination, spec=recipe.splice, max_len=max_len)
+                row, why = splice_row(trace, answer, termination=termination, spec=recipe.splice, max_len=max_len,
+                                      train_thinking=train_thinking)
                 stats[why] += 1
                 if row is not None:
                     stats[f"case{answer['case']}"] += 1
                     stats["case1_cut_at_line_end"] += answer["cut_back"] > 0
                     yield {"row": row, "meta": {"kind": "length", "prompt_id": answer["prompt_id"],
-                                                "sample": answer["sample"], "case": answer["case"],
+                                                "sample": answer["sample"], "case": answer["case"], "budget": budget,
                                                 "close_at": answer["close_at"], "cut_back": answer["cut_back"]}}
 
 
@@ -201,10 +217,11 @@ def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
     columns = {name: table.column(name).combine_chunks() for name in table.column_names}
     closes, bodies = id_lists(columns["close_token_ids"]), id_lists(columns["answer_token_ids"])
     keys = zip(columns["prompt_id"].to_pylist(), columns["sample"].to_pylist())
-    fields = zip(*(columns[name].to_pylist() for name in ("case", "close_at", "cut_back", "finish_reason")))
-    return {key: {"prompt_id": key[0], "sample": key[1], "case": case, "close_at": close_at, "cut_back": cut_back,
-                  "finish_reason": finish, "close_token_ids": closes(i), "answer_token_ids": bodies(i)}
-            for i, (key, (case, close_at, cut_back, finish)) in enumerate(zip(keys, fields))}
+    names = ("case", "close_at", "cut_back", "thinking_start", "finish_reason")
+    fields = zip(*(columns[name].to_pylist() for name in names))
+    return {key: {"prompt_id": key[0], "sample": key[1], **dict(zip(names, values)), "close_token_ids": closes(i),
+                  "answer_token_ids": bodies(i)}
+            for i, (key, values) in enumerate(zip(keys, fields))}
 
 
 def _row_columns(rows: list[Row]) -> list:

@@ -81,6 +81,9 @@ def settings(path: Path, arguments: list[str], resolve: Callable[[Recipe], Recip
     base = load_recipe(path, overrides)
     if base.loop.until_overlong is not None:
         raise ConfigError(path, ["loop.until_overlong: a sweep runs one round per setting; set loop.until_overlong=null"])
+    if base.conditioning is not None:
+        raise ConfigError(path, ["conditioning: a budget-conditioned run already covers its budgets; run it with "
+                                 "`length-control run`, or sweep the recipe without conditioning"])
     short = {key: key.rsplit(".", 1)[-1] for key in axes}
     if len(set(short.values())) < len(short):
         short = {key: key for key in axes}
@@ -118,13 +121,14 @@ def _folder(all_settings: list[Setting]) -> Path:
 
 def _eval_key(recipe: Recipe) -> str:
     """Settings with the same key sample the same before arm (it depends on no budget or stage-2 setting)."""
-    return json.dumps([recipe.section("eval"), recipe.seed, recipe.section("model")], sort_keys=True)
+    return json.dumps([recipe.section("eval"), recipe.seed, recipe.section("model"), recipe.stated_budget()],
+                      sort_keys=True)
 
 
 def _generation_key(recipe: Recipe) -> str:
     """Settings with the same key sample the same traces, up to their budget."""
-    return json.dumps([recipe.section("generation"), recipe.section("prompts"), recipe.seed, recipe.section("model")],
-                      sort_keys=True)
+    return json.dumps([recipe.section("generation"), recipe.section("prompts"), recipe.seed, recipe.section("model"),
+                       recipe.stated_budget()], sort_keys=True)
 
 
 def plans_of(all_settings: list[Setting]) -> Callable[[PipelineStage], list[Plan]]:

@@ -539,3 +539,59 @@ def test_any_model_is_evaluated_without_a_recipe_as_a_recipes_before_arm(tmp_pat
         arguments = {"sets": [tmp_path / "evals.yaml"], "context_limit": CONTEXT_LIMIT} | kwargs
         with pytest.raises(ConfigError, match=message):
             eval_recipe(str(policy), arguments.pop("sets"), **arguments)
+
+
+def test_a_conditioned_run_states_each_budget_and_trains_one_dataset_on_all(tmp_path: Path, policy: Path,
+                                                                          ids: Ids) -> None:
+    """Budgets 7 and 14: each budget's traces come from prompts that state it, LONG is cut at each, and the one
+    stage-2 dataset holds both rows. A row trains the thinking before its close too, so that under the line
+    the policy thinks on to the budget asked for (`conditioning.train_thinking`)."""
+    import pyarrow.parquet as pq
+
+    from length_control import pipeline
+
+    make_recipe(tmp_path, policy, [LONG, SHORT])
+    overrides = ["conditioning.budgets=[7,14]", "generation.answer_max_tokens=16", "context_limit=120"]
+    recipe = load_recipe(tmp_path / "recipe.yaml", overrides)
+
+    def prompt(question: str, budget: int) -> list[int]:
+        messages = [{"role": "system", "content": f"Think for at most {budget} tokens."},
+                    {"role": "user", "content": question}]
+        return ids.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+
+    script = {}
+    for budget in (7, 14):
+        long = prompt(LONG[1], budget)
+        script |= {tuple(long): ids.long, tuple(prompt(SHORT[1], budget)): ids.short,
+                   (*long, *ids.long_thinking[: budget + 1], *ids.forced_close): ids.after_forced_close}
+    engine = ScriptedEngine(transcripts(script))  # a prompt without the line has no transcript
+    plans = pipeline.plans_of(recipe)
+    stage = {s.name: s for s in pipeline.STAGES}
+    for plan in plans(stage["generate"]):
+        generate.run(plan, engine=engine)
+    traced = {tuple(r["prompt_token_ids"]) for r in engine.requests if not r["key"].endswith("/answer")}
+    assert traced == {tuple(prompt(q, budget)) for q in (LONG[1], SHORT[1]) for budget in (7, 14)}
+
+    def rows(recipe: Recipe) -> dict[tuple[str, int], set[int]]:
+        """The trained positions of each row, by (prompt id, budget); the last position is the row's EOS."""
+        [plan] = pipeline.plans_of(recipe)(stage["splice"])
+        splice.run(plan)
+        folder = recipe.output_dir / "stage2"
+        meta = pq.read_table(folder / contracts.META).to_pylist()
+        data = pq.read_table(folder / contracts.ROWS).to_pylist()
+        return {(m["prompt_id"], m["budget"]): {i - len(r["input_ids"]) if i == len(r["input_ids"]) - 1 else i
+                                                for i, label in enumerate(r["labels"]) if label != splice.IGNORE}
+                for m, r in zip(meta, data) if m["kind"] == "length"}
+
+    first = {budget: len(prompt(LONG[1], budget)) + 1 for budget in (7, 14)}  # LONG's first thinking token
+    tag = len(ids.forced_close) - 1  # the trained close is "</think>", after the forced close's newline
+    built = rows(recipe)
+    # SHORT closes by 7 and is cut in its answer there (case 2): its own close is trained, nothing else.
+    assert sorted(built) == [("prompts/long", 7), ("prompts/long", 14), ("prompts/short", 7)]
+    for budget in (7, 14):
+        assert built["prompts/long", budget] == {*range(first[budget], first[budget] + budget + tag + 1), -1}
+    assert len(built["prompts/short", 7]) > 2  # its thinking, its own close and EOS
+
+    alone = recipe.model_copy(update={"conditioning": recipe.conditioning.model_copy(
+        update={"train_thinking": False})})
+    assert rows(alone)["prompts/long", 14] == {first[14] + 14 + tag, -1}

@@ -38,7 +38,7 @@ from length_control import chat
 from length_control.demo import task as demo_task
 from length_control.artifacts import write_json_atomic
 from length_control.envs import cache_dir
-from length_control.recipe import DemoModelSpec, ThinkTags
+from length_control.recipe import DemoModelSpec, StatedBudgets, ThinkTags
 
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -112,19 +112,23 @@ def build(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
     problems = demo_task.make_problems(spec.train_problems, spec.seed, prefix="sft")
     think_open, think_close = THINK_OPEN, THINK_CLOSE
     conversations = [demo_task.sft_conversation(p, think_open, think_close) for p in problems]
+    asked = [_with_stated_budget(c, spec.stated_budgets, random.Random(f"{spec.seed}/{i}"))
+             for i, c in enumerate(conversations)]
     rng = random.Random(spec.seed)
     first = demo_task.SHORT_LINES.start  # cut where a count is a two-digit line number, as every answer is
     interrupted = [
-        [conversation[0], {"role": "assistant", "content": p.interrupted(rng.randint(first, p.lines - 1))}]
-        for p, conversation in zip(problems, conversations)
+        [*conversation[:-1], {"role": "assistant", "content": p.interrupted(rng.randint(first, p.lines - 1))}]
+        for p, conversation in zip(problems, asked)
         if p.lines > first and rng.random() < spec.interrupted_share
     ]
 
     model_dir = out / "model"
+    # The tokenizer and the SFT set (stage 2's mix) are the conversations without budget lines: the
+    # tokenizer is the standard one, and no mixed row contradicts the budget a stage-2 row states.
     tokenizer = build_tokenizer(conversations, spec, model_dir)
     _save_sft_set(conversations, out / "stage1_sft.parquet")
     model = _new_model(tokenizer, spec)
-    losses = _train(model, tokenizer, conversations, interrupted, spec)
+    losses = _train(model, tokenizer, asked, interrupted, spec)
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
 
@@ -141,6 +145,16 @@ def build(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
     }
     write_json_atomic(out / "build.json", summary)
     return summary
+
+
+def _with_stated_budget(conversation: list[dict[str, str]], stated: StatedBudgets | None,
+                        rng: random.Random) -> list[dict[str, str]]:
+    """The conversation, opened by a system line stating a random budget for a share of them; the response
+    thinks as long as it would without it."""
+    if stated is None or rng.random() >= stated.share:
+        return conversation
+    line = stated.instruction.replace("{budget}", str(rng.randint(stated.low, stated.high)))
+    return [{"role": "system", "content": line}, *conversation]
 
 
 # ---------------------------------------------------------------- tokenizer
