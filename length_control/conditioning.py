@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from length_control import evaluate, generate, preflight, report, splice
-from length_control.artifacts import atomic_path, write_json_atomic, write_text_atomic
+from length_control.artifacts import write_json_atomic, write_text_atomic
 from length_control.contracts import Plan, RunLayout
 from length_control.recipe import Recipe
 
@@ -225,10 +225,7 @@ def plot(built: dict[str, Any], path: Path) -> None:
         share.set_xlabel("requested budget (thinking tokens)")
         share.set_ylabel("share of samples (%)")
         share.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def write_report(recipe: Recipe) -> str:

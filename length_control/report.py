@@ -332,6 +332,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("thinking tokens (output tokens before </think>, or all of them if it never closed)")
         ax.set_ylabel("share of samples")
         ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A report's PNG, laid out and written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

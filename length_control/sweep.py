@@ -37,7 +37,7 @@ import yaml
 
 from length_control import evaluate, generate, preflight, report
 from length_control._schema import ConfigError
-from length_control.artifacts import atomic_path, write_json_atomic, write_text_atomic
+from length_control.artifacts import write_json_atomic, write_text_atomic
 from length_control.contracts import Plan, RunLayout
 from length_control.pipeline import PipelineStage, run_stages
 from length_control.policy import policy_path
@@ -257,10 +257,7 @@ def plot(sweep: dict[str, Any], path: Path) -> None:
             ax.set_xlabel("budget B (thinking tokens)")
             ax.set_ylabel(f"{label} (%)")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def write_report(all_settings: list[Setting]) -> str:
