@@ -41,10 +41,9 @@ def _load(args: argparse.Namespace, *extra: str, build: bool = True) -> Recipe:
 def _validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.deep:
-        from length_control import conditioning, demo, preflight
+        from length_control import demo, pipeline
 
-        resolved = demo.resolve(recipe)
-        print((preflight.check(resolved) if recipe.conditioning is None else conditioning.check(resolved)).text())
+        print(pipeline.preflight_of(demo.resolve(recipe)).text())
     print(f"ok: {args.recipe}")
     print(_summary(recipe))
     return 0

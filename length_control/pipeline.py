@@ -93,6 +93,15 @@ def plans_of(recipe: Recipe) -> Callable[[PipelineStage], list[Plan]]:
     return lambda stage: stage.plans(recipe)
 
 
+def preflight_of(recipe: Recipe) -> preflight.Preflight:
+    """The preflight of `recipe`, or of every budget's run of a budget-conditioned one."""
+    if recipe.conditioning is not None:
+        from length_control import conditioning
+
+        return conditioning.check(recipe)
+    return preflight.check(recipe)
+
+
 def run_stage(stage: PipelineStage, recipe: Recipe) -> str:
     """One stage alone, every plan of it (`length-control generate ...`)."""
     text = stage.show(_run_plans(stage, plans_of(recipe)(stage)))
@@ -116,14 +125,11 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
         raise ValueError(f"no stage {start!r}; one of {', '.join(STAGE_NAMES)}")
     echo(f"policy: {policy_path(recipe.model)}")
     echo("[preflight]")
-    if recipe.conditioning is None:
-        echo(preflight.check(recipe).text())  # every problem at once, before any engine starts
-    else:
-        from length_control import conditioning
-
-        echo(conditioning.check(recipe).text())
+    echo(preflight_of(recipe).text())  # every problem at once, before any engine starts
     run_stages(recipe, plans_of(recipe), start=start, echo=echo)
     if recipe.conditioning is not None:
+        from length_control import conditioning
+
         echo("[conditioning report]")
         echo(conditioning.write_report(recipe))
     if recipe.loop.until_overlong is not None:
@@ -177,7 +183,7 @@ def dry_run(recipe: Recipe, check_axolotl: bool = True) -> str:
     if recipe.model.path is not None and not recipe.model.path.exists():  # the demo policy, not built yet
         out.append("  the policy is not built yet; the preflight runs once it is (run, or validate --deep)")
     else:
-        out.append(preflight.check(recipe).text())
+        out.append(preflight_of(recipe).text())
     for stage in STAGES:
         for plan in plans_of(recipe)(stage):
             out += ["", plan.describe()]
