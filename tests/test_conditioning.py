@@ -115,3 +115,44 @@ def test_the_quantile_is_the_nearest_rank() -> None:
     ordered = list(range(1, 21))
     assert conditioning._quantile(ordered, 0.95) == 19 and conditioning._quantile(ordered, 1.0) == 20
     assert conditioning._quantile([5], 0.95) == 5
+
+
+def _write_samples(folder, rows: list[tuple[str, int, bool]]) -> None:
+    """rows: (problem, thinking tokens, correct), each closed; one benchmark, sample 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"benchmark": "demo-count", "problem_id": p, "sample": 0, "thinking_tokens": t, "prompt_tokens": 40,
+                "closed_think": True, "overlong": False, "correct": ok} for p, t, ok in rows]
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(records), folder / "samples.parquet")
+
+
+def test_the_conditioning_report_reads_every_budgets_arms(tmp_path) -> None:
+    """Two budgets, two seeds, written sample files: each budget's row, the after arm as mean and range over
+    seeds, in conditioning.md, .json and .png."""
+    import json
+
+    recipe = load_recipe(RECIPE, [f"output_dir={tmp_path}", "train.seeds=[0,1]", "conditioning.budgets=[84,126]"])
+    arms = {  # a thinks 120 tokens unasked, b 40
+        84: {"before": [("a", 120, False), ("b", 40, True)],
+             "after/seed-0": [("a", 86, True), ("b", 40, True)],  # a closes within a line of 84
+             "after/seed-1": [("a", 110, True), ("b", 40, True)]},  # a closes 26 past it
+        126: {"before": [("a", 120, True), ("b", 40, True)],
+              "after/seed-0": [("a", 120, True), ("b", 40, True)],
+              "after/seed-1": [("a", 106, True), ("b", 40, True)]},  # a closes 14 early, at another budget
+    }
+    for budget, written in arms.items():
+        for arm, rows in written.items():
+            _write_samples(tmp_path / "budgets" / str(budget) / "eval" / arm, rows)
+    text = conditioning.write_report(recipe)
+    built = json.loads((tmp_path / "report" / "conditioning.json").read_text())
+    first, second = built["rows"]
+    assert (first["budget"], first["bound_before"], first["on_target_before"]) == (84, 0.5, 0.5)
+    assert first["on_target_after"] == 0.75 and first["on_target_after_range"] == [0.5, 1.0]
+    assert first["past_after"] == 0.5 and first["reached_median_after"] == 98  # 86 and 110, one per seed
+    assert first["score_before"] == 0.5 and first["score_after"] == 1.0
+    assert (second["budget"], second["bound_before"], second["on_target_before"]) == (126, 0.0, 1.0)
+    assert second["on_target_after_range"] == [0.5, 1.0] and second["early_after"] == 0.25
+    assert "| 84 | demo-count | 50.0% | 50.0% | 75.0% [50.0%, 100.0%] | 0.0% [0.0%, 0.0%] | 50.0% |" in text
+    assert (tmp_path / "report" / "conditioning.png").stat().st_size > 10_000
