@@ -3,6 +3,7 @@ own environments: importing either changes the importing process."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,14 @@ def demo_recipe(overrides: list[str]):
     from length_control.recipe import load_recipe
 
     return demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On an xdist worker: OpenMP threads that sleep when they wait, for the worker and every engine it
+    starts. Two workers' torch and vLLM threads share the cores; spinning threads (OpenMP's default)
+    then take the cores from the threads with work, and a 6-minute policy build took over 20."""
+    if hasattr(config, "workerinput"):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # The longest test files (on the 2-core CI machine, from a fresh clone: the demo loop 17 min with its
