@@ -73,11 +73,11 @@ def test_the_demo_policy_reads_budget_lines_it_was_never_taught_to_keep() -> Non
 def test_each_budget_is_a_run_of_its_own_and_one_model_is_trained_on_all_their_traces() -> None:
     recipe = demo.resolve(load_recipe(RECIPE), build=False)  # plans need no weights
     plans = pipeline.plans_of(recipe)
-    folders = {b: recipe.output_dir / "budgets" / str(b) for b in (84, 105, 126)}
+    folders = {b: recipe.output_dir / "budgets" / str(b) for b in (56, 91, 126)}
     generate = plans(stage("generate"))
     assert [p.folder for p in generate] == [folders[b] / "generate" for b in folders]
     assert [p.recipe.stated_budget() for p in generate] == [f"Think for at most {b} tokens." for b in folders]
-    assert [p.recipe.budget for p in generate] == [84, 105, 126]
+    assert [p.recipe.budget for p in generate] == [56, 91, 126]
     [splice] = plans(stage("splice"))
     assert splice.folder == recipe.output_dir / "stage2"
     assert list(splice.inputs.values()) == [folders[b] / "generate" for b in folders]
