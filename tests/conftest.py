@@ -46,11 +46,15 @@ def demo_recipe(overrides: list[str]):
     return demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides))
 
 
+def on_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """On an xdist worker: OpenMP threads that sleep when they wait, for the worker and every engine it
     starts. Two workers' torch and vLLM threads share the cores; spinning threads (OpenMP's default)
     then take the cores from the threads with work, and a 6-minute policy build took over 20."""
-    if hasattr(config, "workerinput"):
+    if on_xdist_worker(config):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -65,7 +69,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     def engine(item: pytest.Item) -> bool:
         return item.get_closest_marker("engine") is not None
 
-    if not hasattr(config, "workerinput"):  # not an xdist worker
+    if not on_xdist_worker(config):
         items.sort(key=engine)
         return
     longest = {name: rank for rank, name in enumerate(LONGEST_FIRST)}

@@ -11,6 +11,7 @@ from length_control.prompts import with_system_line
 from length_control.recipe import load_recipe
 
 from conftest import REPO
+from test_report import _samples as write_samples
 
 RECIPE = REPO / "recipes" / "demo-conditioned.yaml"
 
@@ -117,17 +118,6 @@ def test_the_quantile_is_the_nearest_rank() -> None:
     assert conditioning._quantile([5], 0.95) == 5
 
 
-def _write_samples(folder, rows: list[tuple[str, int, bool]]) -> None:
-    """rows: (problem, thinking tokens, correct), each closed; one benchmark, sample 0."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    records = [{"benchmark": "demo-count", "problem_id": p, "sample": 0, "thinking_tokens": t, "prompt_tokens": 40,
-                "closed_think": True, "overlong": False, "correct": ok} for p, t, ok in rows]
-    folder.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(records), folder / "samples.parquet")
-
-
 def test_the_conditioning_report_reads_every_budgets_arms(tmp_path) -> None:
     """Two budgets, two seeds, written sample files: each budget's row, the after arm as mean and range over
     seeds, in conditioning.md, .json and .png."""
@@ -144,7 +134,8 @@ def test_the_conditioning_report_reads_every_budgets_arms(tmp_path) -> None:
     }
     for budget, written in arms.items():
         for arm, rows in written.items():
-            _write_samples(tmp_path / "budgets" / str(budget) / "eval" / arm, rows)
+            write_samples(tmp_path / "budgets" / str(budget) / "eval" / arm,
+                          [("demo-count", problem, thinking, True, correct) for problem, thinking, correct in rows])
     text = conditioning.write_report(recipe)
     built = json.loads((tmp_path / "report" / "conditioning.json").read_text())
     first, second = built["rows"]
