@@ -59,8 +59,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # The longest test files (on the 2-core CI machine, from a fresh clone: the demo loop 17 min with its
-# policy build, the four tokenizer families 11 min), started first, one on each worker.
-LONGEST_FIRST = ("test_end_to_end.py", "test_families.py")
+# policy build, the four tokenizer families 11 min, then test_generate ~6 and test_train ~5), started
+# first. xdist queues the third file behind the demo loop (a one-test file) at once; the others go to
+# whichever worker is free. Left in name order, test_train came last and ran alone for 8 minutes.
+LONGEST_FIRST = ("test_end_to_end.py", "test_families.py", "test_generate.py", "test_train.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
