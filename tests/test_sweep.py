@@ -87,3 +87,11 @@ def test_the_sweep_report_has_a_row_per_setting_and_the_span_ablation_side_by_si
                            "0.0% [0.0%, 1.0%] / -10.0% [-12.0%, -10.0%] |")
     sweep.plot(report, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_the_plot_draws_seeds_that_agree(tmp_path: Path) -> None:
+    """Three seeds at 10 % have a mean that rounds past 0.1 (0.10000000000000002): the bars are still drawn."""
+    agreed = row("think_close", 110, 0.1, 0.7)
+    agreed.update(overlong_after=(0.1 + 0.1 + 0.1) / 3, overlong_after_range=[0.1, 0.1])
+    sweep.plot({"axes": ["budget", "splice.termination_span"], "rows": [agreed]}, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
