@@ -241,9 +241,10 @@ def plot(sweep: dict[str, Any], path: Path) -> None:
             for other, points in lines.items():
                 budgets = [p["budget"] for p in points]
                 mean = [100 * p.get(f"{key}_after", float("nan")) for p in points]
+                ranges = [[100 * v for v in p.get(f"{key}_after_range", [0, 0])] for p in points]
                 # at 0 when every seed agrees: the mean of equal values can round past them
-                low = [max(0.0, m - 100 * p.get(f"{key}_after_range", [0, 0])[0]) for m, p in zip(mean, points)]
-                high = [max(0.0, 100 * p.get(f"{key}_after_range", [0, 0])[1] - m) for m, p in zip(mean, points)]
+                low = [max(0.0, m - least) for m, (least, _) in zip(mean, ranges)]
+                high = [max(0.0, most - m) for m, (_, most) in zip(mean, ranges)]
                 name = ", ".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in zip(others, other)) or "trained"
                 ax.errorbar(budgets, mean, yerr=[low, high], marker="o", capsize=3, label=f"after ({name})")
             forced = {}
