@@ -3,7 +3,7 @@
 #
 #   ./run.sh setup          build the engine environments, fetch the tests' tokenizers (idempotent: seconds when done)
 #   ./run.sh test [ARGS]    set up if needed, then pytest (ARGS go to pytest)
-#   ./run.sh demo           set up, then the whole loop on the embedded demo policy
+#   ./run.sh demo           set up, then the whole loop on the embedded demo policy (recipes/demo-<profile>.yaml)
 #   ./run.sh doctor         what this machine has and lacks (environments, GPUs, kernels, disk), each gap with its fix
 #   ./run.sh lock [--upgrade]  re-resolve envs/<profile>/*.in into *.lock (maintainers)
 #   ./run.sh ARGS           anything else goes to the length-control CLI, e.g.
@@ -120,6 +120,8 @@ setup_envs() {
     [[ -f $ENVS_DIR/$name/.stamp && $(<"$ENVS_DIR/$name/.stamp") == "$(env_stamp "$name")" ]] || stale+=("$name")
   done
   [[ ${#stale[@]} == 0 ]] && return
+  # A gpu profile's torch is a CUDA build: a driver too old for it is found before gigabytes download.
+  python3 -m length_control.doctor --driver || die "set-up stopped before installing the $PROFILE profile: see the driver problem above"
   find_python
   uv=$(uv_bin)
   started=$SECONDS
@@ -196,7 +198,7 @@ cli() { "$ENVS_DIR/vllm/bin/length-control" "$@"; }
 case "${1:-}" in
   setup) setup; fetch_tokenizers ;;
   lock) shift; lock "$@" ;;
-  doctor) exec python3 -m length_control.doctor ;;
+  doctor) shift; exec python3 -m length_control.doctor "$@" ;;
   test)
     shift
     setup
@@ -205,7 +207,7 @@ case "${1:-}" in
     ;;
   demo)
     setup
-    cli run recipes/demo-cpu.yaml
+    cli run "recipes/demo-$PROFILE.yaml"
     ;;
   "" | -h | --help) sed -n '2,/^set /p' "$0" | sed -n 's/^# \{0,1\}//p' ;;
   *)

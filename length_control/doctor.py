@@ -14,8 +14,10 @@ Standard library only: it runs before any environment exists.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +47,10 @@ print(json.dumps(facts))
 """
 
 MIN_FREE_GB = 20  # two environments (~6 GB), the demo's caches, a run's traces
+
+# The oldest Linux driver that runs each CUDA major version's builds (NVIDIA's CUDA release notes, "minor
+# version compatibility"): PyPI's torch 2.14 wheels are CUDA 13.0, PyTorch's cu128/cu129 builds CUDA 12.
+MIN_DRIVER = {13: (580, 0, 0), 12: (525, 60, 13)}
 
 
 @dataclass
@@ -79,6 +85,29 @@ def wanted_python(name: str) -> str | None:
         if line.startswith("# python: "):
             return line.removeprefix("# python: ").strip()
     return None
+
+
+def lock_cuda(name: str) -> tuple[int, int] | None:
+    """The CUDA version a profile's torch is built for: the CUDA runtime its vllm lock pins (none: a CPU build)."""
+    lock = REPO_ROOT / "envs" / name / "vllm.lock"
+    found = re.search(r"^nvidia-cuda-runtime(?:-cu\d+)?==(\d+)\.(\d+)", lock.read_text() if lock.is_file() else "",
+                      re.MULTILINE)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def driver_problem(gpu: dict[str, str], cuda: tuple[int, int] | None) -> tuple[str, str] | None:
+    """Why `gpu`'s driver cannot run a CUDA `cuda` build, and the fix; None when it can (or nothing is known)."""
+    if cuda is None or cuda[0] not in MIN_DRIVER or "driver" not in gpu:
+        return None
+    have = tuple(int(part) for part in re.findall(r"\d+", gpu["driver"])[:3])
+    need = MIN_DRIVER[cuda[0]]
+    if have >= need:
+        return None
+    wanted = ".".join(map(str, need)).removesuffix(".0.0")
+    return (f"driver {gpu['driver']} is older than CUDA {cuda[0]}.{cuda[1]} needs (>= {wanted}; the "
+            f"{profile()} profile's torch build)",
+            f"upgrade the NVIDIA driver to >= {wanted}, or lock envs/{profile()} against PyTorch's cu128 builds "
+            "(its index as the torch source, LC_PROFILE=gpu ./run.sh lock)")
 
 
 def probe_environment(name: str) -> dict | None:
@@ -144,7 +173,9 @@ def check() -> Findings:
             found.problem(f"nvidia-smi fails: {gpu['error']}", "install or repair the NVIDIA driver")
         else:
             found.fact(f"GPU {gpu['name']}, {gpu['memory']}, driver {gpu['driver']}")
-    if listed and not any(c.get("available") for c in cuda):
+            if problem := driver_problem(gpu, lock_cuda(name)):
+                found.problem(*problem)
+    if listed and cuda and not any(c.get("available") for c in cuda):  # (no environment: set-up is the fix)
         builds = sorted({str(c.get("build")) for c in cuda})
         found.problem(f"GPUs are listed but torch sees none (torch CUDA build: {', '.join(builds)})",
                       "the CPU profile's torch has no CUDA; PyPI's torch 2.14 wheels need a driver >= 580 "
@@ -190,13 +221,29 @@ def check() -> Findings:
     return found
 
 
+def check_driver() -> Findings:
+    """The GPUs' driver against the profile's CUDA build alone: set-up asks before it downloads that build."""
+    found = Findings()
+    for gpu in gpus():
+        if problem := driver_problem(gpu, lock_cuda(profile())):
+            found.problem(*problem)
+    return found
+
+
 def main() -> int:
-    found = check()
-    print("\n".join(found.lines))
+    parser = argparse.ArgumentParser(prog="./run.sh doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--driver", action="store_true",
+                        help="check only the GPUs' driver against the profile's CUDA build (set-up's first step), "
+                             "silent when it fits")
+    driver_only = parser.parse_args().driver
+    found = check_driver() if driver_only else check()
+    if not driver_only:
+        print("\n".join(found.lines))
     if found.problems:
         print(f"\n{len(found.problems)} problem(s):", *(f"- {p}" for p in found.problems), sep="\n")
         return 1
-    print("\nno problems")
+    if not driver_only:
+        print("\nno problems")
     return 0
 
 

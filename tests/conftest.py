@@ -38,12 +38,12 @@ def tokenizer_policy(tmp_path_factory) -> Path:
     return folder
 
 
-def demo_recipe(overrides: list[str]):
-    """The shipped demo recipe with `overrides`, its demo policy built (or taken from the cache)."""
+def demo_recipe(overrides: list[str], profile: str = "cpu"):
+    """A profile's shipped demo recipe with `overrides`, its demo policy built (or taken from the cache)."""
     from length_control import demo
     from length_control.recipe import load_recipe
 
-    return demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml", overrides))
+    return demo.resolve(load_recipe(REPO / "recipes" / f"demo-{profile}.yaml", overrides))
 
 
 def on_xdist_worker(config: pytest.Config) -> bool:

@@ -10,13 +10,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control import evaluate, pipeline
+from length_control import demo, evaluate, pipeline
 from length_control.envs import engine_bin, engine_environ
 from length_control.recipe import load_recipe
 
 from conftest import REPO
 
 H100x8 = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": 8, "compute_capability": "sm_90"}
+ONE_H200 = {**H100x8, "n_gpu": 1}
+
+
+def _axolotl_check(config: Path, capabilities: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", str(config),
+         "--capabilities", json.dumps(capabilities)],
+        capture_output=True, text=True, env=engine_environ(), timeout=600,
+    )
 
 
 @pytest.fixture
@@ -56,11 +65,21 @@ def test_the_after_arm_evaluates_the_model_training_leaves(tmp_path: Path) -> No
 @pytest.mark.engine
 def test_axolotl_accepts_the_rendered_14b_config(plan) -> None:
     _, out = plan
-    result = subprocess.run(
-        [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", str(out / "dry-run" / "axolotl-seed-0.yaml"),
-         "--capabilities", json.dumps(H100x8)],
-        capture_output=True, text=True, env=engine_environ(), timeout=600,
-    )
+    result = _axolotl_check(out / "dry-run" / "axolotl-seed-0.yaml", H100x8)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.engine
+def test_the_gpu_demo_renders_for_one_gpu(tmp_path: Path) -> None:
+    """What `./run.sh demo` runs on a GPU machine, up to the launch: the engine's share of the GPU, three
+    seeds beside it, and a training config Axolotl accepts for one H200."""
+    recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-gpu.yaml", [f"output_dir={tmp_path}"]), build=False)
+    text = pipeline.dry_run(recipe, check_axolotl=False)
+    assert '"gpu_memory_utilization": 0.3' in text and '"max_model_len": 176' in text
+    assert "CUDA_VISIBLE_DEVICES" not in text  # one engine, on the GPU vLLM finds
+    for seed in (0, 1, 2):
+        assert f"[train seed {seed}]" in text
+    result = _axolotl_check(tmp_path / "dry-run" / "axolotl-seed-0.yaml", ONE_H200)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -16,12 +16,25 @@ from length_control.recipe import load_recipe
 from conftest import REPO
 
 
-@pytest.mark.parametrize("name", ["demo-cpu", "qwen3-14b-30k"])
+@pytest.mark.parametrize("name", ["demo-cpu", "demo-gpu", "qwen3-14b-30k"])
 def test_shipped_recipes_validate(name: str) -> None:
     recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
     assert recipe.name == name
     assert recipe.budget < recipe.context_limit
     assert recipe.train.template.is_file()
+
+
+def test_the_gpu_demo_is_the_cpu_demo_on_another_engine() -> None:
+    """`./run.sh demo` runs recipes/demo-<profile>.yaml: on a GPU the same loop and table, only the engine set
+    for a GPU that training shares."""
+    cpu, gpu = (load_recipe(REPO / "recipes" / f"demo-{profile}.yaml").model_dump(exclude={"name", "output_dir"})
+                for profile in ("cpu", "gpu"))
+    assert cpu.pop("engine")["vllm"]["gpu_memory_utilization"] is None
+    assert gpu.pop("engine")["vllm"] == {**load_recipe(REPO / "recipes" / "demo-cpu.yaml").engine.vllm.model_dump(),
+                                         "gpu_memory_utilization": 0.3, "max_num_seqs": 256}
+    assert cpu == gpu
+    assert {p.stem.removeprefix("demo-") for p in (REPO / "recipes").glob("demo-*.yaml")} >= {
+        p.name for p in (REPO / "envs").iterdir() if p.is_dir()}  # a demo for every profile
 
 
 def test_report_setting() -> None:
