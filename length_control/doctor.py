@@ -106,8 +106,9 @@ def driver_problem(gpu: dict[str, str], cuda: tuple[int, int] | None) -> tuple[s
     wanted = ".".join(map(str, need)).removesuffix(".0.0")
     return (f"driver {gpu['driver']} is older than CUDA {cuda[0]}.{cuda[1]} needs (>= {wanted}; the "
             f"{profile()} profile's torch build)",
-            f"upgrade the NVIDIA driver to >= {wanted}, or lock envs/{profile()} against PyTorch's cu128 builds "
-            "(its index as the torch source, LC_PROFILE=gpu ./run.sh lock)")
+            f"upgrade the NVIDIA driver to >= {wanted} (the {profile()} locks pin PyPI's CUDA {cuda[0]} builds of torch "
+            "and vLLM; an older driver needs their builds for its CUDA, from PyTorch's and vLLM's own wheel "
+            "indexes, which these locks do not pin)")
 
 
 def probe_environment(name: str) -> dict | None:
