@@ -95,20 +95,21 @@ def lock_cuda(name: str) -> tuple[int, int] | None:
     return (int(found[1]), int(found[2])) if found else None
 
 
-def driver_problem(gpu: dict[str, str], cuda: tuple[int, int] | None) -> tuple[str, str] | None:
-    """Why `gpu`'s driver cannot run a CUDA `cuda` build, and the fix; None when it can (or nothing is known)."""
-    if cuda is None or cuda[0] not in MIN_DRIVER or "driver" not in gpu:
-        return None
-    have = tuple(int(part) for part in re.findall(r"\d+", gpu["driver"])[:3])
+def driver_problems(listed: list[dict[str, str]], name: str) -> list[tuple[str, str]]:
+    """(problem, fix) for each listed GPU whose driver cannot run profile `name`'s CUDA build (none for a CPU
+    build, or when nothing is known)."""
+    cuda = lock_cuda(name)
+    if cuda is None or cuda[0] not in MIN_DRIVER:
+        return []
     need = MIN_DRIVER[cuda[0]]
-    if have >= need:
-        return None
     wanted = ".".join(map(str, need)).removesuffix(".0.0")
-    return (f"driver {gpu['driver']} is older than CUDA {cuda[0]}.{cuda[1]} needs (>= {wanted}; the "
-            f"{profile()} profile's torch build)",
-            f"upgrade the NVIDIA driver to >= {wanted} (the {profile()} locks pin PyPI's CUDA {cuda[0]} builds of torch "
-            "and vLLM; an older driver needs their builds for its CUDA, from PyTorch's and vLLM's own wheel "
-            "indexes, which these locks do not pin)")
+    return [(f"driver {gpu['driver']} is older than CUDA {cuda[0]}.{cuda[1]} needs (>= {wanted}; the {name} "
+             "profile's torch build)",
+             f"upgrade the NVIDIA driver to >= {wanted} (the {name} locks pin PyPI's CUDA {cuda[0]} builds of torch "
+             "and vLLM; an older driver needs their builds for its CUDA, from PyTorch's and vLLM's own wheel "
+             "indexes, which these locks do not pin)")
+            for gpu in listed
+            if "driver" in gpu and tuple(int(part) for part in re.findall(r"\d+", gpu["driver"])[:3]) < need]
 
 
 def probe_environment(name: str) -> dict | None:
@@ -174,8 +175,8 @@ def check() -> Findings:
             found.problem(f"nvidia-smi fails: {gpu['error']}", "install or repair the NVIDIA driver")
         else:
             found.fact(f"GPU {gpu['name']}, {gpu['memory']}, driver {gpu['driver']}")
-            if problem := driver_problem(gpu, lock_cuda(name)):
-                found.problem(*problem)
+    for problem in driver_problems(listed, name):
+        found.problem(*problem)
     if listed and cuda and not any(c.get("available") for c in cuda):  # (no environment: set-up is the fix)
         builds = sorted({str(c.get("build")) for c in cuda})
         found.problem(f"GPUs are listed but torch sees none (torch CUDA build: {', '.join(builds)})",
@@ -225,9 +226,8 @@ def check() -> Findings:
 def check_driver() -> Findings:
     """The GPUs' driver against the profile's CUDA build alone: set-up asks before it downloads that build."""
     found = Findings()
-    for gpu in gpus():
-        if problem := driver_problem(gpu, lock_cuda(profile())):
-            found.problem(*problem)
+    for problem in driver_problems(gpus(), profile()):
+        found.problem(*problem)
     return found
 
 
