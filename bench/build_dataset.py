@@ -1,7 +1,7 @@
 """Our stage-2 build vs Axolotl's own chat-template + character-span preprocessing.
 
-    .envs/vllm/bin/python bench/build_dataset.py [--copies 300] [--long-copies 10] [--long-tokens 30000]
-    .envs/vllm/bin/python bench/build_dataset.py --recipe YOUR_RECIPE.yaml   # a finished run of your own
+    .envs/cpu/vllm/bin/python bench/build_dataset.py [--copies 300] [--long-copies 10] [--long-tokens 30000]
+    .envs/cpu/vllm/bin/python bench/build_dataset.py --recipe YOUR_RECIPE.yaml   # a finished run of your own
 
 The samples are a finished run's case-1 traces (by default the demo's: run
 `./run.sh demo` first). The demo's are taken at two lengths: as the demo

@@ -1,6 +1,6 @@
 """Does the demo's effect hold beyond one draw? The demo recipe on more than one stage-1 build.
 
-    .envs/vllm/bin/python bench/demo_robustness.py [--build-seeds 0 1] [--out runs/bench-robustness] [key=value ...]
+    .envs/cpu/vllm/bin/python bench/demo_robustness.py [--build-seeds 0 1] [--out runs/bench-robustness] [key=value ...]
 
 The demo recipe already trains stage 2 on three seeds; a different machine
 (other kernels, other rounding) is another draw of the stage-1 policy as

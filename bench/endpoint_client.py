@@ -1,6 +1,6 @@
 """The endpoint engine's own cost: its ceiling on an instant server, and its time next to a bare async client.
 
-    .envs/vllm/bin/python bench/endpoint_client.py [--stub] [--vllm] [--requests 4000] [--rounds 3]
+    .envs/cpu/vllm/bin/python bench/endpoint_client.py [--stub] [--vllm] [--requests 4000] [--rounds 3]
                                                     [--samples 4] [--vllm-rounds 5]
 
 `OpenAIEngine` drives running servers; when they are fast (many replicas, a

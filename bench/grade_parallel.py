@@ -1,6 +1,6 @@
 """Grading on all cores: the same code samples graded serially and in the process pool.
 
-    .envs/vllm/bin/python bench/grade_parallel.py [--samples 96] [--tests 12] [--rounds 3]
+    .envs/cpu/vllm/bin/python bench/grade_parallel.py [--samples 96] [--tests 12] [--rounds 3]
 
 LiveCodeBench-shaped samples (stdin problems with `--tests` tests each, a few
 thousand numbers a test; two in three right, the rest wrong from the first test),

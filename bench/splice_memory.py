@@ -1,6 +1,6 @@
 """Do the stage-2 build and generate's bookkeeping stream? Peak memory at two sizes of long traces.
 
-    .envs/vllm/bin/python bench/splice_memory.py [--small 200] [--large 2000] [--tokens 30000]
+    .envs/cpu/vllm/bin/python bench/splice_memory.py [--small 200] [--large 2000] [--tokens 30000]
 
 Writes synthetic generate shards (256 traces each, as the generate stage
 does) of case-1 traces with `--tokens` output tokens drawn from a

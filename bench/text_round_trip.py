@@ -1,6 +1,6 @@
 """How often decoding a policy's ids to text and encoding it again changes them, on each real tokenizer.
 
-    .envs/vllm/bin/python bench/text_round_trip.py [--samples 400] [--budget 512] [--chunk-chars 16] [--seed 0]
+    .envs/cpu/vllm/bin/python bench/text_round_trip.py [--samples 400] [--budget 512] [--chunk-chars 16] [--seed 0]
 
 Stage 2 is built from the policy's token ids, never from its text encoded
 again, because the two differ: a policy writes ids one at a time, and they

@@ -1,6 +1,6 @@
 """Can vLLM's thinking budget close case 1 in one pass, exactly, and faster?
 
-    .envs/vllm/bin/python bench/thinking_budget.py [--rounds 3]
+    .envs/cpu/vllm/bin/python bench/thinking_budget.py [--rounds 3]
 
 Case 1 of the recipe: cut the thinking at exactly B thinking tokens, append
 `forced_close`, let the policy answer. Two ways, on the demo policy's 240

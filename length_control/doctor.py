@@ -4,12 +4,15 @@
 
 Set-up can fail half-way and a GPU machine can lack a driver, a kernel
 package or disk; a run that finds out at its first engine start has already
-waited minutes. The doctor looks first: the profile and its Python, each
-engine environment's key versions (read inside that environment), the GPUs
-and their driver, whether flash attention and Cut Cross-Entropy import in
-the training environment, how the engines reach the Hub, the sandbox tools,
-npm, and free disk. It exits 1 when something a run needs is missing.
-Standard library only: it runs before any environment exists.
+waited minutes, and one that finds out at training has spent GPU hours. The
+doctor looks first: the profile and its Python, each engine environment's key
+versions and every module its code paths import (read inside that
+environment), the GPUs and their driver, the opt-in kernels installed, how
+the engines reach the Hub, the sandbox tools, npm, and free disk against what
+set-up needs. It exits 1 when something a run needs is missing. Set-up runs
+two parts of it: `--before-setup` (driver, disk) before it downloads, and
+`--imports ENGINE` after it builds an environment. Standard library only: it
+runs before any environment exists.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from length_control.envs import ENGINES, REPO_ROOT, cache_dir, envs_dir
+from length_control.envs import ENGINES, REPO_ROOT, cache_dir, envs_dir, profile
 
 # Read inside an engine environment: versions, CUDA, the training kernels the GPU templates use.
 PROBE = """
@@ -46,10 +49,44 @@ except Exception as failure:
 print(json.dumps(facts))
 """
 
-MIN_FREE_GB = 20  # two environments (~6 GB), the demo's caches, a run's traces
+# The modules each environment's code paths import, in every profile; then those the gpu profile adds (vLLM's
+# CUDA build imports flashinfer for sampling and attention on NVIDIA GPUs). The templates' plugin (Liger) is
+# here too: Axolotl imports it at model load, after the before arm and generation have run.
+IMPORTS = {
+    "vllm": ("torch", "transformers", "vllm", "vllm.entrypoints.openai.api_server", "datasets", "pyarrow.parquet",
+             "matplotlib", "math_verify", "length_control.cli"),
+    "axolotl": ("torch", "transformers", "triton", "axolotl.cli.train", "axolotl.integrations.liger",
+                "liger_kernel.transformers"),
+}
+PROFILE_IMPORTS = {"gpu": {"vllm": ("flashinfer", "flashinfer.sampling", "torch.cuda"), "axolotl": ("torch.cuda",)}}
+# vLLM's CUDA kernels load the driver's libcuda.so.1: imported where nvidia-smi lists a GPU.
+DRIVER_IMPORTS = {"gpu": {"vllm": ("vllm._C_stable_libtorch", "vllm._moe_C_stable_libtorch")}}
+
+# Imports each module and reads the CUDA Python packages' versions: run inside an environment.
+IMPORT_PROBE = """
+import importlib, importlib.metadata as md, json, sys
+failed = {}
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except BaseException as error:
+        failed[name] = (type(error).__name__ + ": " + str(error)).strip().splitlines()[-1][:300]
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+print(json.dumps({"failed": failed, "cuda_python": version("cuda-python"), "cuda_bindings": version("cuda-bindings")}))
+"""
+
+# Disk that set-up takes, per profile and environment, in GB: uv's cache of the downloads, which the environments
+# hard-link when on the same file system. Measured with `du` after set-up from an empty cache (2026-12): cpu 6.2
+# for both (its vllm environment alone 3.3), gpu 15 for both (vllm alone 8.2); the environments 0.1 beside it.
+SETUP_GB = {"cpu": {"vllm": 3.5, "axolotl": 3.0}, "gpu": {"vllm": 9.0, "axolotl": 7.0}}
+RUN_GB = 5  # room for the demo's caches and a run's traces beside the environments
 
 # The oldest Linux driver that runs each CUDA major version's builds (NVIDIA's CUDA release notes, "minor
-# version compatibility"): PyPI's torch 2.14 wheels are CUDA 13.0, PyTorch's cu128/cu129 builds CUDA 12.
+# version compatibility"): PyPI's torch 2.13 Linux wheels are CUDA 13.0, PyTorch's cu128/cu129 builds CUDA 12.
 MIN_DRIVER = {13: (580, 0, 0), 12: (525, 60, 13)}
 
 
@@ -64,16 +101,6 @@ class Findings:
     def problem(self, text: str, fix: str) -> None:
         self.lines.append(f"  PROBLEM {text}")
         self.problems.append(f"{text}: {fix}")
-
-
-def profile() -> str:
-    """As run.sh picks it: LC_PROFILE, else gpu where nvidia-smi lists a GPU, else cpu."""
-    if os.environ.get("LC_PROFILE"):
-        return os.environ["LC_PROFILE"]
-    if shutil.which("nvidia-smi") is None:
-        return "cpu"
-    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
-    return "gpu" if any(line.startswith("GPU ") for line in listed.splitlines()) else "cpu"
 
 
 def wanted_python(name: str) -> str | None:
@@ -134,6 +161,70 @@ def gpus() -> list[dict[str, str]]:
             for line in result.stdout.strip().splitlines()]
 
 
+def extras_installed(engine: str, name: str | None = None) -> list[Path]:
+    """The opt-in extras set-up installed into an environment (LC_EXTRAS; listed in its `.extras`)."""
+    listing = envs_dir(name) / engine / ".extras"
+    return [REPO_ROOT / line for line in listing.read_text().split()] if listing.is_file() else []
+
+
+def extra_field(extra: Path, key: str) -> str:
+    """A `# key: value` line of an extra's file (engine, imports, uv)."""
+    found = re.search(rf"^# {key}: (.*)$", extra.read_text(), re.MULTILINE)
+    return found[1].strip() if found else ""
+
+
+def import_problems(engine: str, name: str | None = None) -> list[tuple[str, str]]:
+    """(problem, fix) for each module of an environment's code paths (and of its extras) that fails to import."""
+    name = name or profile()
+    venv = envs_dir(name) / engine
+    driver = DRIVER_IMPORTS.get(name, {}).get(engine, ()) if any("driver" in gpu for gpu in gpus()) else ()
+    modules = [*IMPORTS[engine], *PROFILE_IMPORTS.get(name, {}).get(engine, ()), *driver,
+               *(module for extra in extras_installed(engine, name) for module in extra_field(extra, "imports").split())]
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", IMPORT_PROBE, *modules], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "LC_PROFILE": name})
+    if result.returncode != 0:
+        return [(f"{engine}: its Python fails ({(result.stderr.strip().splitlines() or ['?'])[-1]})",
+                 f"rebuild it: rm -r {venv} && LC_PROFILE={name} ./run.sh setup")]
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    problems = []
+    bindings, python = facts["cuda_bindings"], facts["cuda_python"]
+    if bindings and python and bindings.split(".")[0] != python.split(".")[0]:
+        problems.append((f"{engine}: cuda-python {python} and cuda-bindings {bindings} clash (cuda-python's wheel "
+                         "overwrites cuda-bindings' files; `import flashinfer` then fails)",
+                         f"pin cuda-python to cuda-bindings' major version in envs/{name}/{engine}.in, "
+                         f"LC_PROFILE={name} ./run.sh lock, then rm -r {venv} && LC_PROFILE={name} ./run.sh setup"))
+    for module, error in facts["failed"].items():
+        problems.append((f"{engine}: import {module} fails: {error}",
+                         f"rebuild it: rm -r {venv} && LC_PROFILE={name} ./run.sh setup (the lock installs as one "
+                         f"set); if it fails again, the lock envs/{name}/{engine}.lock is broken"))
+    return problems
+
+
+def disk_problems(engines: list[str], name: str) -> list[tuple[str, str]]:
+    """(problem, fix) where the disk cannot hold what set-up will install for these engines (uv's cache of the
+    downloads and the environments, which hard-link the cache when on the same file system) and a run."""
+    if not engines:
+        return []
+    cache = Path(os.environ.get("UV_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uv")
+    need = sum(SETUP_GB.get(name, {}).get(engine, 0) for engine in engines)
+    places = {}
+    for label, path in (("environments", envs_dir(name)), ("uv's cache", cache)):
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        places.setdefault(os.stat(existing).st_dev, (label, path, existing))
+    problems = []
+    for label, path, existing in places.values():
+        free = shutil.disk_usage(existing).free / 1e9
+        want = need + RUN_GB if label == "environments" else need
+        if len(places) == 1:
+            label = "environments and uv's cache"
+        if free < want:
+            problems.append((f"{label} ({path}): {free:.1f} GB free, set-up of the {name} profile's "
+                             f"{' and '.join(engines)} needs ~{want:.0f} GB",
+                             f"free space there, or point LC_ENVS_DIR (the environments) or UV_CACHE_DIR "
+                             "(uv's cache) at a larger disk"))
+    return problems
+
+
 def check() -> Findings:
     found = Findings()
     name = profile()
@@ -180,20 +271,27 @@ def check() -> Findings:
     if listed and cuda and not any(c.get("available") for c in cuda):  # (no environment: set-up is the fix)
         builds = sorted({str(c.get("build")) for c in cuda})
         found.problem(f"GPUs are listed but torch sees none (torch CUDA build: {', '.join(builds)})",
-                      "the CPU profile's torch has no CUDA; PyPI's torch 2.14 wheels need a driver >= 580 "
+                      "the CPU profile's torch has no CUDA; PyPI's torch 2.13 Linux wheels need a driver >= 580 "
                       "(CUDA 13); older drivers need PyTorch's cu128/cu129 builds")
 
-    training = facts.get("axolotl") or {}
-    imports = training.get("imports", {})
-    found.lines.append("training kernels (the 14B templates: attn_implementation flash_attention_2, Cut Cross-Entropy):")
-    for module, package in (("flash_attn", "flash-attn"), ("cut_cross_entropy", "Axolotl's fork of cut-cross-entropy")):
+    found.lines.append("imports (every module the code paths import; set-up checks the same):")
+    for engine in ENGINES:
+        if facts.get(engine) and "error" not in facts[engine]:
+            problems = import_problems(engine, name)
+            for problem in problems:
+                found.problem(*problem)
+            if not problems:
+                found.fact(f"{engine}: all import")
+
+    imports = (facts.get("axolotl") or {}).get("imports", {})
+    extras = {extra.stem for extra in extras_installed("axolotl", name)}
+    found.lines.append("training kernels (the shipped templates: PyTorch SDPA attention, Liger; opt-in extras beside):")
+    for module, extra in (("flash_attn", "flash-attn"), ("cut_cross_entropy", "cce")):
         if imports.get(module):
-            found.fact(f"{module}: importable")
-        elif listed:
-            found.problem(f"{module}: not importable in the axolotl environment on a GPU machine",
-                          f"install {package} into {envs_dir() / 'axolotl'} (the GPU templates need it)")
+            found.fact(f"{module}: importable" + (f" (the extra {extra})" if extra in extras else ""))
         else:
-            found.fact(f"{module}: absent (CPU only: the demo's template does not use it)")
+            found.fact(f"{module}: absent (a template that names it needs LC_EXTRAS={extra} ./run.sh setup"
+                       + (", in the gpu profile)" if name != "gpu" else ")"))
 
     found.lines.append("access:")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -212,38 +310,55 @@ def check() -> Findings:
                           "absent: only ./run.sh test needs it (sudo apt-get install npm)"))
 
     found.lines.append("disk:")
-    for label, path in (("environments", envs_dir()), ("caches", cache_dir())):
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        free = shutil.disk_usage(existing).free / 1e9
-        if free < MIN_FREE_GB:
-            found.problem(f"{label} ({path}): {free:.1f} GB free", f"free at least {MIN_FREE_GB} GB, or point "
-                          f"{'LC_ENVS_DIR' if label == 'environments' else 'LC_CACHE_DIR'} at a larger disk")
-        else:
-            found.fact(f"{label} ({path}): {free:.1f} GB free")
+    for engine in ENGINES:
+        venv = envs_dir(name) / engine
+        if venv.is_dir():
+            found.fact(f"{engine}: set-up of the {name} profile takes ~{SETUP_GB.get(name, {}).get(engine, 0):.1f} GB "
+                       "(uv's cache and the environment)")
+    for problem in disk_problems([e for e in ENGINES if not (envs_dir(name) / e).is_dir()], name):
+        found.problem(*problem)
+    existing = next(p for p in (cache_dir(), *cache_dir().parents) if p.exists())
+    found.fact(f"caches ({cache_dir()}): {shutil.disk_usage(existing).free / 1e9:.1f} GB free")
     return found
 
 
-def check_driver() -> Findings:
-    """The GPUs' driver against the profile's CUDA build alone: set-up asks before it downloads that build."""
+def check_before_setup(engines: list[str]) -> Findings:
+    """What set-up asks before it downloads: the GPUs' driver against the profile's CUDA build, and the disk."""
     found = Findings()
-    for problem in driver_problems(gpus(), profile()):
+    for problem in [*driver_problems(gpus(), profile()), *disk_problems(engines, profile())]:
+        found.problem(*problem)
+    return found
+
+
+def check_imports(engine: str) -> Findings:
+    """What set-up asks after it builds an environment: every module of its code paths imports."""
+    found = Findings()
+    for problem in import_problems(engine):
         found.problem(*problem)
     return found
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="./run.sh doctor", description=__doc__.splitlines()[0])
-    parser.add_argument("--driver", action="store_true",
-                        help="check only the GPUs' driver against the profile's CUDA build (set-up's first step), "
-                             "silent when it fits")
-    driver_only = parser.parse_args().driver
-    found = check_driver() if driver_only else check()
-    if not driver_only:
+    parser.add_argument("--before-setup", nargs="*", metavar="ENGINE", choices=ENGINES,
+                        help="only what set-up checks before it downloads: the GPUs' driver against the profile's "
+                             "CUDA build, and free disk for these engines' environments; silent when they fit")
+    parser.add_argument("--imports", metavar="ENGINE", choices=ENGINES,
+                        help="only what set-up checks after building an environment: every module its code paths "
+                             "import; silent when they all do")
+    args = parser.parse_args()
+    quiet = args.before_setup is not None or args.imports is not None
+    if args.imports is not None:
+        found = check_imports(args.imports)
+    elif args.before_setup is not None:
+        found = check_before_setup(args.before_setup)
+    else:
+        found = check()
         print("\n".join(found.lines))
     if found.problems:
         print(f"\n{len(found.problems)} problem(s):", *(f"- {p}" for p in found.problems), sep="\n")
         return 1
-    if not driver_only:
+    if not quiet:
         print("\nno problems")
     return 0
 

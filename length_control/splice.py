@@ -31,6 +31,7 @@ are `contracts.ROWS_SCHEMA` and `contracts.META_SCHEMA`.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -329,6 +330,31 @@ def max_len(recipe: Recipe) -> int | None:
     template = yaml.safe_load(recipe.train.template.read_text()) or {}
     value = recipe.train.overrides.get("sequence_len", template.get("sequence_len"))
     return int(value) if value is not None else None
+
+
+def longest_mix_row(recipe: Recipe) -> int | None:
+    """The longest row the SFT mix can add: every conversation of the mix set measured as a row, sampled or not
+    (which ones are sampled depends on how many length rows generation leaves). None without a mix, or while its
+    data is not on this machine yet (a Hub set before splice fetches it, the demo's before its build)."""
+    mix = recipe.splice.sft_mix
+    if mix is None or mix.share == 0 or mix.dataset is None:
+        return None
+    path = mix.dataset.path or RunLayout(recipe.output_dir).sft_mix_copy
+    if not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    return _longest_row(str(path), stat.st_size, stat.st_mtime_ns, policy_path(recipe.model), mix.messages_field)
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_row(path: str, _size: int, _mtime_ns: int, model: str, field: str) -> int:
+    import pyarrow.parquet as pq
+
+    from length_control.chat import assistant_only_row
+
+    tokenizer = load_tokenizer(model)
+    conversations = pq.read_table(path, columns=[field]).column(0).to_pylist()
+    return max((len(assistant_only_row(tokenizer, conversation)[0]) for conversation in conversations), default=0)
 
 
 def _mix_source(recipe: Recipe) -> str:

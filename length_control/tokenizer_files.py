@@ -1,6 +1,6 @@
 """The real tokenizers the tests and benches read, fetched once into the cache.
 
-    .envs/vllm/bin/python -m length_control.tokenizer_files   # what `./run.sh setup` runs
+    .envs/cpu/vllm/bin/python -m length_control.tokenizer_files   # what `./run.sh setup` runs
 
 Qwen3, DeepSeek-V3, Llama 3.1 and gpt-oss tokenize exactly where this
 toolkit works differently (`</think>` is one token or several BPE pieces

@@ -2,7 +2,7 @@
 
 A template in `axolotl_configs/` holds the training choices; rendering fills
 what depends on the run: the base model, the pre-tokenized datasets, the
-output folder, `sequence_len` (at least the longest row), and a
+output folder, `sequence_len` (the longest row stage 2 can write), and a
 `dataset_prepared_path` keyed by the datasets' content. Axolotl keys its
 prepared-data cache by path and config, not content, and silently reuses
 stale data when a file is rewritten at the same path; a content key makes a
@@ -92,35 +92,40 @@ def trained_model(recipe, seed: int) -> Path:
     return RunLayout(recipe.output_dir).train(seed) / "model" / ("merged" if adapter else "")
 
 
-def sequence_len(recipe, longest_row: int | None) -> int:
-    """The training sequence_len: the recipe's own (template or overrides) when it fixes one, else the
-    longest stage-2 row rounded up to 64 (before stage 2 exists: the eval context limit, its bound)."""
-    from length_control.splice import max_len
+def sequence_len(recipe) -> tuple[int, str]:
+    """The training sequence_len, and why: the recipe's own (template or overrides) when it fixes one; else the
+    longest row stage 2 can write, rounded up to 64. That is known before any row exists, so the dry run renders
+    the config the run will use: a spliced row is a prompt and the policy's outputs, which the engine's context
+    bounds; an SFT-mix row is one of the mix set's conversations, each measured."""
+    from length_control.engine import model_len
+    from length_control.splice import longest_mix_row, max_len
 
     fixed = max_len(recipe)
     if fixed is not None:
-        return fixed
-    return _round_up(longest_row if longest_row is not None else recipe.context_limit, 64)
+        return fixed, "fixed by the recipe"
+    context = model_len(recipe)
+    why = f"the longest row stage 2 can write: spliced rows <= the engine's context ({context})"
+    mix = longest_mix_row(recipe)
+    if mix is not None:
+        why += f", SFT-mix rows <= {mix} tokens"
+    elif recipe.splice.sft_mix is not None and recipe.splice.sft_mix.share > 0:
+        why += "; the SFT mix is not on this machine yet: the run measures its rows and may raise it"
+    return _round_up(max(context, mix or 0), 64), why
 
 
 def plan(recipe, seed: int) -> Plan:
-    """One stage-2 model: the config rendered from the stage-2 rows (or, before they exist, from their bound)."""
+    """One stage-2 model: the config rendered from the recipe, before or after the stage-2 rows exist."""
     layout = RunLayout(recipe.output_dir)
     model = policy_path(recipe.model)
     folder = layout.train(seed)
     rows = layout.stage2 / ROWS
-    longest = None
-    if rows.is_file():
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        longest = pc.max(pc.list_value_length(pq.read_table(rows, columns=["input_ids"]).column(0))).as_py() or 0
+    length, why = sequence_len(recipe)
     config = render_config(
         recipe.train.template,
         base_model=model,
         datasets=[rows],
         output_dir=folder / "model",
-        sequence_len=sequence_len(recipe, longest),
+        sequence_len=length,
         prepared_root=layout.prepared(seed),
         overrides={**recipe.train.overrides, "seed": seed},
         content_key=None if rows.is_file() else "<content hash of stage2/rows.parquet>",
@@ -130,7 +135,8 @@ def plan(recipe, seed: int) -> Plan:
     if config.get("adapter"):
         commands.append(launch_command(recipe, config_path, "merge-lora"))
     return Plan("train", recipe, folder, inputs={"stage2": layout.stage2}, model=model, seed=seed,
-                steps=[shlex.join(command) for command in commands] + [f"leaves {trained_model(recipe, seed)}"],
+                steps=[f"sequence_len {config['sequence_len']}: {why}"]
+                + [shlex.join(command) for command in commands] + [f"leaves {trained_model(recipe, seed)}"],
                 configs={AXOLOTL_CONFIG: yaml.safe_dump(config, sort_keys=False)})
 
 
@@ -197,7 +203,8 @@ def _thread_share(recipe) -> dict[str, str]:
 def check_configs(configs: list[Path]) -> dict[Path, str]:
     """Axolotl's own schema on rendered configs, in its environment: {config: error} for the invalid ones.
 
-    Unknown keys count as errors (Axolotl would drop them and train with its default).
+    Unknown keys count as errors (Axolotl would drop them and train with its default), and so do kernels the
+    environment lacks. A failure of the check itself raises TrainError: it is never the config's fault.
     """
     import subprocess
 
@@ -210,6 +217,10 @@ def check_configs(configs: list[Path]) -> dict[Path, str]:
     if missing:
         raise TrainError(f"the Axolotl check gave no verdict on {missing[0]}; its output:\n"
                          + (result.stdout + result.stderr)[-3000:])
+    internal = [f"{path}: {verdicts[str(path)]}" for path in configs if verdicts[str(path)].startswith("internal: ")]
+    if internal:
+        raise TrainError("length-control's Axolotl check failed on its own, not on the config (a bug: report it "
+                         "with these versions):\n" + "\n".join(internal))
     return {path: verdicts[str(path)].removeprefix("invalid: ") for path in configs if verdicts[str(path)] != "ok"}
 
 

@@ -1,6 +1,6 @@
 """A vLLM engine in its own process, fed requests continuously until stdin closes.
 
-    .envs/vllm/bin/python -m length_control.vllm_worker --engine-args JSON --reply-fd FD
+    .envs/cpu/vllm/bin/python -m length_control.vllm_worker --engine-args JSON --reply-fd FD
 
 Started by `length_control.engine.VLLMEngine`, never by hand. Importing vLLM
 and creating `LLM()` change the process (LD_PRELOAD, multiprocessing start

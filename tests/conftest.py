@@ -46,6 +46,19 @@ def demo_recipe(overrides: list[str], profile: str = "cpu"):
     return demo.resolve(load_recipe(REPO / "recipes" / f"demo-{profile}.yaml", overrides))
 
 
+def require_gpu_stack() -> None:
+    """Skip unless the gpu profile's environments are set up; fail instead when LC_GPU_STACK=1 asks for them."""
+    from length_control.envs import envs_dir
+
+    missing = [engine for engine in ("vllm", "axolotl") if not (envs_dir("gpu") / engine / ".stamp").is_file()]
+    if not missing:
+        return
+    why = f"the gpu profile's {' and '.join(missing)} environment(s) are not set up in {envs_dir('gpu')}"
+    if os.environ.get("LC_GPU_STACK") == "1":
+        pytest.fail(f"{why}, and LC_GPU_STACK=1 asks for this tier: LC_PROFILE=gpu ./run.sh setup")
+    pytest.skip(f"{why} (LC_GPU_STACK=1 ./run.sh test builds them)")
+
+
 def on_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
@@ -62,7 +75,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # policy build, the four tokenizer families 11 min, then test_generate ~6 and test_train ~5), started
 # first. xdist queues the third file behind the demo loop (a one-test file) at once; the others go to
 # whichever worker is free. Left in name order, test_train came last and ran alone for 8 minutes.
-LONGEST_FIRST = ("test_end_to_end.py", "test_families.py", "test_generate.py", "test_train.py")
+LONGEST_FIRST = ("test_end_to_end.py", "test_families.py", "test_generate.py", "test_train.py", "test_gpu_stack.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

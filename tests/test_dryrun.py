@@ -4,6 +4,7 @@ rendered config for the GPUs it targets."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -49,7 +50,12 @@ def test_dry_run_renders_every_stage(plan) -> None:
     assert f"rendered axolotl.yaml: {out / 'dry-run' / 'axolotl-seed-0.yaml'}" in text
     config = yaml.safe_load((out / "dry-run" / "axolotl-seed-0.yaml").read_text())
     assert config["base_model"] == "Qwen/Qwen3-14B" and config["sequence_len"] == 32768
+    assert "sequence_len 32768: fixed by the recipe" in text
     assert config["excess_length_strategy"] == "raise" and config["fsdp_version"] == 2
+    # kernels that install from PyPI as wheels: PyTorch SDPA and Liger, no flash-attn or Cut Cross-Entropy fork
+    assert config["attn_implementation"] == "sdpa" and config["sample_packing"]
+    assert config["plugins"] == ["axolotl.integrations.liger.LigerPlugin"]
+    assert config["liger_fused_linear_cross_entropy"] and not config.get("cut_cross_entropy")
     assert not list(out.glob("generate*")) and not (out / "train").exists()  # nothing ran
 
 
@@ -76,6 +82,11 @@ def test_the_gpu_demo_renders_for_one_gpu(tmp_path: Path) -> None:
     recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-gpu.yaml", [f"output_dir={tmp_path}"]), build=False)
     text = pipeline.dry_run(recipe, check_axolotl=False)
     assert '"gpu_memory_utilization": 0.3' in text and '"max_model_len": 176' in text
+    # The demo's SFT mix is the policy build's: measured when built (a cached build), else a stated lower bound.
+    length = re.search(r"sequence_len (\d+): the longest row stage 2 can write: spliced rows <= the engine's "
+                       r"context \(176\)(, SFT-mix rows <= (\d+) tokens|; the SFT mix is not on this machine yet)",
+                       text)
+    assert length and int(length[1]) == -(-max(176, int(length[3] or 0)) // 64) * 64, text
     assert "CUDA_VISIBLE_DEVICES" not in text  # one engine, on the GPU vLLM finds
     for seed in (0, 1, 2):
         assert f"[train seed {seed}]" in text

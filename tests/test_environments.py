@@ -79,6 +79,31 @@ def test_axolotl_rejects_a_bad_config(tmp_path: Path) -> None:
     assert "invalid: " in result.stdout and "micro_batch_size" in result.stdout
 
 
+def test_a_failure_of_the_axolotl_check_itself_is_internal_not_the_configs(tmp_path: Path) -> None:
+    """Axolotl moved a name the check reads (as 0.21 did with AxolotlInputConfigBase): exit 3 with the versions,
+    never 'invalid', and the dry run reports a bug of ours, not the user's template."""
+    config = _render("cpu-tiny.yaml", tmp_path)
+    probe = ("import sys, axolotl.utils.config as c\n"
+             "def moved():\n    raise AttributeError('merge_input_args moved')\n"
+             "c.merge_input_args = moved\n"
+             "from length_control import axolotl_check\n"
+             "sys.exit(axolotl_check.main([sys.argv[1]]))\n")
+    result = _run("axolotl", "-c", probe, str(config))
+    assert result.returncode == 3, result.stderr[-3000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{config}: internal: AttributeError: merge_input_args moved (axolotl 0.19.0, torch 2.13.0")
+
+
+def test_the_dry_run_reports_an_internal_check_failure_as_a_bug(tmp_path: Path, monkeypatch) -> None:
+    from length_control import train
+
+    config = tmp_path / "axolotl.yaml"
+    said = f"{config}: internal: AttributeError: gone (axolotl 9.9, torch 9.9, transformers 9.9)\n"
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 3, said, ""))
+    with pytest.raises(train.TrainError, match="failed on its own, not on the config"):
+        train.check_configs([config])
+
+
 def test_axolotl_cli_runs() -> None:
     result = subprocess.run(
         [str(engine_bin("axolotl", "axolotl")), "--help"], capture_output=True, text=True, env=engine_environ()

@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from length_control import generate, splice, train
-from length_control.envs import engine_bin, engine_environ
+from length_control.envs import engine_bin, engine_environ, envs_dir
 from length_control.policy import policy_path
 from length_control.train import render_config
 
-from conftest import REPO, demo_recipe
+from conftest import REPO, demo_recipe, require_gpu_stack
 
 pytestmark = pytest.mark.engine
 
@@ -104,6 +104,25 @@ def test_training_moves_the_termination_not_the_reasoning(stage2: Path, template
     rows, meta = run / "stage2" / "rows.parquet", run / "stage2" / "meta.parquet"
     before = _nll(policy_path(recipe.model), rows, meta)
     after = _nll(str(model), rows, meta)
+    assert after["termination"] < 0.5 * before["termination"], (before, after)
+    assert after["reasoning"] < before["reasoning"] + 0.05, (before, after)
+
+
+@pytest.mark.gpu_stack
+def test_the_gpu_axolotl_learns_the_same_span(stage2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gpu profile's Axolotl (a CUDA build of torch, run on this CPU) trains the demo's rows as the CPU one
+    does: the termination span learned, the masked reasoning left alone."""
+    require_gpu_stack()
+    run = tmp_path / "run"
+    shutil.copytree(stage2, run, ignore=shutil.ignore_patterns("train", "prepared", "eval"))
+    recipe = demo_recipe([f"output_dir={run}", "train.seeds=[0]"])
+    monkeypatch.setenv("LC_PROFILE", "gpu")
+    plan = train.plan(recipe, 0)
+    assert plan.steps[1].startswith(str(envs_dir("gpu") / "axolotl" / "bin" / "axolotl"))
+    assert train.run(plan)["steps"] > 0
+    rows, meta = run / "stage2" / "rows.parquet", run / "stage2" / "meta.parquet"
+    before = _nll(policy_path(recipe.model), rows, meta)
+    after = _nll(str(train.model_of(run / "train" / "seed-0")), rows, meta)
     assert after["termination"] < 0.5 * before["termination"], (before, after)
     assert after["reasoning"] < before["reasoning"] + 0.05, (before, after)
 
