@@ -108,14 +108,17 @@ torch_source() {
   printf '%s\n' --extra-index-url "$TORCH_INDEX_DEFAULT" --index-strategy unsafe-best-match
 }
 
-# The opt-in extras of the profile that LC_EXTRAS names (space or comma separated), checked: prints their files.
-extras_files() {
-  local extra file
-  local extras=${LC_EXTRAS:-}
+# The opt-in extras of the profile that LC_EXTRAS names (space or comma separated), checked: sets EXTRAS to
+# their files (envs/<profile>/extras/<name>.txt).
+select_extras() {
+  local extra extras=${LC_EXTRAS:-} have
+  EXTRAS=()
   for extra in ${extras//,/ }; do
-    file=envs/$PROFILE/extras/$extra.txt
-    [[ -f $file ]] || die "LC_EXTRAS names '$extra', which the $PROFILE profile does not have; its extras: $(find "envs/$PROFILE/extras" -name '*.txt' -printf '%f ' 2>/dev/null | sed 's/\.txt//g')(envs/$PROFILE/extras/)"
-    echo "$file"
+    if [[ ! -f envs/$PROFILE/extras/$extra.txt ]]; then
+      have=$(ls "envs/$PROFILE/extras" 2>/dev/null | sed -n 's/\.txt$//p' | xargs || true)
+      die "LC_EXTRAS names '$extra', which the $PROFILE profile does not have; its extras: ${have:-none} (envs/$PROFILE/extras/)"
+    fi
+    EXTRAS+=("envs/$PROFILE/extras/$extra.txt")
   done
 }
 
@@ -175,7 +178,7 @@ setup_envs() {
   local name stale=() uv started status=0
   local -A pid=()
   check_profile
-  mapfile -t EXTRAS < <(extras_files)
+  select_extras
   for name in "${ENGINES[@]}"; do
     [[ -f $ENVS_DIR/$name/.stamp && $(<"$ENVS_DIR/$name/.stamp") == "$(env_stamp "$name")" ]] || stale+=("$name")
   done

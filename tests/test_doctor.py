@@ -158,3 +158,16 @@ def test_set_up_finds_a_python_as_uv_and_pyenv_do(tmp_path: Path) -> None:
     result = python()
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{installed} (Python 3.99, for the cpu profile)\n"
+
+
+def test_set_up_names_the_extras_a_profile_has(tmp_path: Path) -> None:
+    """LC_EXTRAS with a name the profile lacks stops set-up before anything is installed."""
+    envs = tmp_path / "envs"
+    for profile, have in (("gpu", "cce flash-attn"), ("cpu", "none")):
+        result = subprocess.run(["bash", str(REPO / "run.sh"), "setup"], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "LC_PROFILE": profile, "LC_EXTRAS": "flash-attn,nope",
+                                     "LC_ENVS_DIR": str(envs)})
+        assert result.returncode == 1
+        assert (f"LC_EXTRAS names '{'nope' if profile == 'gpu' else 'flash-attn'}', which the {profile} profile does "
+                f"not have; its extras: {have} (envs/{profile}/extras/)") in result.stderr
+    assert not envs.exists()
