@@ -25,6 +25,17 @@ def resolve(path: str):
     return found
 
 
+def unresolved(names: list[str]) -> list[str]:
+    """The names that do not resolve here, each with why."""
+    missing = []
+    for name in names:
+        try:
+            resolve(name)
+        except (ImportError, AttributeError) as error:
+            missing.append(f"{name} ({type(error).__name__}: {error})")
+    return missing
+
+
 def missing_vllm() -> list[str]:
     from length_control.recipe import VLLMOptions
     from length_control.vllm_worker import SAMPLING_KEYS, WeightSwap
@@ -44,12 +55,7 @@ def missing_vllm() -> list[str]:
     platform = resolve("vllm.platforms:current_platform")
     names.append("vllm.v1.worker.cpu_worker:CPUWorker.reload_weights" if platform.is_cpu()
                  else "vllm.v1.worker.gpu_worker:Worker.reload_weights")
-    missing = []
-    for name in names:
-        try:
-            resolve(name)
-        except (ImportError, AttributeError) as error:
-            missing.append(f"{name} ({type(error).__name__}: {error})")
+    missing = unresolved(names)
     if not callable(getattr(WeightSwap, "swap_weights", None)):
         missing.append("length_control.vllm_worker:WeightSwap.swap_weights")
     # keyword arguments: what the worker builds SamplingParams with, and what recipes pass to vllm.LLM
@@ -77,12 +83,7 @@ def missing_axolotl() -> list[str]:
              "axolotl.integrations.liger:LigerPlugin",
              "axolotl.integrations.cut_cross_entropy:CutCrossEntropyPlugin",  # the opt-in extra's plugin
              "axolotl.cli.main:cli"]
-    missing = []
-    for name in names:
-        try:
-            resolve(name)
-        except (ImportError, AttributeError) as error:
-            missing.append(f"{name} ({type(error).__name__}: {error})")
+    missing = unresolved(names)
     commands = set(getattr(resolve("axolotl.cli.main:cli"), "commands", {}))
     missing += [f"axolotl {verb}" for verb in ("train", "merge-lora", "preprocess") if verb not in commands]
     # the keys length-control renders into every config (length_control/train.py), and the Liger plugin's
