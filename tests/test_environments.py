@@ -119,3 +119,11 @@ def test_second_setup_changes_nothing() -> None:
     assert result.returncode == 0, result.stderr
     assert "setting up" not in result.stderr  # nothing was (re)installed
     assert {name: (envs_dir() / name / ".stamp").stat().st_mtime_ns for name in stamps} == stamps
+
+
+@pytest.mark.parametrize("engine", ["vllm", "axolotl"])
+def test_every_engine_name_the_toolkit_calls_exists(engine: str) -> None:
+    """The same lookup as the gpu-stack tier's, in this profile's releases (tests/api_surface.py)."""
+    result = _run(engine, str(REPO / "tests" / "api_surface.py"), engine, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
