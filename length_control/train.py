@@ -235,14 +235,20 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | None = None,
                 online: bool = False, position: int | None = None) -> list[float]:
-    """Run an Axolotl command, log everything, show a progress bar of the steps; return the losses."""
+    """Run an Axolotl command, log everything, show a progress bar of the steps; return the losses.
+
+    A step whose loss is not finite or whose gradient norm is NaN fails the stage: the trainer logs a NaN loss
+    as 0, so a diverged run would otherwise finish with a model and a last loss of 0.0 that look perfect.
+    """
     import ast
+    import math
     import subprocess
 
     from length_control.envs import engine_environ
     from length_control.progress import ticking
 
     losses: list[float] = []
+    diverged = None
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as sink:
         sink.write("$ " + " ".join(command) + "\n")
@@ -261,6 +267,9 @@ def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | 
                     except (ValueError, SyntaxError, KeyError):
                         continue
                     losses.append(loss)
+                    norm = float(record.get("grad_norm", 0.0))  # inf alone is fp16's loss scaler skipping a step
+                    if (not math.isfinite(loss) or math.isnan(norm)) and diverged is None:
+                        diverged = f"step {len(losses)} logged loss {record['loss']}, grad_norm {record.get('grad_norm')}"
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", epoch=f"{float(record.get('epoch', 0)):.2f}")
             status = process.wait()
@@ -271,4 +280,7 @@ def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | 
     if status != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise TrainError(f"{command[1]} failed with exit status {status}; the log is {log}; its tail:\n{tail}")
+    if diverged:
+        raise TrainError(f"{command[1]} diverged: {diverged} (the log is {log}); its model is not used: lower "
+                         "the learning rate (train.overrides) or check the rows, then run again")
     return losses

@@ -96,3 +96,15 @@ def test_a_failed_axolotl_command_stops_with_its_status_and_log_tail(tmp_path: P
     assert "exit status 3" in message and "CUDA out of memory" in message and str(tmp_path / "train.log") in message
     assert _run_logged([sys.executable, "-c", "print(\"{'loss': '0.25', 'epoch': '1'}\")"], tmp_path / "ok.log",
                        desc="train") == [0.25]
+
+
+def test_a_diverged_training_run_fails_though_it_exits_0(tmp_path: Path) -> None:
+    """The trainer logs a NaN loss as 0; the gradient norm gives it away, and the run must not pass as done."""
+    import sys
+
+    from length_control.train import TrainError, _run_logged
+
+    lines = ["{'loss': '2.5', 'grad_norm': '1.25', 'epoch': '0.5'}", "{'loss': '0', 'grad_norm': 'nan', 'epoch': '1'}"]
+    command = [sys.executable, "-c", "; ".join(f'print("{line}")' for line in lines)]
+    with pytest.raises(TrainError, match=r"diverged: step 2 logged loss 0, grad_norm nan .*lower the learning rate"):
+        _run_logged(command, tmp_path / "train.log", desc="train")
