@@ -16,9 +16,15 @@ from length_control.envs import envs_dir
 from conftest import REPO
 
 
+def _environ(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment with `env` over it, less the LC_PROFILE that `./run.sh test` exports: a test
+    that lists a fake GPU means the profile to be picked from it, as on a user's machine."""
+    return {**{k: v for k, v in os.environ.items() if k != "LC_PROFILE"}, **env}
+
+
 def _doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(REPO / "run.sh"), "doctor", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+                          env=_environ(env), timeout=300)
 
 
 def _fake_gpu(folder: Path, name: str, driver: str) -> dict[str, str]:
@@ -65,8 +71,8 @@ def test_set_up_stops_on_an_old_driver_before_it_downloads(tmp_path: Path) -> No
     """The gpu profile is gigabytes of CUDA wheels: a driver that cannot run them stops set-up first."""
     envs = tmp_path / "envs"
     result = subprocess.run(["bash", str(REPO / "run.sh"), "setup"], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **_fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15"),
-                                 "LC_ENVS_DIR": str(envs)})
+                            env=_environ({**_fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15"),
+                                          "LC_ENVS_DIR": str(envs)}))
     assert result.returncode == 1
     assert "- driver 570.86.15 is older than CUDA 13.0 needs (>= 580" in result.stdout
     assert "set-up stopped before installing the gpu profile" in result.stderr
