@@ -109,10 +109,17 @@ torch_source() {
 }
 
 # The opt-in extras of the profile that LC_EXTRAS names (space or comma separated), checked: sets EXTRAS to
-# their files (envs/<profile>/extras/<name>.txt).
+# their files (envs/<profile>/extras/<name>.txt). LC_EXTRAS unset: the extras the environments were built with
+# (their .extras), so a later set-up (a new lock) keeps them; LC_EXTRAS= (empty) removes them.
 select_extras() {
-  local extra extras=${LC_EXTRAS:-} have
+  local extra extras=${LC_EXTRAS:-} have file
   EXTRAS=()
+  if [[ -z ${LC_EXTRAS+set} ]]; then
+    for file in $(cat "$ENVS_DIR"/*/.extras 2>/dev/null | sort -u); do
+      [[ -f $file ]] && EXTRAS+=("$file")
+    done
+    return
+  fi
   for extra in ${extras//,/ }; do
     if [[ ! -f envs/$PROFILE/extras/$extra.txt ]]; then
       have=$(ls "envs/$PROFILE/extras" 2>/dev/null | sed -n 's/\.txt$//p' | xargs || true)
