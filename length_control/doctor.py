@@ -173,11 +173,14 @@ def extra_field(extra: Path, key: str) -> str:
     return found[1].strip() if found else ""
 
 
-def import_problems(engine: str, name: str | None = None) -> list[tuple[str, str]]:
-    """(problem, fix) for each module of an environment's code paths (and of its extras) that fails to import."""
+def import_problems(engine: str, name: str | None = None,
+                    listed: list[dict[str, str]] | None = None) -> list[tuple[str, str]]:
+    """(problem, fix) for each module of an environment's code paths (and of its extras) that fails to import.
+    `listed`: the GPUs nvidia-smi lists, when the caller has them already."""
     name = name or profile()
     venv = envs_dir(name) / engine
-    driver = DRIVER_IMPORTS.get(name, {}).get(engine, ()) if any("driver" in gpu for gpu in gpus()) else ()
+    listed = gpus() if listed is None else listed
+    driver = DRIVER_IMPORTS.get(name, {}).get(engine, ()) if any("driver" in gpu for gpu in listed) else ()
     modules = [*IMPORTS[engine], *PROFILE_IMPORTS.get(name, {}).get(engine, ()), *driver,
                *(module for extra in extras_installed(engine, name) for module in extra_field(extra, "imports").split())]
     result = subprocess.run([str(venv / "bin" / "python"), "-c", IMPORT_PROBE, *modules], capture_output=True,
@@ -220,7 +223,7 @@ def disk_problems(engines: list[str], name: str) -> list[tuple[str, str]]:
         if free < want:
             problems.append((f"{label} ({path}): {free:.1f} GB free, set-up of the {name} profile's "
                              f"{' and '.join(engines)} needs ~{want:.0f} GB",
-                             f"free space there, or point LC_ENVS_DIR (the environments) or UV_CACHE_DIR "
+                             "free space there, or point LC_ENVS_DIR (the environments) or UV_CACHE_DIR "
                              "(uv's cache) at a larger disk"))
     return problems
 
@@ -277,7 +280,7 @@ def check() -> Findings:
     found.lines.append("imports (every module the code paths import; set-up checks the same):")
     for engine in ENGINES:
         if facts.get(engine) and "error" not in facts[engine]:
-            problems = import_problems(engine, name)
+            problems = import_problems(engine, name, listed)
             for problem in problems:
                 found.problem(*problem)
             if not problems:

@@ -46,6 +46,21 @@ def demo_recipe(overrides: list[str], profile: str = "cpu"):
     return demo.resolve(load_recipe(REPO / "recipes" / f"demo-{profile}.yaml", overrides))
 
 
+# What the 14B templates target: 8 Hopper GPUs (Axolotl's capabilities, for its schema check).
+H100x8 = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": 8, "compute_capability": "sm_90"}
+
+
+def fake_gpu(folder: Path, name: str, driver: str) -> dict[str, str]:
+    """A PATH whose nvidia-smi lists one GPU with this driver, as the real one prints it."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\nif [ "$1" = -L ]; then echo "GPU 0: {name} (UUID: GPU-0)"; '
+                   f'else echo "{name}, {driver}, 81559 MiB"; fi\n')
+    smi.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
 def require_gpu_stack() -> None:
     """Skip unless the gpu profile's environments are set up; fail instead when LC_GPU_STACK=1 asks for them."""
     from length_control.envs import envs_dir

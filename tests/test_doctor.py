@@ -13,7 +13,7 @@ import pytest
 
 from length_control.envs import envs_dir
 
-from conftest import REPO
+from conftest import REPO, fake_gpu
 
 
 def _environ(env: dict[str, str]) -> dict[str, str]:
@@ -27,17 +27,6 @@ def _doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           env=_environ(env), timeout=300)
 
 
-def _fake_gpu(folder: Path, name: str, driver: str) -> dict[str, str]:
-    """A PATH whose nvidia-smi lists one GPU with this driver, as the real one prints it."""
-    bin_dir = folder / "bin"
-    bin_dir.mkdir(parents=True)
-    smi = bin_dir / "nvidia-smi"
-    smi.write_text(f'#!/bin/sh\nif [ "$1" = -L ]; then echo "GPU 0: {name} (UUID: GPU-0)"; '
-                   f'else echo "{name}, {driver}, 81559 MiB"; fi\n')
-    smi.chmod(0o755)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-
-
 def test_the_doctor_passes_on_a_set_up_cpu_machine() -> None:
     result = _doctor({})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -49,7 +38,7 @@ def test_the_doctor_passes_on_a_set_up_cpu_machine() -> None:
 def test_the_doctor_names_each_gap_with_its_fix(tmp_path: Path) -> None:
     """No environments, and a GPU whose driver cannot run the gpu profile's CUDA build."""
     result = _doctor({"LC_ENVS_DIR": str(tmp_path / "nothing"),
-                      **_fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15")})
+                      **fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15")})
     assert result.returncode == 1
     assert "profile: gpu" in result.stdout  # a listed GPU picks the gpu profile
     assert "GPU NVIDIA H100 80GB HBM3, 81559 MiB, driver 570.86.15" in result.stdout
@@ -60,7 +49,7 @@ def test_the_doctor_names_each_gap_with_its_fix(tmp_path: Path) -> None:
     assert "torch sees none" not in result.stdout  # no environment: set-up is the fix, not torch
     assert "flash_attn: absent (a template that names it needs LC_EXTRAS=flash-attn ./run.sh setup)" in result.stdout
 
-    result = _doctor({"LC_ENVS_DIR": str(tmp_path / "nothing"), **_fake_gpu(tmp_path / "h200", "NVIDIA H200", "580.159.04")})
+    result = _doctor({"LC_ENVS_DIR": str(tmp_path / "nothing"), **fake_gpu(tmp_path / "h200", "NVIDIA H200", "580.159.04")})
     assert result.returncode == 1
     assert "GPU NVIDIA H200, 81559 MiB, driver 580.159.04" in result.stdout
     assert "driver 580.159.04 is older" not in result.stdout
@@ -71,7 +60,7 @@ def test_set_up_stops_on_an_old_driver_before_it_downloads(tmp_path: Path) -> No
     """The gpu profile is gigabytes of CUDA wheels: a driver that cannot run them stops set-up first."""
     envs = tmp_path / "envs"
     result = subprocess.run(["bash", str(REPO / "run.sh"), "setup"], capture_output=True, text=True, timeout=300,
-                            env=_environ({**_fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15"),
+                            env=_environ({**fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15"),
                                           "LC_ENVS_DIR": str(envs)}))
     assert result.returncode == 1
     assert "- driver 570.86.15 is older than CUDA 13.0 needs (>= 580" in result.stdout
@@ -81,11 +70,11 @@ def test_set_up_stops_on_an_old_driver_before_it_downloads(tmp_path: Path) -> No
 
 def test_a_driver_new_enough_for_the_cuda_build_passes(tmp_path: Path) -> None:
     """As nvidia-smi printed it on an H200 lent to this project (CUDA 13.0 needs 580)."""
-    result = _doctor(_fake_gpu(tmp_path, "NVIDIA H200", "580.159.04"), "--before-setup")
+    result = _doctor(fake_gpu(tmp_path, "NVIDIA H200", "580.159.04"), "--before-setup")
     assert (result.returncode, result.stdout) == (0, "")
     old = tmp_path / "old"
     old.mkdir()
-    result = _doctor({**_fake_gpu(old, "NVIDIA H100 80GB HBM3", "470.57.02"), "LC_PROFILE": "cpu"}, "--before-setup")
+    result = _doctor({**fake_gpu(old, "NVIDIA H100 80GB HBM3", "470.57.02"), "LC_PROFILE": "cpu"}, "--before-setup")
     assert (result.returncode, result.stdout) == (0, "")  # the cpu profile's torch needs no driver
 
 

@@ -15,9 +15,8 @@ from length_control import demo, evaluate, pipeline
 from length_control.envs import engine_bin, engine_environ
 from length_control.recipe import load_recipe
 
-from conftest import REPO
+from conftest import H100x8, REPO
 
-H100x8 = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": 8, "compute_capability": "sm_90"}
 ONE_H200 = {**H100x8, "n_gpu": 1}
 
 

@@ -13,12 +13,10 @@ import yaml
 
 from length_control.envs import engine_bin, engine_environ, envs_dir
 
-from conftest import REPO
+from conftest import H100x8, REPO
 
 pytestmark = pytest.mark.engine
 
-# What the 14B template targets: 8 Hopper GPUs.
-H100x8 = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": 8, "compute_capability": "sm_90"}
 
 
 def _run(engine: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -19,13 +19,12 @@ import pytest
 import yaml
 
 from length_control import doctor
-from length_control.envs import engine_bin, engine_environ, envs_dir
+from length_control.envs import engine_bin, engine_environ
 
-from conftest import REPO, require_gpu_stack
+from conftest import H100x8, REPO, fake_gpu, require_gpu_stack
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu_stack]
 
-H100x8 = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": 8, "compute_capability": "sm_90"}
 # The hardware each shipped recipe targets (None: the CPU), as its Axolotl check is asked.
 RECIPES = {"demo-cpu.yaml": None, "demo-conditioned.yaml": None, "demo-gpu.yaml": {**H100x8, "n_gpu": 1},
            "qwen3-14b-30k.yaml": H100x8}
@@ -137,13 +136,7 @@ def test_a_kernel_the_environment_lacks_is_named_with_its_extra(tmp_path: Path) 
 def test_the_doctor_sees_a_gpu_that_torch_cannot_use(tmp_path: Path) -> None:
     """nvidia-smi lists a GPU but no driver library is there (this machine): the doctor says so, and vLLM's CUDA
     kernels, which load the driver's libcuda, fail their import check."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    smi = bin_dir / "nvidia-smi"
-    smi.write_text('#!/bin/sh\nif [ "$1" = -L ]; then echo "GPU 0: NVIDIA H100 (UUID: GPU-0)"; '
-                   'else echo "NVIDIA H100, 580.95.05, 81559 MiB"; fi\n')
-    smi.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, **fake_gpu(tmp_path, "NVIDIA H100", "580.95.05")}
     env.pop("LC_PROFILE", None)
     result = subprocess.run(["bash", str(REPO / "run.sh"), "doctor"], capture_output=True, text=True, env=env,
                             timeout=600)
