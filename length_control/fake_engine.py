@@ -33,7 +33,8 @@ class ScriptedEngine:
 
     A request is answered with the first `max_tokens` tokens of the
     continuation of its prompt: "length" when the continuation is longer,
-    else all of it and "stop". A `score_tail` request's `tail_logprobs` come
+    else all of it and "stop". A `score_tail` request writes nothing (the probes
+    read only its `tail_logprobs`, so no script needs its contexts); they come
     from `logprob`; by default a token is certain when the script would write
     it next and nearly impossible otherwise, as for a greedy model. `stream`
     holds `in_flight` requests and finishes the shortest output first, as a
@@ -69,7 +70,8 @@ class ScriptedEngine:
 
     def _result(self, request: dict[str, Any]) -> dict[str, Any]:
         prompt = list(request["prompt_token_ids"])
-        written = self.continuation(prompt)
+        # a probe's scoring request never reads the token it makes the engine write: none is scripted
+        written = [] if request.get("score_tail") else self.continuation(prompt)
         limit = request["max_tokens"]
         result = {
             "key": request["key"],

@@ -299,6 +299,9 @@ class EvalSpec(StrictModel):
         ["before", "after", "forced"],
         description="before/after training, and the stage-1 model forced to close at the budget",
     )
+    early_close_positions: int = Field(
+        16, gt=0, description="the early-close probe: places per held-out trace where p(close) is measured, "
+        "spread over the thinking before its own close (a 30k-token trace has hundreds of line ends)")
 
     _shorthand = field_validator("sets", mode="before")(_source_shorthand)
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from length_control import contracts
 from length_control.artifacts import MissingInput, atomic_path, write_json_atomic, write_text_atomic
-from length_control.contracts import PROBE, SAMPLES, Plan, RunLayout
-from length_control.evaluate import summarize
+from length_control.contracts import SAMPLES, Plan, RunLayout
+from length_control.evaluate import read_probes, summarize
 from length_control.errors import UserError
 from length_control.recipe import Recipe, ThinkTags
 
@@ -36,10 +36,6 @@ _SAMPLE_COLUMNS = ["benchmark", "problem_id", "sample", "thinking_tokens", "prom
 
 def load_samples(folder: Path) -> list[dict[str, Any]]:
     return contracts.read_records(folder / SAMPLES, _SAMPLE_COLUMNS)
-
-
-def load_probe(folder: Path) -> list[dict[str, Any]] | None:
-    return contracts.read_records(folder / PROBE) if (folder / PROBE).is_file() else None
 
 
 def relative(before: float, after: float) -> float | None:
@@ -62,12 +58,12 @@ def build(recipe: Recipe) -> dict[str, Any]:
         raise MissingInput(f"no eval samples for {', '.join(missing)}; run: length-control run RECIPE "
                            "(or length-control evaluate RECIPE --arm before|after)")
     samples = {arm: load_samples(folder) for arm, folder in folders.items()}
-    metrics = {arm: summarize(samples[arm], recipe.context_limit, probe=load_probe(folder))["benchmarks"]
+    metrics = {arm: summarize(samples[arm], recipe.context_limit, probes=read_probes(folder))["benchmarks"]
                for arm, folder in folders.items()}
     after = {seed: metrics[f"after/{seed}"] for seed in recipe.train.seeds}
     table = _rows(metrics["before"], after, metrics.get("forced"))
     report = {"budget": recipe.budget, "context_limit": recipe.context_limit, "seeds": recipe.train.seeds,
-              "benchmarks": table, "arms": metrics, "_samples": samples}
+              "benchmarks": table, "drift_verdict": drift_verdict(table), "arms": metrics, "_samples": samples}
     rounds = _rounds(recipe, metrics["before"])
     return report | ({"rounds": rounds} if rounds else {})
 
@@ -81,7 +77,8 @@ def _rows(before: dict[str, Any], after: dict[int, dict[str, Any]], forced: dict
                "overlong_before": b["overlong_rate"],
                "samples_per_problem": b["samples"] // b["problems"], "problems": b["problems"], "seeds": len(after)}
         for key in ("score_after", "overlong_after", "score_relative_change", "overlong_relative_change",
-                    "close_nll_after", "greedy_close_after"):
+                    "close_nll_after", "greedy_close_after", "answer_nll_after", "greedy_answer_agreement",
+                    "early_close_p_after"):
             values = [r[key] for r in per_seed.values() if r.get(key) is not None]
             if values:
                 row[key] = sum(values) / len(values)
@@ -89,10 +86,14 @@ def _rows(before: dict[str, Any], after: dict[int, dict[str, Any]], forced: dict
         if "close_nll" in b:
             row |= {"probe_traces": b["probe_traces"], "close_nll_before": b["close_nll"],
                     "greedy_close_before": b["greedy_close_rate"]}
+        if "early_close_p" in b:
+            row |= {"early_close_traces": b["early_close_traces"], "early_close_p_before": b["early_close_p"]}
         if forced is not None:
             f = forced[name]
             row |= {"score_forced": f["score"], "score_forced_stderr": f["score_stderr"],
                     "overlong_forced": f["overlong_rate"]}
+            if "answer_nll" in f:  # the stage-1 model's own answers after the forced close: the drift reference
+                row |= {"drift_samples": f["drift_samples"], "answer_nll_before": f["answer_nll"]}
         row["per_seed"] = {str(seed): r for seed, r in per_seed.items()}
         table[name] = row
     return table
@@ -103,7 +104,7 @@ def _after_metrics(recipe: Recipe, layout: RunLayout) -> dict[int, dict[str, Any
     folders = {seed: layout.eval("after", seed) for seed in recipe.train.seeds}
     if not all((folder / SAMPLES).is_file() for folder in folders.values()):
         return None
-    return {seed: summarize(load_samples(folder), recipe.context_limit, probe=load_probe(folder))["benchmarks"]
+    return {seed: summarize(load_samples(folder), recipe.context_limit, probes=read_probes(folder))["benchmarks"]
             for seed, folder in folders.items()}
 
 
@@ -131,6 +132,10 @@ def _seed_row(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
            "overlong_relative_change": relative(before["overlong_rate"], after["overlong_rate"])}
     if "close_nll" in after:
         row |= {"close_nll_after": after["close_nll"], "greedy_close_after": after["greedy_close_rate"]}
+    if "greedy_answer_agreement" in after:
+        row |= {"answer_nll_after": after["answer_nll"], "greedy_answer_agreement": after["greedy_answer_agreement"]}
+    if "early_close_p" in after:
+        row["early_close_p_after"] = after["early_close_p"]
     return row
 
 
@@ -270,17 +275,35 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(table_row([name, str(r["probe_traces"]), f"{r['close_nll_before']:.2f}", nll_after,
                                    pct(r["greedy_close_before"]), spread(r, "greedy_close_after")]))
 
+    if any("greedy_answer_agreement" in r or "early_close_p_before" in r for r in rows.values()):
+        lines += ["", "What else stage 2 moved. Answer drift, on the forced arm's samples closed at B (held out): "
+                  "-log p(the stage-1 model's own answer | prompt + thinking cut at B + close), summed over the "
+                  "answer's tokens (its end token left out), under the stage-1 model and after stage 2, and the "
+                  "share whose greedy answer after stage 2 is the stage-1 model's on the same prefix. Early close, "
+                  "on the before arm's samples that closed on their own within B: the mean p(close) at the places "
+                  "before that where the thinking could have closed.", "",
+                  table_row(["benchmark", "samples", "answer NLL stage 1", "answer NLL after",
+                             "greedy answer agreement", "traces", "p(close early) before", "p(close early) after"]),
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            lines.append(table_row([name, str(r.get("drift_samples", "n/a")), _number(r.get("answer_nll_before")),
+                                    _spread_number(r, "answer_nll_after"), spread(r, "greedy_answer_agreement"),
+                                    str(r.get("early_close_traces", "n/a")), _number(r.get("early_close_p_before"), 4),
+                                    _spread_number(r, "early_close_p_after", 4)]))
+        lines += ["", drift_verdict(rows)]
+
     if len(seeds) > 1:
         lines += ["", "Per stage-2 seed:", "",
                   table_row(["benchmark", "seed", "score after", "rel. change", "overlong after", "rel. change",
-                        "close NLL", "greedy close"]), "|" + "---|" * 8]
+                        "close NLL", "greedy close", "answer NLL", "greedy answer agreement", "p(close early)"]),
+                  "|" + "---|" * 11]
         for name, r in rows.items():
             for seed, s in r["per_seed"].items():
-                nll = f"{s['close_nll_after']:.2f}" if "close_nll_after" in s else "n/a"
                 lines.append(table_row([name, seed, f"{pct(s['score_after'])} ± {pct(s['score_after_stderr'])}",
                                    pct(s["score_relative_change"], signed=True), pct(s["overlong_after"]),
-                                   pct(s["overlong_relative_change"], signed=True), nll,
-                                   pct(s.get("greedy_close_after"))]))
+                                   pct(s["overlong_relative_change"], signed=True), _number(s.get("close_nll_after")),
+                                   pct(s.get("greedy_close_after")), _number(s.get("answer_nll_after")),
+                                   pct(s.get("greedy_answer_agreement")), _number(s.get("early_close_p_after"), 4)]))
     if report.get("rounds"):
         lines += ["", "Closed loop: each round's policy is the previous round's model (first seed); rows "
                   "accumulate; changes are against the stage-1 policy (round 1 is the table above).", "",
@@ -292,6 +315,45 @@ def markdown(report: dict[str, Any]) -> str:
                                    spread(r, "score_relative_change", signed=True), spread(r, "overlong_after"),
                                    spread(r, "overlong_relative_change", signed=True)]))
     return "\n".join(lines) + "\n"
+
+
+def _number(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _spread_number(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    if key not in row:
+        return "n/a"
+    low, high = row[f"{key}_range"]
+    mean = _number(row[key], digits)
+    return mean if row["seeds"] == 1 else f"{mean} [{_number(low, digits)}, {_number(high, digits)}]"
+
+
+AGREEMENT_BOUND = 0.98  # greedy answers after a close at B that must stay the stage-1 model's, every seed
+EARLY_CLOSE_SLACK = 0.01  # how far p(close early) may rise over the stage-1 model's before it is named
+
+
+def drift_verdict(rows: dict[str, Any]) -> str:
+    """One line: did stage 2 change the stop and nothing else? The worst seed of every benchmark decides."""
+    found = []
+    for name, r in rows.items():
+        for seed, s in r["per_seed"].items():
+            agreement = s.get("greedy_answer_agreement")
+            if agreement is not None and agreement < AGREEMENT_BOUND:
+                found.append(f"{name} seed {seed}: {pct(agreement)} of greedy answers after a close at B are the "
+                             f"stage-1 model's (answer NLL {_number(r.get('answer_nll_before'))} -> "
+                             f"{_number(s.get('answer_nll_after'))})")
+            early, before = s.get("early_close_p_after"), r.get("early_close_p_before")
+            if early is not None and before is not None and early > before + EARLY_CLOSE_SLACK:
+                found.append(f"{name} seed {seed}: p(close early) {before:.4f} -> {early:.4f}")
+    if found:
+        return ("Stage 2 changed more than the stop: " + "; ".join(found)
+                + ". The after arm's score then falls short of the forced arm's for that reason, not the stop.")
+    if not any("greedy_answer_agreement" in s for r in rows.values() for s in r["per_seed"].values()):
+        return "No answer-drift probe: it needs the forced arm (eval.arms)."
+    return (f"Stage 2 changed the stop and nothing else the probes see: on every benchmark and seed at least "
+            f"{pct(AGREEMENT_BOUND)} of greedy answers after a close at B are the stage-1 model's, and closing "
+            f"early is no likelier.")
 
 
 def table_row(cells: list[str]) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from length_control import pipeline, report
 from length_control.artifacts import fingerprint
-from length_control.evaluate import summarize
+from length_control.evaluate import read_probes, summarize
 
 from conftest import demo_recipe
 
@@ -54,7 +54,7 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     for arm in ("before", "forced", "after/0", "after/1"):
         folder = tmp_path / "eval" / arm.replace("after/", "after/seed-")
         samples = report.load_samples(folder)
-        recomputed = summarize(samples, recipe.context_limit, probe=report.load_probe(folder))["benchmarks"]
+        recomputed = summarize(samples, recipe.context_limit, probes=read_probes(folder))["benchmarks"]
         assert built["arms"][arm] == recomputed
         assert len(samples) == 2 * 40 * 8
     for name in BENCHMARKS:
@@ -66,6 +66,9 @@ def test_the_demo_loop(tmp_path: Path) -> None:
             assert row["per_seed"][seed]["overlong_after"] < row["overlong_before"]
             assert row["per_seed"][seed]["close_nll_after"] < row["close_nll_before"]
         assert row["probe_traces"] > 0 and row["greedy_close_before"] < row["greedy_close_after"]
+        # the answer-drift and early-close probes ran on every arm that takes them, on held-out samples
+        assert row["drift_samples"] > 0 and row["answer_nll_before"] >= 0 and row["early_close_traces"] > 0
+        assert all(0 <= row["per_seed"][seed]["greedy_answer_agreement"] <= 1 for seed in ("0", "1"))
     check = built["benchmarks"]["demo-check"]
     assert check["score_forced"] > check["score_before"]  # a cut thinking can still be right
     text = (tmp_path / "report" / "report.md").read_text()

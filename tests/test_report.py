@@ -64,6 +64,42 @@ def test_report_shows_mean_and_range_over_seeds_and_the_probe(tmp_path: Path) ->
     assert "| demo | 1 | 50.0% ± 50.0% | +0.0% | 50.0% | +0.0% | 1.50 | 0.0% |" in text
 
 
+def test_report_shows_what_else_stage_2_moved_and_says_it(tmp_path: Path) -> None:
+    """The answer-drift probe against the forced arm's reference, the early-close probe against the before arm,
+    per seed, and one line that names the seed whose answers moved."""
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}", "train.seeds=[0,1]"])
+    for arm in ("before", "forced", "after/seed-0", "after/seed-1"):
+        _samples(tmp_path / "eval" / arm, [("demo", "a", 50, True, True), ("demo", "b", 300, True, True)])
+
+    def probe(arm: str, name: str, records: list[dict]) -> None:
+        pq.write_table(pa.Table.from_pylist([{"benchmark": "demo", "problem_id": "b", **r} for r in records]),
+                       tmp_path / "eval" / arm / name)
+
+    probe("forced", "drift.parquet", [{"sample": i, "answer_nll": 0.1, "greedy_agrees": None} for i in range(2)])
+    probe("after/seed-0", "drift.parquet", [{"sample": i, "answer_nll": 0.1, "greedy_agrees": True} for i in range(2)])
+    probe("after/seed-1", "drift.parquet", [{"sample": 0, "answer_nll": 0.1, "greedy_agrees": True},
+                                            {"sample": 1, "answer_nll": 2.1, "greedy_agrees": False}])
+    for arm, p in (("before", 0.001), ("after/seed-0", 0.002), ("after/seed-1", 0.001)):
+        probe(arm, "early_close.parquet", [{"sample": 0, "positions": 4, "close_p_mean": p, "close_p_max": 2 * p}])
+    built = report.build(recipe)
+    row = built["benchmarks"]["demo"]
+    assert (row["drift_samples"], row["answer_nll_before"], row["early_close_p_before"]) == (2, 0.1, 0.001)
+    assert row["greedy_answer_agreement_range"] == [0.5, 1.0] and row["answer_nll_after_range"] == [0.1, 1.1]
+    assert row["per_seed"]["1"]["greedy_answer_agreement"] == 0.5
+    text = report.markdown(built)
+    assert "| demo | 2 | 0.10 | 0.60 [0.10, 1.10] | 75.0% [50.0%, 100.0%] | 1 | 0.0010 | 0.0015 [0.0010, 0.0020] |" in text
+    assert built["drift_verdict"].startswith("Stage 2 changed more than the stop: demo seed 1: 50.0% of greedy answers")
+    assert built["drift_verdict"] in text and "seed 0" not in built["drift_verdict"]
+
+    probe("after/seed-1", "drift.parquet", [{"sample": i, "answer_nll": 0.1, "greedy_agrees": True} for i in range(2)])
+    probe("after/seed-1", "early_close.parquet", [{"sample": 0, "positions": 4, "close_p_mean": 0.2, "close_p_max": 0.5}])
+    assert report.build(recipe)["drift_verdict"] == ("Stage 2 changed more than the stop: demo seed 1: p(close early) "
+                                                     "0.0010 -> 0.2000. The after arm's score then falls short of the "
+                                                     "forced arm's for that reason, not the stop.")
+    probe("after/seed-1", "early_close.parquet", [{"sample": 0, "positions": 4, "close_p_mean": 0.001, "close_p_max": 0}])
+    assert report.build(recipe)["drift_verdict"].startswith("Stage 2 changed the stop and nothing else")
+
+
 def test_report_names_the_missing_seed(tmp_path: Path) -> None:
     recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}", "train.seeds=[0,1]"])
     _samples(tmp_path / "eval" / "before", [("demo", "a", 50, True, True)])

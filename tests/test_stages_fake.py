@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -142,7 +143,7 @@ def test_the_scripted_engine_follows_its_transcripts() -> None:
         assert engine.generate([]) == []
     assert [(r["key"], r["output_token_ids"], r["finish_reason"]) for r in results] == [
         ("whole", [5, 6, 7, eos], "stop"), ("cut", [5, 6, 7], "length"), ("along", [7, eos], "stop"),
-        ("branch", [8, eos], "stop"), ("longest", [4, eos], "stop"), ("scored", [8], "length")]
+        ("branch", [8, eos], "stop"), ("longest", [4, eos], "stop"), ("scored", [], "stop")]
     # After [1, 1] the script writes 5; after [1, 1, 5] it writes 6, not 9.
     assert results[-1]["tail_logprobs"] == [0.0, UNLIKELY] and "tail_logprobs" not in results[0]
     assert (engine.requests, engine.calls) == (requests, 2)
@@ -274,7 +275,7 @@ def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, polic
 
     prompt = {name: ids.prompt(question) for name, question, _ in EVALS}
     room = {name: CONTEXT_LIMIT - len(p) for name, p in prompt.items()}
-    first_pass, answers = engine.requests[: len(EVALS)], engine.requests[len(EVALS) :]
+    first_pass, answers = engine.requests[: len(EVALS)], [r for r in engine.requests if r["key"].endswith("/answer")]
     assert [(r["prompt_token_ids"], r["max_tokens"]) for r in first_pass] == [
         (prompt[name], min(FIRST_PASS, room[name])) for name, _, _ in EVALS]
     # Past B without a close: cut at B, forced close, answer in the room left. Closed within
@@ -308,6 +309,12 @@ def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, polic
                 len(ids.cut_thinking)]
     assert evals["mean_thinking_tokens"] == sum(thinking) / 5 - 1  # <think> is not a thinking token
 
+    # The answer-drift reference: LONG alone was closed at B and answered; the script's own answer is certain.
+    drift = pq.read_table(recipe.output_dir / "eval" / "forced" / "drift.parquet").to_pylist()
+    assert [(r["problem_id"], r["answer_start"], r["greedy_token_ids"], r["answer_nll"], r["greedy_agrees"])
+            for r in drift] == [("evals/long", len(long_prefix), ids.after_forced_close, 0.0, None)]
+    assert (evals["drift_samples"], evals["answer_nll"]) == (1, 0.0) and "greedy_answer_agreement" not in evals
+
 
 def test_the_before_arm_counts_overlong_samples_and_probes_them(tmp_path: Path, policy: Path, ids: Ids) -> None:
     recipe = make_recipe(tmp_path, policy, EVALS)
@@ -322,10 +329,17 @@ def test_the_before_arm_counts_overlong_samples_and_probes_them(tmp_path: Path, 
     assert (metrics["score"], metrics["overlong_rate"]) == (1 / 5, 2 / 5)
     # The probe takes LONG only (LIMIT never reached B). The script would go on thinking after
     # B + "\n", so the default log-probability makes the close unlikely, and greedy does not close.
-    probed = [r for r in engine.requests if r.get("score_tail")]
+    probed = [r for r in engine.requests if r["key"].startswith("close:") and r.get("score_tail")]
     assert [(r["prompt_token_ids"], r["score_tail"]) for r in probed] == [
         (ids.prompt(LONG[1]) + ids.long_thinking[:FIRST_PASS] + ids.forced_close, len(ids.close))]
     assert (metrics["probe_traces"], metrics["close_nll"], metrics["greedy_close_rate"]) == (1, -UNLIKELY, 0.0)
+    # The early-close probe takes the samples that closed on their own within B, at each "\n" before the close.
+    early = pq.read_table(recipe.output_dir / "eval" / "before" / "early_close.parquet").to_pylist()
+    asked = [r["key"] for r in engine.requests if r["key"].startswith("early:")]
+    # CUT and CRAMPED ("<think>\n01:703\n</think>"): one place, after "<think>\n"
+    assert [(r["problem_id"], r["positions"]) for r in early] == [("evals/cut", 1), ("evals/cramped", 1)]
+    assert len(asked) == sum(r["positions"] for r in early)
+    assert metrics["early_close_traces"] == len(early)
 
 
 # ---------------------------------------------------------------- what must fail before the GPUs do
@@ -453,7 +467,8 @@ def test_the_forced_arm_cuts_its_first_passes_from_the_before_arm(tmp_path: Path
     plan = evaluate.plan(recipe, "forced")
     assert plan.inputs["first passes"] == recipe.output_dir / "eval" / "before"
     evaluate.run(plan, engine=engine)
-    assert sorted(r["key"] for r in engine.requests) == ["evals/cut#0/answer", "evals/long#0/answer"]
+    generated = [r["key"] for r in engine.requests if not r["key"].startswith("answer:")]  # the drift probe's
+    assert sorted(generated) == ["evals/cut#0/answer", "evals/long#0/answer"]
     assert samples_of(recipe, "forced") == samples_of(alone, "forced")
 
 

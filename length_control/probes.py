@@ -1,0 +1,157 @@
+"""Probes: what stage 2 moved in a model, measured without sampling.
+
+A score is a difference of two pass@1s under sampling noise; a probe asks
+the engine for log-probabilities and greedy continuations on held-out eval
+samples, so the same question gets the same answer before and after
+training, and a small change shows. Stage 2 should move one thing, the close
+at the budget, and nothing else:
+
+- `termination`: at the budget, does the model close? (what stage 2 trains)
+- `answer_drift`: after a close at the budget, does it still answer as the
+  stage-1 model did? The stage-1 model's forced-arm samples are the
+  reference: prompt + thinking cut at B + the forced close + its own answer.
+  The answer tokens are masked in stage 2, so their NLL and the greedy
+  answer should not move.
+- `early_close`: on traces that closed on their own before B, is closing
+  earlier any likelier? Stage 2 should teach "close at B", not "close".
+
+Each returns one record per probed trace (`contracts.PROBE_SCHEMA`,
+`DRIFT_SCHEMA`, `EARLY_CLOSE_SCHEMA`); `evaluate.summarize` averages them
+per benchmark and the report sets before beside after.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from length_control.think import ThinkTokens
+
+
+def termination(engine, samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> list[dict[str, Any]]:
+    """For every held-out sample whose thinking ran past B (no close in its
+    first B thinking tokens: a case-1 trace), given the prompt and the
+    output up to the cut (`ThinkTokens.budget_cut`, as stage 2's rows):
+    `close_nll`, -log p of the `</think>` tokens of the forced close (the
+    "\\n" before them is context), and `greedy_close`, whether greedy
+    decoding writes the close in the next len(forced close) tokens. Stage 2
+    trains exactly this spot, so the probe shows whether training moved the
+    close even when sampling noise hides it in the overlong rate.
+    """
+    traces = []
+    for s in samples:
+        output = s["output_token_ids"]
+        past = think.thinking_start(output) + budget
+        if len(output) >= past and think.find_close(output[:past]) is None:
+            traces.append((s, think.budget_cut(output, budget)))
+    close, tag_start = think.forced_close_ids, think.termination().forced_close_tag_start
+    scored, greedy = [], []
+    for s, cut in traces:
+        prefix = list(s["prompt_token_ids"]) + list(s["output_token_ids"][:cut])
+        scored.append(_score_request(f"close:{sample_key(s)}", prefix + close, len(close) - tag_start))
+        greedy.append(_greedy_request(f"close:{sample_key(s)}", prefix, len(close)))
+    scores = engine.generate(scored, desc="probe: close NLL")
+    continuations = engine.generate(greedy, desc="probe: greedy close")
+    return [
+        {**_id(s), "close_nll": -sum(score["tail_logprobs"]),
+         "greedy_close": think.find_close(cont["output_token_ids"]) is not None}
+        for (s, _), score, cont in zip(traces, scores, continuations)
+    ]
+
+
+def answer_drift(engine, forced: list[dict[str, Any]], answer_starts: dict[str, int], context_limit: int,
+                 reference: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """On the forced arm's samples that were closed at B and answered (`answer_starts`: sample key -> where
+    its answer starts in the output), with prefix = prompt + thinking cut at B + forced close and answer = the
+    stage-1 model's own answer tokens (its end token left out: stage 2 trains that one):
+
+    `answer_nll`, -log p(answer | prefix) summed over the answer's tokens, and `greedy_token_ids`, what greedy
+    decoding writes after the prefix within the context limit. Without `reference` this is the reference (the
+    stage-1 model's own record, run in the forced arm); with it (the forced arm's records), `greedy_agrees`
+    says whether this model's greedy answer is the stage-1 model's, token for token.
+    """
+    probed = [s for s in forced if sample_key(s) in answer_starts]
+    scored, greedy = [], []
+    for s in probed:
+        prefix, answer = _prefix_and_answer(s, answer_starts[sample_key(s)])
+        if answer:
+            scored.append(_score_request(f"answer:{sample_key(s)}", prefix + answer, len(answer)))
+        greedy.append(_greedy_request(f"answer:{sample_key(s)}", prefix, context_limit - len(prefix)))
+    nll = {score["key"]: -sum(score["tail_logprobs"]) for score in engine.generate(scored, desc="probe: answer NLL")}
+    continuations = engine.generate(greedy, desc="probe: greedy answer")
+    expected = {sample_key(r): list(r["greedy_token_ids"]) for r in reference or []}
+    records = []
+    for s, cont in zip(probed, continuations):
+        key, ids = sample_key(s), list(cont["output_token_ids"])
+        records.append({**_id(s), "answer_start": answer_starts[key], "answer_nll": nll.get(f"answer:{key}", 0.0),
+                        "greedy_token_ids": ids,
+                        "greedy_agrees": ids == expected[key] if reference is not None else None})
+    return records
+
+
+def _prefix_and_answer(sample: dict[str, Any], answer_start: int) -> tuple[list[int], list[int]]:
+    """The context a forced answer was written in, and its tokens without the end token that closed it."""
+    output = list(sample["output_token_ids"])
+    answer = output[answer_start:]
+    if sample["finish_reason"] == "stop" and answer:
+        answer = answer[:-1]
+    return list(sample["prompt_token_ids"]) + output[:answer_start], answer
+
+
+def early_close(engine, samples: list[dict[str, Any]], budget: int, think: ThinkTokens,
+                positions: int) -> list[dict[str, Any]]:
+    """On samples whose thinking closed on its own within B: at up to `positions` earlier places where it
+    could have closed (after a token like the one its close follows, "\\n" for most templates; spread evenly
+    over the thinking when there are more), p(its own close tag | the output up to there).
+
+    `close_p_mean` is the mean over the places, `close_p_max` the likeliest. A model that learned "close"
+    rather than "close at B" shows it here before any overlong rate falls below the budget.
+    """
+    traces = []
+    for s in samples:
+        output = list(s["output_token_ids"])
+        span, start = think.find_close(output), think.thinking_start(output)
+        if span is None or span[0] - start > budget or span[0] <= start:
+            continue
+        before_close = output[span[0] - 1]
+        places = [t for t in range(start + 1, span[0]) if output[t - 1] == before_close]
+        if places:
+            traces.append((s, _spread(places, positions), output[span[0] : span[1]]))
+    requests = [_score_request(f"early:{sample_key(s)}@{t}", list(s["prompt_token_ids"]) + list(s["output_token_ids"][:t]) + tag,
+                               len(tag))
+                for s, places, tag in traces for t in places]
+    probability = {r["key"]: math.exp(sum(r["tail_logprobs"])) for r in engine.generate(requests, desc="probe: early close")}
+    records = []
+    for s, places, _ in traces:
+        p = [probability[f"early:{sample_key(s)}@{t}"] for t in places]
+        records.append({**_id(s), "positions": len(p), "close_p_mean": sum(p) / len(p), "close_p_max": max(p)})
+    return records
+
+
+def _spread(places: list[int], count: int) -> list[int]:
+    """`count` of `places`, evenly spread from the first to the last (all of them when there are fewer)."""
+    if len(places) <= count:
+        return places
+    if count == 1:
+        return [places[-1]]
+    return sorted({places[round(i * (len(places) - 1) / (count - 1))] for i in range(count)})
+
+
+def sample_key(sample: dict[str, Any]) -> str:
+    """A sample's request key: problem id # sample index."""
+    return f"{sample['problem_id']}#{sample['sample']}"
+
+
+def _id(sample: dict[str, Any]) -> dict[str, Any]:
+    return {"benchmark": sample["benchmark"], "problem_id": sample["problem_id"], "sample": sample["sample"]}
+
+
+def _score_request(key: str, prompt: Sequence[int], tail: int) -> dict[str, Any]:
+    """The log-probabilities of the prompt's last `tail` tokens (one token is generated, and not used)."""
+    return {"key": key, "prompt_token_ids": list(prompt), "max_tokens": 1, "seed": 0, "temperature": 0.0,
+            "score_tail": tail}
+
+
+def _greedy_request(key: str, prompt: Sequence[int], max_tokens: int) -> dict[str, Any]:
+    return {"key": key, "prompt_token_ids": list(prompt), "max_tokens": max_tokens, "seed": 0, "temperature": 0.0}
