@@ -63,7 +63,8 @@ def build(recipe: Recipe) -> dict[str, Any]:
     after = {seed: metrics[f"after/{seed}"] for seed in recipe.train.seeds}
     table = _rows(metrics["before"], after, metrics.get("forced"))
     report = {"budget": recipe.budget, "context_limit": recipe.context_limit, "seeds": recipe.train.seeds,
-              "benchmarks": table, "drift_verdict": drift_verdict(table), "arms": metrics, "_samples": samples}
+              "termination_span": recipe.splice.termination_span, "benchmarks": table,
+              "drift_verdict": drift_verdict(table), "arms": metrics, "_samples": samples}
     rounds = _rounds(recipe, metrics["before"])
     return report | ({"rounds": rounds} if rounds else {})
 
@@ -225,6 +226,10 @@ def _ids(raw: dict[str, Any], field: str, tokenizer, path: Path, row: int) -> li
 # ---------------------------------------------------------------- Markdown
 
 
+SPANS = {"think_close": "`</think>` only", "think_close_eos": "`</think>` and EOS, as the report",
+         "think_close_answer_eos": "`</think>`, the policy's own answer and EOS"}
+
+
 def pct(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "n/a"
@@ -252,8 +257,10 @@ def markdown(report: dict[str, Any]) -> str:
             "rel. change", "n"] + (["score forced", "overlong forced"] if forced else [])
     limit = (f"the {report['context_limit']}-token input+output limit" if report["context_limit"] is not None
              else "the limit the samples were drawn at")
+    trained = (f" Stage 2's loss: {SPANS[report['termination_span']]} (splice.termination_span: "
+               f"{report['termination_span']})." if report.get("termination_span") else "")
     lines = [f"{budget}overlong = no `</think>` within {limit}. Scores are pass@1 over n samples ± standard "
-             f"error over problems. After: {over}.", "", table_row(head), "|" + "---|" * len(head)]
+             f"error over problems. After: {over}.{trained}", "", table_row(head), "|" + "---|" * len(head)]
     for name, r in rows.items():
         cells = [name, f"{pct(r['score_before'])} ± {pct(r['score_before_stderr'])}", spread(r, "score_after"),
                  spread(r, "score_relative_change", signed=True), pct(r["overlong_before"]),

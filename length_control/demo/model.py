@@ -17,8 +17,9 @@ second where an Axolotl launch costs ~30 s, and it keeps the build
 deterministic and well inside its 5-minute budget on two cores.
 
 Builds are cached under `<cache>/demo-models/<variant>-<hash>`, keyed by the
-settings, the code of the task and of this builder, and the library versions:
-a second call with the same inputs returns in well under a second.
+settings, the code of the task and of this builder, the library versions and
+torch's kernel level when `ATEN_CPU_CAPABILITY` holds it down: a second call
+with the same inputs returns in well under a second.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def build_key(spec: DemoModelSpec) -> str:
         digest.update(Path(module.__file__).read_bytes())
     for dist in ("torch", "transformers", "tokenizers"):
         digest.update(f"{dist}={metadata.version(dist)}".encode())
+    # torch's kernels held below what the CPU offers compute other floats: another build
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        digest.update(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}".encode())
     return digest.hexdigest()
 
 

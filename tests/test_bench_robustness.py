@@ -1,0 +1,34 @@
+"""bench/demo_robustness.py's bounds, on report rows made up to sit on each side of them."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("demo_robustness", REPO / "bench" / "demo_robustness.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def _report(**after) -> dict:
+    seed = {"score_after": 0.96, "overlong_after": 0.0, "greedy_answer_agreement": 0.99} | after
+    return {"benchmarks": {"demo-check": {"overlong_before": 0.3, "score_forced": 0.97, "per_seed": {"0": seed}}}}
+
+
+def test_a_seed_is_within_the_bounds_only_when_all_three_hold() -> None:
+    assert [ok for _, ok in bench.verdict_rows(_report(), "native 1")] == [True]
+    for off in ({"score_after": 0.949}, {"overlong_after": 0.0125}, {"greedy_answer_agreement": 0.975},
+                {"greedy_answer_agreement": None}):  # a report without the probe proves nothing
+        assert [ok for _, ok in bench.verdict_rows(_report(**off), "native 1")] == [False], off
+    line, _ = bench.verdict_rows(_report(), "native 1")[0]
+    assert line.split() == ["native", "1", "demo-check", "0", "30.0%", "0.0%", "97.0%", "96.0%", "-1.0", "99.0%", "ok"]
+
+
+def test_the_avx2_setting_holds_torch_back_and_names_what_vllm_loads() -> None:
+    import sys
+    from pathlib import Path
+
+    torch_level, vllm_library = bench.kernel_choice(Path(sys.executable), "avx2")
+    assert torch_level in ("AVX2", "DEFAULT")  # never above what it is held to
+    assert vllm_library in ("_C", "_C_AVX512", "_C_AVX2")
