@@ -231,7 +231,8 @@ class GenerationSpec(StrictModel):
 
 class SFTMix(StrictModel):
     dataset: DatasetLocation | None = Field(
-        None, description="stage-1 SFT rows with a chat `messages` column (default: the demo policy's own)"
+        None, description="stage-1 SFT rows: a chat `messages` column, or pre-tokenized `input_ids` and `labels` "
+        "(taken as they are, masks included); default: the demo policy's own"
     )
     messages_field: str = "messages"
     share: float = Field(ge=0, lt=1, description="fraction of the stage-2 rows that are stage-1 SFT rows")

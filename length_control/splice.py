@@ -244,23 +244,17 @@ def _row_columns(rows: list[Row]) -> list:
 def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, max_len: int | None, stats: Counter):
     """A function of the number of stage-2 rows: the SFT rows that make up `share` of the total.
 
-    Only these need the tokenizer (for the chat template), so only they load it.
+    Only conversations need the tokenizer (for the chat template), so only they load it.
     """
 
     def rows(length_rows: int) -> Iterator[dict[str, Any]]:
         mix = recipe.splice.sft_mix
         if mix is None or mix.share == 0:
             return
-        import pyarrow.parquet as pq
-
-        from length_control.chat import assistant_only_row
-
-        tokenizer = load_tokenizer(model)
-
-        conversations = pq.read_table(mix_path, columns=[mix.messages_field]).column(0).to_pylist()
-        wanted = min(len(conversations), round(length_rows * mix.share / (1 - mix.share)))
-        for index in sorted(random.Random(recipe.seed).sample(range(len(conversations)), wanted)):
-            ids, labels = assistant_only_row(tokenizer, conversations[index])
+        mix_rows = MixSet(mix_path, mix.messages_field, model)
+        wanted = min(len(mix_rows), round(length_rows * mix.share / (1 - mix.share)))
+        for index in sorted(random.Random(recipe.seed).sample(range(len(mix_rows)), wanted)):
+            ids, labels = mix_rows[index]
             if max_len is not None and len(ids) > max_len:
                 stats["sft_too_long"] += 1
                 continue
@@ -271,6 +265,38 @@ def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, max_len: int | 
                    "meta": {"kind": "sft", "prompt_id": f"sft/{index}", "sample": 0, "case": 0}}
 
     return rows
+
+
+class MixSet:
+    """The SFT mix set's rows as (input_ids, labels), by index: pre-tokenized rows (`input_ids` and `labels`
+    columns, Axolotl's layout: what stage 1 trained, its masks included) as they are; conversations
+    (`messages_field`) rendered with the policy's chat template and trained on the assistant turns, each
+    when it is asked for (a Hub set may hold far more than the mix takes)."""
+
+    def __init__(self, path: Path, field: str, model: str) -> None:
+        import pyarrow.parquet as pq
+
+        self.model = model
+        if {"input_ids", "labels"} <= set(pq.read_schema(path).names):
+            table = pq.read_table(path, columns=["input_ids", "labels"])
+            self.rows = list(zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()))
+        else:
+            self.rows = pq.read_table(path, columns=[field]).column(0).to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
+        row = self.rows[index]
+        if isinstance(row, tuple):
+            return row
+        from length_control.chat import assistant_only_row
+
+        return assistant_only_row(self.tokenizer, row)
+
+    @functools.cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.model)
 
 
 def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, stats: Counter,
@@ -348,13 +374,8 @@ def longest_mix_row(recipe: Recipe) -> int | None:
 
 @functools.lru_cache(maxsize=8)
 def _longest_row(path: str, _size: int, _mtime_ns: int, model: str, field: str) -> int:
-    import pyarrow.parquet as pq
-
-    from length_control.chat import assistant_only_row
-
-    tokenizer = load_tokenizer(model)
-    conversations = pq.read_table(path, columns=[field]).column(0).to_pylist()
-    return max((len(assistant_only_row(tokenizer, conversation)[0]) for conversation in conversations), default=0)
+    rows = MixSet(Path(path), field, model)
+    return max((len(rows[i][0]) for i in range(len(rows))), default=0)
 
 
 def _mix_source(recipe: Recipe) -> str:

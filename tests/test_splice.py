@@ -228,3 +228,25 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     write_dataset(tmp_path / "empty", iter(()), mix_rows=lambda n: iter(()), stats=Counter(no_answer=3))
     with pytest.raises(UserError, match="has no rows: its splice run kept none"):
         inspect_rows.show(tmp_path / "empty", console=console)
+
+
+def test_the_mix_takes_tokenized_rows_as_they_are_and_renders_conversations(tmp_path: Path,
+                                                                           tokenizer_policy: Path) -> None:
+    """Stage-1 rows saved with their labels (what stage 1 trained, masks included) are mixed in as they are;
+    chat conversations go through the policy's template, trained on the assistant turns."""
+    import pyarrow as pa
+
+    from length_control.chat import assistant_only_row
+    from length_control.policy import load_tokenizer
+    from length_control.splice import MixSet
+
+    conversation = [{"role": "user", "content": "Count down from 102 to 100. How many numbers do you say?"},
+                    {"role": "assistant", "content": "<think>\n01:102\n</think>\n\nThe answer is 1."}]
+    tokenized = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"input_ids": [[5, 6, 7]], "labels": [[IGNORE, IGNORE, 7]], "messages": [conversation]}),
+                   tokenized)
+    assert MixSet(tokenized, "messages", str(tokenizer_policy))[0] == ([5, 6, 7], [IGNORE, IGNORE, 7])
+    chats = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"messages": [conversation]}), chats)
+    rows = MixSet(chats, "messages", str(tokenizer_policy))
+    assert len(rows) == 1 and rows[0] == assistant_only_row(load_tokenizer(str(tokenizer_policy)), conversation)
