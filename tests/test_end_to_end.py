@@ -29,9 +29,11 @@ def _manifest(path: Path) -> dict:
 def test_the_demo_loop(tmp_path: Path) -> None:
     recipe = demo_recipe([
         f"output_dir={tmp_path}", "train.seeds=[0,1]",
-        # A weaker stage 2 than the demo's (the loss of a batch of 4 is mostly its SFT rows'),
-        # so that the closed loop has a second round to run, whatever that does to the score.
+        # A weaker stage 2 than the demo's (the loss of a batch of 4 is mostly its SFT rows'; the
+        # report's span, the close and EOS alone), so that the closed loop has a second round to run,
+        # whatever that does to the score.
         "train.overrides={num_epochs: 1, learning_rate: 5.0e-4}",
+        "splice.termination_span=think_close_eos", "splice.sft_mix.share=0.5",
         "loop.until_overlong=0.0", "loop.max_rounds=2", "loop.score_guard=-1.0",
     ])
     lines: list[str] = []

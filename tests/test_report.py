@@ -40,7 +40,8 @@ def test_report_layout_and_figures(tmp_path: Path) -> None:
     assert row["overlong_relative_change"] == -0.5 and row["samples_per_problem"] == 2
     assert "| demo | 25.0% ± 25.0% | 50.0% | +100.0% | 50.0% | 25.0% | -50.0% | 2 |" in text
     assert "Per stage-2 seed" not in text  # one seed: no spread to show
-    assert "Stage 2's loss: `</think>` and EOS, as the report (splice.termination_span: think_close_eos)." in text
+    assert ("Stage 2's loss: `</think>`, the policy's own answer and EOS (splice.termination_span: "
+            "think_close_answer_eos)." in text)
     assert (tmp_path / "report" / "thinking_lengths.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "report.json").is_file()
 
