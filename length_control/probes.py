@@ -51,8 +51,8 @@ def termination(engine, samples: list[dict[str, Any]], budget: int, think: Think
         prefix = list(s["prompt_token_ids"]) + list(s["output_token_ids"][:cut])
         scored.append(_score_request(f"close:{sample_key(s)}", prefix + close, len(close) - tag_start))
         greedy.append(_greedy_request(f"close:{sample_key(s)}", prefix, len(close)))
-    scores = engine.generate(scored, desc="probe: close NLL")
-    continuations = engine.generate(greedy, desc="probe: greedy close")
+    scores = ask(engine, scored, desc="probe: close NLL")
+    continuations = ask(engine, greedy, desc="probe: greedy close")
     return [
         {**_id(s), "close_nll": -sum(score["tail_logprobs"]),
          "greedy_close": think.find_close(cont["output_token_ids"]) is not None}
@@ -78,8 +78,8 @@ def answer_drift(engine, forced: list[dict[str, Any]], answer_starts: dict[str, 
         if answer:
             scored.append(_score_request(f"answer:{sample_key(s)}", prefix + answer, len(answer)))
         greedy.append(_greedy_request(f"answer:{sample_key(s)}", prefix, context_limit - len(prefix)))
-    nll = {score["key"]: -sum(score["tail_logprobs"]) for score in engine.generate(scored, desc="probe: answer NLL")}
-    continuations = engine.generate(greedy, desc="probe: greedy answer")
+    nll = {score["key"]: -sum(score["tail_logprobs"]) for score in ask(engine, scored, desc="probe: answer NLL")}
+    continuations = ask(engine, greedy, desc="probe: greedy answer")
     expected = {sample_key(r): list(r["greedy_token_ids"]) for r in reference or []}
     records = []
     for s, cont in zip(probed, continuations):
@@ -121,12 +121,31 @@ def early_close(engine, samples: list[dict[str, Any]], budget: int, think: Think
     requests = [_score_request(f"early:{sample_key(s)}@{t}", list(s["prompt_token_ids"]) + list(s["output_token_ids"][:t]) + tag,
                                len(tag))
                 for s, places, tag in traces for t in places]
-    probability = {r["key"]: math.exp(sum(r["tail_logprobs"])) for r in engine.generate(requests, desc="probe: early close")}
+    probability = {r["key"]: math.exp(sum(r["tail_logprobs"])) for r in ask(engine, requests, desc="probe: early close")}
     records = []
     for s, places, _ in traces:
         p = [probability[f"early:{sample_key(s)}@{t}"] for t in places]
         records.append({**_id(s), "positions": len(p), "close_p_mean": sum(p) / len(p), "close_p_max": max(p)})
     return records
+
+
+def ask(engine, requests: list[dict[str, Any]], *, desc: str) -> list[dict[str, Any]]:
+    """The engine's results for `requests`, in order, each distinct request sent once.
+
+    A probe's requests are greedy or score a given text, so equal requests get equal results; samples
+    that share a prefix (the demo's count is deterministic: a problem's 8 samples cut at B are one
+    prefix) would otherwise cost the engine that many times over.
+    """
+    first: dict[tuple, str] = {}
+    for request in requests:
+        first.setdefault(_signature(request), request["key"])
+    distinct = [request for request in requests if first[_signature(request)] == request["key"]]
+    results = {result["key"]: result for result in engine.generate(distinct, desc=desc)}
+    return [{**results[first[_signature(request)]], "key": request["key"]} for request in requests]
+
+
+def _signature(request: dict[str, Any]) -> tuple:
+    return tuple(request["prompt_token_ids"]), request["max_tokens"], request.get("score_tail")
 
 
 def _spread(places: list[int], count: int) -> list[int]:

@@ -144,3 +144,17 @@ def test_the_early_close_probe_asks_at_the_line_ends_before_the_own_close() -> N
     metrics = summarize([{**s, "thinking_tokens": 2, "closed_think": True, "overlong": False, "correct": True}
                          for s in samples], context_limit=16, probes={EARLY_CLOSE: records})["benchmarks"]["demo"]
     assert metrics["early_close_traces"] == 1 and math.isclose(metrics["early_close_p"], 0.2)
+
+
+def test_a_probe_sends_each_distinct_request_once() -> None:
+    """Samples that share a prefix (a problem's samples cut at B, where its thinking is deterministic) cost one
+    request; every sample still gets its result, under its own key."""
+    a, eos = VOCAB["a"], VOCAB["<eos>"]
+    engine = ScriptedEngine(transcripts({(9, 9): [a, eos]}))
+    requests = [{"key": key, "prompt_token_ids": [9, 9], "max_tokens": 2, "seed": 0, "temperature": 0.0}
+                for key in ("p#0", "p#1", "p#2")]
+    requests.append({**requests[0], "key": "p#3", "max_tokens": 1})  # another question of the same prefix
+    results = probes.ask(engine, requests, desc="probe")
+    assert [(r["key"], r["output_token_ids"]) for r in results] == [("p#0", [a, eos]), ("p#1", [a, eos]),
+                                                                    ("p#2", [a, eos]), ("p#3", [a])]
+    assert [r["key"] for r in engine.requests] == ["p#0", "p#3"]
