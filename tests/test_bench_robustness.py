@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("demo_robustness", REPO / "bench" / "demo_robustness.py")
@@ -32,3 +34,29 @@ def test_the_avx2_setting_holds_torch_back_and_names_what_vllm_loads() -> None:
     torch_level, vllm_library = bench.kernel_choice(Path(sys.executable), "avx2")
     assert torch_level in ("AVX2", "DEFAULT")  # never above what it is held to
     assert vllm_library in ("_C", "_C_AVX512", "_C_AVX2")
+
+
+@pytest.mark.engine  # needs the built demo policy (its tokenizer)
+def test_stage1_rows_holds_what_stage_1_trained(tmp_path) -> None:
+    """bench/stage1_rows.py: the demo's full conversations trained whole, the interrupted ones only after the
+    close, in the build's numbers."""
+    import json
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from length_control.demo.model import cached_build
+    from length_control.recipe import DemoModelSpec
+
+    out = tmp_path / "rows.parquet"
+    subprocess.run([sys.executable, str(REPO / "bench" / "stage1_rows.py"), str(out)], check=True)
+    build = json.loads((cached_build(DemoModelSpec()) / "build.json").read_text())
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == build["sft_rows"] + build["interrupted_rows"]
+    close = build["think_close_ids"]
+    for row in rows[build["sft_rows"]:][:50]:
+        trained = [i for i, label in enumerate(row["labels"]) if label != -100]
+        ids = row["input_ids"]
+        at = next(i for i in range(len(ids)) if ids[i:i + len(close)] == close)
+        assert trained[0] == at + len(close)  # the answer after the close, not the close
