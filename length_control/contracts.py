@@ -157,11 +157,12 @@ PROBE_SCHEMA = pa.schema([
 
 DRIFT_SCHEMA = pa.schema([
     ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),
-    ("answer_start", pa.int32()),  # where the answer starts in the forced arm's output (after the forced close)
+    ("close", pa.string()),  # "forced": a forced-arm sample closed at B; "own": a before-arm sample closed within B
+    ("answer_start", pa.int32()),  # where the answer starts in the sample's output (after the close)
     ("answer_nll", pa.float64()), ("greedy_token_ids", IDS),
     ("greedy_agrees", pa.bool_()),  # with the stage-1 model's greedy answer; null in the forced arm (the reference)
 ])
-"""The answer-drift probe on one forced-arm sample closed at B (`probes.answer_drift`)."""
+"""The answer-drift probe on one sample closed at B by force, or within B on its own (`probes.answer_drift`)."""
 
 EARLY_CLOSE_SCHEMA = pa.schema([
     ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),

@@ -85,7 +85,8 @@ def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = No
                 else "")
              + ("; answer-drift reference (answer NLL, greedy answer after the forced close)" if arm == "forced"
                 else "")
-             + ("; answer-drift probe on the forced arm's answers" if "drift reference" in inputs else ""),
+             + ("; answer-drift probe on the forced arm's answers" if "drift reference" in inputs else "")
+             + ("; answer-drift reference after the policy's own close" if arm == "before" and recipe.budget else ""),
              *(f"{s.source.name}: {s.samples_per_problem} samples per problem" for s in recipe.eval.sets)]
     return Plan(f"eval-{arm}", recipe, layout.eval(arm, seed), inputs=inputs, model=model, arm=arm, seed=seed,
                 steps=steps)
@@ -163,12 +164,12 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
                                                     recipe.eval.early_close_positions)
         if arm == "forced":
             found[DRIFT] = probes.answer_drift(engine, samples, answer_starts, recipe.context_limit)
-        elif "drift reference" in plan.inputs:
-            forced = plan.inputs["drift reference"]
-            reference = read_probes(forced)[DRIFT]
-            starts = {probes.sample_key(r): r["answer_start"] for r in reference}
-            found[DRIFT] = probes.answer_drift(engine, _read_samples(forced), starts, recipe.context_limit,
-                                               reference=reference)
+        elif arm == "before" and recipe.budget is not None:
+            found[DRIFT] = probes.answer_drift(engine, samples, probes.own_answer_starts(samples, recipe.budget, think),
+                                               recipe.context_limit, close="own")
+        else:  # the after arm: the same answers, against the forced and the before arm's records
+            found[DRIFT] = [record for name in ("drift reference", "probe traces") if name in plan.inputs
+                            for record in _drift_against(engine, plan.inputs[name], recipe.context_limit)]
 
     contracts.write_records(folder / SAMPLES, samples, SAMPLES_SCHEMA)
     for name, records in found.items():
@@ -251,6 +252,16 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
         else:
             close(result)
     return [outputs[r["key"]] for r in requests], answer_starts
+
+
+def _drift_against(engine, folder: Path, context_limit: int) -> list[dict[str, Any]]:
+    """The answer-drift probe on the samples of another arm (forced or before), against its own records."""
+    reference = read_probes(folder).get(DRIFT, [])
+    if not reference:
+        return []
+    starts = {probes.sample_key(r): r["answer_start"] for r in reference}
+    return probes.answer_drift(engine, _read_samples(folder), starts, context_limit, reference=reference,
+                               close=reference[0]["close"])
 
 
 def _read_results(folder: Path) -> dict[str, dict[str, Any]]:
@@ -340,11 +351,12 @@ def _probe_means(probes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         rows = probes[PROBE]
         out |= {"probe_traces": len(rows), "close_nll": _mean(r["close_nll"] for r in rows),
                 "greedy_close_rate": _mean(r["greedy_close"] for r in rows)}
-    if probes.get(DRIFT):
-        rows = probes[DRIFT]
-        out |= {"drift_samples": len(rows), "answer_nll": _mean(r["answer_nll"] for r in rows)}
-        if rows[0]["greedy_agrees"] is not None:
-            out["greedy_answer_agreement"] = _mean(r["greedy_agrees"] for r in rows)
+    for close, prefix in (("forced", ""), ("own", "own_close_")):
+        rows = [r for r in probes.get(DRIFT, []) if r["close"] == close]
+        if rows:
+            out |= {f"{prefix}drift_samples": len(rows), f"{prefix}answer_nll": _mean(r["answer_nll"] for r in rows)}
+            if rows[0]["greedy_agrees"] is not None:
+                out[f"{prefix}greedy_answer_agreement"] = _mean(r["greedy_agrees"] for r in rows)
     if probes.get(EARLY_CLOSE):
         rows = probes[EARLY_CLOSE]
         positions = sum(r["positions"] for r in rows)

@@ -61,10 +61,12 @@ def termination(engine, samples: list[dict[str, Any]], budget: int, think: Think
 
 
 def answer_drift(engine, forced: list[dict[str, Any]], answer_starts: dict[str, int], context_limit: int,
-                 reference: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                 reference: list[dict[str, Any]] | None = None, close: str = "forced") -> list[dict[str, Any]]:
     """On the forced arm's samples that were closed at B and answered (`answer_starts`: sample key -> where
     its answer starts in the output), with prefix = prompt + thinking cut at B + forced close and answer = the
-    stage-1 model's own answer tokens (its end token left out: stage 2 trains that one):
+    stage-1 model's own answer tokens (its end token left out: stage 2 trains that one). With `close="own"`,
+    the same on the before arm's samples that closed on their own within B (`own_answer_starts`): stage 2
+    should not move those answers either.
 
     `answer_nll`, -log p(answer | prefix) summed over the answer's tokens, and `greedy_token_ids`, what greedy
     decoding writes after the prefix within the context limit. Without `reference` this is the reference (the
@@ -84,10 +86,22 @@ def answer_drift(engine, forced: list[dict[str, Any]], answer_starts: dict[str, 
     records = []
     for s, cont in zip(probed, continuations):
         key, ids = sample_key(s), list(cont["output_token_ids"])
-        records.append({**_id(s), "answer_start": answer_starts[key], "answer_nll": nll.get(f"answer:{key}", 0.0),
+        records.append({**_id(s), "close": close, "answer_start": answer_starts[key],
+                        "answer_nll": nll.get(f"answer:{key}", 0.0),
                         "greedy_token_ids": ids,
                         "greedy_agrees": ids == expected[key] if reference is not None else None})
     return records
+
+
+def own_answer_starts(samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> dict[str, int]:
+    """Where the answer starts in each sample that closed its thinking on its own within B and ended."""
+    starts = {}
+    for s in samples:
+        output = list(s["output_token_ids"])
+        span = think.find_close(output)
+        if span is not None and span[0] - think.thinking_start(output) <= budget and s["finish_reason"] == "stop":
+            starts[sample_key(s)] = span[1]
+    return starts
 
 
 def _prefix_and_answer(sample: dict[str, Any], answer_start: int) -> tuple[list[int], list[int]]:

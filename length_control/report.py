@@ -79,7 +79,7 @@ def _rows(before: dict[str, Any], after: dict[int, dict[str, Any]], forced: dict
                "samples_per_problem": b["samples"] // b["problems"], "problems": b["problems"], "seeds": len(after)}
         for key in ("score_after", "overlong_after", "score_relative_change", "overlong_relative_change",
                     "close_nll_after", "greedy_close_after", "answer_nll_after", "greedy_answer_agreement",
-                    "early_close_p_after"):
+                    "own_close_greedy_answer_agreement", "early_close_p_after"):
             values = [r[key] for r in per_seed.values() if r.get(key) is not None]
             if values:
                 row[key] = sum(values) / len(values)
@@ -89,6 +89,8 @@ def _rows(before: dict[str, Any], after: dict[int, dict[str, Any]], forced: dict
                     "greedy_close_before": b["greedy_close_rate"]}
         if "early_close_p" in b:
             row |= {"early_close_traces": b["early_close_traces"], "early_close_p_before": b["early_close_p"]}
+        if "own_close_drift_samples" in b:
+            row["own_close_drift_samples"] = b["own_close_drift_samples"]
         if forced is not None:
             f = forced[name]
             row |= {"score_forced": f["score"], "score_forced_stderr": f["score_stderr"],
@@ -135,6 +137,8 @@ def _seed_row(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         row |= {"close_nll_after": after["close_nll"], "greedy_close_after": after["greedy_close_rate"]}
     if "greedy_answer_agreement" in after:
         row |= {"answer_nll_after": after["answer_nll"], "greedy_answer_agreement": after["greedy_answer_agreement"]}
+    if "own_close_greedy_answer_agreement" in after:
+        row["own_close_greedy_answer_agreement"] = after["own_close_greedy_answer_agreement"]
     if "early_close_p" in after:
         row["early_close_p_after"] = after["early_close_p"]
     return row
@@ -288,29 +292,34 @@ def markdown(report: dict[str, Any]) -> str:
                   "answer's tokens (its end token left out), under the stage-1 model and after stage 2, and the "
                   "share whose greedy answer after stage 2 is the stage-1 model's on the same prefix. Early close, "
                   "on the before arm's samples that closed on their own within B: the mean p(close) at the places "
-                  "before that where the thinking could have closed.", "",
+                  "before that where the thinking could have closed; and on the same samples, the share whose "
+                  "greedy answer after their own close is the stage-1 model's.", "",
                   table_row(["benchmark", "samples", "answer NLL stage 1", "answer NLL after",
-                             "greedy answer agreement", "traces", "p(close early) before", "p(close early) after"]),
-                  "|---|---|---|---|---|---|---|---|"]
+                             "greedy answer agreement", "traces", "p(close early) before", "p(close early) after",
+                             "agreement after the own close"]),
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             lines.append(table_row([name, str(r.get("drift_samples", "n/a")), _number(r.get("answer_nll_before")),
                                     _spread_number(r, "answer_nll_after"), spread(r, "greedy_answer_agreement"),
                                     str(r.get("early_close_traces", "n/a")), _number(r.get("early_close_p_before"), 4),
-                                    _spread_number(r, "early_close_p_after", 4)]))
+                                    _spread_number(r, "early_close_p_after", 4),
+                                    spread(r, "own_close_greedy_answer_agreement")]))
         lines += ["", drift_verdict(rows)]
 
     if len(seeds) > 1:
         lines += ["", "Per stage-2 seed:", "",
                   table_row(["benchmark", "seed", "score after", "rel. change", "overlong after", "rel. change",
-                        "close NLL", "greedy close", "answer NLL", "greedy answer agreement", "p(close early)"]),
-                  "|" + "---|" * 11]
+                        "close NLL", "greedy close", "answer NLL", "greedy answer agreement", "p(close early)",
+                        "agreement after the own close"]),
+                  "|" + "---|" * 12]
         for name, r in rows.items():
             for seed, s in r["per_seed"].items():
                 lines.append(table_row([name, seed, f"{pct(s['score_after'])} ± {pct(s['score_after_stderr'])}",
                                    pct(s["score_relative_change"], signed=True), pct(s["overlong_after"]),
                                    pct(s["overlong_relative_change"], signed=True), _number(s.get("close_nll_after")),
                                    pct(s.get("greedy_close_after")), _number(s.get("answer_nll_after")),
-                                   pct(s.get("greedy_answer_agreement")), _number(s.get("early_close_p_after"), 4)]))
+                                   pct(s.get("greedy_answer_agreement")), _number(s.get("early_close_p_after"), 4),
+                                   pct(s.get("own_close_greedy_answer_agreement"))]))
     if report.get("rounds"):
         lines += ["", "Closed loop: each round's policy is the previous round's model (first seed); rows "
                   "accumulate; changes are against the stage-1 policy (round 1 is the table above).", "",
@@ -350,6 +359,10 @@ def drift_verdict(rows: dict[str, Any]) -> str:
                 found.append(f"{name} seed {seed}: {pct(agreement)} of greedy answers after a close at B are the "
                              f"stage-1 model's (answer NLL {_number(r.get('answer_nll_before'))} -> "
                              f"{_number(s.get('answer_nll_after'))})")
+            own = s.get("own_close_greedy_answer_agreement")
+            if own is not None and own < AGREEMENT_BOUND:
+                found.append(f"{name} seed {seed}: {pct(own)} of greedy answers after the policy's own close are "
+                             f"the stage-1 model's")
             early, before = s.get("early_close_p_after"), r.get("early_close_p_before")
             if early is not None and before is not None and early > before + EARLY_CLOSE_SLACK:
                 found.append(f"{name} seed {seed}: p(close early) {before:.4f} -> {early:.4f}")
@@ -359,8 +372,8 @@ def drift_verdict(rows: dict[str, Any]) -> str:
     if not any("greedy_answer_agreement" in s for r in rows.values() for s in r["per_seed"].values()):
         return "No answer-drift probe: it needs the forced arm (eval.arms)."
     return (f"Stage 2 changed the stop and nothing else the probes see: on every benchmark and seed at least "
-            f"{pct(AGREEMENT_BOUND)} of greedy answers after a close at B are the stage-1 model's, and closing "
-            f"early is no likelier.")
+            f"{pct(AGREEMENT_BOUND)} of greedy answers after a close (at B, or the policy's own) are the stage-1 "
+            f"model's, and closing early is no likelier.")
 
 
 def table_row(cells: list[str]) -> str:

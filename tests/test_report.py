@@ -77,10 +77,13 @@ def test_report_shows_what_else_stage_2_moved_and_says_it(tmp_path: Path) -> Non
         pq.write_table(pa.Table.from_pylist([{"benchmark": "demo", "problem_id": "b", **r} for r in records]),
                        tmp_path / "eval" / arm / name)
 
-    probe("forced", "drift.parquet", [{"sample": i, "answer_nll": 0.1, "greedy_agrees": None} for i in range(2)])
-    probe("after/seed-0", "drift.parquet", [{"sample": i, "answer_nll": 0.1, "greedy_agrees": True} for i in range(2)])
-    probe("after/seed-1", "drift.parquet", [{"sample": 0, "answer_nll": 0.1, "greedy_agrees": True},
-                                            {"sample": 1, "answer_nll": 2.1, "greedy_agrees": False}])
+    def drift(agrees: list[bool | None], nll: list[float] | None = None, close: str = "forced") -> list[dict]:
+        return [{"sample": i, "close": close, "answer_nll": (nll or [0.1] * len(agrees))[i], "greedy_agrees": a}
+                for i, a in enumerate(agrees)]
+
+    probe("forced", "drift.parquet", drift([None, None]))
+    probe("after/seed-0", "drift.parquet", drift([True, True]))
+    probe("after/seed-1", "drift.parquet", drift([True, False], nll=[0.1, 2.1]))
     for arm, p in (("before", 0.001), ("after/seed-0", 0.002), ("after/seed-1", 0.001)):
         probe(arm, "early_close.parquet", [{"sample": 0, "positions": 4, "close_p_mean": p, "close_p_max": 2 * p}])
     built = report.build(recipe)
@@ -93,13 +96,23 @@ def test_report_shows_what_else_stage_2_moved_and_says_it(tmp_path: Path) -> Non
     assert built["drift_verdict"].startswith("Stage 2 changed more than the stop: demo seed 1: 50.0% of greedy answers")
     assert built["drift_verdict"] in text and "seed 0" not in built["drift_verdict"]
 
-    probe("after/seed-1", "drift.parquet", [{"sample": i, "answer_nll": 0.1, "greedy_agrees": True} for i in range(2)])
+    probe("after/seed-1", "drift.parquet", drift([True, True]))
     probe("after/seed-1", "early_close.parquet", [{"sample": 0, "positions": 4, "close_p_mean": 0.2, "close_p_max": 0.5}])
     assert report.build(recipe)["drift_verdict"] == ("Stage 2 changed more than the stop: demo seed 1: p(close early) "
                                                      "0.0010 -> 0.2000. The after arm's score then falls short of the "
                                                      "forced arm's for that reason, not the stop.")
     probe("after/seed-1", "early_close.parquet", [{"sample": 0, "positions": 4, "close_p_mean": 0.001, "close_p_max": 0}])
     assert report.build(recipe)["drift_verdict"].startswith("Stage 2 changed the stop and nothing else")
+
+    # answers after the policy's own close (within B), against the before arm's greedy answers
+    probe("before", "drift.parquet", drift([None], close="own"))
+    probe("after/seed-0", "drift.parquet", drift([True, True]) + drift([False], close="own"))
+    probe("after/seed-1", "drift.parquet", drift([True, True]) + drift([True], close="own"))
+    built = report.build(recipe)
+    assert built["benchmarks"]["demo"]["own_close_greedy_answer_agreement_range"] == [0.0, 1.0]
+    assert built["drift_verdict"] == ("Stage 2 changed more than the stop: demo seed 0: 0.0% of greedy answers after "
+                                      "the policy's own close are the stage-1 model's. The after arm's score then "
+                                      "falls short of the forced arm's for that reason, not the stop.")
 
 
 def test_report_names_the_missing_seed(tmp_path: Path) -> None:

@@ -340,6 +340,11 @@ def test_the_before_arm_counts_overlong_samples_and_probes_them(tmp_path: Path, 
     assert [(r["problem_id"], r["positions"]) for r in early] == [("evals/cut", 1), ("evals/cramped", 1)]
     assert len(asked) == sum(r["positions"] for r in early)
     assert metrics["early_close_traces"] == len(early)
+    # The answer-drift reference after the policy's own close: the samples that closed within B and ended.
+    own = pq.read_table(recipe.output_dir / "eval" / "before" / "drift.parquet").to_pylist()
+    # (CRAMPED closed within B but ran out of room before its answer ended: nothing to compare)
+    assert sorted(r["problem_id"] for r in own) == ["evals/cut", "evals/short"]
+    assert {(r["close"], r["greedy_agrees"]) for r in own} == {("own", None)}
 
 
 # ---------------------------------------------------------------- what must fail before the GPUs do
@@ -485,7 +490,7 @@ def test_a_before_arm_shared_at_another_budget_runs_only_its_probe(tmp_path: Pat
     assert all(r.get("score_tail") or r["temperature"] == 0.0 for r in engine.requests)  # the probe's, no sampling
     assert samples_of(lower, "before") == samples_of(leader, "before")
     # At B - 7 every sample but SHORT runs past the budget: the probe takes four, LONG's cut at B - 7.
-    probed = [r["prompt_token_ids"] for r in engine.requests if r.get("score_tail")]
+    probed = [r["prompt_token_ids"] for r in engine.requests if r["key"].startswith("close:") and r.get("score_tail")]
     assert long + ids.long_thinking[: BUDGET - 6] + ids.forced_close in probed
     assert len(probed) == metrics["benchmarks"]["evals"]["probe_traces"] == 4
 
