@@ -23,12 +23,9 @@ from length_control import contracts, probes
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import (
     DRIFT,
-    DRIFT_SCHEMA,
     EARLY_CLOSE,
-    EARLY_CLOSE_SCHEMA,
     METRICS,
     PROBE,
-    PROBE_SCHEMA,
     SAMPLES,
     SAMPLES_SCHEMA,
     Plan,
@@ -168,8 +165,9 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
             found[DRIFT] = probes.answer_drift(engine, samples, probes.own_answer_starts(samples, recipe.budget, think),
                                                recipe.context_limit, close="own")
         else:  # the after arm: the same answers, against the forced and the before arm's records
-            found[DRIFT] = [record for name in ("drift reference", "probe traces") if name in plan.inputs
-                            for record in _drift_against(engine, plan.inputs[name], recipe.context_limit)]
+            found[DRIFT] = [record for name, arm_samples in (("drift reference", None), ("probe traces", traces))
+                            if name in plan.inputs
+                            for record in _drift_against(engine, plan.inputs[name], arm_samples, recipe.context_limit)]
 
     contracts.write_records(folder / SAMPLES, samples, SAMPLES_SCHEMA)
     for name, records in found.items():
@@ -254,14 +252,16 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
     return [outputs[r["key"]] for r in requests], answer_starts
 
 
-def _drift_against(engine, folder: Path, context_limit: int) -> list[dict[str, Any]]:
-    """The answer-drift probe on the samples of another arm (forced or before), against its own records."""
+def _drift_against(engine, folder: Path, samples: list[dict[str, Any]] | None,
+                   context_limit: int) -> list[dict[str, Any]]:
+    """The answer-drift probe on the samples of another arm (forced or before; `samples` when already read),
+    against that arm's own records."""
     reference = read_probes(folder).get(DRIFT, [])
     if not reference:
         return []
     starts = {probes.sample_key(r): r["answer_start"] for r in reference}
-    return probes.answer_drift(engine, _read_samples(folder), starts, context_limit, reference=reference,
-                               close=reference[0]["close"])
+    return probes.answer_drift(engine, samples if samples is not None else _read_samples(folder), starts,
+                               context_limit, reference=reference, close=reference[0]["close"])
 
 
 def _read_results(folder: Path) -> dict[str, dict[str, Any]]:

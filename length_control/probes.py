@@ -60,7 +60,7 @@ def termination(engine, samples: list[dict[str, Any]], budget: int, think: Think
     ]
 
 
-def answer_drift(engine, forced: list[dict[str, Any]], answer_starts: dict[str, int], context_limit: int,
+def answer_drift(engine, samples: list[dict[str, Any]], answer_starts: dict[str, int], context_limit: int,
                  reference: list[dict[str, Any]] | None = None, close: str = "forced") -> list[dict[str, Any]]:
     """On the forced arm's samples that were closed at B and answered (`answer_starts`: sample key -> where
     its answer starts in the output), with prefix = prompt + thinking cut at B + forced close and answer = the
@@ -73,7 +73,7 @@ def answer_drift(engine, forced: list[dict[str, Any]], answer_starts: dict[str, 
     stage-1 model's own record, run in the forced arm); with it (the forced arm's records), `greedy_agrees`
     says whether this model's greedy answer is the stage-1 model's, token for token.
     """
-    probed = [s for s in forced if sample_key(s) in answer_starts]
+    probed = [s for s in samples if sample_key(s) in answer_starts]
     scored, greedy = [], []
     for s in probed:
         prefix, answer = _prefix_and_answer(s, answer_starts[sample_key(s)])
@@ -95,13 +95,14 @@ def answer_drift(engine, forced: list[dict[str, Any]], answer_starts: dict[str, 
 
 def own_answer_starts(samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> dict[str, int]:
     """Where the answer starts in each sample that closed its thinking on its own within B and ended."""
-    starts = {}
-    for s in samples:
-        output = list(s["output_token_ids"])
-        span = think.find_close(output)
-        if span is not None and span[0] - think.thinking_start(output) <= budget and s["finish_reason"] == "stop":
-            starts[sample_key(s)] = span[1]
-    return starts
+    return {sample_key(s): span[1] for s in samples if s["finish_reason"] == "stop"
+            and (span := _own_close_within(s["output_token_ids"], budget, think)) is not None}
+
+
+def _own_close_within(output, budget: int, think: ThinkTokens) -> tuple[int, int] | None:
+    """The (start, end) of the close tag the output wrote itself within B thinking tokens, or None."""
+    span = think.find_close(output)
+    return span if span is not None and span[0] - think.thinking_start(output) <= budget else None
 
 
 def _prefix_and_answer(sample: dict[str, Any], answer_start: int) -> tuple[list[int], list[int]]:
@@ -125,8 +126,8 @@ def early_close(engine, samples: list[dict[str, Any]], budget: int, think: Think
     traces = []
     for s in samples:
         output = list(s["output_token_ids"])
-        span, start = think.find_close(output), think.thinking_start(output)
-        if span is None or span[0] - start > budget or span[0] <= start:
+        span, start = _own_close_within(output, budget, think), think.thinking_start(output)
+        if span is None or span[0] <= start:
             continue
         before_close = output[span[0] - 1]
         places = [t for t in range(start + 1, span[0]) if output[t - 1] == before_close]
