@@ -148,10 +148,15 @@ def shorter_result(longer: dict[str, Any], max_tokens: int) -> dict[str, Any]:
     return {**longer, "output_token_ids": output[:max_tokens], "finish_reason": "length", "stop_reason": None}
 
 
-def answer_request(first: dict[str, Any], prefix: list[int], *, max_tokens: int, run_seed: int) -> dict[str, Any]:
-    """The answer pass of a request whose thinking was closed: its prompt + `prefix`, its own seed."""
+def answer_request(first: dict[str, Any], prefix: list[int], *, max_tokens: int, run_seed: int,
+                   sampling=None) -> dict[str, Any]:
+    """The answer pass of a request whose thinking was closed: its prompt + `prefix`, its own seed.
+
+    `sampling`: the answer pass's own, where it differs from the first pass's.
+    """
     return {
         **first,
+        **(sampling.model_dump() if sampling is not None else {}),
         "key": f"{first['key']}/answer",
         "prompt_token_ids": first["prompt_token_ids"] + prefix,
         "max_tokens": max_tokens,

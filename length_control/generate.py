@@ -69,7 +69,8 @@ def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
         f"answers: case 1 prompt + first {recipe.budget} thinking tokens"
         + (f" (back to the last line end within {recipe.splice.grace_tokens(recipe.budget)})"
            if recipe.splice.cut == "line_end" else "") + f" + {recipe.model.think.forced_close!r}; "
-        f"case 2 prompt + output; max_tokens {generation.answer_max_tokens}",
+        f"case 2 prompt + output; max_tokens {generation.answer_max_tokens}"
+        + (f", {json.dumps(generation.answer_sampling.model_dump())}" if generation.answer_sampling else ""),
         f"shards of {generation.shard_size} requests",
     ])
 
@@ -341,7 +342,8 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
         "cut_back": exact - cut if closed.case == 1 else 0,
         "thinking_start": think.thinking_start(output),
         "close_token_ids": list(closed.close),
-        "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=max_tokens),
+        "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=max_tokens,
+                                  sampling=recipe.generation.answer_sampling),
     }
 
 

@@ -223,6 +223,10 @@ class GenerationSpec(StrictModel):
     samples_per_prompt: int = Field(1, ge=1)
     sampling: Sampling = Sampling()
     answer_max_tokens: int = Field(4096, gt=0, description="max tokens of the answer pass after the thinking closed")
+    answer_sampling: Sampling | None = Field(
+        None, description="the answer pass's sampling, where it differs from `sampling`: with the answer in the "
+        "loss (splice.termination_span: think_close_answer_eos), temperature 0 trains the answer the policy "
+        "already gives most often, where a sampled one can move an answer it is unsure of")
     shard_size: int = Field(256, ge=1, description="requests per output shard; a killed run resumes by shard")
     on_long_prompt: Literal["drop", "error"] = Field(
         "drop", description="a prompt with no room for B thinking tokens, the forced close and an answer within "

@@ -21,7 +21,7 @@ from length_control.engine import Engine, EngineError, OpenAIEngine, SharedEngin
 from length_control.errors import DataError, EmptyOutput
 from length_control.fake_engine import UNLIKELY, ScriptedEngine, transcripts
 from length_control.policy import load_tokenizer
-from length_control.recipe import Recipe, load_recipe
+from length_control.recipe import Recipe, Sampling, load_recipe
 
 BUDGET = 14  # B thinking tokens after <think>: "\n" + two 7-token lines, less the last newline,
              # so the forced "\n</think>" ends a line
@@ -197,6 +197,22 @@ def test_case_2_continues_the_whole_trace_from_its_own_close(generated, ids: Ids
     answer = answers["prompts/cut"]
     assert (answer["case"], answer["close_token_ids"]) == (2, ids.close)
     assert (answer["answer_token_ids"], answer["finish_reason"]) == (ids.cut[FIRST_PASS:], "stop")
+
+
+def test_the_answer_pass_samples_as_the_traces_unless_the_recipe_says_otherwise(
+        generated, tmp_path: Path, policy: Path, ids: Ids) -> None:
+    sampling = generated.recipe.generation.sampling.model_dump()
+    for request in generated.answer_requests.values():
+        assert {key: request[key] for key in sampling} == sampling
+    recipe = with_setting(make_recipe(tmp_path, policy, [LONG, CUT]), "generation",
+                          answer_sampling=Sampling(temperature=0, top_k=-1))
+    engine = ScriptedEngine(transcripts(ids.script()))
+    generate.run(generate.plan(recipe), engine=engine)
+    greedy = {"temperature": 0.0, "top_p": 0.95, "top_k": -1, "min_p": 0.0}
+    firsts = [r for r in engine.requests if not r["key"].endswith("/answer")]
+    answers = [r for r in engine.requests if r["key"].endswith("/answer")]
+    assert len(answers) == 2 and all({key: r[key] for key in greedy} == greedy for r in answers)
+    assert all({key: r[key] for key in sampling} == sampling for r in firsts)
 
 
 def test_a_trace_that_ends_within_b_gets_no_answer(generated, ids: Ids) -> None:
