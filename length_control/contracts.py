@@ -20,6 +20,8 @@ files by hand.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -174,6 +176,12 @@ PROBE_SCHEMAS = {PROBE: PROBE_SCHEMA, DRIFT: DRIFT_SCHEMA, EARLY_CLOSE: EARLY_CL
 """An eval arm's probe files (those its arm runs), by name."""
 
 # ---------------------------------------------------------------- readers and writers
+
+
+def schemas_fingerprint(*schemas: pa.Schema) -> str:
+    """A short hash of record schemas, for a stage's manifest config: a run folder written before a
+    column was added is redone, not read by code that expects the column."""
+    return hashlib.sha256("\n\n".join(str(schema) for schema in schemas).encode()).hexdigest()[:16]
 
 
 def write_records(path: Path, records: list[dict[str, Any]], schema: pa.Schema) -> None:

@@ -105,6 +105,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         | {name.replace(" ", "_"): upstream[name]
            for name in ("probe traces", "first passes", "shared samples", "drift reference") if name in upstream},
         config={
+            "records": contracts.schemas_fingerprint(SAMPLES_SCHEMA, *contracts.PROBE_SCHEMAS.values()),
             "context_limit": recipe.context_limit,
             "seed": recipe.seed,
             "eval": recipe.section("eval"),

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -383,6 +384,21 @@ def test_editing_a_data_file_makes_generate_and_eval_stale(tmp_path: Path, polic
             data.write(json.dumps({"id": CUT[0], "question": CUT[1], "answer": CUT[2]}) + "\n")
     assert generate.run(generate.plan(recipe), engine=engine)["traces"] == 2
     assert evaluate.run(evaluate.plan(recipe, "forced"), engine=engine)["benchmarks"]["evals"]["samples"] == 2
+
+
+def test_an_eval_arm_written_before_a_records_column_was_added_is_redone(
+        tmp_path: Path, policy: Path, ids: Ids, monkeypatch) -> None:
+    recipe = make_recipe(tmp_path, policy, [LONG])
+    engine = ScriptedEngine(transcripts(ids.script()))
+    evaluate.run(evaluate.plan(recipe, "forced"), engine=engine)
+    asked = len(engine.requests)
+    evaluate.run(evaluate.plan(recipe, "forced"), engine=engine)
+    assert len(engine.requests) == asked  # up to date
+    newer = contracts.DRIFT_SCHEMA.append(pa.field("newer_column", pa.int32()))
+    monkeypatch.setitem(contracts.PROBE_SCHEMAS, contracts.DRIFT, newer)
+    evaluate.run(evaluate.plan(recipe, "forced"), engine=engine)
+    assert len(engine.requests) > asked
+    assert "newer_column" in pq.read_schema(recipe.output_dir / "eval" / "forced" / contracts.DRIFT).names
 
 
 def test_a_prompt_with_no_room_for_b_is_dropped_and_counted_never_cut_early(tmp_path: Path, policy: Path,
