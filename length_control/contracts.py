@@ -121,7 +121,7 @@ ANSWERS = pa.schema([
     ("prompt_id", pa.string()), ("sample", pa.int32()),
     ("case", pa.int8()),  # 1: no close within B, forced; 2: closed within B, the answer was cut
     ("close_at", pa.int32()),  # output tokens before the close: case 1 the cut after B thinking tokens
-    ("cut_back", pa.int32()),  # case 1: tokens a line-end cut (splice.cut) moved back from B; 0 otherwise
+    ("cut_back", pa.int32()),  # case 1: tokens a line-end cut (cut.at) moved back from B; 0 otherwise
     ("thinking_start", pa.int32()),  # output tokens before the first thinking token (the policy's open tag)
     ("close_token_ids", IDS),  # the forced close (case 1) or the policy's own close tokens (case 2)
     ("answer_token_ids", IDS), ("finish_reason", pa.string()),

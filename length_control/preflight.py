@@ -18,6 +18,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from length_control.cut import CutPolicy
 from length_control.engine import model_len
 from length_control.errors import UserError
 from length_control.policy import policy_path, think_tokens
@@ -50,11 +51,11 @@ def check(recipe: Recipe) -> Preflight:
     """All checks; raise `PreflightError` listing every problem, else return what was found."""
     found = Preflight()
     _output_dir(recipe, found)
-    tokenizer = _tokenizer(recipe, found)
+    think = _think_tokens(recipe, found)
     prompts = _sources("prompts", [(ref.source, ref.sample) for ref in recipe.prompts.sources], found)
     evals = _sources("eval", [(s.source, None) for s in recipe.eval.sets], found)
-    if tokenizer is not None:
-        _lengths(recipe, tokenizer, prompts, evals, found)
+    if think is not None:
+        _lengths(recipe, think, prompts, evals, found)
     if found.problems:
         raise PreflightError(recipe, found.problems)
     return found
@@ -79,8 +80,8 @@ def _output_dir(recipe: Recipe, found: Preflight) -> None:
     found.notes.append(f"output_dir {folder}: writable, {_size(shutil.disk_usage(existing).free)} free")
 
 
-def _tokenizer(recipe: Recipe, found: Preflight):
-    """The policy's tokenizer with its think tags checked, or None when it is not on this machine."""
+def _think_tokens(recipe: Recipe, found: Preflight) -> ThinkTokens | None:
+    """The policy's tokenizer and think tags, checked; None when it is not on this machine or fails a check."""
 
     model = policy_path(recipe.model)
     try:
@@ -127,7 +128,7 @@ def _tokenizer(recipe: Recipe, found: Preflight):
                        f"{think.close_ids}, forced close {tags.forced_close!r} = {think.forced_close_ids}, "
                        f"turn ends on {think.end_ids}")
     _turn_end(tokenizer, think, model, found)
-    return tokenizer
+    return think
 
 
 def _turn_end(tokenizer, think, model: str, found: Preflight) -> None:
@@ -165,21 +166,23 @@ def _sources(key: str, definitions: list[tuple[Path, int | None]], found: Prefli
     return checks
 
 
-def _lengths(recipe: Recipe, tokenizer, prompts: dict[str, SourceCheck], evals: dict[str, SourceCheck],
+def _lengths(recipe: Recipe, think: ThinkTokens, prompts: dict[str, SourceCheck], evals: dict[str, SourceCheck],
              found: Preflight) -> None:
-    """Prompts against the room they need: B + the close + an answer (generate), the context limit (eval)."""
-    close = len(tokenizer.encode(recipe.model.think.forced_close, add_special_tokens=False))
+    """Prompts against the room they need: the first pass, the close and an answer (generate, as
+    `CutPolicy.has_room` keeps them), the context limit (eval)."""
+    rule = CutPolicy.of(recipe, think)
     limit = model_len(recipe)
 
     def lengths(check: SourceCheck) -> list[int]:
         stated = recipe.stated_budget()
-        return [len(tokenizer.apply_chat_template(with_system_line(p, stated)["messages"], add_generation_prompt=True,
-                                                  tokenize=True)["input_ids"]) for p in check.prompts]
+        return [len(think.tokenizer.apply_chat_template(with_system_line(p, stated)["messages"],
+                                                        add_generation_prompt=True, tokenize=True)["input_ids"])
+                for p in check.prompts]
 
     total_tokens = 0
     for name, check in prompts.items():
         sizes = lengths(check)
-        too_long = sum(size + recipe.budget + close + 1 > limit for size in sizes)
+        too_long = sum(not rule.has_room(size, limit) for size in sizes)
         total_tokens += sum(sizes) + len(sizes) * (recipe.budget + recipe.generation.answer_max_tokens)
         if too_long:
             line = (f"prompts: {name}: {too_long} of {len(sizes)} prompts leave no room for B = {recipe.budget} "

@@ -26,25 +26,23 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from length_control.cut import CutPolicy
 from length_control.think import ThinkTokens
 
 
 def termination(engine, samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> list[dict[str, Any]]:
     """For every held-out sample whose thinking ran past B (no close in its
     first B thinking tokens: a case-1 trace), given the prompt and the
-    output up to the cut (`ThinkTokens.budget_cut`, as stage 2's rows):
-    `close_nll`, -log p of the `</think>` tokens of the forced close (the
-    "\\n" before them is context), and `greedy_close`, whether greedy
-    decoding writes the close in the next len(forced close) tokens. Stage 2
-    trains exactly this spot, so the probe shows whether training moved the
-    close even when sampling noise hides it in the overlong rate.
+    output cut exactly at B (`CutPolicy` with an exact cut, as stage 2's
+    rows are at the default `cut.at`): `close_nll`, -log p of the
+    `</think>` tokens of the forced close (the "\\n" before them is
+    context), and `greedy_close`, whether greedy decoding writes the close
+    in the next len(forced close) tokens. Stage 2 trains exactly this spot,
+    so the probe shows whether training moved the close even when sampling
+    noise hides it in the overlong rate.
     """
-    traces = []
-    for s in samples:
-        output = s["output_token_ids"]
-        past = think.thinking_start(output) + budget
-        if len(output) >= past and think.find_close(output[:past]) is None:
-            traces.append((s, think.budget_cut(output, budget)))
+    rule = CutPolicy(think, budget)
+    traces = [(s, rule.cut(s["output_token_ids"])) for s in samples if rule.ran_past(s["output_token_ids"])]
     close, tag_start = think.forced_close_ids, think.termination().forced_close_tag_start
     scored, greedy = [], []
     for s, cut in traces:
@@ -95,14 +93,9 @@ def answer_drift(engine, samples: list[dict[str, Any]], answer_starts: dict[str,
 
 def own_answer_starts(samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> dict[str, int]:
     """Where the answer starts in each sample that closed its thinking on its own within B and ended."""
+    rule = CutPolicy(think, budget)
     return {sample_key(s): span[1] for s in samples if s["finish_reason"] == "stop"
-            and (span := _own_close_within(s["output_token_ids"], budget, think)) is not None}
-
-
-def _own_close_within(output, budget: int, think: ThinkTokens) -> tuple[int, int] | None:
-    """The (start, end) of the close tag the output wrote itself within B thinking tokens, or None."""
-    span = think.find_close(output)
-    return span if span is not None and span[0] - think.thinking_start(output) <= budget else None
+            and (span := rule.own_close(s["output_token_ids"])) is not None}
 
 
 def _prefix_and_answer(sample: dict[str, Any], answer_start: int) -> tuple[list[int], list[int]]:
@@ -123,10 +116,11 @@ def early_close(engine, samples: list[dict[str, Any]], budget: int, think: Think
     `close_p_mean` is the mean over the places, `close_p_max` the likeliest. A model that learned "close"
     rather than "close at B" shows it here before any overlong rate falls below the budget.
     """
+    rule = CutPolicy(think, budget)
     traces = []
     for s in samples:
         output = list(s["output_token_ids"])
-        span, start = _own_close_within(output, budget, think), think.thinking_start(output)
+        span, start = rule.own_close(output), think.thinking_start(output)
         if span is None or span[0] <= start:
             continue
         before_close = output[span[0] - 1]

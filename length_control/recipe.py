@@ -1,11 +1,12 @@
 """The recipe: one YAML file = one complete run.
 
-A recipe names the policy model and its think tags, the budget B and the
-eval context limit, the prompt sources, the generation engine and sampling,
-how traces are spliced into stage-2 rows, the Axolotl template and its
-overrides, the eval sets, and the output folder. Paths resolve relative to
-the recipe file. `length-control validate RECIPE [key=value ...]` checks one
-and prints every problem at once, each naming the key, the value and the fix.
+A recipe names the policy model and its think tags, the budget B and where
+a thinking that ran past it is cut, the eval context limit, the prompt
+sources, the generation engine and sampling, how traces are spliced into
+stage-2 rows, the Axolotl template and its overrides, the eval sets, and the
+output folder. Paths resolve relative to the recipe file.
+`length-control validate RECIPE [key=value ...]` checks one and prints every
+problem at once, each naming the key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -248,23 +249,37 @@ class SpliceSpec(StrictModel):
     )
     max_answer_tokens: int = Field(4096, gt=0, description="cap on answer tokens")
     on_long_answer: Literal["drop", "truncate"] = "drop"
-    cut: Literal["exact", "line_end"] = Field(
-        "exact", description="where a thinking that never closed is cut (case 1, and the forced arm): exactly at "
-        "B, or after the last whole line within `cut_grace` before B, as the policy's own closes follow a line")
-    cut_grace: float = Field(
-        0.05, ge=0, lt=1, description="with cut: line_end, how far before B the cut may move: a fraction of B")
     on_overlength: Literal["drop", "truncate"] = Field(
         "drop", description="rows longer than the training sequence_len"
     )
     sft_mix: SFTMix | None = None
 
-    def cut_config(self) -> dict[str, Any]:
-        """The settings that decide where case 1 is cut, for the manifests of the stages that cut."""
-        return {"cut": self.cut, "cut_grace": self.cut_grace}
+    @model_validator(mode="before")
+    @classmethod
+    def _cut_has_its_own_section(cls, data: Any) -> Any:
+        """`splice.cut` and `splice.cut_grace` were here until generation and the forced arm obeyed them too."""
+        moved = [f"splice.{old} ({data[old]}) to cut.{new}" for old, new in (("cut", "at"), ("cut_grace", "grace"))
+                 if isinstance(data, dict) and old in data]
+        if moved:
+            raise ValueError(f"the cut has its own top-level section now: move {' and '.join(moved)}, e.g. "
+                             "cut: {at: line_end, grace: 0.05}")
+        return data
 
-    def grace_tokens(self, budget: int) -> int:
-        """The tokens before B a line-end cut may move back: none for an exact cut."""
-        return round(self.cut_grace * budget) if self.cut == "line_end" else 0
+
+class CutSpec(StrictModel):
+    """Where a thinking that ran past B without closing is cut before the forced close, in generate's case 1
+    and in the forced eval arm alike (`cut.CutPolicy` applies it)."""
+
+    at: Literal["exact", "line_end"] = Field(
+        "exact", description="exact: after B thinking tokens; line_end: after the last whole line within `grace` "
+        "before B, as the policy's own closes follow a line")
+    grace: float = Field(
+        0.05, ge=0, lt=1, description="with at: line_end, how far before B the cut may move: a fraction of B")
+
+    def manifest_config(self) -> dict[str, Any]:
+        """These settings as the manifests of the stages that cut record them: under their names from when they
+        were `splice.cut` and `splice.cut_grace`, so that run folders made before the move stay valid."""
+        return {"cut": self.at, "cut_grace": self.grace}
 
 
 class TrainSpec(StrictModel):
@@ -339,6 +354,7 @@ class EvalRecipe(StrictModel):
     context_limit: int = Field(gt=0, description="input+output token limit of the eval (40,960 in the report)")
     engine: EngineSpec = EngineSpec()
     splice: SpliceSpec = SpliceSpec()
+    cut: CutSpec = Field(CutSpec(), description="where a thinking that never closed within B is cut")
     eval: EvalSpec
     instruction: str | None = Field(
         None, description="a system line put in every prompt the run samples, `{budget}` replaced by B: how a "

@@ -20,7 +20,7 @@ conversations is mixed in with ordinary assistant-only labels. Rows without
 an answer (the answer pass ran out of tokens), with answers past
 `max_answer_tokens`, or longer than the training `sequence_len` are dropped or
 cut as the recipe says, and every such row is counted in the stats.
-The split is the one generate made with `think.close_at_budget`, read from its records.
+The split is the one generate made (`cut.CutPolicy`), read back from its records.
 
 The build streams: one generate shard at a time, rows written in row groups,
 so memory stays flat however many traces there are. Writes
@@ -44,6 +44,7 @@ import numpy as np
 from length_control import contracts
 from length_control.artifacts import Stage, atomic_path, tool_versions
 from length_control.contracts import IGNORE, META, META_SCHEMA, ROWS, ROWS_SCHEMA, Plan, RunLayout, id_lists
+from length_control.cut import recorded_close
 from length_control.errors import EmptyOutput
 from length_control.policy import load_tokenizer, policy_path
 from length_control.recipe import Recipe, SpliceSpec
@@ -67,22 +68,21 @@ def splice_row(
 ) -> tuple[Row | None, str]:
     """One stage-2 row from a trace and its answer, or (None, why it was dropped).
 
-    The split is the one generate made (`think.close_at_budget`), read from
-    the answer record: the thinking is the output before `close_at`, then
-    the close; in case 2 the policy's own close is in the output, and what
-    it wrote after it comes before the answer. The row ends with the end id
-    the policy wrote (Qwen3 may end with <|im_end|> or <|endoftext|>).
-    Token ids may come as lists or numpy arrays; the row's are int32 arrays,
-    sliced and concatenated without a Python object per token.
+    The split is the one generate made (`cut.CutPolicy`), read back from
+    the answer record (`cut.recorded_close`): the thinking is the output
+    before `close_at`, then the close; in case 2 the policy's own close is
+    in the output, and what it wrote after it comes before the answer. The
+    row ends with the end id the policy wrote (Qwen3 may end with
+    <|im_end|> or <|endoftext|>). Token ids may come as lists or numpy
+    arrays; the row's are int32 arrays, sliced and concatenated without a
+    Python object per token.
 
     `train_thinking` (a budget-conditioned run, `conditioning.train_thinking`):
     the row's own thinking, from its first token to the close, is trained too.
     """
-    output = np.asarray(trace["output_token_ids"], dtype=np.int32)
-    close = np.asarray(answer["close_token_ids"], dtype=np.int32)
-    thinking = output[: answer["close_at"]]
-    after_close = output[answer["close_at"] + len(close) :] if answer["case"] == 2 else output[:0]
-    body = np.concatenate([after_close, np.asarray(answer["answer_token_ids"], dtype=np.int32)])
+    closed = recorded_close(np.asarray(trace["output_token_ids"], dtype=np.int32), answer)
+    thinking, close = closed.thinking, np.asarray(closed.close, dtype=np.int32)
+    body = np.concatenate([closed.after_close, np.asarray(answer["answer_token_ids"], dtype=np.int32)])
     # where `</think>` starts in the close: a forced close may carry a "\n" before it; the policy's own starts there
     tag_offset = termination.forced_close_tag_start if answer["case"] == 1 else 0
     if answer["finish_reason"] != "stop" or not len(body) or not termination.ends_turn(int(body[-1])):
@@ -144,8 +144,10 @@ def run(plan: Plan) -> dict[str, Any]:
         folder,
         inputs={name: contracts.upstream(path)["output"] for name, path in plan.inputs.items()}
         | ({"sft_mix": sft_path} if sft_path else {}),
-        config={"budget": recipe.budget, "splice": recipe.section("splice"), "max_len": limit,
-                "conditioning": recipe.section("conditioning")},
+        # the cut's settings stay under "splice", where they were before they had a section of their own,
+        # so that stage-2 folders made before the move stay valid
+        config={"budget": recipe.budget, "splice": recipe.section("splice") | recipe.cut.manifest_config(),
+                "max_len": limit, "conditioning": recipe.section("conditioning")},
         versions=tool_versions("transformers"),
     )
     if stage.is_up_to_date():

@@ -250,7 +250,7 @@ def plot(sweep: dict[str, Any], path: Path) -> None:
             forced = {}
             for r in mine:
                 if f"{key}_forced" in r:
-                    cut = r.get("splice.cut", "")
+                    cut = r.get("cut.at", "")
                     forced.setdefault(cut, {})[r["budget"]] = 100 * r[f"{key}_forced"]
             for cut, points in forced.items():
                 ax.plot(list(points), list(points.values()), marker="s", color="tab:gray",

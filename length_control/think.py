@@ -50,14 +50,15 @@ class Closed:
 
 def close_at_budget(output: Sequence[int], cut: int, close_span: tuple[int, int] | None,
                     forced_close: Sequence[int]) -> Closed:
-    """The method's one rule, shared by generate and the forced arm.
+    """The method's one rule: which case a first pass is, and what the answer continues from.
 
-    `output` is a first pass that ran into the budget, `cut` where its B
-    thinking tokens end (`ThinkTokens.budget_cut`) and `close_span` where its
-    first close tag lies (`ThinkTokens.find_close`), or None. Case 1, no
-    close: keep the output up to the cut and append the forced close. Case 2,
-    the policy closed within B: keep its thinking, its own close and what it
-    wrote after it (the answer that B cut).
+    `cut.CutPolicy.close` applies it for every stage. `output` is a first
+    pass that ran into the budget, `cut` where its thinking is cut
+    (`CutPolicy.cut`) and `close_span` where its first close tag lies
+    (`ThinkTokens.find_close`), or None. Case 1, no close: keep the output
+    up to the cut and append the forced close. Case 2, the policy closed
+    within B: keep its thinking, its own close and what it wrote after it
+    (the answer that B cut).
     """
     if close_span is None or close_span[1] > cut:
         return Closed(1, output[:cut], forced_close, output[:0])
@@ -142,7 +143,7 @@ class ThinkTokens:
 
     def cut(self, output_ids: Sequence[int], budget: int, grace: int = 0) -> int:
         """Where a thinking that never closed is cut: after B thinking tokens (`budget_cut`), or with a
-        `grace` of some tokens (`splice.cut: line_end`) at the last line end within them before that."""
+        `grace` of some tokens (`cut.at: line_end`) at the last line end within them before that."""
         cut = self.budget_cut(output_ids, budget)
         return self.line_end_before(output_ids, cut, grace) if grace else cut
 

@@ -405,7 +405,7 @@ def test_a_partial_close_in_small_pieces_is_dropped_too() -> None:
 
 @pytest.mark.parametrize("family", FAMILIES[:3])
 def test_a_line_end_cut_moves_back_to_the_last_whole_line(family: str) -> None:
-    """`splice.cut: line_end` on real BPE: B falls inside the third line. Where a token starts the next line
+    """`cut.at: line_end` on real BPE: B falls inside the third line. Where a token starts the next line
     ("\\n", "\\n\\n"), the cut goes before it and the forced "\\n</think>" ends the line; where the newlines
     merged into the line's last token (".\\n\\n"), the cut goes after it. Outside the grace it stays at B."""
     tok = tokenizer(family)

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from length_control import contracts, evaluate, generate, splice
+from length_control.cut import grace_tokens
 from length_control.engine import Engine, EngineError, OpenAIEngine, SharedEngine, VLLMEngine
 from length_control.errors import DataError, EmptyOutput
 from length_control.fake_engine import UNLIKELY, ScriptedEngine, transcripts
@@ -534,14 +535,14 @@ def test_a_before_arm_shared_at_another_budget_runs_only_its_probe(tmp_path: Pat
 
 def test_a_line_end_cut_closes_after_the_last_whole_line_and_records_it(tmp_path: Path, policy: Path,
                                                                        ids: Ids) -> None:
-    """B = 12 falls inside LONG's second line ("\\n02:924" starts at thinking token 7): with `splice.cut:
+    """B = 12 falls inside LONG's second line ("\\n02:924" starts at thinking token 7): with `cut.at:
     line_end` and room for it, the close goes before that line's newline, so "\\n</think>" ends the first
     line as the policy's own closes do; the answer record and the stage-2 row say where."""
     budget, line = 12, len(ids("<think>\n01:925"))  # the cut: after the first whole line
     long = ids.prompt(LONG[1])
     script = transcripts(ids.script() | {(*long, *ids.long_thinking[:line], *ids.forced_close): ids.answer("26")})
     recipe = with_setting(make_recipe(tmp_path, policy, [LONG]).model_copy(update={"budget": budget}),
-                          "splice", cut="line_end", cut_grace=0.5)
+                          "cut", at="line_end", grace=0.5)
     recipe = with_setting(recipe, "generation", answer_max_tokens=16)  # room for the whole answer
     engine = ScriptedEngine(script)
     summary = generate.run(generate.plan(recipe), engine=engine)
@@ -560,7 +561,7 @@ def test_a_line_end_cut_closes_after_the_last_whole_line_and_records_it(tmp_path
     forced = ScriptedEngine(script)
     evaluate.run(evaluate.plan(recipe, "forced"), engine=forced)
     assert forced.requests[-1]["prompt_token_ids"] == long + ids.long_thinking[:line] + ids.forced_close
-    assert with_setting(recipe, "splice", cut="exact").splice.grace_tokens(budget) == 0
+    assert grace_tokens(with_setting(recipe, "cut", at="exact").cut, budget) == 0
 
 
 def test_any_model_is_evaluated_without_a_recipe_as_a_recipes_before_arm(tmp_path: Path, policy: Path,
