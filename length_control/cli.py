@@ -94,10 +94,13 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
+    from length_control.demo.cache import cached_build
     from length_control.demo.model import export
     from length_control.recipe import DemoModelSpec
 
-    summary = export(DemoModelSpec(variant=args.variant, seed=args.seed), args.out)
+    spec = DemoModelSpec(variant=args.variant, seed=args.seed)
+    cached_build(spec)  # verified (rebuilt if a file changed) before it is copied
+    summary = export(spec, args.out)
     print(f"demo policy ({args.variant}) in {args.out}: {summary['parameters']:,} parameters, "
           f"vocabulary {summary['vocab_size']}, </think> = {summary['think_close_ids']}, "
           f"built in {summary['seconds']} s")
