@@ -46,13 +46,25 @@ def test_a_build_records_its_files_and_is_reused_while_they_match(builds: list[P
     assert capsys.readouterr().err == ""
 
 
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _drop_the_record(folder: Path) -> None:
+    build = json.loads((folder / "build.json").read_text())
+    del build["files"]
+    (folder / "build.json").write_text(json.dumps(build))
+
+
 @pytest.mark.parametrize("damage, why", [
     (lambda folder: _flip_a_byte(folder / "model" / "model.safetensors"),
      "model/model.safetensors does not match the sha256 its build.json records"),
     (lambda folder: (folder / "stage1_sft.parquet").unlink(), "stage1_sft.parquet is missing"),
     (lambda folder: (folder / "model" / "adapter_config.json").write_text("{}"),
      "model/adapter_config.json is not in its build.json"),
-    (lambda folder: _drop_the_record(folder), "its build.json records no file hashes (built before they were recorded)"),
+    (_drop_the_record, "its build.json records no file hashes (built before they were recorded)"),
     (lambda folder: (folder / "build.json").write_text("{"), "its build.json is unreadable"),
 ])
 def test_a_build_that_does_not_match_its_record_is_rebuilt_with_a_line(builds: list[Path], capsys, damage,
@@ -73,15 +85,3 @@ def test_a_recipe_resolves_to_the_verified_build(builds: list[Path], capsys) -> 
     _flip_a_byte(folder / "model" / "model.safetensors")
     assert demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml")).model.path == folder / "model"
     assert len(builds) == 2 and "model/model.safetensors does not match" in capsys.readouterr().err
-
-
-def _flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _drop_the_record(folder: Path) -> None:
-    build = json.loads((folder / "build.json").read_text())
-    del build["files"]
-    (folder / "build.json").write_text(json.dumps(build))
