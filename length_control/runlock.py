@@ -75,8 +75,10 @@ def _holding(folder: Path) -> Iterator[None]:
 
 
 def this_process() -> dict[str, Any]:
+    """The holder's record: enough for someone refused to find the holder (`length-control run R`, not a path)."""
     return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.now().astimezone().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
 
 
 def read_holder(folder: Path) -> dict[str, Any] | None:
