@@ -2,6 +2,7 @@
 
     .envs/cpu/vllm/bin/python bench/build_dataset.py [--copies 300] [--long-copies 10] [--long-tokens 30000]
     .envs/cpu/vllm/bin/python bench/build_dataset.py --recipe YOUR_RECIPE.yaml   # a finished run of your own
+    .envs/cpu/vllm/bin/python bench/build_dataset.py --recipe A_SMALL_RUN.yaml --smoke   # seconds (the tests)
 
 The samples are a finished run's case-1 traces (by default the demo's: run
 `./run.sh demo` first). The demo's are taken at two lengths: as the demo
@@ -19,6 +20,12 @@ again) does not give back the policy's tokens, i.e. rows the text path
 would silently change, on the demo's tokenizer and then, on generated math
 and code thinking, on each real tokenizer (`bench/text_round_trip.py`).
 The ratios are printed last.
+
+`--smoke` (seconds; the unit tests run it on a scripted run of a few
+traces) takes the run's samples once, and once stretched, times one round
+of our command only, and prints the text round trip of two samples:
+`axolotl preprocess` is not started (its start alone takes ~30 s), so no
+ratio is printed; its chat rows and config are built all the same.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 import text_round_trip  # noqa: E402
 from length_control import contracts, demo, generate  # noqa: E402
+from length_control.artifacts import Stage  # noqa: E402
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
@@ -69,8 +77,12 @@ def case1_samples(generate_dir: Path, budget: int, thinking_tokens: int) -> list
     return pairs
 
 
-def write_shards(pairs: list[tuple[dict, dict]], target: Path, copies: int, termination: Path) -> None:
-    """A generate folder holding the pairs `copies` times (prompt ids made unique), one shard per copy."""
+def write_shards(pairs: list[tuple[dict, dict]], target: Path, copies: int, termination: Path, budget: int) -> None:
+    """A finished generate folder holding the pairs `copies` times (prompt ids made unique), one shard per copy.
+
+    Its manifest is a stage's own (`Stage.finish`): splice reads the folder's output fingerprint, and from its
+    config the budget its traces were cut at.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -82,7 +94,8 @@ def write_shards(pairs: list[tuple[dict, dict]], target: Path, copies: int, term
         contracts.write_records(contracts.shard_path(target, "traces", copy), [tag(t) for t, _ in pairs],
                                 contracts.TRACES)
     shutil.copy(termination, target / contracts.TERMINATION)
-    (target / "manifest.json").write_text(json.dumps({"output": "bench"}))  # "finished", for splice's input
+    Stage(target, inputs={}, config={"budget": budget}, versions={}).finish(
+        traces=len(pairs) * copies, ended_within_budget=0)
 
 
 def chat_rows(pairs: list[tuple[dict, dict]], recipe, tokenizer) -> tuple[list[dict], int]:
@@ -103,15 +116,18 @@ def chat_rows(pairs: list[tuple[dict, dict]], recipe, tokenizer) -> tuple[list[d
     return rows, inexact
 
 
-def compare(pairs, chat, *, copies: int, recipe: Path, model: str, generate_dir: Path, rounds: int) -> dict:
-    """Median seconds of both whole commands on the same samples, run alternately."""
+def compare(pairs, chat, *, copies: int, recipe: Path, model: str, generate_dir: Path, rounds: int,
+            axolotl: bool = True) -> dict:
+    """Median seconds of both whole commands on the same samples, run alternately (ours alone without
+    `axolotl`)."""
     longest = max(len(t["prompt_token_ids"]) + len(t["output_token_ids"]) + len(a["close_token_ids"])
                   + len(a["answer_token_ids"]) for t, a in pairs)
     sequence_len = longest + 8  # room for what the chat template adds after the EOS ("\n")
+    budget = len(pairs[0][0]["output_token_ids"])
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
         scratch = Path(scratch)
         run = scratch / "run"
-        write_shards(pairs, run / "generate", copies, generate_dir / contracts.TERMINATION)
+        write_shards(pairs, run / "generate", copies, generate_dir / contracts.TERMINATION, budget)
         chat_path = scratch / "chat.jsonl"
         with chat_path.open("w") as out:
             for _ in range(copies):
@@ -125,12 +141,14 @@ def compare(pairs, chat, *, copies: int, recipe: Path, model: str, generate_dir:
         (scratch / "axolotl.yaml").write_text(yaml.safe_dump(config))
         commands = {
             "ours": [str(engine_bin("vllm", "length-control")), "splice", str(recipe), f"output_dir={run}",
-                     f"budget={len(pairs[0][0]['output_token_ids'])}", f"context_limit={sequence_len + 1}",
+                     f"budget={budget}", f"context_limit={sequence_len + 1}",
                      f"train.overrides.sequence_len={sequence_len}", f"splice.max_answer_tokens={sequence_len}",
                      "splice.sft_mix=null"],  # every sample kept, as on Axolotl's side
             "axolotl": [str(engine_bin("axolotl", "axolotl")), "preprocess", str(scratch / "axolotl.yaml")],
         }
-        times: dict[str, list[float]] = {"ours": [], "axolotl": []}
+        if not axolotl:
+            del commands["axolotl"]
+        times: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(rounds):
             for name, command in commands.items():
                 shutil.rmtree(run / "stage2", ignore_errors=True)
@@ -152,8 +170,13 @@ def main() -> None:
     parser.add_argument("--long-copies", type=int, default=10, help="repeats of the stretched demo samples")
     parser.add_argument("--long-tokens", type=int, default=30000, help="thinking tokens of a stretched demo sample")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds: the samples once (and once stretched), one round, ours alone, a tiny text "
+                             "round trip (for the tests)")
     args = parser.parse_args()
     is_demo = args.recipe.resolve() == DEMO
+    if args.smoke:
+        args.copies, args.long_copies, args.rounds = 1, 1, 1
     recipe = demo.resolve(load_recipe(args.recipe))
     source = recipe.output_dir / "generate"
     if not (source / "manifest.json").is_file():
@@ -162,7 +185,7 @@ def main() -> None:
     tokenizer = load_tokenizer(model)
 
     settings = [(recipe.budget, args.copies or (300 if is_demo else 1))]
-    if is_demo:  # stretching repeats the demo's numbered lines; a real run's traces are long already
+    if is_demo or args.smoke:  # stretching repeats the demo's numbered lines; a real run's traces are long already
         settings.append((args.long_tokens, args.long_copies))
     results = []
     for thinking, copies in settings:
@@ -171,15 +194,19 @@ def main() -> None:
             raise SystemExit(f"{source} has no finished case-1 sample to compare")
         chat, inexact = chat_rows(pairs, recipe, tokenizer)
         seconds = compare(pairs, chat, copies=copies, recipe=args.recipe.resolve(), model=model,
-                          generate_dir=source, rounds=args.rounds)
+                          generate_dir=source, rounds=args.rounds, axolotl=not args.smoke)
         tokens = copies * sum(len(t["output_token_ids"]) for t, _ in pairs)
+        axolotl = (f"axolotl {seconds['axolotl']:.1f} s" if "axolotl" in seconds
+                   else "axolotl preprocess not run (--smoke)")
         print(f"{len(pairs) * copies} samples of {thinking:,} thinking tokens ({len(pairs)} case-1 traces "
-              f"x {copies}, {tokens / 1e6:.1f}M thinking tokens): ours {seconds['ours']:.1f} s, axolotl "
-              f"{seconds['axolotl']:.1f} s (medians of {args.rounds}, whole commands); text round trip not "
+              f"x {copies}, {tokens / 1e6:.1f}M thinking tokens): ours {seconds['ours']:.1f} s, {axolotl} "
+              f"(medians of {args.rounds}, whole commands); text round trip not "
               f"token-exact: {inexact}/{len(pairs)} ({100 * inexact / len(pairs):.1f} %)")
-        results.append((thinking, seconds["axolotl"] / seconds["ours"]))
+        if "axolotl" in seconds:
+            results.append((thinking, seconds["axolotl"] / seconds["ours"]))
     print("\nThe same on real tokenizers (bench/text_round_trip.py), on math and code thinking text:")
-    settings = dict(samples=200, budget=512, chunk_chars=16, chars=4000, seed=0)
+    settings = (dict(samples=2, budget=64, chunk_chars=16, chars=600, seed=0) if args.smoke
+                else dict(samples=200, budget=512, chunk_chars=16, chars=4000, seed=0))
     text_round_trip.print_table(text_round_trip.damage(**settings), **settings)
     for thinking, ratio in results:
         print(f"axolotl chat_template + train_detail / ours at {thinking:,} thinking tokens: {ratio:.1f}x "

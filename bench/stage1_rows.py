@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 from length_control.chat import assistant_only_row  # noqa: E402
 from length_control.contracts import IGNORE  # noqa: E402
 from length_control.demo import task as demo_task  # noqa: E402
-from length_control.demo.model import THINK_CLOSE, THINK_OPEN, cached_build  # noqa: E402
+from length_control.demo.cache import cached_build  # noqa: E402
+from length_control.demo.model import THINK_CLOSE, THINK_OPEN  # noqa: E402
 from length_control.policy import load_tokenizer  # noqa: E402
 from length_control.recipe import DemoModelSpec, ThinkTags  # noqa: E402
 from length_control.think import ThinkTokens  # noqa: E402

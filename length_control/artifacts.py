@@ -7,7 +7,10 @@ shaped it, the versions of the tools) and a fingerprint of the output itself,
 which the next stage records as its input. A rerun compares the manifest it
 would write with the one on disk: equal means up to date (skip), different or
 missing means stale (redo). A killed stage leaves no manifest, so it is never
-mistaken for a finished one.
+mistaken for a finished one. A finished stage that is redone says why, in one
+line: which inputs, config keys or tool versions changed, or which output file
+is missing or no longer the one its manifest recorded (the manifest keeps each
+file's fingerprint under `files`).
 
     with atomic_path(out / "rows.parquet") as tmp:
         table.write(tmp)          # renamed onto rows.parquet only on success
@@ -86,12 +89,25 @@ def fingerprint(path: Path) -> str:
 
 
 def _folder_fingerprint(folder: Path, exclude: frozenset[str] = frozenset()) -> str:
-    digest = hashlib.sha256()
+    return _combined(_file_fingerprints(folder, exclude))
+
+
+def _file_fingerprints(folder: Path, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Each file's fingerprint under `folder`, by relative path, in path order (hidden entries left out)."""
+    files = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = file.relative_to(folder)
         if rel.as_posix() in exclude or any(part.startswith(".") for part in rel.parts):
             continue
-        digest.update(f"{rel.as_posix()}\0{_file_fingerprint(file)}\n".encode())
+        files[rel.as_posix()] = _file_fingerprint(file)
+    return files
+
+
+def _combined(files: dict[str, str]) -> str:
+    """One fingerprint of a folder's files (`_file_fingerprints`)."""
+    digest = hashlib.sha256()
+    for rel, file_fingerprint in files.items():
+        digest.update(f"{rel}\0{file_fingerprint}\n".encode())
     return digest.hexdigest()
 
 
@@ -173,17 +189,31 @@ class Stage:
             return None
 
     def is_up_to_date(self) -> bool:
-        """True when a finished manifest matches what this run would write."""
+        """True when a finished manifest matches what this run would write.
+
+        A stage that finished before and runs again prints why (`why_stale`), so a redone stage is never
+        silent about it; one that never finished (or was killed before its manifest) just runs.
+        """
+        why = self.why_stale()
+        if why is not None and self.manifest_path.exists():
+            print(f"{self.folder} is redone: {why}", flush=True)
+        return why is None
+
+    def why_stale(self) -> str | None:
+        """Why the stage must run, or None when its manifest matches what this run would write."""
+        if not self.manifest_path.exists():
+            return f"it has no {MANIFEST}"
         manifest = self.read_manifest()
-        if manifest is None:
-            return False
+        if not isinstance(manifest, dict):
+            return f"its {MANIFEST} is unreadable"
         if {key: manifest.get(key) for key in self.expected} != self.expected:
-            return False
-        return manifest.get("output") == self._output_fingerprint()
+            return "; ".join(_settings_changed(manifest, self.expected)) or "its manifest's settings differ"
+        return _output_changed(manifest, _file_fingerprints(self.folder, exclude=frozenset({MANIFEST})))
 
     def finish(self, **summary: Any) -> dict[str, Any]:
         """Write the manifest (last, atomically): the stage is done."""
-        manifest = {**self.expected, "output": self._output_fingerprint(), "summary": summary}
+        files = _file_fingerprints(self.folder, exclude=frozenset({MANIFEST}))
+        manifest = {**self.expected, "output": _combined(files), "files": files, "summary": summary}
         write_json_atomic(self.manifest_path, manifest)
         return manifest
 
@@ -192,5 +222,54 @@ class Stage:
         """The finished output's fingerprint, for the next stage's inputs."""
         return finished_output(self.folder)
 
-    def _output_fingerprint(self) -> str:
-        return _folder_fingerprint(self.folder, exclude=frozenset({MANIFEST}))
+
+def _settings_changed(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """What differs between a finished stage's manifest and the one a run would write, for people: the
+    inputs by name, the config by dotted key, the tools with both versions."""
+    changed = []
+    inputs = _changed_keys(manifest.get("inputs") or {}, expected["inputs"], nested=False)
+    if inputs:
+        changed.append(f"inputs changed: {', '.join(inputs)}")
+    keys = _changed_keys(manifest.get("config") or {}, expected["config"])
+    if keys:
+        changed.append(f"config changed: {', '.join(keys)}")
+    was, now = manifest.get("versions") or {}, expected["versions"]
+    tools = [f"{name} {was.get(name, 'none')} -> {now.get(name, 'none')}"
+             for name in _changed_keys(was, now, nested=False)]
+    if tools:
+        changed.append(f"versions changed: {', '.join(tools)}")
+    return changed
+
+
+_ABSENT = object()
+
+
+def _changed_keys(was: Any, now: Any, prefix: str = "", nested: bool = True) -> list[str]:
+    """The keys whose values differ between two mappings (dotted, down to the leaves when `nested`)."""
+    if not (isinstance(was, dict) and isinstance(now, dict)):
+        return [prefix] if was != now else []
+    changed = []
+    for key in sorted({*was, *now}):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if nested and key in was and key in now:
+            changed += _changed_keys(was[key], now[key], name)
+        elif was.get(key, _ABSENT) != now.get(key, _ABSENT):
+            changed.append(name)
+    return changed
+
+
+def _output_changed(manifest: dict[str, Any], files: dict[str, str]) -> str | None:
+    """Which output files are missing, changed or added since the manifest was written (None: none is), by
+    its per-file record (a manifest from before that record names none)."""
+    if manifest.get("output") == _combined(files):
+        return None
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict):
+        return "its output no longer matches its manifest"
+    missing = [name for name in recorded if name not in files]
+    added = [name for name in files if name not in recorded]
+    differ = [name for name in recorded if name in files and files[name] != recorded[name]]
+    return "; ".join(f"{what}: {', '.join(names)}" for what, names in (
+        ("output missing", missing), ("output not matching its manifest", differ),
+        ("output not in its manifest", added)) if names) or "its output no longer matches its manifest"
+

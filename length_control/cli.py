@@ -15,7 +15,9 @@
     length-control sweep RECIPE key=[a,b] [...]      the loop per combination of the axes, sharing what they share
 
 `key=value` overrides may come anywhere on the line. A user's mistake exits 2
-with one message; a traceback is a bug.
+with one message; a traceback is a bug. A command that writes stages into a
+run folder holds the folder's lock (`runlock`) from before its demo policy is
+built: a second writer is refused at once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from length_control._schema import ConfigError
@@ -36,6 +39,17 @@ def _load(args: argparse.Namespace, *extra: str, build: bool = True) -> Recipe:
     from length_control import demo
 
     return demo.resolve(load_recipe(args.recipe, [*args.overrides, *extra]), build=build)
+
+
+@contextmanager
+def _writing(args: argparse.Namespace, *extra: str) -> Iterator[Recipe]:
+    """The recipe of a command that writes stages into its run folder, its demo policy resolved once the
+    folder's lock is held (taken first: a second writer is refused before it would wait for a policy build)."""
+    from length_control import demo, runlock
+
+    recipe = load_recipe(args.recipe, [*args.overrides, *extra])
+    with runlock.holding(recipe.output_dir):
+        yield demo.resolve(recipe)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -80,10 +94,13 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _demo_model(args: argparse.Namespace) -> int:
+    from length_control.demo.cache import cached_build
     from length_control.demo.model import export
     from length_control.recipe import DemoModelSpec
 
-    summary = export(DemoModelSpec(variant=args.variant, seed=args.seed), args.out)
+    spec = DemoModelSpec(variant=args.variant, seed=args.seed)
+    cached_build(spec)  # verified (rebuilt if a file changed) before it is copied
+    summary = export(spec, args.out)
     print(f"demo policy ({args.variant}) in {args.out}: {summary['parameters']:,} parameters, "
           f"vocabulary {summary['vocab_size']}, </think> = {summary['think_close_ids']}, "
           f"built in {summary['seconds']} s")
@@ -96,7 +113,8 @@ def _stage(stage) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from length_control import pipeline
 
-        print(pipeline.run_stage(stage, _load(args)))
+        with _writing(args) as recipe:
+            print(pipeline.run_stage(stage, recipe))
         return 0
 
     return run
@@ -120,16 +138,17 @@ def _evaluate(args: argparse.Namespace) -> int:
                           ["give a RECIPE, or --model PATH with --set SOURCE and --context-limit N (no recipe)"])
     if args.seed is not None and args.arm != "after":
         raise ConfigError(args.recipe, ["--seed picks a stage-2 model: use it with --arm after"])
-    recipe = _load(args)
-    plans = [evaluate.plan(recipe, "after", args.seed)] if args.seed is not None else evaluate.plans(recipe, args.arm)
-    with SharedEngine(recipe, plans[0].model, log_name=f"evaluate-{args.arm}") as engine:  # the seeds share it
-        print(evaluate.format_metrics([(plan.label, evaluate.run(plan, engine)) for plan in plans]))
+    with _writing(args) as recipe:
+        plans = ([evaluate.plan(recipe, "after", args.seed)] if args.seed is not None
+                 else evaluate.plans(recipe, args.arm))
+        with SharedEngine(recipe, plans[0].model, log_name=f"evaluate-{args.arm}") as engine:  # the seeds share it
+            print(evaluate.format_metrics([(plan.label, evaluate.run(plan, engine)) for plan in plans]))
     return 0
 
 
 def _evaluate_model(args: argparse.Namespace) -> int:
     """Any checkpoint's overlong rate and score, measured as the loop measures its arms."""
-    from length_control import evaluate
+    from length_control import evaluate, runlock
     from length_control.recipe import eval_recipe
 
     overrides = list(args.overrides)
@@ -142,7 +161,8 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     recipe = eval_recipe(args.model, args.set, context_limit=args.context_limit, samples_per_problem=args.samples,
                          budget=args.budget, think=args.think, output_dir=args.output, overrides=overrides)
     plan = evaluate.plan(recipe, "before")
-    print(evaluate.format_metrics([(Path(args.model).name or args.model, evaluate.run(plan))]))
+    with runlock.holding(recipe.output_dir):
+        print(evaluate.format_metrics([(Path(args.model).name or args.model, evaluate.run(plan))]))
     print(f"samples: {plan.folder / 'samples.parquet'} (compare two with: length-control report --samples A B)")
     return 0
 
@@ -155,7 +175,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(pipeline.dry_run(_load(args, *loop, build=False)))
         return 0
-    pipeline.run(_load(args, *loop), start=args.start)
+    with _writing(args, *loop) as recipe:
+        pipeline.run(recipe, start=args.start)
     return 0
 
 
@@ -183,9 +204,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from length_control import demo, sweep
+    """The sweep's folder and every setting's run folder are locked before a demo policy is resolved."""
+    from length_control import demo, runlock, sweep
 
-    sweep.run(sweep.settings(args.recipe, args.overrides, resolve=demo.resolve), start=args.start)
+    folders = [setting.recipe.output_dir for setting in sweep.settings(args.recipe, args.overrides)]
+    with runlock.holding(folders[0].parent, *folders):
+        sweep.run(sweep.settings(args.recipe, args.overrides, resolve=demo.resolve), start=args.start)
     return 0
 
 

@@ -55,6 +55,58 @@ def test_stage_lifecycle(tmp_path: Path) -> None:
     assert not _stage(out, source, {"budget": 10}).is_up_to_date()  # output changed after finishing
 
 
+def test_a_finished_stage_that_runs_again_says_why(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("a")
+    out = tmp_path / "stage"
+    stage = Stage(out, inputs={"source": source}, config={"budget": 10, "splice": {"span": "a", "share": 0.5}},
+                  versions={"tool": "1"})
+    assert stage.why_stale() == "it has no manifest.json"
+    assert not stage.is_up_to_date() and capsys.readouterr().out == ""  # never finished: it just runs
+    write_json_atomic(out / "rows.json", [1])
+    write_json_atomic(out / "meta" / "a.json", [1])
+    stage.finish()
+    assert stage.is_up_to_date() and capsys.readouterr().out == ""
+
+    def why(**update) -> str:
+        settings = {"inputs": {"source": source}, "config": stage.expected["config"], "versions": {"tool": "1"}}
+        assert not Stage(out, **(settings | update)).is_up_to_date()
+        return capsys.readouterr().out
+
+    assert why(config={"budget": 11, "splice": {"span": "b", "share": 0.5}, "seed": 1}) == (
+        f"{out} is redone: config changed: budget, seed, splice.span\n")
+    assert why(versions={"tool": "2", "vllm": "0.32.0"}) == (
+        f"{out} is redone: versions changed: tool 1 -> 2, vllm none -> 0.32.0\n")
+    source.write_text("b")
+    assert why(inputs={"source": source, "extra": "abc"}) == f"{out} is redone: inputs changed: extra, source\n"
+    source.write_text("a")
+
+    (out / "rows.json").write_text("[")  # truncated
+    (out / "meta" / "a.json").unlink()
+    (out / "stray.txt").write_text("")
+    assert why() == (f"{out} is redone: output missing: meta/a.json; output not matching its manifest: rows.json; "
+                     "output not in its manifest: stray.txt\n")
+    (out / "manifest.json").write_text("{")
+    assert why() == f"{out} is redone: its manifest.json is unreadable\n"
+
+
+def test_a_manifest_without_its_files_record_still_says_its_output_changed(tmp_path: Path, capsys) -> None:
+    """A manifest written before the per-file record: up to date as before, and an output change is named
+    as a change, without the file."""
+    import json
+
+    stage = Stage(tmp_path, inputs={}, config={}, versions={})
+    write_json_atomic(tmp_path / "rows.json", [1])
+    manifest = stage.finish()
+    del manifest["files"]
+    write_json_atomic(tmp_path / "manifest.json", manifest)
+    assert stage.is_up_to_date()
+    (tmp_path / "rows.json").write_text("[2]")
+    assert not stage.is_up_to_date()
+    assert capsys.readouterr().out == f"{tmp_path} is redone: its output no longer matches its manifest\n"
+    assert "files" not in json.loads((tmp_path / "manifest.json").read_text())
+
+
 def test_downstream_stage_keys_on_upstream_output(tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_text("a")

@@ -46,7 +46,7 @@ def test_stage1_rows_holds_what_stage_1_trained(tmp_path) -> None:
 
     import pyarrow.parquet as pq
 
-    from length_control.demo.model import cached_build
+    from length_control.demo.cache import cached_build
     from length_control.recipe import DemoModelSpec
 
     out = tmp_path / "rows.parquet"

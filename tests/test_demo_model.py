@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control.demo.model import build, cached_build
+from length_control.demo.cache import cached_build
+from length_control.demo.model import build
 from length_control.engine import VLLMEngine, request_seed
 from length_control.envs import engine_bin, engine_environ
 from length_control.policy import load_tokenizer

@@ -150,7 +150,7 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
 
     import yaml
 
-    from length_control.demo.model import cached_build
+    from length_control.demo.cache import cached_build
     from length_control.envs import engine_bin, engine_environ
     from length_control.train import render_config
 

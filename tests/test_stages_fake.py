@@ -648,3 +648,25 @@ def test_a_conditioned_run_states_each_budget_and_trains_one_dataset_on_all(tmp_
     alone = recipe.model_copy(update={"conditioning": recipe.conditioning.model_copy(
         update={"train_thinking": False})})
     assert rows(alone)["prompts/long", 14] == {first[14] + 14 + tag, -1}
+
+
+# ---------------------------------------------------------------- a stage that runs again says why
+
+
+def test_a_finished_stage_that_runs_again_names_the_file_or_setting(tmp_path: Path, policy: Path, ids: Ids,
+                                                                    capsys) -> None:
+    recipe = with_setting(make_recipe(tmp_path, policy, [LONG, CUT]), "generation", answer_max_tokens=16)
+    generate.run(generate.plan(recipe), engine=ScriptedEngine(transcripts(ids.script())))
+    summary = splice.run(splice.plan(recipe))
+    stage2 = recipe.output_dir / "stage2"
+    assert splice.run(splice.plan(recipe)) == summary and capsys.readouterr().out == ""  # up to date: silent
+
+    rows = stage2 / contracts.ROWS
+    rows.write_bytes(rows.read_bytes()[:-16])
+    assert splice.run(splice.plan(recipe)) == summary
+    assert capsys.readouterr().out == f"{stage2} is redone: output not matching its manifest: rows.parquet\n"
+    (stage2 / contracts.META).unlink()
+    splice.run(splice.plan(recipe))
+    assert capsys.readouterr().out == f"{stage2} is redone: output missing: meta.parquet\n"
+    splice.run(splice.plan(with_setting(recipe, "splice", termination_span="think_close_answer_eos")))
+    assert capsys.readouterr().out == f"{stage2} is redone: config changed: splice.termination_span\n"

@@ -6,7 +6,7 @@ run names: a model folder (`model.path`) and, when the recipe mixes stage-1
 SFT data back in without naming it, the demo policy's own SFT set
 (`splice.sft_mix.dataset`).
 
-    recipe = demo.resolve(load_recipe("recipes/demo-cpu.yaml"))   # builds, or reuses the cache
+    recipe = demo.resolve(load_recipe("recipes/demo-cpu.yaml"))   # builds, or reuses the cache once verified
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def resolve(recipe: Recipe, *, build: bool = True) -> Recipe:
     spec = recipe.model.demo
     if spec is None:
         return recipe
-    from length_control.demo.model import build_folder, cached_build
+    from length_control.demo.cache import cached_build
+    from length_control.demo.model import build_folder
 
     folder = cached_build(spec) if build else build_folder(spec)
     model = recipe.model.model_copy(update={"path": folder / "model", "demo": None})
