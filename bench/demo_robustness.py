@@ -14,8 +14,10 @@ bounds of "stage 2 changes the stop and nothing else":
 - overlong after <= 1 %;
 - score after >= score forced - 2 points (the stage-1 model forced to close
   at B is the best a trained model can do on a trace cut there);
-- greedy-answer agreement with the stage-1 model after a close at B >= 98 %
-  (the answer-drift probe).
+- greedy-answer agreement with the stage-1 model >= 98 % after a close at B
+  and after the policy's own close (the answer-drift probe), over the
+  answers the stage-1 model had decided (`probes.DECIDED_P`); the agreement
+  over all of them, near ties included, is printed beside it.
 
 `--kernels avx2` runs with `ATEN_CPU_CAPABILITY=avx2`, torch's kernels held
 to AVX2 (the policy is built again under them: its cache key holds the
@@ -71,15 +73,22 @@ def verdict_rows(report: dict, label: str) -> list[tuple[str, bool]]:
     for name, row in report["benchmarks"].items():
         forced = row["score_forced"]
         for seed, after in row["per_seed"].items():
-            agreement = after.get("greedy_answer_agreement")
+            decided = [after.get(key) for key in ("decided_answer_agreement", "own_close_decided_answer_agreement")]
             ok = (after["overlong_after"] <= MAX_OVERLONG_AFTER
                   and after["score_after"] >= forced - MAX_POINTS_BELOW_FORCED
-                  and agreement is not None and agreement >= MIN_AGREEMENT)
-            agree = "n/a" if agreement is None else f"{100 * agreement:.1f}%"
+                  and decided[0] is not None and all(a is None or a >= MIN_AGREEMENT for a in decided))
+            agreement = [_percent(after.get(key)) for key in ("greedy_answer_agreement", "decided_answer_agreement",
+                                                             "own_close_greedy_answer_agreement",
+                                                             "own_close_decided_answer_agreement")]
             rows.append((f"{label} {name:<12} {seed:>4} {100 * row['overlong_before']:>8.1f}% "
                          f"{100 * after['overlong_after']:>6.1f}% {100 * forced:>7.1f}% {100 * after['score_after']:>7.1f}% "
-                         f"{100 * (after['score_after'] - forced):>+7.1f} {agree:>7}  {'ok' if ok else 'OUT'}", ok))
+                         f"{100 * (after['score_after'] - forced):>+7.1f} "
+                         + " ".join(f"{a:>7}" for a in agreement) + f"  {'ok' if ok else 'OUT'}", ok))
     return rows
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"
 
 
 def main() -> int:
@@ -120,10 +129,11 @@ def main() -> int:
     within = sum(ok for _, ok in lines)
     print("\n" + "\n".join(notes))
     print(f"\n{'kernels':<7} {'build':>5} {'benchmark':<12} {'seed':>4} {'overlong':>9} {'after':>7} {'forced':>8} "
-          f"{'score':>8} {'-forced':>7} {'agree':>7}")
+          f"{'score':>8} {'-forced':>7} {'agree':>7} {'decided':>7} {'own':>7} {'decided':>7}")
     print("\n".join(line for line, _ in lines))
     print(f"\nbounds: overlong after <= {100 * MAX_OVERLONG_AFTER:.0f} %, score after >= forced - "
-          f"{100 * MAX_POINTS_BELOW_FORCED:.0f} points, greedy-answer agreement >= {100 * MIN_AGREEMENT:.0f} %: "
+          f"{100 * MAX_POINTS_BELOW_FORCED:.0f} points, greedy-answer agreement where the stage-1 model decided "
+          f">= {100 * MIN_AGREEMENT:.0f} % (after a close at B and after its own): "
           f"{within}/{len(lines)} within ({(time.monotonic() - started) / 60:.1f} min)")
     return 0 if lines and within == len(lines) else 1
 

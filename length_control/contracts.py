@@ -163,6 +163,8 @@ DRIFT_SCHEMA = pa.schema([
     ("answer_start", pa.int32()),  # where the answer starts in the sample's output (after the close)
     ("answer_nll", pa.float64()), ("greedy_token_ids", IDS),
     ("greedy_agrees", pa.bool_()),  # with the stage-1 model's greedy answer; null in the forced arm (the reference)
+    # the stage-1 model's least likely token of its own greedy answer here: under probes.DECIDED_P, a near tie
+    ("stage1_greedy_min_p", pa.float64()),
 ])
 """The answer-drift probe on one sample closed at B by force, or within B on its own (`probes.answer_drift`)."""
 

@@ -355,8 +355,13 @@ def _probe_means(probes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         rows = [r for r in probes.get(DRIFT, []) if r["close"] == close]
         if rows:
             out |= {f"{prefix}drift_samples": len(rows), f"{prefix}answer_nll": _mean(r["answer_nll"] for r in rows)}
+            split = [r for r in rows if not _decided(r)]
+            out[f"{prefix}split_samples"] = len(split)
             if rows[0]["greedy_agrees"] is not None:
-                out[f"{prefix}greedy_answer_agreement"] = _mean(r["greedy_agrees"] for r in rows)
+                decided = [r["greedy_agrees"] for r in rows if _decided(r)]
+                out |= {f"{prefix}greedy_answer_agreement": _mean(r["greedy_agrees"] for r in rows),
+                        f"{prefix}decided_answer_agreement": _mean(decided) if decided else None,
+                        f"{prefix}ties_tipped": sum(not r["greedy_agrees"] for r in split)}
     if probes.get(EARLY_CLOSE):
         rows = probes[EARLY_CLOSE]
         positions = sum(r["positions"] for r in rows)
@@ -364,6 +369,13 @@ def _probe_means(probes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 "early_close_p": sum(r["close_p_mean"] * r["positions"] for r in rows) / positions,
                 "early_close_p_max": _mean(r["close_p_max"] for r in rows)}
     return out
+
+
+def _decided(drift: dict[str, Any]) -> bool:
+    """Whether the stage-1 model had decided its greedy answer at this prefix (`probes.DECIDED_P`); an empty
+    one (no room left) has nothing to tip."""
+    min_p = drift["stage1_greedy_min_p"]
+    return min_p is None or min_p >= probes.DECIDED_P
 
 
 def _mean(values) -> float:

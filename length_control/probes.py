@@ -10,8 +10,9 @@ at the budget, and nothing else:
 - `answer_drift`: after a close at the budget, does it still answer as the
   stage-1 model did? The stage-1 model's forced-arm samples are the
   reference: prompt + thinking cut at B + the forced close + its own answer.
-  The answer tokens are masked in stage 2, so their NLL and the greedy
-  answer should not move.
+  Stage 2 should not move their NLL nor the greedy answer, except where the
+  stage-1 model was split between two answers (`DECIDED_P`): any change of
+  weights, or of kernels, may tip a near tie.
 - `early_close`: on traces that closed on their own before B, is closing
   earlier any likelier? Stage 2 should teach "close at B", not "close".
 
@@ -58,6 +59,13 @@ def termination(engine, samples: list[dict[str, Any]], budget: int, think: Think
     ]
 
 
+DECIDED_P = 0.6
+"""The stage-1 model has decided its greedy answer at a prefix when it gives every token of it at least this
+probability (a runner-up holds at most 0.4). Below it the greedy answer is a near tie: on the demo a count the
+thinking was cut in gives "17" 0.478 and "18" 0.476, and whatever stage 2 does tips it one way on every seed.
+Agreement is reported over all prefixes and over the decided ones; only the decided ones can show drift."""
+
+
 def answer_drift(engine, samples: list[dict[str, Any]], answer_starts: dict[str, int], context_limit: int,
                  reference: list[dict[str, Any]] | None = None, close: str = "forced") -> list[dict[str, Any]]:
     """On the forced arm's samples that were closed at B and answered (`answer_starts`: sample key -> where
@@ -68,18 +76,26 @@ def answer_drift(engine, samples: list[dict[str, Any]], answer_starts: dict[str,
 
     `answer_nll`, -log p(answer | prefix) summed over the answer's tokens, and `greedy_token_ids`, what greedy
     decoding writes after the prefix within the context limit. Without `reference` this is the reference (the
-    stage-1 model's own record, run in the forced arm); with it (the forced arm's records), `greedy_agrees`
-    says whether this model's greedy answer is the stage-1 model's, token for token.
+    stage-1 model's own record, run in the forced arm), and `stage1_greedy_min_p` is the least probability it
+    gives a token of its greedy answer (`DECIDED_P`); with it (the stage-1 records), `greedy_agrees` says
+    whether this model's greedy answer is the stage-1 model's, token for token, and `stage1_greedy_min_p` is
+    the reference's.
     """
     probed = [s for s in samples if sample_key(s) in answer_starts]
-    scored, greedy = [], []
+    scored, greedy, prefixes = [], [], []
     for s in probed:
         prefix, answer = _prefix_and_answer(s, answer_starts[sample_key(s)])
+        prefixes.append(prefix)
         if answer:
             scored.append(_score_request(f"answer:{sample_key(s)}", prefix + answer, len(answer)))
         greedy.append(_greedy_request(f"answer:{sample_key(s)}", prefix, context_limit - len(prefix)))
     nll = {score["key"]: -sum(score["tail_logprobs"]) for score in ask(engine, scored, desc="probe: answer NLL")}
     continuations = ask(engine, greedy, desc="probe: greedy answer")
+    if reference is None:
+        min_p = _greedy_min_p(engine, [(sample_key(s), prefix, list(cont["output_token_ids"]))
+                                       for s, prefix, cont in zip(probed, prefixes, continuations)])
+    else:
+        min_p = {sample_key(r): r["stage1_greedy_min_p"] for r in reference}
     expected = {sample_key(r): list(r["greedy_token_ids"]) for r in reference or []}
     records = []
     for s, cont in zip(probed, continuations):
@@ -87,8 +103,20 @@ def answer_drift(engine, samples: list[dict[str, Any]], answer_starts: dict[str,
         records.append({**_id(s), "close": close, "answer_start": answer_starts[key],
                         "answer_nll": nll.get(f"answer:{key}", 0.0),
                         "greedy_token_ids": ids,
-                        "greedy_agrees": ids == expected[key] if reference is not None else None})
+                        "greedy_agrees": ids == expected[key] if reference is not None else None,
+                        "stage1_greedy_min_p": min_p[key]})
     return records
+
+
+def _greedy_min_p(engine, answers: list[tuple[str, list[int], list[int]]]) -> dict[str, float | None]:
+    """Per sample key: the least probability the model gives a token of its greedy answer after the prefix
+    (None for an empty answer: the context limit left no room)."""
+    requests = [_score_request(f"greedy:{key}", prefix + ids, len(ids)) for key, prefix, ids in answers if ids]
+    scores = ask(engine, requests, desc="probe: greedy answer margin")
+    min_p: dict[str, float | None] = {key: None for key, _, _ in answers}
+    for score in scores:
+        min_p[score["key"].removeprefix("greedy:")] = math.exp(min(score["tail_logprobs"]))
+    return min_p
 
 
 def own_answer_starts(samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> dict[str, int]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from length_control import contracts
+from length_control import contracts, probes
 from length_control.artifacts import MissingInput, atomic_path, write_json_atomic, write_text_atomic
 from length_control.contracts import SAMPLES, Plan, RunLayout
 from length_control.evaluate import read_probes, summarize
@@ -79,7 +79,8 @@ def _rows(before: dict[str, Any], after: dict[int, dict[str, Any]], forced: dict
                "samples_per_problem": b["samples"] // b["problems"], "problems": b["problems"], "seeds": len(after)}
         for key in ("score_after", "overlong_after", "score_relative_change", "overlong_relative_change",
                     "close_nll_after", "greedy_close_after", "answer_nll_after", "greedy_answer_agreement",
-                    "own_close_greedy_answer_agreement", "early_close_p_after"):
+                    "decided_answer_agreement", "ties_tipped", "own_close_greedy_answer_agreement",
+                    "own_close_decided_answer_agreement", "own_close_ties_tipped", "early_close_p_after"):
             values = [r[key] for r in per_seed.values() if r.get(key) is not None]
             if values:
                 row[key] = sum(values) / len(values)
@@ -90,13 +91,15 @@ def _rows(before: dict[str, Any], after: dict[int, dict[str, Any]], forced: dict
         if "early_close_p" in b:
             row |= {"early_close_traces": b["early_close_traces"], "early_close_p_before": b["early_close_p"]}
         if "own_close_drift_samples" in b:
-            row["own_close_drift_samples"] = b["own_close_drift_samples"]
+            row |= {"own_close_drift_samples": b["own_close_drift_samples"],
+                    "own_close_split_samples": b["own_close_split_samples"]}
         if forced is not None:
             f = forced[name]
             row |= {"score_forced": f["score"], "score_forced_stderr": f["score_stderr"],
                     "overlong_forced": f["overlong_rate"]}
             if "answer_nll" in f:  # the stage-1 model's own answers after the forced close: the drift reference
-                row |= {"drift_samples": f["drift_samples"], "answer_nll_before": f["answer_nll"]}
+                row |= {"drift_samples": f["drift_samples"], "split_samples": f["split_samples"],
+                        "answer_nll_before": f["answer_nll"]}
         row["per_seed"] = {str(seed): r for seed, r in per_seed.items()}
         table[name] = row
     return table
@@ -136,9 +139,12 @@ def _seed_row(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     if "close_nll" in after:
         row |= {"close_nll_after": after["close_nll"], "greedy_close_after": after["greedy_close_rate"]}
     if "greedy_answer_agreement" in after:
-        row |= {"answer_nll_after": after["answer_nll"], "greedy_answer_agreement": after["greedy_answer_agreement"]}
+        row |= {"answer_nll_after": after["answer_nll"], "greedy_answer_agreement": after["greedy_answer_agreement"],
+                "decided_answer_agreement": after["decided_answer_agreement"], "ties_tipped": after["ties_tipped"]}
     if "own_close_greedy_answer_agreement" in after:
-        row["own_close_greedy_answer_agreement"] = after["own_close_greedy_answer_agreement"]
+        row |= {"own_close_greedy_answer_agreement": after["own_close_greedy_answer_agreement"],
+                "own_close_decided_answer_agreement": after["own_close_decided_answer_agreement"],
+                "own_close_ties_tipped": after["own_close_ties_tipped"]}
     if "early_close_p" in after:
         row["early_close_p_after"] = after["early_close_p"]
     return row
@@ -293,33 +299,40 @@ def markdown(report: dict[str, Any]) -> str:
                   "share whose greedy answer after stage 2 is the stage-1 model's on the same prefix. Early close, "
                   "on the before arm's samples that closed on their own within B: the mean p(close) at the places "
                   "before that where the thinking could have closed; and on the same samples, the share whose "
-                  "greedy answer after their own close is the stage-1 model's.", "",
-                  table_row(["benchmark", "samples", "answer NLL stage 1", "answer NLL after",
-                             "greedy answer agreement", "traces", "p(close early) before", "p(close early) after",
-                             "agreement after the own close"]),
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"greedy answer after their own close is the stage-1 model's. \"decided\": over the samples "
+                  f"where the stage-1 model gave each token of its greedy answer at least {probes.DECIDED_P} "
+                  "(\"split\": the others, near ties that any change of weights may tip).", "",
+                  table_row(["benchmark", "samples (split)", "answer NLL stage 1", "answer NLL after",
+                             "greedy answer agreement", "decided", "traces", "p(close early) before",
+                             "p(close early) after", "samples after the own close (split)",
+                             "agreement after the own close", "decided"]),
+                  "|" + "---|" * 12]
         for name, r in rows.items():
-            lines.append(table_row([name, str(r.get("drift_samples", "n/a")), _number(r.get("answer_nll_before")),
+            lines.append(table_row([name, _with_split(r, ""), _number(r.get("answer_nll_before")),
                                     _spread_number(r, "answer_nll_after"), spread(r, "greedy_answer_agreement"),
+                                    spread(r, "decided_answer_agreement"),
                                     str(r.get("early_close_traces", "n/a")), _number(r.get("early_close_p_before"), 4),
-                                    _spread_number(r, "early_close_p_after", 4),
-                                    spread(r, "own_close_greedy_answer_agreement")]))
+                                    _spread_number(r, "early_close_p_after", 4), _with_split(r, "own_close_"),
+                                    spread(r, "own_close_greedy_answer_agreement"),
+                                    spread(r, "own_close_decided_answer_agreement")]))
         lines += ["", drift_verdict(rows)]
 
     if len(seeds) > 1:
         lines += ["", "Per stage-2 seed:", "",
                   table_row(["benchmark", "seed", "score after", "rel. change", "overlong after", "rel. change",
-                        "close NLL", "greedy close", "answer NLL", "greedy answer agreement", "p(close early)",
-                        "agreement after the own close"]),
-                  "|" + "---|" * 12]
+                        "close NLL", "greedy close", "answer NLL", "greedy answer agreement", "decided",
+                        "p(close early)", "agreement after the own close", "decided"]),
+                  "|" + "---|" * 14]
         for name, r in rows.items():
             for seed, s in r["per_seed"].items():
                 lines.append(table_row([name, seed, f"{pct(s['score_after'])} ± {pct(s['score_after_stderr'])}",
                                    pct(s["score_relative_change"], signed=True), pct(s["overlong_after"]),
                                    pct(s["overlong_relative_change"], signed=True), _number(s.get("close_nll_after")),
                                    pct(s.get("greedy_close_after")), _number(s.get("answer_nll_after")),
-                                   pct(s.get("greedy_answer_agreement")), _number(s.get("early_close_p_after"), 4),
-                                   pct(s.get("own_close_greedy_answer_agreement"))]))
+                                   pct(s.get("greedy_answer_agreement")), pct(s.get("decided_answer_agreement")),
+                                   _number(s.get("early_close_p_after"), 4),
+                                   pct(s.get("own_close_greedy_answer_agreement")),
+                                   pct(s.get("own_close_decided_answer_agreement"))]))
     if report.get("rounds"):
         lines += ["", "Closed loop: each round's policy is the previous round's model (first seed); rows "
                   "accumulate; changes are against the stage-1 policy (round 1 is the table above).", "",
@@ -331,6 +344,13 @@ def markdown(report: dict[str, Any]) -> str:
                                    spread(r, "score_relative_change", signed=True), spread(r, "overlong_after"),
                                    spread(r, "overlong_relative_change", signed=True)]))
     return "\n".join(lines) + "\n"
+
+
+def _with_split(row: dict[str, Any], prefix: str) -> str:
+    """"144 (24)": the drift samples, and how many of them the stage-1 model was split on."""
+    if f"{prefix}drift_samples" not in row:
+        return "n/a"
+    return f"{row[f'{prefix}drift_samples']} ({row[f'{prefix}split_samples']})"
 
 
 def _number(x: float | None, digits: int = 2) -> str:
@@ -345,24 +365,25 @@ def _spread_number(row: dict[str, Any], key: str, digits: int = 2) -> str:
     return mean if row["seeds"] == 1 else f"{mean} [{_number(low, digits)}, {_number(high, digits)}]"
 
 
-AGREEMENT_BOUND = 0.98  # greedy answers after a close at B that must stay the stage-1 model's, every seed
+AGREEMENT_BOUND = 0.98  # decided greedy answers after a close that must stay the stage-1 model's, every seed
 EARLY_CLOSE_SLACK = 0.01  # how far p(close early) may rise over the stage-1 model's before it is named
 
 
 def drift_verdict(rows: dict[str, Any]) -> str:
     """One line: did stage 2 change the stop and nothing else? The worst seed of every benchmark decides."""
-    found = []
+    found, tipped = [], 0
     for name, r in rows.items():
         for seed, s in r["per_seed"].items():
-            agreement = s.get("greedy_answer_agreement")
+            agreement = s.get("decided_answer_agreement")
             if agreement is not None and agreement < AGREEMENT_BOUND:
-                found.append(f"{name} seed {seed}: {pct(agreement)} of greedy answers after a close at B are the "
-                             f"stage-1 model's (answer NLL {_number(r.get('answer_nll_before'))} -> "
-                             f"{_number(s.get('answer_nll_after'))})")
-            own = s.get("own_close_greedy_answer_agreement")
+                found.append(f"{name} seed {seed}: {pct(agreement)} of the greedy answers the stage-1 model had "
+                             f"decided after a close at B are its own (answer NLL "
+                             f"{_number(r.get('answer_nll_before'))} -> {_number(s.get('answer_nll_after'))})")
+            own = s.get("own_close_decided_answer_agreement")
             if own is not None and own < AGREEMENT_BOUND:
-                found.append(f"{name} seed {seed}: {pct(own)} of greedy answers after the policy's own close are "
-                             f"the stage-1 model's")
+                found.append(f"{name} seed {seed}: {pct(own)} of the greedy answers the stage-1 model had decided "
+                             f"after its own close are its own")
+            tipped += (s.get("ties_tipped") or 0) + (s.get("own_close_ties_tipped") or 0)
             early, before = s.get("early_close_p_after"), r.get("early_close_p_before")
             if early is not None and before is not None and early > before + EARLY_CLOSE_SLACK:
                 found.append(f"{name} seed {seed}: p(close early) {before:.4f} -> {early:.4f}")
@@ -371,9 +392,11 @@ def drift_verdict(rows: dict[str, Any]) -> str:
                 + ". The after arm's score then falls short of the forced arm's for that reason, not the stop.")
     if not any("greedy_answer_agreement" in s for r in rows.values() for s in r["per_seed"].values()):
         return "No answer-drift probe: it needs the forced arm (eval.arms)."
+    ties = (f" ({tipped} samples over the seeds where the stage-1 model was split between answers went the "
+            f"other way: near ties, which any change of weights may tip)" if tipped else "")
     return (f"Stage 2 changed the stop and nothing else the probes see: on every benchmark and seed at least "
-            f"{pct(AGREEMENT_BOUND)} of greedy answers after a close (at B, or the policy's own) are the stage-1 "
-            f"model's, and closing early is no likelier.")
+            f"{pct(AGREEMENT_BOUND)} of the greedy answers the stage-1 model had decided after a close (at B, or "
+            f"its own) are its own, and closing early is no likelier{ties}.")
 
 
 def table_row(cells: list[str]) -> str:

@@ -104,6 +104,7 @@ def test_the_drift_probe_scores_the_forced_answer_and_compares_greedy_answers() 
     assert [(r["problem_id"], r["answer_start"], r["greedy_token_ids"], r["greedy_agrees"]) for r in reference] == [
         ("p", 6, [b, b, eos], None), ("q", 6, [a, eos], None)]
     assert [r["answer_nll"] for r in reference] == [0.0, 0.0]  # the script writes its own answers: certain
+    assert [r["stage1_greedy_min_p"] for r in reference] == [1.0, 1.0]  # and its greedy answers are decided
 
     # After training, q's answer is cut short: its greedy answer differs and its answer tokens got unlikely.
     trained = ScriptedEngine(transcripts({(9, 9, 1, 3, a, a, 3, close): [b, b, eos],
@@ -121,6 +122,16 @@ def test_the_drift_probe_scores_the_forced_answer_and_compares_greedy_answers() 
     metrics = summarize([{**s, "thinking_tokens": 2, "closed_think": True, "overlong": False, "correct": True}
                          for s in forced], context_limit=12, probes={DRIFT: after})["benchmarks"]["demo"]
     assert metrics["drift_samples"] == 2 and metrics["greedy_answer_agreement"] == 0.5
+    assert (metrics["decided_answer_agreement"], metrics["split_samples"], metrics["ties_tipped"]) == (0.5, 0, 0)
+    assert [r["stage1_greedy_min_p"] for r in after] == [1.0, 1.0]  # the reference's, beside each comparison
+
+    # Had the stage-1 model been split on q's answer (a token at 0.5), its flip is a tie tipped, not drift.
+    split = [{**r, "stage1_greedy_min_p": 0.5} if r["problem_id"] == "q" else r for r in reference]
+    after = probes.answer_drift(trained, forced, starts, context_limit=12, reference=split)
+    metrics = summarize([{**s, "thinking_tokens": 2, "closed_think": True, "overlong": False, "correct": True}
+                         for s in forced], context_limit=12, probes={DRIFT: after})["benchmarks"]["demo"]
+    assert (metrics["greedy_answer_agreement"], metrics["decided_answer_agreement"]) == (0.5, 1.0)
+    assert (metrics["split_samples"], metrics["ties_tipped"]) == (1, 1)
 
 
 def test_the_early_close_probe_asks_at_the_line_ends_before_the_own_close() -> None:

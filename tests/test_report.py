@@ -77,9 +77,10 @@ def test_report_shows_what_else_stage_2_moved_and_says_it(tmp_path: Path) -> Non
         pq.write_table(pa.Table.from_pylist([{"benchmark": "demo", "problem_id": "b", **r} for r in records]),
                        tmp_path / "eval" / arm / name)
 
-    def drift(agrees: list[bool | None], nll: list[float] | None = None, close: str = "forced") -> list[dict]:
-        return [{"sample": i, "close": close, "answer_nll": (nll or [0.1] * len(agrees))[i], "greedy_agrees": a}
-                for i, a in enumerate(agrees)]
+    def drift(agrees: list[bool | None], nll: list[float] | None = None, close: str = "forced",
+              min_p: list[float] | None = None) -> list[dict]:
+        return [{"sample": i, "close": close, "answer_nll": (nll or [0.1] * len(agrees))[i], "greedy_agrees": a,
+                 "stage1_greedy_min_p": (min_p or [0.9] * len(agrees))[i]} for i, a in enumerate(agrees)]
 
     probe("forced", "drift.parquet", drift([None, None]))
     probe("after/seed-0", "drift.parquet", drift([True, True]))
@@ -92,9 +93,25 @@ def test_report_shows_what_else_stage_2_moved_and_says_it(tmp_path: Path) -> Non
     assert row["greedy_answer_agreement_range"] == [0.5, 1.0] and row["answer_nll_after_range"] == [0.1, 1.1]
     assert row["per_seed"]["1"]["greedy_answer_agreement"] == 0.5
     text = report.markdown(built)
-    assert "| demo | 2 | 0.10 | 0.60 [0.10, 1.10] | 75.0% [50.0%, 100.0%] | 1 | 0.0010 | 0.0015 [0.0010, 0.0020] |" in text
-    assert built["drift_verdict"].startswith("Stage 2 changed more than the stop: demo seed 1: 50.0% of greedy answers")
+    assert ("| demo | 2 (0) | 0.10 | 0.60 [0.10, 1.10] | 75.0% [50.0%, 100.0%] | 75.0% [50.0%, 100.0%] | 1 | 0.0010 | "
+            "0.0015 [0.0010, 0.0020] |") in text
+    assert built["drift_verdict"].startswith("Stage 2 changed more than the stop: demo seed 1: 50.0% of the greedy "
+                                             "answers the stage-1 model had decided after a close at B are its own")
     assert built["drift_verdict"] in text and "seed 0" not in built["drift_verdict"]
+
+    # The same flip where the stage-1 model was split (a token of its greedy answer at 0.48): a tie tipped, not drift.
+    for arm in ("forced", "after/seed-0", "after/seed-1"):
+        agrees = {"forced": [None, None], "after/seed-0": [True, True], "after/seed-1": [True, False]}[arm]
+        probe(arm, "drift.parquet", drift(agrees, min_p=[0.9, 0.48]))
+    built = report.build(recipe)
+    row = built["benchmarks"]["demo"]
+    assert (row["split_samples"], row["per_seed"]["1"]["greedy_answer_agreement"]) == (1, 0.5)
+    assert (row["per_seed"]["1"]["decided_answer_agreement"], row["per_seed"]["1"]["ties_tipped"]) == (1.0, 1)
+    assert "| demo | 2 (1) |" in report.markdown(built)
+    assert built["drift_verdict"].startswith("Stage 2 changed the stop and nothing else")
+    assert built["drift_verdict"].endswith("no likelier (1 samples over the seeds where the stage-1 model was split "
+                                           "between answers went the other way: near ties, which any change of "
+                                           "weights may tip).")
 
     probe("after/seed-1", "drift.parquet", drift([True, True]))
     probe("after/seed-1", "early_close.parquet", [{"sample": 0, "positions": 4, "close_p_mean": 0.2, "close_p_max": 0.5}])
@@ -110,9 +127,9 @@ def test_report_shows_what_else_stage_2_moved_and_says_it(tmp_path: Path) -> Non
     probe("after/seed-1", "drift.parquet", drift([True, True]) + drift([True], close="own"))
     built = report.build(recipe)
     assert built["benchmarks"]["demo"]["own_close_greedy_answer_agreement_range"] == [0.0, 1.0]
-    assert built["drift_verdict"] == ("Stage 2 changed more than the stop: demo seed 0: 0.0% of greedy answers after "
-                                      "the policy's own close are the stage-1 model's. The after arm's score then "
-                                      "falls short of the forced arm's for that reason, not the stop.")
+    assert built["drift_verdict"] == ("Stage 2 changed more than the stop: demo seed 0: 0.0% of the greedy answers "
+                                      "the stage-1 model had decided after its own close are its own. The after "
+                                      "arm's score then falls short of the forced arm's for that reason, not the stop.")
 
 
 def test_report_names_the_missing_seed(tmp_path: Path) -> None:
