@@ -45,13 +45,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import text_round_trip  # noqa: E402
 from length_control import contracts, demo, generate  # noqa: E402
 from length_control.artifacts import Stage  # noqa: E402
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
 from length_control.train import render_config  # noqa: E402
+
+import text_round_trip  # noqa: E402
 
 DEMO = REPO / "recipes" / "demo-cpu.yaml"
 
@@ -83,15 +84,15 @@ def write_shards(pairs: list[tuple[dict, dict]], target: Path, copies: int, term
     Its manifest is a stage's own (`Stage.finish`): splice reads the folder's output fingerprint, and from its
     config the budget its traces were cut at.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    def tag(record: dict, copy: int) -> dict:
+        return {**record, "prompt_id": f"{record['prompt_id']}/{copy}"}
 
     target.mkdir(parents=True)
     for copy in range(copies):
-        tag = lambda record: {**record, "prompt_id": f"{record['prompt_id']}/{copy}"}  # noqa: E731
-        contracts.write_records(contracts.shard_path(target, "answers", copy), [tag(a) for _, a in pairs],
+        contracts.write_records(contracts.shard_path(target, "answers", copy), [tag(a, copy) for _, a in pairs],
                                 contracts.ANSWERS)
-        contracts.write_records(contracts.shard_path(target, "traces", copy), [tag(t) for t, _ in pairs],
+        contracts.write_records(contracts.shard_path(target, "traces", copy), [tag(t, copy) for t, _ in pairs],
                                 contracts.TRACES)
     shutil.copy(termination, target / contracts.TERMINATION)
     Stage(target, inputs={}, config={"budget": budget}, versions={}).finish(

@@ -61,8 +61,8 @@ def code_block(rng: random.Random) -> str:
     body = rng.choice([
         f"def {name}(n):\n    total = 0\n    for i in range(1, n + 1):\n        if i % {rng.randint(2, 9)} == 0:\n"
         f"            total += i  # multiples\n    return total\n\nprint({name}({n}))",
-        f"def {name}(xs):\n    memo = {{}}\n\n    def go(i, acc):\n        if i == len(xs):\n            return acc\n"
-        f"        key = (i, acc)\n        if key not in memo:\n"
+        f"def {name}(xs):\n    memo = {{}}\n\n    def go(i, acc):\n        if i == len(xs):\n"
+        f"            return acc\n        key = (i, acc)\n        if key not in memo:\n"
         f"            memo[key] = max(go(i + 1, acc), go(i + 1, acc + xs[i]))\n        return memo[key]\n"
         f"    return go(0, 0)",
         f"for (int i = 0; i < {n}; ++i) {{\n\tif (a[i] > best) {{\n\t\tbest = a[i];\n\t}}\n}}\n"

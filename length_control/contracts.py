@@ -21,7 +21,6 @@ files by hand.
 from __future__ import annotations
 
 import hashlib
-
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field

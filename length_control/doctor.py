@@ -145,7 +145,7 @@ def probe_environment(name: str) -> dict | None:
         return None
     result = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
-        return {"error": result.stderr.strip().splitlines()[-1:] or ["exit status %d" % result.returncode]}
+        return {"error": result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

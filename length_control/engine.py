@@ -16,6 +16,7 @@ one engine start; `OpenAIEngine` sends the same requests to running servers;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -175,7 +176,7 @@ class _Worker:
     def __init__(self, engine_args: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
-        self._log = open(log_path, "ab")
+        self._log = open(log_path, "ab")  # noqa: SIM115  open while the worker runs; close() closes it
         read_fd, write_fd = os.pipe()
         command = worker_command(engine_args) + ["--reply-fd", str(write_fd)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
@@ -222,10 +223,8 @@ class _Worker:
 
     def close(self) -> None:
         if self.process.stdin:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 self.process.stdin.close()  # the worker finishes what it holds, then vLLM shuts down
-            except BrokenPipeError:
-                pass
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -402,7 +401,7 @@ class OpenAIEngine:
     the stage with the server's error: a sample is never dropped.
     """
 
-    RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+    RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
     CONNECTIONS_PER_CLIENT = 64
 
     def __init__(self, options, *, sleep=None, transport=None) -> None:

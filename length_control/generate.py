@@ -39,8 +39,15 @@ from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, shard_path
 from length_control.cut import CutPolicy, describe_cut, recorded_close
-from length_control.engine import (Engine, answer_request, engine_for, model_len, open_engine, sample_request,
-                                   shorter_result)
+from length_control.engine import (
+    Engine,
+    answer_request,
+    engine_for,
+    model_len,
+    open_engine,
+    sample_request,
+    shorter_result,
+)
 from length_control.errors import DataError
 from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows, with_system_line
@@ -63,7 +70,8 @@ def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
         "one engine for traces and answers:", *(f"  {line}" for line in engine.describe()),
         *(f"prompts: {ref.source.name}" + (f", sample {ref.sample}" if ref.sample else "")
           for ref in recipe.prompts.sources),
-        (f"traces: cut from the longer traces to B = {recipe.budget}; only the answers a cut changes are generated"
+        (f"traces: cut from the longer traces to B = {recipe.budget}; "
+         "only the answers a cut changes are generated"
          if longer is not None else
          f"traces: {generation.samples_per_prompt} per prompt, max_tokens {recipe.budget}, {sampling}, "
          "a seed per request"),

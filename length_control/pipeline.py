@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from length_control import evaluate, generate, preflight, report, splice, train
-from length_control.artifacts import MANIFEST, summary_line, write_text_atomic
 from length_control._schema import ConfigError
+from length_control.artifacts import MANIFEST, summary_line, write_text_atomic
 from length_control.contracts import AXOLOTL_CONFIG, Plan, RunLayout
 from length_control.engine import SharedEngine
 from length_control.policy import policy_path

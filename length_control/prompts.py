@@ -407,7 +407,8 @@ def _format(prompt: str, fields: dict[str, Any]) -> str:
     try:
         return prompt.format_map(fields)
     except (ValueError, TypeError) as error:  # a format spec that does not fit the value, e.g. {n:d} on text
-        raise _RowProblems((("format",), lambda rows: f"`prompt` cannot be formatted with {rows}: {error}; "
+        why = str(error)  # `error` is unbound once the except clause ends, before the message is made
+        raise _RowProblems((("format",), lambda rows: f"`prompt` cannot be formatted with {rows}: {why}; "
                                                       "fix `prompt`")) from None
 
 
@@ -440,8 +441,8 @@ def _give_ids(spec: SourceSpec, items: list[_Row], problems: _Problems) -> None:
                 item.id = f"{item.id}-{copies[item.id]}"
         elif item.id in first_row:
             problems.add_row(_RowProblems((("repeated id",), lambda rows, value=item.id, first=first_row[item.id]: (
-                f"`id` column {spec.id!r} repeats its values in {rows} ({value!r} is also row {first}'s); ids must be "
-                "unique: fix the data, or remove `id` to use a hash of the prompt text"))), item.index)
+                f"`id` column {spec.id!r} repeats its values in {rows} ({value!r} is also row {first}'s); "
+                "ids must be unique: fix the data, or remove `id` to use a hash of the prompt text"))), item.index)
         else:
             first_row[item.id] = item.index
 

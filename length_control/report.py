@@ -26,8 +26,8 @@ from typing import Any
 from length_control import contracts, probes
 from length_control.artifacts import MissingInput, atomic_path, write_json_atomic, write_text_atomic
 from length_control.contracts import SAMPLES, Plan, RunLayout
-from length_control.evaluate import read_probes, summarize
 from length_control.errors import UserError
+from length_control.evaluate import read_probes, summarize
 from length_control.recipe import Recipe, ThinkTags
 
 _SAMPLE_COLUMNS = ["benchmark", "problem_id", "sample", "thinking_tokens", "prompt_tokens", "closed_think",
@@ -187,8 +187,8 @@ def read_sample_file(path: Path, *, tokenizer: str | None = None, tags: ThinkTag
     A raw sample has `prompt_token_ids`, `prompt` (the text fed to the model) or `messages` (a chat, rendered
     with the tokenizer's template), and `output_token_ids` or `output` (text, encoded with the tokenizer: the
     model's own ids are better, an encoding may cut the text differently); optional `benchmark` (default
-    "samples"), `problem_id`, `sample` and `correct`. Overlong, as the eval counts it: no close tag within `context_limit` - prompt
-    tokens of output (within the whole output when no limit is given).
+    "samples"), `problem_id`, `sample` and `correct`. Overlong, as the eval counts it: no close tag within
+    `context_limit` - prompt tokens of output (within the whole output when no limit is given).
     """
     import pyarrow.json as pj
     import pyarrow.parquet as pq

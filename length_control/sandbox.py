@@ -28,6 +28,7 @@ namespace dies with its first process, and the cgroup is emptied.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -362,10 +363,8 @@ def _plain_env(home: str) -> dict[str, str]:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _make_removable(function, path, _error) -> None:

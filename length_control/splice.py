@@ -50,6 +50,7 @@ from length_control.policy import load_tokenizer, policy_path
 from length_control.recipe import Recipe, SpliceSpec
 from length_control.think import Termination
 
+
 @dataclass(frozen=True)
 class Row:
     input_ids: np.ndarray | list[int]

@@ -77,8 +77,9 @@ def test_a_build_that_does_not_match_its_record_is_rebuilt_with_a_line(builds: l
 
 
 def test_a_recipe_resolves_to_the_verified_build(builds: list[Path], capsys) -> None:
-    from conftest import REPO
     from length_control.recipe import load_recipe
+
+    from conftest import REPO
 
     recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml"))
     folder = recipe.model.path.parent

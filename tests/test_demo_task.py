@@ -45,7 +45,7 @@ def test_shipped_prompt_sets_match_their_generator() -> None:
     for name in demo_task.SHIPPED:
         shipped = (REPO / "prompts_sources" / "data" / name).read_text().splitlines()
         assert [json.loads(line) for line in shipped] == demo_task.shipped_records(name), (
-            f"regenerate with: python -m length_control.demo.task prompts_sources/data"
+            "regenerate with: python -m length_control.demo.task prompts_sources/data"
         )
 
 

@@ -15,7 +15,7 @@ from length_control import demo, evaluate, pipeline
 from length_control.envs import engine_bin, engine_environ
 from length_control.recipe import load_recipe
 
-from conftest import H100x8, REPO
+from conftest import REPO, H100x8
 
 ONE_H200 = {**H100x8, "n_gpu": 1}
 

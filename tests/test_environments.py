@@ -13,7 +13,7 @@ import yaml
 
 from length_control.envs import engine_bin, engine_environ, envs_dir
 
-from conftest import H100x8, REPO
+from conftest import REPO, H100x8
 
 pytestmark = pytest.mark.engine
 

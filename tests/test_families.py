@@ -32,8 +32,8 @@ import pytest
 import yaml
 
 from length_control import evaluate, generate, splice, tokenizer_files, train
-from length_control.engine import SharedEngine
 from length_control.contracts import IGNORE
+from length_control.engine import SharedEngine
 from length_control.envs import engine_bin, engine_environ
 from length_control.recipe import THINK_PRESETS, ThinkTags, load_recipe
 from length_control.think import ThinkTokens
@@ -71,7 +71,8 @@ class Family:
 
 
 FAMILIES = {f.name: f for f in [
-    # Qwen3 (Hermes 4 14B): one-token tags; its generation config stops on <|endoftext|> too, and a policy may end so.
+    # Qwen3 (Hermes 4 14B): one-token tags; its generation config stops on <|endoftext|> too,
+    # and a policy may end so.
     Family("qwen3", "qwen3", "qwen3", [151645, 151643], short_end=151643, think="qwen3"),
     # DeepSeek-R1: the generation prompt opens "<think>\n"; the close is BPE pieces merged with the newlines.
     Family("deepseek-r1", "deepseek-v3", "llama", [1], short_end=1, chat_template="r1", think="deepseek-r1"),
@@ -175,7 +176,7 @@ def _records(folder: Path, kind: str) -> dict[str, dict]:
 
 
 def test_the_engine_writes_the_policys_own_ids(family_run) -> None:
-    family, said, recipe, _ = family_run
+    _family, said, recipe, _ = family_run
     traces = _records(recipe.output_dir / "generate", "traces")
     first_pass = said.think.first_pass_tokens(BUDGET)
     assert traces["long"]["output_token_ids"] == said.long[:first_pass]
@@ -187,7 +188,7 @@ def test_the_engine_writes_the_policys_own_ids(family_run) -> None:
 def test_the_eval_renders_the_familys_prompts_and_counts_its_thinking(family_run) -> None:
     """The eval's prompts are the family's generation prompts (R1's ends inside the thinking); a sample
     that closed counts its thinking from after the open tag (from its first token under R1's template)."""
-    family, said, recipe, _ = family_run
+    _family, said, recipe, _ = family_run
     samples = {s["problem_id"].split("/")[-1]: s for s in pq.read_table(
         recipe.output_dir / "eval" / "before" / "samples.parquet").to_pylist()}
     assert {name: s["prompt_token_ids"] for name, s in samples.items()} == said.prompts
@@ -234,7 +235,7 @@ def test_case_2_finishes_with_the_policys_own_close_tokens_and_end_id(family_run
 
 
 def test_the_sft_mix_goes_through_the_familys_template(family_run) -> None:
-    family, said, recipe, _ = family_run
+    _family, said, recipe, _ = family_run
     rows, meta = (pq.read_table(recipe.output_dir / "stage2" / name).to_pylist()
                   for name in ("rows.parquet", "meta.parquet"))
     sft = [r for r, m in zip(rows, meta) if m["kind"] == "sft"]
@@ -246,7 +247,7 @@ def test_the_sft_mix_goes_through_the_familys_template(family_run) -> None:
 
 
 def test_axolotl_prepares_the_rows_unchanged_and_trains_a_step(family_run) -> None:
-    family, said, recipe, summary = family_run
+    _family, _said, recipe, summary = family_run
     assert summary["steps"] == 1 and (Path(summary["model"]) / "config.json").is_file()
     prepared = next((recipe.output_dir / "prepared").rglob("dataset_info.json")).parent
     dump = ("import json, sys, datasets\n"

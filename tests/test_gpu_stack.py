@@ -21,7 +21,7 @@ import yaml
 from length_control import doctor
 from length_control.envs import engine_bin, engine_environ
 
-from conftest import H100x8, REPO, fake_gpu, require_gpu_stack
+from conftest import REPO, H100x8, fake_gpu, require_gpu_stack
 
 pytestmark = [pytest.mark.engine, pytest.mark.gpu_stack]
 

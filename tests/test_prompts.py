@@ -574,6 +574,16 @@ def test_a_prompt_field_the_rows_lack_names_the_definition_the_field_and_the_col
         build(opencompass)
 
 
+def test_a_format_spec_that_does_not_fit_the_value_names_the_rows_and_the_error(tmp_path: Path) -> None:
+    spec = local_spec("deepmath_103k", tmp_path, prompt="{question:d}")
+    with pytest.raises(DataError) as caught:
+        build(spec)
+    assert str(caught.value) == (
+        f"{tmp_path / 'deepmath_103k.local.yaml'}: `prompt` cannot be formatted with 4 of 4 rows (first: row 0): "
+        "Unknown format code 'd' for object of type 'str'; fix `prompt`"
+    )
+
+
 def test_an_empty_source_is_an_error(tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     data.write_text("\n", encoding="utf-8")

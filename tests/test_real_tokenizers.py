@@ -328,6 +328,7 @@ def _tokenizer_folder(tmp_path: Path, family: str, **config) -> Path:
 def test_the_preflight_says_which_family_the_tokenizer_looks_like(tmp_path: Path, family: str, preset: str,
                                                                    opened: str) -> None:
     from length_control import preflight
+
     from test_preflight import SHORT, small_recipe
 
     if family == "deepseek-r1":
@@ -341,12 +342,13 @@ def test_the_preflight_says_which_family_the_tokenizer_looks_like(tmp_path: Path
 
 def test_the_preflight_stops_think_tags_on_a_gpt_oss_tokenizer_and_takes_its_preset(tmp_path: Path) -> None:
     from length_control import preflight
+
     from test_preflight import SHORT, small_recipe
 
     harmony = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
                "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
     folder = _tokenizer_folder(tmp_path, "gpt-oss", chat_template=harmony)
-    with pytest.raises(preflight.PreflightError, match="gpt-oss's channels .* set model.think: gpt-oss"):
+    with pytest.raises(preflight.PreflightError, match=r"gpt-oss's channels .* set model.think: gpt-oss"):
         preflight.check(small_recipe(tmp_path / "tags", folder, [SHORT], [SHORT], context_limit=200))
     recipe = small_recipe(tmp_path / "preset", folder, [SHORT], [SHORT], context_limit=200,
                           model={"path": str(folder), "think": "gpt-oss"})
@@ -358,6 +360,7 @@ def test_the_preflight_warns_when_the_turn_ends_on_a_token_the_engine_does_not_s
     """Qwen3 base models name <|endoftext|> as eos_token while the template ends turns with <|im_end|>:
     without a generation config listing <|im_end|>, the answer pass would run past the answer."""
     from length_control import preflight
+
     from test_preflight import SHORT, small_recipe
 
     folder = _tokenizer_folder(tmp_path, "qwen3", eos_token="<|endoftext|>")
@@ -370,6 +373,7 @@ def test_the_preflight_warns_when_the_turn_ends_on_a_token_the_engine_does_not_s
 
 def test_an_unknown_think_preset_names_the_presets(tmp_path: Path) -> None:
     from length_control._schema import ConfigError
+
     from test_preflight import SHORT, small_recipe
 
     folder = _tokenizer_folder(tmp_path, "qwen3")
@@ -390,7 +394,7 @@ def test_the_sft_mix_masks_qwen3s_reasoning_turn_and_stops_a_conversation_its_te
     ids, labels = assistant_only_row(tok, turn)
     trained = tok.decode([i for i, label in zip(ids, labels) if label != -100])
     assert trained == "<think>\nadd\n</think>\n\n5<|im_end|>"
-    with pytest.raises(DataError, match="Qwen3's drops the reasoning .* mix single-turn conversations"):
+    with pytest.raises(DataError, match=r"Qwen3's drops the reasoning .* mix single-turn conversations"):
         assistant_only_row(tok, turn + turn)
 
 

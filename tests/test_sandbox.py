@@ -233,7 +233,7 @@ def hostile(tmp_path_factory):
     bystanders = [subprocess.Popen(["sleep", "120"], **({"user": sandbox.NOBODY} if os.geteuid() == 0 else {}))]
     fill = {"PORT": str(listener.port), "OUTSIDE": str(outside), "REPO": str(REPO), "SECRET": secret, "MARK": mark}
     programs = []
-    for name, probe in PROBES.items():
+    for probe in PROBES.values():
         for placeholder, value in fill.items():
             probe = probe.replace(placeholder, value)
         programs += [(probe, REFERENCE), HONEST]
@@ -320,7 +320,7 @@ def test_the_pool_survives_hostile_programs() -> None:
                  ("exact", "The answer is 12.", "12")]
     grades = grade_many(jobs, workers=2)
     assert [g.correct for g in grades] == [False, True, True] * len(fast), grades
-    assert "ProcessLookupError" in grades[0].why and "passed 1 tests" == grades[1].why
+    assert "ProcessLookupError" in grades[0].why and grades[1].why == "passed 1 tests"
 
 
 def test_a_machine_without_bubblewrap_refuses(monkeypatch) -> None:
@@ -328,7 +328,7 @@ def test_a_machine_without_bubblewrap_refuses(monkeypatch) -> None:
     monkeypatch.delenv(sandbox.MODE_VARIABLE, raising=False)
     sandbox._mode.cache_clear()
     try:
-        with pytest.raises(sandbox.SandboxUnavailable, match="install the bubblewrap package.*LC_SANDBOX=unconfined"):
+        with pytest.raises(sandbox.SandboxUnavailable, match=r"install the bubblewrap package.*LC_SANDBOX=unconfined"):
             sandbox.describe()
     finally:
         sandbox._mode.cache_clear()

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from length_control.demo import task as demo_task
 from length_control.demo.model import build_tokenizer
+from length_control.errors import UserError
 from length_control.recipe import DemoModelSpec, SpliceSpec, ThinkTags
 from length_control.splice import IGNORE, Row, splice_row, write_dataset
-from length_control.errors import UserError
 from length_control.think import ThinkTokens
 
 
@@ -223,7 +223,7 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     assert f"trained positions {close_at}" in text and f"[{close_at}]</" in text
     assert "[... " in text  # the long reasoning is elided in the middle
     assert "length  case 1: 1 rows" in text and "dropped: {'no_answer': 2}" in text
-    with pytest.raises(UserError, match="rows 0..0"):
+    with pytest.raises(UserError, match=r"rows 0..0"):
         inspect_rows.show(tmp_path / "stage2", row=5, console=console)
     write_dataset(tmp_path / "empty", iter(()), mix_rows=lambda n: iter(()), stats=Counter(no_answer=3))
     with pytest.raises(UserError, match="has no rows: its splice run kept none"):

@@ -413,7 +413,7 @@ def test_a_prompt_with_no_room_for_b_is_dropped_and_counted_never_cut_early(tmp_
     # No request asks for more than the engine's limit.
     assert all(len(r["prompt_token_ids"]) + r["max_tokens"] <= CONTEXT_LIMIT for r in engine.requests)
     strict = with_setting(make_recipe(tmp_path / "strict", policy, [LONG, LIMIT]), "generation", on_long_prompt="error")
-    with pytest.raises(DataError, match="1 prompts .*prompts/limit.* leave no room for B = 14 thinking"):
+    with pytest.raises(DataError, match=r"1 prompts .*prompts/limit.* leave no room for B = 14 thinking"):
         generate.run(generate.plan(strict), engine=engine)
 
 
@@ -441,7 +441,7 @@ def test_a_stage_2_build_with_no_row_is_an_error_that_names_the_setting(tmp_path
         splice.run(splice.plan(within))
     unfinished = make_recipe(tmp_path / "unfinished", policy, [LONG])  # its answer runs past answer_max_tokens
     generate.run(generate.plan(unfinished), engine=engine)
-    with pytest.raises(EmptyOutput, match="1 answers did not finish within generation.answer_max_tokens"):
+    with pytest.raises(EmptyOutput, match=r"1 answers did not finish within generation.answer_max_tokens"):
         splice.run(splice.plan(unfinished))
     assert not (unfinished.output_dir / "stage2" / "manifest.json").exists()
 

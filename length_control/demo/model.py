@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from length_control import chat
-from length_control.demo import task as demo_task
 from length_control.artifacts import write_json_atomic
+from length_control.demo import task as demo_task
 from length_control.envs import cache_dir
 from length_control.recipe import DemoModelSpec, StatedBudgets, ThinkTags
 
@@ -294,7 +294,7 @@ def _train(model, tokenizer, conversations, interrupted, spec: DemoModelSpec) ->
     model.train()
     losses = []
     order: list[int] = []
-    for step in tqdm(range(spec.train_steps), desc="demo policy: stage-1 training", unit="step", mininterval=1,
+    for _step in tqdm(range(spec.train_steps), desc="demo policy: stage-1 training", unit="step", mininterval=1,
                      leave=False):
         if not order:
             order = torch.randperm(len(batches), generator=generator).tolist()
