@@ -58,17 +58,25 @@ def _drop_the_record(folder: Path) -> None:
     (folder / "build.json").write_text(json.dumps(build))
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda folder: _flip_a_byte(folder / "model" / "model.safetensors"),
-     "model/model.safetensors does not match the sha256 its build.json records"),
-    (lambda folder: (folder / "stage1_sft.parquet").unlink(), "stage1_sft.parquet is missing"),
-    (lambda folder: (folder / "model" / "adapter_config.json").write_text("{}"),
-     "model/adapter_config.json is not in its build.json"),
-    (_drop_the_record, "its build.json records no file hashes (built before they were recorded)"),
-    (lambda folder: (folder / "build.json").write_text("{"), "its build.json is unreadable"),
-])
-def test_a_build_that_does_not_match_its_record_is_rebuilt_with_a_line(builds: list[Path], capsys, damage,
-                                                                       why: str) -> None:
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (
+            lambda folder: _flip_a_byte(folder / "model" / "model.safetensors"),
+            "model/model.safetensors does not match the sha256 its build.json records",
+        ),
+        (lambda folder: (folder / "stage1_sft.parquet").unlink(), "stage1_sft.parquet is missing"),
+        (
+            lambda folder: (folder / "model" / "adapter_config.json").write_text("{}"),
+            "model/adapter_config.json is not in its build.json",
+        ),
+        (_drop_the_record, "its build.json records no file hashes (built before they were recorded)"),
+        (lambda folder: (folder / "build.json").write_text("{"), "its build.json is unreadable"),
+    ],
+)
+def test_a_build_that_does_not_match_its_record_is_rebuilt_with_a_line(
+    builds: list[Path], capsys, damage, why: str
+) -> None:
     folder = cache.cached_build(SPEC)
     damage(folder)
     assert cache.cached_build(SPEC) == folder and len(builds) == 2

@@ -49,8 +49,9 @@ def test_shipped_prompt_sets_match_their_generator() -> None:
         )
 
 
-@pytest.mark.parametrize("name, kind, answer", [("demo_count", "count", str.isdigit),
-                                                 ("demo_check", "check", lambda a: a.endswith("00"))])
+@pytest.mark.parametrize(
+    "name, kind, answer", [("demo_count", "count", str.isdigit), ("demo_check", "check", lambda a: a.endswith("00"))]
+)
 def test_demo_eval_sets_load_as_prompt_records(name: str, kind: str, answer) -> None:
     spec = load_source_spec(REPO / "prompts_sources" / f"{name}.yaml")
     records = build_prompts(spec, read_rows(spec))

@@ -25,10 +25,13 @@ def _ruff(*args: str) -> subprocess.CompletedProcess:
         installed = None
     if installed != _pinned():
         have = f"ruff {installed}" if installed else "no ruff"
-        pytest.fail(f"the environment {sys.prefix} has {have}; envs/<profile>/vllm.lock pins ruff {_pinned()}: "
-                    "./run.sh setup installs it")
-    return subprocess.run([sys.executable, "-m", "ruff", *args, "--no-cache"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+        pytest.fail(
+            f"the environment {sys.prefix} has {have}; envs/<profile>/vllm.lock pins ruff {_pinned()}: "
+            "./run.sh setup installs it"
+        )
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", *args, "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_ruff_check_finds_nothing() -> None:

@@ -29,8 +29,10 @@ def test_the_loop_goes_on_above_the_target_and_stops_at_it_or_at_the_guard() -> 
 
 
 def test_a_round_takes_the_previous_model_as_its_policy(tmp_path: Path) -> None:
-    recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml",
-                                      [f"output_dir={tmp_path}", "loop.until_overlong=0.01"]), build=False)
+    recipe = demo.resolve(
+        load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}", "loop.until_overlong=0.01"]),
+        build=False,
+    )
     model = tmp_path / "train" / "seed-0" / "model"
     model.mkdir(parents=True)
     write_json_atomic(model.parent / MANIFEST, {"output": "x", "summary": {"model": str(model)}})
