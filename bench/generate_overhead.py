@@ -45,14 +45,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported; progre
 
 from length_control import demo, generate  # noqa: E402
 from length_control.engine import open_engine  # noqa: E402
-from length_control.envs import engine_bin, engine_environ  # noqa: E402
+from length_control.envs import engine_bin  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
 from length_control.think import ThinkTokens  # noqa: E402
 
 # Sampling from the whole vocabulary at temperature 1: EOS at ~1/326 a token, whatever the random weights rank first.
-WORKLOAD = ["budget=640", "context_limit=1024", "generation.shard_size=32",
-            "generation.sampling={temperature: 1.0, top_p: 1.0, top_k: -1}"]
+WORKLOAD = [
+    "budget=640",
+    "context_limit=1024",
+    "generation.shard_size=32",
+    "generation.sampling={temperature: 1.0, top_p: 1.0, top_k: -1}",
+]
 
 
 def random_policy(trained: Path, folder: Path) -> Path:
@@ -69,7 +73,7 @@ def random_policy(trained: Path, folder: Path) -> Path:
     return folder
 
 
-BARE = r'''
+BARE = r"""
 import json, sys, time
 
 from length_control.cut import CutPolicy  # the toolkit's one rule, so both sides cut alike
@@ -110,7 +114,7 @@ def main():
 
 if __name__ == "__main__":  # vLLM starts its engine with spawn
     main()
-'''
+"""
 
 
 def bare(recipe, requests, scratch: Path) -> dict[str, float]:
@@ -127,8 +131,12 @@ def bare(recipe, requests, scratch: Path) -> dict[str, float]:
     (scratch / "job.json").write_text(json.dumps(job))
     (scratch / "bare.py").write_text(BARE)
     started = time.perf_counter()
-    result = subprocess.run([str(engine_bin("vllm")), str(scratch / "bare.py"), str(scratch / "job.json")],
-                            capture_output=True, text=True, env=engine.env)
+    result = subprocess.run(
+        [str(engine_bin("vllm")), str(scratch / "bare.py"), str(scratch / "job.json")],
+        capture_output=True,
+        text=True,
+        env=engine.env,
+    )
     whole = time.perf_counter() - started
     if result.returncode != 0:
         log = scratch / "bare.log"
@@ -145,9 +153,12 @@ def toolkit(recipe) -> dict[str, float]:
     with open_engine(recipe, plan.model, log_name="generate") as engine:
         summary = generate.run(plan, engine=engine)
     whole = time.perf_counter() - started
-    return {"whole": whole, "phase": engine.finished_at - engine.started_at,
-            "answers": summary["case1"] + summary["case2"],
-            "at_budget": 1 - summary["ended_within_budget"] / summary["traces"]}
+    return {
+        "whole": whole,
+        "phase": engine.finished_at - engine.started_at,
+        "answers": summary["case1"] + summary["case2"],
+        "at_budget": 1 - summary["ended_within_budget"] / summary["traces"],
+    }
 
 
 def spread(values: list[float]) -> str:
@@ -161,20 +172,35 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
         trained = Path(policy_path(demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml")).model))
-        recipe = load_recipe(REPO / "recipes" / "demo-cpu.yaml", [
-            *WORKLOAD, "model.demo=null", f"model.path={random_policy(trained, Path(scratch) / 'policy')}",
-            "splice.sft_mix=null", f"generation.samples_per_prompt={args.samples}", f"output_dir={scratch}/run"])
+        recipe = load_recipe(
+            REPO / "recipes" / "demo-cpu.yaml",
+            [
+                *WORKLOAD,
+                "model.demo=null",
+                f"model.path={random_policy(trained, Path(scratch) / 'policy')}",
+                "splice.sft_mix=null",
+                f"generation.samples_per_prompt={args.samples}",
+                f"output_dir={scratch}/run",
+            ],
+        )
         tokenizer = load_tokenizer(policy_path(recipe.model))
         think = ThinkTokens(tokenizer, recipe.model.think)
         requests, _ = generate.trace_requests(recipe, tokenizer, think, generate.load_prompts(recipe))
         rounds = []
         for number in range(1, args.rounds + 1):
             rounds.append({"bare": bare(recipe, requests, Path(scratch)), "toolkit": toolkit(recipe)})
-            print(f"round {number}: " + "; ".join(
-                f"{side} whole {r['whole']:.1f} s, phase {r['phase']:.1f} s, {r['answers']} answers"
-                for side, r in rounds[-1].items()), flush=True)
-    print(f"{len(requests)} trace requests per side, B = {recipe.budget}, shards of {recipe.generation.shard_size}; "
-          f"{rounds[-1]['toolkit']['at_budget']:.0%} of the traces ran to B")
+            print(
+                f"round {number}: "
+                + "; ".join(
+                    f"{side} whole {r['whole']:.1f} s, phase {r['phase']:.1f} s, {r['answers']} answers"
+                    for side, r in rounds[-1].items()
+                ),
+                flush=True,
+            )
+    print(
+        f"{len(requests)} trace requests per side, B = {recipe.budget}, shards of {recipe.generation.shard_size}; "
+        f"{rounds[-1]['toolkit']['at_budget']:.0%} of the traces ran to B"
+    )
     for figure in ("phase", "whole"):
         ratios = [r["toolkit"][figure] / r["bare"][figure] for r in rounds]
         target = {"phase": 1.02, "whole": 1.05}[figure]

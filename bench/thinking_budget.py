@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys, time
 
 from length_control.cut import CutPolicy  # the toolkit's one rule
@@ -91,7 +91,7 @@ def main():
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def main() -> None:
@@ -107,15 +107,23 @@ def main() -> None:
     think = ThinkTokens(tokenizer, recipe.model.think)
     requests, _ = generate.trace_requests(recipe, tokenizer, think, generate.load_prompts(recipe))
     job = {
-        "model": model, "max_model_len": recipe.context_limit, "budget": recipe.budget, "rounds": rounds,
-        "prompts": [r["prompt_token_ids"] for r in requests], "think": recipe.model.think.model_dump(),
+        "model": model,
+        "max_model_len": recipe.context_limit,
+        "budget": recipe.budget,
+        "rounds": rounds,
+        "prompts": [r["prompt_token_ids"] for r in requests],
+        "think": recipe.model.think.model_dump(),
         "answer_max_tokens": recipe.generation.answer_max_tokens,
     }
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
         Path(scratch, "job.json").write_text(json.dumps(job))
         Path(scratch, "run.py").write_text(SCRIPT)
-        result = subprocess.run([str(engine_bin("vllm")), str(Path(scratch, "run.py")), str(Path(scratch, "job.json"))],
-                                capture_output=True, text=True, env=engine_environ())
+        result = subprocess.run(
+            [str(engine_bin("vllm")), str(Path(scratch, "run.py")), str(Path(scratch, "job.json"))],
+            capture_output=True,
+            text=True,
+            env=engine_environ(),
+        )
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     figures = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{"times"')))

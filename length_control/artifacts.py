@@ -171,8 +171,7 @@ class Stage:
         self.folder = Path(folder)
         self.expected = {
             "inputs": {
-                name: value if isinstance(value, str) else fingerprint(value)
-                for name, value in sorted(inputs.items())
+                name: value if isinstance(value, str) else fingerprint(value) for name, value in sorted(inputs.items())
             },
             "config": json.loads(json.dumps(config, sort_keys=True, default=str)),
             "versions": dict(versions or tool_versions()),
@@ -234,8 +233,9 @@ def _settings_changed(manifest: dict[str, Any], expected: dict[str, Any]) -> lis
     if keys:
         changed.append(f"config changed: {', '.join(keys)}")
     was, now = manifest.get("versions") or {}, expected["versions"]
-    tools = [f"{name} {was.get(name, 'none')} -> {now.get(name, 'none')}"
-             for name in _changed_keys(was, now, nested=False)]
+    tools = [
+        f"{name} {was.get(name, 'none')} -> {now.get(name, 'none')}" for name in _changed_keys(was, now, nested=False)
+    ]
     if tools:
         changed.append(f"versions changed: {', '.join(tools)}")
     return changed
@@ -269,7 +269,15 @@ def _output_changed(manifest: dict[str, Any], files: dict[str, str]) -> str | No
     missing = [name for name in recorded if name not in files]
     added = [name for name in files if name not in recorded]
     differ = [name for name in recorded if name in files and files[name] != recorded[name]]
-    return "; ".join(f"{what}: {', '.join(names)}" for what, names in (
-        ("output missing", missing), ("output not matching its manifest", differ),
-        ("output not in its manifest", added)) if names) or "its output no longer matches its manifest"
-
+    return (
+        "; ".join(
+            f"{what}: {', '.join(names)}"
+            for what, names in (
+                ("output missing", missing),
+                ("output not matching its manifest", differ),
+                ("output not in its manifest", added),
+            )
+            if names
+        )
+        or "its output no longer matches its manifest"
+    )

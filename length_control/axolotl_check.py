@@ -35,8 +35,11 @@ def _attention(cfg) -> str:
 
 KERNELS = (
     (lambda cfg: _attention(cfg).startswith("flash_attention_2"), "flash_attn", "flash-attn"),
-    (lambda cfg: (cfg.get("context_parallel_size") or cfg.get("sequence_parallel_degree") or 1) > 1,
-     "ring_flash_attn", "flash-attn"),
+    (
+        lambda cfg: (cfg.get("context_parallel_size") or cfg.get("sequence_parallel_degree") or 1) > 1,
+        "ring_flash_attn",
+        "flash-attn",
+    ),
     (lambda cfg: bool(cfg.get("cut_cross_entropy")), "cut_cross_entropy.transformers", "cce"),
     (lambda cfg: any(str(key).startswith("liger_") and value for key, value in cfg.items()), "liger_kernel", None),
     (lambda cfg: _attention(cfg) == "xformers" or bool(cfg.get("xformers_attention")), "xformers", None),
@@ -60,8 +63,11 @@ def missing_kernels(cfg) -> list[str]:
             patch = importlib.import_module("cut_cross_entropy.transformers.patch")
             imported = imported if getattr(patch, "AXOLOTL_CCE_FORK", False) else None
         if imported is None:
-            how = (f"LC_PROFILE=gpu LC_EXTRAS={extra} ./run.sh setup installs it (envs/gpu/extras/{extra}.txt)"
-                   if extra else "no environment of this project installs it: use another setting")
+            how = (
+                f"LC_PROFILE=gpu LC_EXTRAS={extra} ./run.sh setup installs it (envs/gpu/extras/{extra}.txt)"
+                if extra
+                else "no environment of this project installs it: use another setting"
+            )
             missing.append(f"{module} ({how})")
     return missing
 

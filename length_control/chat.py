@@ -25,11 +25,15 @@ def assistant_only_row(tokenizer, messages: list[dict[str, str]]) -> tuple[list[
         start = len(render(messages[:turn], True))
         end = len(render(messages[: turn + 1], False))
         if ids[:end] != render(messages[: turn + 1], False):
-            raise DataError(tokenizer.name_or_path, [
-                f"its chat template renders assistant turn {turn} of a conversation differently once later turns "
-                "follow (Qwen3's drops the reasoning of every assistant turn but the last), so the turns cannot "
-                "be trained as the policy sees them; mix single-turn conversations in (splice.sft_mix), or give "
-                "the tokenizer a template that renders every turn as written"])
+            raise DataError(
+                tokenizer.name_or_path,
+                [
+                    f"its chat template renders assistant turn {turn} of a conversation differently once later turns "
+                    "follow (Qwen3's drops the reasoning of every assistant turn but the last), so the turns cannot "
+                    "be trained as the policy sees them; mix single-turn conversations in (splice.sft_mix), or give "
+                    "the tokenizer a template that renders every turn as written"
+                ],
+            )
         while end > start and ids[end - 1] != tokenizer.eos_token_id and tokenizer.decode(ids[end - 1 : end]).isspace():
             end -= 1  # the template's whitespace after the end-of-turn token
         labels[start:end] = ids[start:end]

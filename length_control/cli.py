@@ -70,8 +70,12 @@ def _summary(recipe: Recipe) -> str:
             f"  run          {recipe.name} -> {recipe.output_dir}",
             f"  model        {model}",
             f"  budget       {recipe.budget} thinking tokens, eval context limit {recipe.context_limit}"
-            + (f"; conditioned on {', '.join(map(str, recipe.conditioning.budgets))}, stated as "
-               f"{recipe.conditioning.instruction!r}" if recipe.conditioning is not None else ""),
+            + (
+                f"; conditioned on {', '.join(map(str, recipe.conditioning.budgets))}, stated as "
+                f"{recipe.conditioning.instruction!r}"
+                if recipe.conditioning is not None
+                else ""
+            ),
             f"  prompts      {', '.join(ref.source.stem for ref in recipe.prompts.sources)}",
             f"  engine       {recipe.engine.kind}",
             f"  train        {recipe.train.template.name} via {recipe.train.launcher}",
@@ -101,9 +105,11 @@ def _demo_model(args: argparse.Namespace) -> int:
     spec = DemoModelSpec(variant=args.variant, seed=args.seed)
     cached_build(spec)  # verified (rebuilt if a file changed) before it is copied
     summary = export(spec, args.out)
-    print(f"demo policy ({args.variant}) in {args.out}: {summary['parameters']:,} parameters, "
-          f"vocabulary {summary['vocab_size']}, </think> = {summary['think_close_ids']}, "
-          f"built in {summary['seconds']} s")
+    print(
+        f"demo policy ({args.variant}) in {args.out}: {summary['parameters']:,} parameters, "
+        f"vocabulary {summary['vocab_size']}, </think> = {summary['think_close_ids']}, "
+        f"built in {summary['seconds']} s"
+    )
     return 0
 
 
@@ -134,13 +140,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.model is not None:
         return _evaluate_model(args)
     if args.recipe is None or args.set or args.context_limit is not None:
-        raise ConfigError(args.recipe or Path("evaluate"),
-                          ["give a RECIPE, or --model PATH with --set SOURCE and --context-limit N (no recipe)"])
+        raise ConfigError(
+            args.recipe or Path("evaluate"),
+            ["give a RECIPE, or --model PATH with --set SOURCE and --context-limit N (no recipe)"],
+        )
     if args.seed is not None and args.arm != "after":
         raise ConfigError(args.recipe, ["--seed picks a stage-2 model: use it with --arm after"])
     with _writing(args) as recipe:
-        plans = ([evaluate.plan(recipe, "after", args.seed)] if args.seed is not None
-                 else evaluate.plans(recipe, args.arm))
+        plans = (
+            [evaluate.plan(recipe, "after", args.seed)] if args.seed is not None else evaluate.plans(recipe, args.arm)
+        )
         with SharedEngine(recipe, plans[0].model, log_name=f"evaluate-{args.arm}") as engine:  # the seeds share it
             print(evaluate.format_metrics([(plan.label, evaluate.run(plan, engine)) for plan in plans]))
     return 0
@@ -154,12 +163,22 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.recipe is not None:  # `evaluate --model M key=value`: argparse puts the first override in RECIPE's place
         if "=" not in str(args.recipe):
-            raise ConfigError(args.recipe, ["--model evaluates a model without a recipe: drop the recipe, or drop --model"])
+            raise ConfigError(
+                args.recipe, ["--model evaluates a model without a recipe: drop the recipe, or drop --model"]
+            )
         overrides.insert(0, str(args.recipe))
     if not args.set or args.context_limit is None:
         raise ConfigError(Path("evaluate --model"), ["--model needs --set SOURCE (one or more) and --context-limit N"])
-    recipe = eval_recipe(args.model, args.set, context_limit=args.context_limit, samples_per_problem=args.samples,
-                         budget=args.budget, think=args.think, output_dir=args.output, overrides=overrides)
+    recipe = eval_recipe(
+        args.model,
+        args.set,
+        context_limit=args.context_limit,
+        samples_per_problem=args.samples,
+        budget=args.budget,
+        think=args.think,
+        output_dir=args.output,
+        overrides=overrides,
+    )
     plan = evaluate.plan(recipe, "before")
     with runlock.holding(recipe.output_dir):
         print(evaluate.format_metrics([(Path(args.model).name or args.model, evaluate.run(plan))]))
@@ -170,8 +189,11 @@ def _evaluate_model(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from length_control import pipeline
 
-    loop = [f"loop.{key}={value}" for key, value in (("until_overlong", args.until_overlong),
-                                                      ("max_rounds", args.max_rounds)) if value is not None]
+    loop = [
+        f"loop.{key}={value}"
+        for key, value in (("until_overlong", args.until_overlong), ("max_rounds", args.max_rounds))
+        if value is not None
+    ]
     if args.dry_run:
         print(pipeline.dry_run(_load(args, *loop, build=False)))
         return 0
@@ -193,8 +215,9 @@ def _report(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         raise ConfigError(args.recipe, ["--samples reports sample files without a recipe: drop one of the two"])
     tags = preset_tags(args.think) if args.think else None
-    built = report.from_samples(args.samples, tokenizer=args.tokenizer, tags=tags, context_limit=args.context_limit,
-                                budget=args.budget)
+    built = report.from_samples(
+        args.samples, tokenizer=args.tokenizer, tags=tags, context_limit=args.context_limit, budget=args.budget
+    )
     text = report.markdown(built)
     if args.output is not None:
         write_text_atomic(args.output / "report.md", text)
@@ -225,9 +248,12 @@ def _parser() -> argparse.ArgumentParser:
     validate = command("validate", _validate, "check a recipe and print every problem at once")
     validate.add_argument("recipe", type=Path)
     validate.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys (dotted)")
-    validate.add_argument("--deep", action="store_true",
-                          help="also the preflight: read every data file, load the tokenizer and check the think "
-                               "tags, measure the prompts, check output_dir and the disk (builds the demo policy)")
+    validate.add_argument(
+        "--deep",
+        action="store_true",
+        help="also the preflight: read every data file, load the tokenizer and check the think "
+        "tags, measure the prompts, check output_dir and the disk (builds the demo policy)",
+    )
 
     config = command("config", _config, "print one value of the resolved recipe (for scripts)")
     config.add_argument("recipe", type=Path)
@@ -247,13 +273,22 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("recipe", type=Path)
             sub.add_argument("overrides", nargs="*", metavar="key=value")
 
-    report = command("report", _report, "the overlong-rate report of a run (Table 2 layout, JSON, PNG), or of "
-                                        "sample files from anywhere (--samples BEFORE AFTER...)")
+    report = command(
+        "report",
+        _report,
+        "the overlong-rate report of a run (Table 2 layout, JSON, PNG), or of "
+        "sample files from anywhere (--samples BEFORE AFTER...)",
+    )
     report.add_argument("recipe", type=Path, nargs="?")
     report.add_argument("overrides", nargs="*", metavar="key=value")
-    report.add_argument("--samples", type=Path, nargs="+", metavar="FILE",
-                        help="no recipe: the before arm's samples, then the after arm's (the eval's samples.parquet, "
-                             "or JSONL/Parquet of prompts and raw outputs with --tokenizer)")
+    report.add_argument(
+        "--samples",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="no recipe: the before arm's samples, then the after arm's (the eval's samples.parquet, "
+        "or JSONL/Parquet of prompts and raw outputs with --tokenizer)",
+    )
     report.add_argument("--tokenizer", help="with raw samples: the model's tokenizer folder or Hub id")
     report.add_argument("--think", help="with raw samples: the think tags' preset (default <think>...</think>)")
     report.add_argument("--context-limit", type=int, help="with raw samples: the input+output limit overlong counts at")
@@ -265,17 +300,31 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--row", type=int, default=0)
     inspect.add_argument("--tokenizer", help="model folder or Hub id (default: the one the dataset was built with)")
 
-    evaluate = command("evaluate", _evaluate, "score and overlong rate of a policy at the recipe's context limit, "
-                                               "or of any model (--model) on eval sets (--set) at --context-limit")
+    evaluate = command(
+        "evaluate",
+        _evaluate,
+        "score and overlong rate of a policy at the recipe's context limit, "
+        "or of any model (--model) on eval sets (--set) at --context-limit",
+    )
     evaluate.add_argument("recipe", type=Path, nargs="?")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
-    evaluate.add_argument("--arm", default="before", choices=["before", "after", "forced"],
-                          help="before: the stage-1 policy; after: the stage-2 model; "
-                               "forced: the stage-1 policy forced to close at the budget")
+    evaluate.add_argument(
+        "--arm",
+        default="before",
+        choices=["before", "after", "forced"],
+        help="before: the stage-1 policy; after: the stage-2 model; "
+        "forced: the stage-1 policy forced to close at the budget",
+    )
     evaluate.add_argument("--seed", type=int, help="with --arm after: only this stage-2 seed (default: every seed)")
     evaluate.add_argument("--model", help="no recipe: a model folder or Hub id to evaluate as it is")
-    evaluate.add_argument("--set", type=Path, action="append", default=[], metavar="SOURCE",
-                          help="with --model: an eval set's source definition, e.g. prompts_sources/aime_2024.yaml")
+    evaluate.add_argument(
+        "--set",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="with --model: an eval set's source definition, e.g. prompts_sources/aime_2024.yaml",
+    )
     evaluate.add_argument("--context-limit", type=int, help="with --model: the input+output token limit")
     evaluate.add_argument("--samples", type=int, default=1, help="with --model: samples per problem")
     evaluate.add_argument("--budget", type=int, help="with --model: B, for the termination probe at it")
@@ -287,16 +336,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.add_argument("--from", dest="start", metavar="STAGE", help="redo this stage and every one after it")
     run.add_argument("--dry-run", action="store_true", help="render every command and config; run nothing")
-    run.add_argument("--until-overlong", type=float, metavar="RATE",
-                     help="closed loop: more rounds until the after arm's overlong rate is at most RATE "
-                          "(= loop.until_overlong)")
+    run.add_argument(
+        "--until-overlong",
+        type=float,
+        metavar="RATE",
+        help="closed loop: more rounds until the after arm's overlong rate is at most RATE (= loop.until_overlong)",
+    )
     run.add_argument("--max-rounds", type=int, metavar="N", help="closed loop: at most N rounds (= loop.max_rounds)")
 
-    sweep = command("sweep", _sweep, "the loop at every combination of the axes key=[a,b,...], sharing the before "
-                                     "arm and the traces; a Table 2 row per setting, the ablations, a plot")
+    sweep = command(
+        "sweep",
+        _sweep,
+        "the loop at every combination of the axes key=[a,b,...], sharing the before "
+        "arm and the traces; a Table 2 row per setting, the ablations, a plot",
+    )
     sweep.add_argument("recipe", type=Path)
-    sweep.add_argument("overrides", nargs="*", metavar="key=[a,b,...] | key=value",
-                       help="an axis (a list on a key that is not a list) or an override of every setting")
+    sweep.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=[a,b,...] | key=value",
+        help="an axis (a list on a key that is not a list) or an override of every setting",
+    )
     sweep.add_argument("--from", dest="start", metavar="STAGE", help="redo this stage and every one after it")
     return parser
 

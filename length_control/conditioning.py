@@ -39,10 +39,18 @@ from length_control.recipe import Recipe
 def budget_runs(recipe: Recipe) -> list[Recipe]:
     """The run of each requested budget: the recipe at that budget, its prompts stating it, in `budgets/<B>/`."""
     conditioning = recipe.conditioning
-    return [recipe.model_copy(update={
-        "name": f"{recipe.name}.b{budget}", "budget": budget, "output_dir": budget_folder(recipe, budget),
-        "instruction": conditioning.instruction, "conditioning": None})
-        for budget in conditioning.budgets]
+    return [
+        recipe.model_copy(
+            update={
+                "name": f"{recipe.name}.b{budget}",
+                "budget": budget,
+                "output_dir": budget_folder(recipe, budget),
+                "instruction": conditioning.instruction,
+                "conditioning": None,
+            }
+        )
+        for budget in conditioning.budgets
+    ]
 
 
 def budget_folder(recipe: Recipe, budget: int) -> Path:
@@ -62,8 +70,11 @@ def plans_of(recipe: Recipe) -> Callable[[Any], list[Plan]]:
         if stage.name == "generate":
             return [generate.plan(run) for run in runs]
         if stage.name == "splice":
-            return [splice.plan(recipe, generated={f"budget {run.budget}": RunLayout(run.output_dir).generate
-                                                   for run in runs})]
+            return [
+                splice.plan(
+                    recipe, generated={f"budget {run.budget}": RunLayout(run.output_dir).generate for run in runs}
+                )
+            ]
         if stage.name == "eval-after":
             return [evaluate.plan(run, "after", seed, trained_by=recipe) for run in runs for seed in recipe.train.seeds]
         if stage.name == "report":
@@ -83,8 +94,9 @@ def check(recipe: Recipe) -> preflight.Preflight:
 # ---------------------------------------------------------------- the calibration
 
 
-def calibration(samples: list[dict[str, Any]], budget: int, tolerance: int = 0,
-                natural: dict[tuple[str, int], int] | None = None) -> dict[str, Any]:
+def calibration(
+    samples: list[dict[str, Any]], budget: int, tolerance: int = 0, natural: dict[tuple[str, int], int] | None = None
+) -> dict[str, Any]:
     """How long one arm thought against the budget it was asked for, over `samples` (one benchmark's).
 
     `within`: the share that closed the thinking within `budget + tolerance` tokens; `past`: the share
@@ -98,20 +110,26 @@ def calibration(samples: list[dict[str, Any]], budget: int, tolerance: int = 0,
     if not samples:
         raise ValueError("no samples to calibrate")
     n = len(samples)
-    out = {"samples": n,
-           "within": sum(s["closed_think"] and s["thinking_tokens"] <= budget + tolerance for s in samples) / n,
-           "past": sum(not s["closed_think"] or s["thinking_tokens"] > budget for s in samples) / n}
+    out = {
+        "samples": n,
+        "within": sum(s["closed_think"] and s["thinking_tokens"] <= budget + tolerance for s in samples) / n,
+        "past": sum(not s["closed_think"] or s["thinking_tokens"] > budget for s in samples) / n,
+    }
     bound = samples
     if natural is not None:
         target = {id(s): min(natural[(s["problem_id"], s["sample"])], budget) for s in samples}
-        out["on_target"] = sum(s["closed_think"] and abs(s["thinking_tokens"] - target[id(s)]) <= tolerance
-                               for s in samples) / n
+        out["on_target"] = (
+            sum(s["closed_think"] and abs(s["thinking_tokens"] - target[id(s)]) <= tolerance for s in samples) / n
+        )
         out["early"] = sum(s["closed_think"] and s["thinking_tokens"] < target[id(s)] - tolerance for s in samples) / n
         bound = [s for s in samples if natural[(s["problem_id"], s["sample"])] > budget]
         out["bound"] = len(bound) / n
     lengths = sorted(s["thinking_tokens"] for s in bound) or [0]
-    return out | {"reached_median": statistics.median(lengths), "reached_p95": _quantile(lengths, 0.95),
-                  "reached_max": lengths[-1]}
+    return out | {
+        "reached_median": statistics.median(lengths),
+        "reached_p95": _quantile(lengths, 0.95),
+        "reached_max": lengths[-1],
+    }
 
 
 def _quantile(ordered: list[int], q: float) -> int:
@@ -132,7 +150,9 @@ def build(recipe: Recipe) -> dict[str, Any]:
         layout = RunLayout(run.output_dir)
         arms = {"before": layout.eval("before"), "forced": layout.eval("forced")}
         arms |= {f"after/{seed}": layout.eval("after", seed) for seed in seeds}
-        loaded = {arm: report.load_samples(folder) for arm, folder in arms.items() if (folder / "samples.parquet").is_file()}
+        loaded = {
+            arm: report.load_samples(folder) for arm, folder in arms.items() if (folder / "samples.parquet").is_file()
+        }
         samples[run.budget] = loaded
         natural = {(s["problem_id"], s["sample"]): s["thinking_tokens"] for s in loaded["before"]}
         for benchmark, table_row in table["benchmarks"].items():
@@ -147,31 +167,71 @@ def build(recipe: Recipe) -> dict[str, Any]:
                 row[f"{key}_after_range"] = [min(per_seed), max(per_seed)]
             row |= {key: value for key, value in table_row.items() if key != "per_seed"}
             rows.append(row)
-    return {"natural": "the before arm's thinking length of the same request", "budgets": recipe.conditioning.budgets, "tolerance": tolerance, "seeds": seeds,
-            "instruction": recipe.conditioning.instruction, "context_limit": recipe.context_limit, "rows": rows,
-            "_samples": samples}
+    return {
+        "natural": "the before arm's thinking length of the same request",
+        "budgets": recipe.conditioning.budgets,
+        "tolerance": tolerance,
+        "seeds": seeds,
+        "instruction": recipe.conditioning.instruction,
+        "context_limit": recipe.context_limit,
+        "rows": rows,
+        "_samples": samples,
+    }
 
 
 def markdown(built: dict[str, Any]) -> str:
     pct, spread = report.pct, report.spread
     tolerance = built["tolerance"]
     slack = f" ± {tolerance}" if tolerance else ""
-    head = ["requested B", "benchmark", "bound", f"on target{slack} before", f"on target{slack} after",
-            "early after", "past B before", "past B after", "reached after (bound): median / p95 / max",
-            "overlong before", "overlong after", "score before", "score after", "rel. change"]
-    lines = [f"Each prompt states its budget (\"{built['instruction']}\"). A sample's target is its natural "
-             f"thinking length (the before arm's, same request) or the requested B if that is shorter; on target: "
-             f"closed within {tolerance} tokens of it; early: closed sooner; past B: thought longer than B or never "
-             f"closed; bound: the share whose natural length is past B, over which `reached` is taken; overlong: no "
-             f"`</think>` within the {built['context_limit']}-token limit. After: mean [min, max] over "
-             f"{len(built['seeds'])} stage-2 seed(s).", "", report.table_row(head), "|" + "---|" * len(head)]
+    head = [
+        "requested B",
+        "benchmark",
+        "bound",
+        f"on target{slack} before",
+        f"on target{slack} after",
+        "early after",
+        "past B before",
+        "past B after",
+        "reached after (bound): median / p95 / max",
+        "overlong before",
+        "overlong after",
+        "score before",
+        "score after",
+        "rel. change",
+    ]
+    lines = [
+        f'Each prompt states its budget ("{built["instruction"]}"). A sample\'s target is its natural '
+        f"thinking length (the before arm's, same request) or the requested B if that is shorter; on target: "
+        f"closed within {tolerance} tokens of it; early: closed sooner; past B: thought longer than B or never "
+        f"closed; bound: the share whose natural length is past B, over which `reached` is taken; overlong: no "
+        f"`</think>` within the {built['context_limit']}-token limit. After: mean [min, max] over "
+        f"{len(built['seeds'])} stage-2 seed(s).",
+        "",
+        report.table_row(head),
+        "|" + "---|" * len(head),
+    ]
     for r in built["rows"]:
         reached = " / ".join(f"{r[f'reached_{key}_after']:.0f}" for key in ("median", "p95", "max"))
-        lines.append(report.table_row([
-            str(r["budget"]), r["benchmark"], pct(r["bound_before"]), pct(r["on_target_before"]),
-            spread(r, "on_target_after"), spread(r, "early_after"), pct(r["past_before"]), spread(r, "past_after"),
-            reached, pct(r["overlong_before"]), spread(r, "overlong_after"), pct(r["score_before"]),
-            spread(r, "score_after"), spread(r, "score_relative_change", signed=True)]))
+        lines.append(
+            report.table_row(
+                [
+                    str(r["budget"]),
+                    r["benchmark"],
+                    pct(r["bound_before"]),
+                    pct(r["on_target_before"]),
+                    spread(r, "on_target_after"),
+                    spread(r, "early_after"),
+                    pct(r["past_before"]),
+                    spread(r, "past_after"),
+                    reached,
+                    pct(r["overlong_before"]),
+                    spread(r, "overlong_after"),
+                    pct(r["score_before"]),
+                    spread(r, "score_after"),
+                    spread(r, "score_relative_change", signed=True),
+                ]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -196,29 +256,51 @@ def plot(built: dict[str, Any], path: Path) -> None:
             xs, ys = [], []
             for budget in budgets:
                 natural = {(s["problem_id"], s["sample"]): s["thinking_tokens"] for s in samples[budget]["before"]}
-                bound = [s for name, rows in samples[budget].items() if name.split("/")[0] == arm for s in rows
-                         if s["benchmark"] == benchmark and natural[(s["problem_id"], s["sample"])] > budget]
+                bound = [
+                    s
+                    for name, rows in samples[budget].items()
+                    if name.split("/")[0] == arm
+                    for s in rows
+                    if s["benchmark"] == benchmark and natural[(s["problem_id"], s["sample"])] > budget
+                ]
                 ys += [s["thinking_tokens"] for s in bound]
                 xs += [budget + offset + jitter.uniform(-width / 2, width / 2) for _ in bound]
-            scatter.scatter(xs, ys, s=6, alpha=0.35, color=colour,
-                            label=arm + (" (seeds pooled)" if arm == "after" else ""))
+            scatter.scatter(
+                xs, ys, s=6, alpha=0.35, color=colour, label=arm + (" (seeds pooled)" if arm == "after" else "")
+            )
         line = [budgets[0] - 2 * width, budgets[-1] + 2 * width]
         scatter.plot(line, line, color="black", linewidth=1, label="reached = requested")
         for sign in (1, -1) if tolerance else ():
-            scatter.plot(line, [x + sign * tolerance for x in line], color="black", linestyle=":", linewidth=1,
-                         label=f"requested ± {tolerance}" if sign == 1 else None)
+            scatter.plot(
+                line,
+                [x + sign * tolerance for x in line],
+                color="black",
+                linestyle=":",
+                linewidth=1,
+                label=f"requested ± {tolerance}" if sign == 1 else None,
+            )
         scatter.set_xticks(budgets)
-        scatter.set_title(f"{benchmark}: reached against requested (samples whose natural length is past B)",
-                          fontsize=9)
+        scatter.set_title(
+            f"{benchmark}: reached against requested (samples whose natural length is past B)", fontsize=9
+        )
         scatter.set_xlabel("requested budget (thinking tokens)")
         scatter.set_ylabel("thinking tokens reached")
         scatter.legend(fontsize=7)
         mine = [r for r in built["rows"] if r["benchmark"] == benchmark]
         share.plot(budgets, [100 * r["on_target_before"] for r in mine], marker="o", color="tab:red", label="before")
         mean = [100 * r["on_target_after"] for r in mine]
-        share.errorbar(budgets, mean, yerr=[[m - 100 * r["on_target_after_range"][0] for m, r in zip(mean, mine)],
-                                            [100 * r["on_target_after_range"][1] - m for m, r in zip(mean, mine)]],
-                       marker="o", capsize=3, color="tab:blue", label="after (range over seeds)")
+        share.errorbar(
+            budgets,
+            mean,
+            yerr=[
+                [m - 100 * r["on_target_after_range"][0] for m, r in zip(mean, mine)],
+                [100 * r["on_target_after_range"][1] - m for m, r in zip(mean, mine)],
+            ],
+            marker="o",
+            capsize=3,
+            color="tab:blue",
+            label="after (range over seeds)",
+        )
         share.set_ylim(0, 105)
         share.set_xticks(budgets)
         share.set_title(f"{benchmark}: samples on target (closed within {tolerance} of min(natural, B))", fontsize=9)

@@ -21,7 +21,6 @@ files by hand.
 from __future__ import annotations
 
 import hashlib
-
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -109,69 +108,109 @@ AXOLOTL_CONFIG = "axolotl.yaml"
 
 IDS = pa.list_(pa.int32())
 
-TRACES = pa.schema([
-    ("prompt_id", pa.string()), ("sample", pa.int32()), ("prompt_token_ids", IDS), ("output_token_ids", IDS),
-    ("finish_reason", pa.string()),
-    ("think_close", pa.int32()),  # index of the first close-tag token in the output, or null
-    ("seed", pa.int64()),
-])
+TRACES = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("sample", pa.int32()),
+        ("prompt_token_ids", IDS),
+        ("output_token_ids", IDS),
+        ("finish_reason", pa.string()),
+        ("think_close", pa.int32()),  # index of the first close-tag token in the output, or null
+        ("seed", pa.int64()),
+    ]
+)
 """A generate trace: the policy's first pass, at most B output tokens."""
 
-ANSWERS = pa.schema([
-    ("prompt_id", pa.string()), ("sample", pa.int32()),
-    ("case", pa.int8()),  # 1: no close within B, forced; 2: closed within B, the answer was cut
-    ("close_at", pa.int32()),  # output tokens before the close: case 1 the cut after B thinking tokens
-    ("cut_back", pa.int32()),  # case 1: tokens a line-end cut (cut.at) moved back from B; 0 otherwise
-    ("thinking_start", pa.int32()),  # output tokens before the first thinking token (the policy's open tag)
-    ("close_token_ids", IDS),  # the forced close (case 1) or the policy's own close tokens (case 2)
-    ("answer_token_ids", IDS), ("finish_reason", pa.string()),
-])
+ANSWERS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("sample", pa.int32()),
+        ("case", pa.int8()),  # 1: no close within B, forced; 2: closed within B, the answer was cut
+        ("close_at", pa.int32()),  # output tokens before the close: case 1 the cut after B thinking tokens
+        ("cut_back", pa.int32()),  # case 1: tokens a line-end cut (cut.at) moved back from B; 0 otherwise
+        ("thinking_start", pa.int32()),  # output tokens before the first thinking token (the policy's open tag)
+        ("close_token_ids", IDS),  # the forced close (case 1) or the policy's own close tokens (case 2)
+        ("answer_token_ids", IDS),
+        ("finish_reason", pa.string()),
+    ]
+)
 """The answer pass of a trace that ran into B."""
 
 ROWS_SCHEMA = pa.schema([("input_ids", IDS), ("attention_mask", IDS), ("labels", IDS)])
 """A stage-2 row, exactly Axolotl's pre-tokenized format (labels IGNORE where no loss)."""
 IGNORE = -100  # the label of a token that carries no loss
 
-META_SCHEMA = pa.schema([
-    ("kind", pa.string()),  # "length" (a spliced trace) or "sft" (a stage-1 conversation)
-    ("prompt_id", pa.string()), ("sample", pa.int32()), ("case", pa.int8()),
-    ("close_at", pa.int32()), ("cut_back", pa.int32()),  # where the thinking was closed (ANSWERS); null for sft
-    ("budget", pa.int32()),  # the B its trace was cut at (a conditioned run's rows have several); null for sft
-    ("span_start", pa.int32()), ("span_end", pa.int32()),  # input_ids[start:end] holds every trained token
-])
+META_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),  # "length" (a spliced trace) or "sft" (a stage-1 conversation)
+        ("prompt_id", pa.string()),
+        ("sample", pa.int32()),
+        ("case", pa.int8()),
+        ("close_at", pa.int32()),
+        ("cut_back", pa.int32()),  # where the thinking was closed (ANSWERS); null for sft
+        ("budget", pa.int32()),  # the B its trace was cut at (a conditioned run's rows have several); null for sft
+        ("span_start", pa.int32()),
+        ("span_end", pa.int32()),  # input_ids[start:end] holds every trained token
+    ]
+)
 """Per stage-2 row, in the same order: where it came from."""
 
-SAMPLES_SCHEMA = pa.schema([
-    ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),
-    ("prompt_tokens", pa.int32()), ("prompt_token_ids", IDS), ("output_token_ids", IDS),
-    ("finish_reason", pa.string()),
-    ("thinking_tokens", pa.int32()),  # output tokens before the close, or all of them when it never closed
-    ("closed_think", pa.bool_()), ("overlong", pa.bool_()),
-    ("extracted", pa.string()), ("correct", pa.bool_()), ("why", pa.string()),
-])
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("problem_id", pa.string()),
+        ("sample", pa.int32()),
+        ("prompt_tokens", pa.int32()),
+        ("prompt_token_ids", IDS),
+        ("output_token_ids", IDS),
+        ("finish_reason", pa.string()),
+        ("thinking_tokens", pa.int32()),  # output tokens before the close, or all of them when it never closed
+        ("closed_think", pa.bool_()),
+        ("overlong", pa.bool_()),
+        ("extracted", pa.string()),
+        ("correct", pa.bool_()),
+        ("why", pa.string()),
+    ]
+)
 """One eval sample: what the model wrote and how it was graded."""
 
-PROBE_SCHEMA = pa.schema([
-    ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),
-    ("close_nll", pa.float64()), ("greedy_close", pa.bool_()),
-])
+PROBE_SCHEMA = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("problem_id", pa.string()),
+        ("sample", pa.int32()),
+        ("close_nll", pa.float64()),
+        ("greedy_close", pa.bool_()),
+    ]
+)
 """The termination probe on one held-out trace that ran past B."""
 
-DRIFT_SCHEMA = pa.schema([
-    ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),
-    ("close", pa.string()),  # "forced": a forced-arm sample closed at B; "own": a before-arm sample closed within B
-    ("answer_start", pa.int32()),  # where the answer starts in the sample's output (after the close)
-    ("answer_nll", pa.float64()), ("greedy_token_ids", IDS),
-    ("greedy_agrees", pa.bool_()),  # with the stage-1 model's greedy answer; null in the forced arm (the reference)
-    # the stage-1 model's least likely token of its own greedy answer here: under probes.DECIDED_P, a near tie
-    ("stage1_greedy_min_p", pa.float64()),
-])
+DRIFT_SCHEMA = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("problem_id", pa.string()),
+        ("sample", pa.int32()),
+        ("close", pa.string()),  # "forced": a forced-arm sample closed at B; "own": a before-arm sample closed within B
+        ("answer_start", pa.int32()),  # where the answer starts in the sample's output (after the close)
+        ("answer_nll", pa.float64()),
+        ("greedy_token_ids", IDS),
+        ("greedy_agrees", pa.bool_()),  # with the stage-1 model's greedy answer; null in the forced arm (the reference)
+        # the stage-1 model's least likely token of its own greedy answer here: under probes.DECIDED_P, a near tie
+        ("stage1_greedy_min_p", pa.float64()),
+    ]
+)
 """The answer-drift probe on one sample closed at B by force, or within B on its own (`probes.answer_drift`)."""
 
-EARLY_CLOSE_SCHEMA = pa.schema([
-    ("benchmark", pa.string()), ("problem_id", pa.string()), ("sample", pa.int32()),
-    ("positions", pa.int32()), ("close_p_mean", pa.float64()), ("close_p_max", pa.float64()),
-])
+EARLY_CLOSE_SCHEMA = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("problem_id", pa.string()),
+        ("sample", pa.int32()),
+        ("positions", pa.int32()),
+        ("close_p_mean", pa.float64()),
+        ("close_p_max", pa.float64()),
+    ]
+)
 """The early-close probe on one held-out trace that closed on its own within B (`probes.early_close`)."""
 
 PROBE_SCHEMAS = {PROBE: PROBE_SCHEMA, DRIFT: DRIFT_SCHEMA, EARLY_CLOSE: EARLY_CLOSE_SCHEMA}
@@ -220,8 +259,10 @@ def read_termination(folder: Path) -> Termination:
     """The ids stage 2 places the termination with, as the generate stage wrote them."""
     path = Path(folder) / TERMINATION
     if not path.is_file():
-        raise MissingInput(f"{path} is missing: {folder} was written by an older length-control; "
-                           "redo it with `length-control run RECIPE --from generate`")
+        raise MissingInput(
+            f"{path} is missing: {folder} was written by an older length-control; "
+            "redo it with `length-control run RECIPE --from generate`"
+        )
     return Termination(**json.loads(path.read_text()))
 
 
@@ -282,16 +323,22 @@ def source_inputs(name: str, definitions: list[Path]) -> dict[str, Path]:
     return inputs
 
 
-def settings_differ(manifest: dict[str, Any], expected: dict[str, Any], *, but_config: tuple[str, ...] = (),
-                    but_inputs: tuple[str, ...] = ()) -> list[str]:
+def settings_differ(
+    manifest: dict[str, Any],
+    expected: dict[str, Any],
+    *,
+    but_config: tuple[str, ...] = (),
+    but_inputs: tuple[str, ...] = (),
+) -> list[str]:
     """What differs between a finished stage's manifest and what another stage expects, bar the named
     config keys and inputs: a stage reuses another's output only when nothing else does."""
     ours, theirs = expected["config"], manifest["config"]
     differ = [key for key in sorted({*ours, *theirs}) if key not in but_config and ours.get(key) != theirs.get(key)]
     inputs = {name: value for name, value in expected["inputs"].items() if name not in but_inputs}
     theirs_inputs = {name: value for name, value in manifest["inputs"].items() if name not in but_inputs}
-    return differ + [f"input {name}" for name in sorted({*inputs, *theirs_inputs})
-                     if inputs.get(name) != theirs_inputs.get(name)]
+    return differ + [
+        f"input {name}" for name in sorted({*inputs, *theirs_inputs}) if inputs.get(name) != theirs_inputs.get(name)
+    ]
 
 
 def is_finished(folder: Path) -> bool:

@@ -92,7 +92,7 @@ def recorded_close(output: Sequence[int], answer: Mapping[str, Any]) -> Closed:
     """The close generate made, read back from its answer record (`case`, `close_at`, `close_token_ids`), for
     the stages that have the ids and no tokenizer: splice, and a sweep's shorter budgets."""
     close, at = answer["close_token_ids"], answer["close_at"]
-    after_close = output[at + len(close):] if answer["case"] == 2 else output[:0]
+    after_close = output[at + len(close) :] if answer["case"] == 2 else output[:0]
     return Closed(answer["case"], output[:at], close, after_close)
 
 
@@ -103,6 +103,9 @@ def grace_tokens(spec: CutSpec, budget: int) -> int:
 
 def describe_cut(recipe: EvalRecipe) -> str:
     """Where case 1 is closed, for people (a plan's steps)."""
-    grace = (f" (back to the last line end within {grace_tokens(recipe.cut, recipe.budget)})"
-             if recipe.cut.at == "line_end" else "")
+    grace = (
+        f" (back to the last line end within {grace_tokens(recipe.cut, recipe.budget)})"
+        if recipe.cut.at == "line_end"
+        else ""
+    )
     return f"first {recipe.budget} thinking tokens{grace} + {recipe.model.think.forced_close!r}"

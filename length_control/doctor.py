@@ -53,10 +53,25 @@ print(json.dumps(facts))
 # CUDA build imports flashinfer for sampling and attention on NVIDIA GPUs). The templates' plugin (Liger) is
 # here too: Axolotl imports it at model load, after the before arm and generation have run.
 IMPORTS = {
-    "vllm": ("torch", "transformers", "vllm", "vllm.entrypoints.openai.api_server", "datasets", "pyarrow.parquet",
-             "matplotlib", "math_verify", "length_control.cli"),
-    "axolotl": ("torch", "transformers", "triton", "axolotl.cli.train", "axolotl.integrations.liger",
-                "liger_kernel.transformers"),
+    "vllm": (
+        "torch",
+        "transformers",
+        "vllm",
+        "vllm.entrypoints.openai.api_server",
+        "datasets",
+        "pyarrow.parquet",
+        "matplotlib",
+        "math_verify",
+        "length_control.cli",
+    ),
+    "axolotl": (
+        "torch",
+        "transformers",
+        "triton",
+        "axolotl.cli.train",
+        "axolotl.integrations.liger",
+        "liger_kernel.transformers",
+    ),
 }
 PROFILE_IMPORTS = {"gpu": {"vllm": ("flashinfer", "flashinfer.sampling", "torch.cuda"), "axolotl": ("torch.cuda",)}}
 # vLLM's CUDA kernels load the driver's libcuda.so.1: imported where nvidia-smi lists a GPU.
@@ -117,8 +132,9 @@ def wanted_python(name: str) -> str | None:
 def lock_cuda(name: str) -> tuple[int, int] | None:
     """The CUDA version a profile's torch is built for: the CUDA runtime its vllm lock pins (none: a CPU build)."""
     lock = REPO_ROOT / "envs" / name / "vllm.lock"
-    found = re.search(r"^nvidia-cuda-runtime(?:-cu\d+)?==(\d+)\.(\d+)", lock.read_text() if lock.is_file() else "",
-                      re.MULTILINE)
+    found = re.search(
+        r"^nvidia-cuda-runtime(?:-cu\d+)?==(\d+)\.(\d+)", lock.read_text() if lock.is_file() else "", re.MULTILINE
+    )
     return (int(found[1]), int(found[2])) if found else None
 
 
@@ -130,13 +146,17 @@ def driver_problems(listed: list[dict[str, str]], name: str) -> list[tuple[str, 
         return []
     need = MIN_DRIVER[cuda[0]]
     wanted = ".".join(map(str, need)).removesuffix(".0.0")
-    return [(f"driver {gpu['driver']} is older than CUDA {cuda[0]}.{cuda[1]} needs (>= {wanted}; the {name} "
-             "profile's torch build)",
-             f"upgrade the NVIDIA driver to >= {wanted} (the {name} locks pin PyPI's CUDA {cuda[0]} builds of torch "
-             "and vLLM; an older driver needs their builds for its CUDA, from PyTorch's and vLLM's own wheel "
-             "indexes, which these locks do not pin)")
-            for gpu in listed
-            if "driver" in gpu and tuple(int(part) for part in re.findall(r"\d+", gpu["driver"])[:3]) < need]
+    return [
+        (
+            f"driver {gpu['driver']} is older than CUDA {cuda[0]}.{cuda[1]} needs (>= {wanted}; the {name} "
+            "profile's torch build)",
+            f"upgrade the NVIDIA driver to >= {wanted} (the {name} locks pin PyPI's CUDA {cuda[0]} builds of torch "
+            "and vLLM; an older driver needs their builds for its CUDA, from PyTorch's and vLLM's own wheel "
+            "indexes, which these locks do not pin)",
+        )
+        for gpu in listed
+        if "driver" in gpu and tuple(int(part) for part in re.findall(r"\d+", gpu["driver"])[:3]) < need
+    ]
 
 
 def probe_environment(name: str) -> dict | None:
@@ -145,7 +165,7 @@ def probe_environment(name: str) -> dict | None:
         return None
     result = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
-        return {"error": result.stderr.strip().splitlines()[-1:] or ["exit status %d" % result.returncode]}
+        return {"error": result.stderr.strip().splitlines()[-1:] or [f"exit status {result.returncode}"]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -153,12 +173,18 @@ def gpus() -> list[dict[str, str]]:
     """The GPUs `nvidia-smi` lists, with the driver: none where there is no NVIDIA driver."""
     if shutil.which("nvidia-smi") is None:
         return []
-    result = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if result.returncode != 0:
         return [{"error": (result.stderr or result.stdout).strip()}]
-    return [dict(zip(("name", "driver", "memory"), (part.strip() for part in line.split(","))))
-            for line in result.stdout.strip().splitlines()]
+    return [
+        dict(zip(("name", "driver", "memory"), (part.strip() for part in line.split(","))))
+        for line in result.stdout.strip().splitlines()
+    ]
 
 
 def extras_installed(engine: str, name: str | None = None) -> list[Path]:
@@ -173,33 +199,55 @@ def extra_field(extra: Path, key: str) -> str:
     return found[1].strip() if found else ""
 
 
-def import_problems(engine: str, name: str | None = None,
-                    listed: list[dict[str, str]] | None = None) -> list[tuple[str, str]]:
+def import_problems(
+    engine: str, name: str | None = None, listed: list[dict[str, str]] | None = None
+) -> list[tuple[str, str]]:
     """(problem, fix) for each module of an environment's code paths (and of its extras) that fails to import.
     `listed`: the GPUs nvidia-smi lists, when the caller has them already."""
     name = name or profile()
     venv = envs_dir(name) / engine
     listed = gpus() if listed is None else listed
     driver = DRIVER_IMPORTS.get(name, {}).get(engine, ()) if any("driver" in gpu for gpu in listed) else ()
-    modules = [*IMPORTS[engine], *PROFILE_IMPORTS.get(name, {}).get(engine, ()), *driver,
-               *(module for extra in extras_installed(engine, name) for module in extra_field(extra, "imports").split())]
-    result = subprocess.run([str(venv / "bin" / "python"), "-c", IMPORT_PROBE, *modules], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "LC_PROFILE": name})
+    modules = [
+        *IMPORTS[engine],
+        *PROFILE_IMPORTS.get(name, {}).get(engine, ()),
+        *driver,
+        *(module for extra in extras_installed(engine, name) for module in extra_field(extra, "imports").split()),
+    ]
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", IMPORT_PROBE, *modules],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "LC_PROFILE": name},
+    )
     if result.returncode != 0:
-        return [(f"{engine}: its Python fails ({(result.stderr.strip().splitlines() or ['?'])[-1]})",
-                 f"rebuild it: rm -r {venv} && LC_PROFILE={name} ./run.sh setup")]
+        return [
+            (
+                f"{engine}: its Python fails ({(result.stderr.strip().splitlines() or ['?'])[-1]})",
+                f"rebuild it: rm -r {venv} && LC_PROFILE={name} ./run.sh setup",
+            )
+        ]
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     problems = []
     bindings, python = facts["cuda_bindings"], facts["cuda_python"]
     if bindings and python and bindings.split(".")[0] != python.split(".")[0]:
-        problems.append((f"{engine}: cuda-python {python} and cuda-bindings {bindings} clash (cuda-python's wheel "
-                         "overwrites cuda-bindings' files; `import flashinfer` then fails)",
-                         f"pin cuda-python to cuda-bindings' major version in envs/{name}/{engine}.in, "
-                         f"LC_PROFILE={name} ./run.sh lock, then rm -r {venv} && LC_PROFILE={name} ./run.sh setup"))
+        problems.append(
+            (
+                f"{engine}: cuda-python {python} and cuda-bindings {bindings} clash (cuda-python's wheel "
+                "overwrites cuda-bindings' files; `import flashinfer` then fails)",
+                f"pin cuda-python to cuda-bindings' major version in envs/{name}/{engine}.in, "
+                f"LC_PROFILE={name} ./run.sh lock, then rm -r {venv} && LC_PROFILE={name} ./run.sh setup",
+            )
+        )
     for module, error in facts["failed"].items():
-        problems.append((f"{engine}: import {module} fails: {error}",
-                         f"rebuild it: rm -r {venv} && LC_PROFILE={name} ./run.sh setup (the lock installs as one "
-                         f"set); if it fails again, the lock envs/{name}/{engine}.lock is broken"))
+        problems.append(
+            (
+                f"{engine}: import {module} fails: {error}",
+                f"rebuild it: rm -r {venv} && LC_PROFILE={name} ./run.sh setup (the lock installs as one "
+                f"set); if it fails again, the lock envs/{name}/{engine}.lock is broken",
+            )
+        )
     return problems
 
 
@@ -208,7 +256,9 @@ def disk_problems(engines: list[str], name: str) -> list[tuple[str, str]]:
     downloads and the environments, which hard-link the cache when on the same file system) and a run."""
     if not engines:
         return []
-    cache = Path(os.environ.get("UV_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uv")
+    cache = Path(
+        os.environ.get("UV_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uv"
+    )
     need = sum(SETUP_GB.get(name, {}).get(engine, 0) for engine in engines)
     places = {}
     for label, path in (("environments", envs_dir(name)), ("uv's cache", cache)):
@@ -221,10 +271,14 @@ def disk_problems(engines: list[str], name: str) -> list[tuple[str, str]]:
         if len(places) == 1:
             label = "environments and uv's cache"
         if free < want:
-            problems.append((f"{label} ({path}): {free:.1f} GB free, set-up of the {name} profile's "
-                             f"{' and '.join(engines)} needs ~{want:.0f} GB",
-                             "free space there, or point LC_ENVS_DIR (the environments) or UV_CACHE_DIR "
-                             "(uv's cache) at a larger disk"))
+            problems.append(
+                (
+                    f"{label} ({path}): {free:.1f} GB free, set-up of the {name} profile's "
+                    f"{' and '.join(engines)} needs ~{want:.0f} GB",
+                    "free space there, or point LC_ENVS_DIR (the environments) or UV_CACHE_DIR "
+                    "(uv's cache) at a larger disk",
+                )
+            )
     return problems
 
 
@@ -246,18 +300,24 @@ def check() -> Findings:
             found.problem(f"{engine}: not set up ({envs_dir() / engine})", "run ./run.sh setup")
             continue
         if "error" in facts[engine]:
-            found.problem(f"{engine}: its Python fails ({facts[engine]['error'][0]})",
-                          f"rebuild it: rm -r {envs_dir() / engine} && ./run.sh setup")
+            found.problem(
+                f"{engine}: its Python fails ({facts[engine]['error'][0]})",
+                f"rebuild it: rm -r {envs_dir() / engine} && ./run.sh setup",
+            )
             continue
         versions = ", ".join(f"{k} {v}" for k, v in facts[engine]["versions"].items() if v)
         found.fact(f"{engine}: Python {facts[engine]['python']}, {versions}")
         if want and not facts[engine]["python"].startswith(want + "."):
-            found.problem(f"{engine}: Python {facts[engine]['python']}, the {name} profile wants {want}",
-                          f"rm -r {envs_dir() / engine} && LC_PYTHON=python{want} ./run.sh setup")
+            found.problem(
+                f"{engine}: Python {facts[engine]['python']}, the {name} profile wants {want}",
+                f"rm -r {envs_dir() / engine} && LC_PYTHON=python{want} ./run.sh setup",
+            )
     torch_versions = {e: f["versions"]["torch"] for e, f in facts.items() if f and "versions" in f}
     if len(set(torch_versions.values())) > 1:
-        found.problem(f"torch differs between the environments ({torch_versions})",
-                      "the locks pin one torch: rebuild with ./run.sh setup")
+        found.problem(
+            f"torch differs between the environments ({torch_versions})",
+            "the locks pin one torch: rebuild with ./run.sh setup",
+        )
 
     found.lines.append("devices:")
     listed = gpus()
@@ -273,9 +333,11 @@ def check() -> Findings:
         found.problem(*problem)
     if listed and cuda and not any(c.get("available") for c in cuda):  # (no environment: set-up is the fix)
         builds = sorted({str(c.get("build")) for c in cuda})
-        found.problem(f"GPUs are listed but torch sees none (torch CUDA build: {', '.join(builds)})",
-                      "the CPU profile's torch has no CUDA; PyPI's torch 2.13 Linux wheels need a driver >= 580 "
-                      "(CUDA 13); older drivers need PyTorch's cu128/cu129 builds")
+        found.problem(
+            f"GPUs are listed but torch sees none (torch CUDA build: {', '.join(builds)})",
+            "the CPU profile's torch has no CUDA; PyPI's torch 2.13 Linux wheels need a driver >= 580 "
+            "(CUDA 13); older drivers need PyTorch's cu128/cu129 builds",
+        )
 
     found.lines.append("imports (every module the code paths import; set-up checks the same):")
     for engine in ENGINES:
@@ -293,31 +355,47 @@ def check() -> Findings:
         if imports.get(module):
             found.fact(f"{module}: importable" + (f" (the extra {extra})" if extra in extras else ""))
         else:
-            found.fact(f"{module}: absent (a template that names it needs LC_EXTRAS={extra} ./run.sh setup"
-                       + (", in the gpu profile)" if name != "gpu" else ")"))
+            found.fact(
+                f"{module}: absent (a template that names it needs LC_EXTRAS={extra} ./run.sh setup"
+                + (", in the gpu profile)" if name != "gpu" else ")")
+            )
 
     found.lines.append("access:")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        found.fact("Hugging Face Hub: offline for every model (HF_HUB_OFFLINE=1 is set: Hub models from the cache only)")
+        found.fact(
+            "Hugging Face Hub: offline for every model (HF_HUB_OFFLINE=1 is set: Hub models from the cache only)"
+        )
     else:
-        found.fact("Hugging Face Hub: engines run offline on local model folders, online for a model named by "
-                   "its Hub id (HF_HUB_OFFLINE=1 keeps them all offline)")
+        found.fact(
+            "Hugging Face Hub: engines run offline on local model folders, online for a model named by "
+            "its Hub id (HF_HUB_OFFLINE=1 keeps them all offline)"
+        )
     missing = [tool for tool in ("bwrap", "prlimit", "setpriv") if shutil.which(tool) is None]
     if missing and os.environ.get("LC_SANDBOX") != "unconfined":
-        found.problem(f"the code sandbox lacks {', '.join(missing)}",
-                      "sudo apt-get install bubblewrap util-linux (./run.sh setup does it as root), "
-                      "or LC_SANDBOX=unconfined to accept running model-written code without namespaces")
+        found.problem(
+            f"the code sandbox lacks {', '.join(missing)}",
+            "sudo apt-get install bubblewrap util-linux (./run.sh setup does it as root), "
+            "or LC_SANDBOX=unconfined to accept running model-written code without namespaces",
+        )
     else:
         found.fact("code sandbox: " + ("bubblewrap, prlimit, setpriv" if not missing else "unconfined (LC_SANDBOX)"))
-    found.fact("npm: " + ("present (the tests' real tokenizers)" if shutil.which("npm") else
-                          "absent: only ./run.sh test needs it (sudo apt-get install npm)"))
+    found.fact(
+        "npm: "
+        + (
+            "present (the tests' real tokenizers)"
+            if shutil.which("npm")
+            else "absent: only ./run.sh test needs it (sudo apt-get install npm)"
+        )
+    )
 
     found.lines.append("disk:")
     for engine in ENGINES:
         venv = envs_dir(name) / engine
         if venv.is_dir():
-            found.fact(f"{engine}: set-up of the {name} profile takes ~{SETUP_GB.get(name, {}).get(engine, 0):.1f} GB "
-                       "(uv's cache and the environment)")
+            found.fact(
+                f"{engine}: set-up of the {name} profile takes ~{SETUP_GB.get(name, {}).get(engine, 0):.1f} GB "
+                "(uv's cache and the environment)"
+            )
     for problem in disk_problems([e for e in ENGINES if not (envs_dir(name) / e).is_dir()], name):
         found.problem(*problem)
     existing = next(p for p in (cache_dir(), *cache_dir().parents) if p.exists())
@@ -343,12 +421,21 @@ def check_imports(engine: str) -> Findings:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="./run.sh doctor", description=__doc__.splitlines()[0])
-    parser.add_argument("--before-setup", nargs="*", metavar="ENGINE", choices=ENGINES,
-                        help="only what set-up checks before it downloads: the GPUs' driver against the profile's "
-                             "CUDA build, and free disk for these engines' environments; silent when they fit")
-    parser.add_argument("--imports", metavar="ENGINE", choices=ENGINES,
-                        help="only what set-up checks after building an environment: every module its code paths "
-                             "import; silent when they all do")
+    parser.add_argument(
+        "--before-setup",
+        nargs="*",
+        metavar="ENGINE",
+        choices=ENGINES,
+        help="only what set-up checks before it downloads: the GPUs' driver against the profile's "
+        "CUDA build, and free disk for these engines' environments; silent when they fit",
+    )
+    parser.add_argument(
+        "--imports",
+        metavar="ENGINE",
+        choices=ENGINES,
+        help="only what set-up checks after building an environment: every module its code paths "
+        "import; silent when they all do",
+    )
     args = parser.parse_args()
     quiet = args.before_setup is not None or args.imports is not None
     if args.imports is not None:

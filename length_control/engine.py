@@ -16,6 +16,7 @@ one engine start; `OpenAIEngine` sends the same requests to running servers;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -115,8 +116,9 @@ def request_seed(run_seed: int, prompt_id: str, sample: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def sample_request(prompt_id: str, sample: int, prompt_token_ids: list[int], *, max_tokens: int,
-                   run_seed: int, sampling) -> dict[str, Any]:
+def sample_request(
+    prompt_id: str, sample: int, prompt_token_ids: list[int], *, max_tokens: int, run_seed: int, sampling
+) -> dict[str, Any]:
     """Sample `sample` of a prompt: the one request builder of generate and evaluate.
 
     Its seed comes from (run seed, prompt id, sample), so a sample is the same
@@ -148,8 +150,9 @@ def shorter_result(longer: dict[str, Any], max_tokens: int) -> dict[str, Any]:
     return {**longer, "output_token_ids": output[:max_tokens], "finish_reason": "length", "stop_reason": None}
 
 
-def answer_request(first: dict[str, Any], prefix: list[int], *, max_tokens: int, run_seed: int,
-                   sampling=None) -> dict[str, Any]:
+def answer_request(
+    first: dict[str, Any], prefix: list[int], *, max_tokens: int, run_seed: int, sampling=None
+) -> dict[str, Any]:
     """The answer pass of a request whose thinking was closed: its prompt + `prefix`, its own seed.
 
     `sampling`: the answer pass's own, where it differs from the first pass's.
@@ -175,11 +178,18 @@ class _Worker:
     def __init__(self, engine_args: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
-        self._log = open(log_path, "ab")
+        self._log = open(log_path, "ab")  # noqa: SIM115  open while the worker runs; close() closes it
         read_fd, write_fd = os.pipe()
         command = worker_command(engine_args) + ["--reply-fd", str(write_fd)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=env, pass_fds=(write_fd,), text=True)
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=(write_fd,),
+            text=True,
+        )
         os.close(write_fd)
         self._replies = os.fdopen(read_fd, "r")
         self.in_flight = 0
@@ -193,6 +203,7 @@ class _Worker:
 
     def forward_replies(self, into: queue.Queue) -> None:
         """Pass every reply to `into` from a thread; a worker that dies sends its EngineError instead."""
+
         def forward() -> None:
             with self._replies:
                 try:
@@ -222,10 +233,8 @@ class _Worker:
 
     def close(self) -> None:
         if self.process.stdin:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 self.process.stdin.close()  # the worker finishes what it holds, then vLLM shuts down
-            except BrokenPipeError:
-                pass
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -304,8 +313,10 @@ class VLLMEngine:
             return [({}, self.log_path)]
         tp, visible = self.options.tensor_parallel_size, self.env.get("CUDA_VISIBLE_DEVICES")
         return [
-            ({"CUDA_VISIBLE_DEVICES": replica_devices(replica, tp, visible)},
-             self.log_path.with_name(f"{self.log_path.stem}.dp{replica}{self.log_path.suffix}"))
+            (
+                {"CUDA_VISIBLE_DEVICES": replica_devices(replica, tp, visible)},
+                self.log_path.with_name(f"{self.log_path.stem}.dp{replica}{self.log_path.suffix}"),
+            )
             for replica in range(count)
         ]
 
@@ -402,7 +413,7 @@ class OpenAIEngine:
     the stage with the server's error: a sample is never dropped.
     """
 
-    RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+    RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
     CONNECTIONS_PER_CLIENT = 64
 
     def __init__(self, options, *, sleep=None, transport=None) -> None:
@@ -419,8 +430,11 @@ class OpenAIEngine:
 
     def describe(self) -> list[str]:
         o = self.options
-        return [f"POST {url}/completions (model {o.model!r}, token ids in and out, <= {o.max_concurrency} "
-                f"in flight, {o.max_retries} retries)" for url in o.endpoints]
+        return [
+            f"POST {url}/completions (model {o.model!r}, token ids in and out, <= {o.max_concurrency} "
+            f"in flight, {o.max_retries} retries)"
+            for url in o.endpoints
+        ]
 
     def __enter__(self) -> OpenAIEngine:
         import asyncio
@@ -440,8 +454,12 @@ class OpenAIEngine:
             count = -(-self.options.max_concurrency // self.CONNECTIONS_PER_CLIENT)
             size = -(-self.options.max_concurrency // count)
             limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-            return [httpx.AsyncClient(timeout=self.options.timeout_s, headers=headers, limits=limits,
-                                      transport=self._transport) for _ in range(count)]
+            return [
+                httpx.AsyncClient(
+                    timeout=self.options.timeout_s, headers=headers, limits=limits, transport=self._transport
+                )
+                for _ in range(count)
+            ]
 
         self._clients = asyncio.run_coroutine_threadsafe(clients(), self._loop).result()
         return self
@@ -536,34 +554,55 @@ def _tail_logprobs(url: str, request: dict[str, Any], prompt_logprobs: list | No
     """The log-probabilities of the last `score_tail` prompt tokens, from vLLM's `prompt_logprobs`."""
     count = request["score_tail"]
     if not prompt_logprobs:
-        raise EngineError(f"{url} returned no prompt_logprobs: the termination probe needs a vLLM server "
-                          "(its prompt_logprobs extension); leave the probe's arms to the offline engine")
+        raise EngineError(
+            f"{url} returned no prompt_logprobs: the termination probe needs a vLLM server "
+            "(its prompt_logprobs extension); leave the probe's arms to the offline engine"
+        )
     tail = zip(request["prompt_token_ids"][-count:], prompt_logprobs[-count:])
     return [entry[str(token)]["logprob"] for token, entry in tail]  # JSON keys are strings
 
 
 # Keys of a checkpoint's JSON files that say how it was saved or loaded, not what an engine computes.
-_BOOKKEEPING = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
-                "_from_model_config", "do_sample", "local_files_only", "is_local", "_commit_hash"}
+_BOOKKEEPING = {
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "_from_model_config",
+    "do_sample",
+    "local_files_only",
+    "is_local",
+    "_commit_hash",
+}
 
 
 def _engine_view(folder: Path) -> dict[str, Any]:
     """What of a checkpoint a running vLLM engine fixed at its start: model shape, vocabulary, stop ids."""
+
     def load(name: str) -> Any:
         path = folder / name
         if not path.is_file():
             return None
         if name.endswith(".json"):
             data = json.loads(path.read_text())
-            return {k: ([v] if k.endswith("token_id") and isinstance(v, int) else v)
-                    for k, v in data.items() if k not in _BOOKKEEPING}
+            return {
+                k: ([v] if k.endswith("token_id") and isinstance(v, int) else v)
+                for k, v in data.items()
+                if k not in _BOOKKEEPING
+            }
         return path.read_bytes()
 
     config = load("config.json")
     if config is None:
         raise FileNotFoundError(folder / "config.json")
-    return {"config": config, "tokenizer": load("tokenizer.json"), "tokenizer_config": load("tokenizer_config.json"),
-            "generation": load("generation_config.json")}
+    return {
+        "config": config,
+        "tokenizer": load("tokenizer.json"),
+        "tokenizer_config": load("tokenizer_config.json"),
+        "generation": load("generation_config.json"),
+    }
 
 
 def same_architecture(running: Path | str, other: Path | str) -> bool:

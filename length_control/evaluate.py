@@ -42,8 +42,13 @@ from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens
 
 
-def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = None,
-         samples: Path | None = None, trained_by: Recipe | None = None) -> Plan:
+def plan(
+    recipe: Recipe | EvalRecipe,
+    arm: str = "before",
+    seed: int | None = None,
+    samples: Path | None = None,
+    trained_by: Recipe | None = None,
+) -> Plan:
     """before: the stage-1 policy; after: the stage-2 model of one training seed; forced: the
     stage-1 policy with inference-time forcing at the same budget (cut at B tokens, append the
     forced close, let it answer within the limit). The before and after arms also run the
@@ -74,20 +79,24 @@ def plan(recipe: Recipe | EvalRecipe, arm: str = "before", seed: int | None = No
     else:
         model = policy_path(recipe.model)
     engine = open_engine(recipe, model, log_name=_log_name(arm, seed))
-    steps = [*engine.describe(),
-             ("the samples of the shared before arm; " if samples is not None else
-              f"max_tokens = {recipe.context_limit} - prompt")
-             + (f"; forced close at {recipe.budget} thinking tokens" if arm == "forced" else "")
-             + ("; first passes cut from the before arm's samples" if "first passes" in inputs else "")
-             + ("; termination and early-close probes at B" if arm != "forced" and recipe.budget is not None
-                else "")
-             + ("; answer-drift reference (answer NLL, greedy answer after the forced close)" if arm == "forced"
-                else "")
-             + ("; answer-drift probe on the forced arm's answers" if "drift reference" in inputs else "")
-             + ("; answer-drift reference after the policy's own close" if arm == "before" and recipe.budget else ""),
-             *(f"{s.source.name}: {s.samples_per_problem} samples per problem" for s in recipe.eval.sets)]
-    return Plan(f"eval-{arm}", recipe, layout.eval(arm, seed), inputs=inputs, model=model, arm=arm, seed=seed,
-                steps=steps)
+    steps = [
+        *engine.describe(),
+        (
+            "the samples of the shared before arm; "
+            if samples is not None
+            else f"max_tokens = {recipe.context_limit} - prompt"
+        )
+        + (f"; forced close at {recipe.budget} thinking tokens" if arm == "forced" else "")
+        + ("; first passes cut from the before arm's samples" if "first passes" in inputs else "")
+        + ("; termination and early-close probes at B" if arm != "forced" and recipe.budget is not None else "")
+        + ("; answer-drift reference (answer NLL, greedy answer after the forced close)" if arm == "forced" else "")
+        + ("; answer-drift probe on the forced arm's answers" if "drift reference" in inputs else "")
+        + ("; answer-drift reference after the policy's own close" if arm == "before" and recipe.budget else ""),
+        *(f"{s.source.name}: {s.samples_per_problem} samples per problem" for s in recipe.eval.sets),
+    ]
+    return Plan(
+        f"eval-{arm}", recipe, layout.eval(arm, seed), inputs=inputs, model=model, arm=arm, seed=seed, steps=steps
+    )
 
 
 def _log_name(arm: str, seed: int | None) -> str:
@@ -97,14 +106,20 @@ def _log_name(arm: str, seed: int | None) -> str:
 def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     """Evaluate one arm; skip it when up to date."""
     recipe, folder, arm = plan.recipe, plan.folder, plan.arm
-    upstream = {name: contracts.upstream(path)["output"] for name, path in plan.inputs.items()
-                if name != "first passes" or contracts.is_finished(path)}  # no before arm yet: sample them
+    upstream = {
+        name: contracts.upstream(path)["output"]
+        for name, path in plan.inputs.items()
+        if name != "first passes" or contracts.is_finished(path)
+    }  # no before arm yet: sample them
     stage = Stage(
         folder,
         inputs={"model": model_input(plan.model)}
         | contracts.source_inputs("set", [s.source for s in recipe.eval.sets])
-        | {name.replace(" ", "_"): upstream[name]
-           for name in ("probe traces", "first passes", "shared samples", "drift reference") if name in upstream},
+        | {
+            name.replace(" ", "_"): upstream[name]
+            for name in ("probe traces", "first passes", "shared samples", "drift reference")
+            if name in upstream
+        },
         config={
             "records": contracts.schemas_fingerprint(SAMPLES_SCHEMA, *contracts.PROBE_SCHEMAS.values()),
             "context_limit": recipe.context_limit,
@@ -137,9 +152,17 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
                 too_long[spec.name].append(prompt["id"])
                 continue
             problems.append((spec, prompt, prompt_ids, eval_set.samples_per_problem))
-            requests += [sample_request(prompt["id"], sample, prompt_ids, max_tokens=room, run_seed=recipe.seed,
-                                        sampling=recipe.eval.sampling)
-                         for sample in range(eval_set.samples_per_problem)]
+            requests += [
+                sample_request(
+                    prompt["id"],
+                    sample,
+                    prompt_ids,
+                    max_tokens=room,
+                    run_seed=recipe.seed,
+                    sampling=recipe.eval.sampling,
+                )
+                for sample in range(eval_set.samples_per_problem)
+            ]
 
     _check_room(too_long, {spec.name for spec, *_ in problems}, recipe)
     found: dict[str, list[dict[str, Any]]] = {}  # probe file -> its records
@@ -155,21 +178,33 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
                 results = engine.generate(requests, desc=f"eval {arm}")
             samples = _score_all(problems, {r["key"]: r for r in results}, think, tokenizer)
         # none without a budget (evaluate --model): nothing to probe at
-        traces = samples if arm == "before" else (_read_samples(plan.inputs["probe traces"])
-                                                  if "probe traces" in plan.inputs else None)
+        traces = (
+            samples
+            if arm == "before"
+            else (_read_samples(plan.inputs["probe traces"]) if "probe traces" in plan.inputs else None)
+        )
         if traces is not None and recipe.budget is not None:
             found[PROBE] = probes.termination(engine, traces, recipe.budget, think)
-            found[EARLY_CLOSE] = probes.early_close(engine, traces, recipe.budget, think,
-                                                    recipe.eval.early_close_positions)
+            found[EARLY_CLOSE] = probes.early_close(
+                engine, traces, recipe.budget, think, recipe.eval.early_close_positions
+            )
         if arm == "forced":
             found[DRIFT] = probes.answer_drift(engine, samples, answer_starts, recipe.context_limit)
         elif arm == "before" and recipe.budget is not None:
-            found[DRIFT] = probes.answer_drift(engine, samples, probes.own_answer_starts(samples, recipe.budget, think),
-                                               recipe.context_limit, close="own")
+            found[DRIFT] = probes.answer_drift(
+                engine,
+                samples,
+                probes.own_answer_starts(samples, recipe.budget, think),
+                recipe.context_limit,
+                close="own",
+            )
         else:  # the after arm: the same answers, against the forced and the before arm's records
-            found[DRIFT] = [record for name, arm_samples in (("drift reference", None), ("probe traces", traces))
-                            if name in plan.inputs
-                            for record in _drift_against(engine, plan.inputs[name], arm_samples, recipe.context_limit)]
+            found[DRIFT] = [
+                record
+                for name, arm_samples in (("drift reference", None), ("probe traces", traces))
+                if name in plan.inputs
+                for record in _drift_against(engine, plan.inputs[name], arm_samples, recipe.context_limit)
+            ]
 
     contracts.write_records(folder / SAMPLES, samples, SAMPLES_SCHEMA)
     for name, records in found.items():
@@ -191,8 +226,14 @@ def _check_room(too_long: dict[str, list[str]], kept: set[str], recipe: Recipe) 
         raise EmptyOutput(f"eval sets {', '.join(empty)}: every prompt fills the context limit; {fix}")
     dropped = {name: ids for name, ids in too_long.items() if ids}
     if dropped and recipe.eval.on_long_prompt == "error":
-        raise DataError("eval.sets", [f"{name}: {len(ids)} prompts fill the context limit (e.g. {', '.join(ids[:3])}); "
-                                      f"{fix}, or set eval.on_long_prompt: drop" for name, ids in dropped.items()])
+        raise DataError(
+            "eval.sets",
+            [
+                f"{name}: {len(ids)} prompts fill the context limit (e.g. {', '.join(ids[:3])}); "
+                f"{fix}, or set eval.on_long_prompt: drop"
+                for name, ids in dropped.items()
+            ],
+        )
 
 
 def plans(recipe: Recipe, arm: str) -> list[Plan]:
@@ -202,8 +243,9 @@ def plans(recipe: Recipe, arm: str) -> list[Plan]:
     return [plan(recipe, arm)]
 
 
-def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: ThinkTokens,
-            first_passes: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _forced(
+    engine, requests: list[dict[str, Any]], recipe: Recipe, think: ThinkTokens, first_passes: dict[str, dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Inference-time forcing at the budget: what the stage-1 policy does without stage 2.
 
     One stream: a sample cut at B is closed and its answer asked for as soon
@@ -252,35 +294,52 @@ def _forced(engine, requests: list[dict[str, Any]], recipe: Recipe, think: Think
     return [outputs[r["key"]] for r in requests], answer_starts
 
 
-def _drift_against(engine, folder: Path, samples: list[dict[str, Any]] | None,
-                   context_limit: int) -> list[dict[str, Any]]:
+def _drift_against(
+    engine, folder: Path, samples: list[dict[str, Any]] | None, context_limit: int
+) -> list[dict[str, Any]]:
     """The answer-drift probe on the samples of another arm (forced or before; `samples` when already read),
     against that arm's own records."""
     reference = read_probes(folder).get(DRIFT, [])
     if not reference:
         return []
     starts = {probes.sample_key(r): r["answer_start"] for r in reference}
-    return probes.answer_drift(engine, samples if samples is not None else _read_samples(folder), starts,
-                               context_limit, reference=reference, close=reference[0]["close"])
+    return probes.answer_drift(
+        engine,
+        samples if samples is not None else _read_samples(folder),
+        starts,
+        context_limit,
+        reference=reference,
+        close=reference[0]["close"],
+    )
 
 
 def _read_results(folder: Path) -> dict[str, dict[str, Any]]:
     """An eval arm's samples as the engine returned them, by request key."""
-    return {f"{s['problem_id']}#{s['sample']}": {"key": f"{s['problem_id']}#{s['sample']}",
-                                                 "output_token_ids": s["output_token_ids"],
-                                                 "finish_reason": s["finish_reason"], "stop_reason": None}
-            for s in contracts.read_records(folder / SAMPLES, ["problem_id", "sample", "output_token_ids",
-                                                                "finish_reason"])}
+    return {
+        f"{s['problem_id']}#{s['sample']}": {
+            "key": f"{s['problem_id']}#{s['sample']}",
+            "output_token_ids": s["output_token_ids"],
+            "finish_reason": s["finish_reason"],
+            "stop_reason": None,
+        }
+        for s in contracts.read_records(folder / SAMPLES, ["problem_id", "sample", "output_token_ids", "finish_reason"])
+    }
 
 
 def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[dict[str, Any]]:
     """The samples of another run's before arm, when nothing but the budget (its probe's) differs."""
-    differ = contracts.settings_differ(contracts.upstream(folder), expected, but_config=("budget",),
-                                       but_inputs=("shared_samples",))
+    differ = contracts.settings_differ(
+        contracts.upstream(folder), expected, but_config=("budget",), but_inputs=("shared_samples",)
+    )
     if differ:
-        raise DataError("eval", [f"the before arm in {folder} was sampled with other settings ({', '.join(differ)}): "
-                                 "its samples are not this run's; share only between runs that differ in the "
-                                 "budget or in what stage 2 does"])
+        raise DataError(
+            "eval",
+            [
+                f"the before arm in {folder} was sampled with other settings ({', '.join(differ)}): "
+                "its samples are not this run's; share only between runs that differ in the "
+                "budget or in what stage 2 does"
+            ],
+        )
     return contracts.read_records(folder / SAMPLES)
 
 
@@ -317,8 +376,9 @@ def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, 
     return samples
 
 
-def summarize(samples: list[dict[str, Any]], context_limit: int,
-              probes: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+def summarize(
+    samples: list[dict[str, Any]], context_limit: int, probes: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, Any]:
     """Per benchmark: pass@1 over n with its standard error (over problems), overlong rate, lengths,
     and the means of the probes that ran (`probes`: probe file -> records, as `read_probes` returns)."""
     out: dict[str, Any] = {"context_limit": context_limit, "benchmarks": {}}
@@ -338,8 +398,9 @@ def summarize(samples: list[dict[str, Any]], context_limit: int,
             "overlong_rate": sum(s["overlong"] for s in rows) / len(rows),
             "closed_accuracy": sum(s["correct"] for s in closed) / len(closed) if closed else None,
             "mean_thinking_tokens": sum(s["thinking_tokens"] for s in rows) / len(rows),
-        } | _probe_means({name: [r for r in records if r["benchmark"] == benchmark]
-                          for name, records in probes.items()})
+        } | _probe_means(
+            {name: [r for r in records if r["benchmark"] == benchmark] for name, records in probes.items()}
+        )
     return out
 
 
@@ -349,8 +410,11 @@ def _probe_means(probes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if probes.get(PROBE):
         rows = probes[PROBE]
-        out |= {"probe_traces": len(rows), "close_nll": _mean(r["close_nll"] for r in rows),
-                "greedy_close_rate": _mean(r["greedy_close"] for r in rows)}
+        out |= {
+            "probe_traces": len(rows),
+            "close_nll": _mean(r["close_nll"] for r in rows),
+            "greedy_close_rate": _mean(r["greedy_close"] for r in rows),
+        }
     for close, prefix in (("forced", ""), ("own", "own_close_")):
         rows = [r for r in probes.get(DRIFT, []) if r["close"] == close]
         if rows:
@@ -359,15 +423,19 @@ def _probe_means(probes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             out[f"{prefix}split_samples"] = len(split)
             if rows[0]["greedy_agrees"] is not None:
                 decided = [r["greedy_agrees"] for r in rows if _decided(r)]
-                out |= {f"{prefix}greedy_answer_agreement": _mean(r["greedy_agrees"] for r in rows),
-                        f"{prefix}decided_answer_agreement": _mean(decided) if decided else None,
-                        f"{prefix}ties_tipped": sum(not r["greedy_agrees"] for r in split)}
+                out |= {
+                    f"{prefix}greedy_answer_agreement": _mean(r["greedy_agrees"] for r in rows),
+                    f"{prefix}decided_answer_agreement": _mean(decided) if decided else None,
+                    f"{prefix}ties_tipped": sum(not r["greedy_agrees"] for r in split),
+                }
     if probes.get(EARLY_CLOSE):
         rows = probes[EARLY_CLOSE]
         positions = sum(r["positions"] for r in rows)
-        out |= {"early_close_traces": len(rows),
-                "early_close_p": sum(r["close_p_mean"] * r["positions"] for r in rows) / positions,
-                "early_close_p_max": _mean(r["close_p_max"] for r in rows)}
+        out |= {
+            "early_close_traces": len(rows),
+            "early_close_p": sum(r["close_p_mean"] * r["positions"] for r in rows) / positions,
+            "early_close_p_max": _mean(r["close_p_max"] for r in rows),
+        }
     return out
 
 
@@ -385,8 +453,9 @@ def _mean(values) -> float:
 
 def read_probes(folder: Path) -> dict[str, list[dict[str, Any]]]:
     """An eval folder's probe records, by probe file: those its arm ran."""
-    return {name: contracts.read_records(folder / name) for name in contracts.PROBE_SCHEMAS
-            if (folder / name).is_file()}
+    return {
+        name: contracts.read_records(folder / name) for name in contracts.PROBE_SCHEMAS if (folder / name).is_file()
+    }
 
 
 def _read_samples(folder: Path) -> list[dict[str, Any]]:
@@ -396,8 +465,10 @@ def _read_samples(folder: Path) -> list[dict[str, Any]]:
 
 def format_metrics(arms: list[tuple[str, dict[str, Any]]]) -> str:
     """One line per (arm, benchmark); the probe's columns where it ran."""
-    lines = [f"{'benchmark':<14} {'arm':<16} {'score':>14} {'overlong':>9} {'closed acc':>11} {'think tok':>10} "
-             f"{'close NLL':>10} {'greedy close':>13}"]
+    lines = [
+        f"{'benchmark':<14} {'arm':<16} {'score':>14} {'overlong':>9} {'closed acc':>11} {'think tok':>10} "
+        f"{'close NLL':>10} {'greedy close':>13}"
+    ]
     for label, metrics in arms:
         for name, m in metrics["benchmarks"].items():
             closed = "-" if m["closed_accuracy"] is None else f"{100 * m['closed_accuracy']:.1f}%"

@@ -98,8 +98,11 @@ def transcripts(table: Mapping[tuple[int, ...], Sequence[int]]) -> Continuation:
     can be listed beside `prompt` to script the answer after a forced close.
     A context that fits none raises: a test should expect every request.
     """
-    by_length = sorted(((tuple(context), list(written)) for context, written in table.items()),
-                       key=lambda entry: len(entry[0]), reverse=True)
+    by_length = sorted(
+        ((tuple(context), list(written)) for context, written in table.items()),
+        key=lambda entry: len(entry[0]),
+        reverse=True,
+    )
 
     def continuation(context: list[int]) -> list[int]:
         for listed, written in by_length:

@@ -39,8 +39,15 @@ from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, shard_path
 from length_control.cut import CutPolicy, describe_cut, recorded_close
-from length_control.engine import (Engine, answer_request, engine_for, model_len, open_engine, sample_request,
-                                   shorter_result)
+from length_control.engine import (
+    Engine,
+    answer_request,
+    engine_for,
+    model_len,
+    open_engine,
+    sample_request,
+    shorter_result,
+)
 from length_control.errors import DataError
 from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows, with_system_line
@@ -58,20 +65,32 @@ def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
     generation = recipe.generation
     sampling = json.dumps(generation.sampling.model_dump())
     engine = open_engine(recipe, model, log_name="generate")
-    return Plan("generate", recipe, RunLayout(recipe.output_dir).generate, model=model,
-                inputs={"longer traces": Path(longer)} if longer is not None else {}, steps=[
-        "one engine for traces and answers:", *(f"  {line}" for line in engine.describe()),
-        *(f"prompts: {ref.source.name}" + (f", sample {ref.sample}" if ref.sample else "")
-          for ref in recipe.prompts.sources),
-        (f"traces: cut from the longer traces to B = {recipe.budget}; only the answers a cut changes are generated"
-         if longer is not None else
-         f"traces: {generation.samples_per_prompt} per prompt, max_tokens {recipe.budget}, {sampling}, "
-         "a seed per request"),
-        f"answers: case 1 prompt + {describe_cut(recipe)}; case 2 prompt + output; "
-        f"max_tokens {generation.answer_max_tokens}"
-        + (f", {json.dumps(generation.answer_sampling.model_dump())}" if generation.answer_sampling else ""),
-        f"shards of {generation.shard_size} requests",
-    ])
+    return Plan(
+        "generate",
+        recipe,
+        RunLayout(recipe.output_dir).generate,
+        model=model,
+        inputs={"longer traces": Path(longer)} if longer is not None else {},
+        steps=[
+            "one engine for traces and answers:",
+            *(f"  {line}" for line in engine.describe()),
+            *(
+                f"prompts: {ref.source.name}" + (f", sample {ref.sample}" if ref.sample else "")
+                for ref in recipe.prompts.sources
+            ),
+            (
+                f"traces: cut from the longer traces to B = {recipe.budget}; "
+                "only the answers a cut changes are generated"
+                if longer is not None
+                else f"traces: {generation.samples_per_prompt} per prompt, max_tokens {recipe.budget}, {sampling}, "
+                "a seed per request"
+            ),
+            f"answers: case 1 prompt + {describe_cut(recipe)}; case 2 prompt + output; "
+            f"max_tokens {generation.answer_max_tokens}"
+            + (f", {json.dumps(generation.answer_sampling.model_dump())}" if generation.answer_sampling else ""),
+            f"shards of {generation.shard_size} requests",
+        ],
+    )
 
 
 def load_prompts(recipe: Recipe) -> list[dict[str, Any]]:
@@ -82,8 +101,9 @@ def load_prompts(recipe: Recipe) -> list[dict[str, Any]]:
     return [with_system_line(prompt, recipe.stated_budget()) for prompt in prompts]
 
 
-def trace_requests(recipe: Recipe, tokenizer, think: ThinkTokens,
-                   prompts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+def trace_requests(
+    recipe: Recipe, tokenizer, think: ThinkTokens, prompts: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
     """The first pass's requests, and how many prompts were dropped for having no room at B.
 
     A prompt needs room for B thinking tokens, the forced close and at least
@@ -98,14 +118,27 @@ def trace_requests(recipe: Recipe, tokenizer, think: ThinkTokens,
         if not rule.has_room(len(ids), model_len(recipe)):
             too_long.append(prompt["id"])
             continue
-        requests += [sample_request(prompt["id"], sample, ids, max_tokens=rule.first_pass_tokens,
-                                    run_seed=recipe.seed, sampling=recipe.generation.sampling)
-                     for sample in range(recipe.generation.samples_per_prompt)]
+        requests += [
+            sample_request(
+                prompt["id"],
+                sample,
+                ids,
+                max_tokens=rule.first_pass_tokens,
+                run_seed=recipe.seed,
+                sampling=recipe.generation.sampling,
+            )
+            for sample in range(recipe.generation.samples_per_prompt)
+        ]
     if too_long and recipe.generation.on_long_prompt == "error":
-        raise DataError("prompts", [f"{len(too_long)} prompts (e.g. {', '.join(too_long[:3])}) leave no room for "
-                                    f"B = {recipe.budget} thinking tokens, the forced close and an answer within "
-                                    f"max_model_len {model_len(recipe)}; raise engine.vllm.max_model_len, lower "
-                                    "budget, or set generation.on_long_prompt: drop"])
+        raise DataError(
+            "prompts",
+            [
+                f"{len(too_long)} prompts (e.g. {', '.join(too_long[:3])}) leave no room for "
+                f"B = {recipe.budget} thinking tokens, the forced close and an answer within "
+                f"max_model_len {model_len(recipe)}; raise engine.vllm.max_model_len, lower "
+                "budget, or set generation.on_long_prompt: drop"
+            ],
+        )
     return requests, len(too_long)
 
 
@@ -146,8 +179,11 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     shards = [requests[i : i + size] for i in range(0, len(requests), size)]
     todo = [i for i in range(len(shards)) if not shard_path(folder, "traces", i).is_file()]
     if todo:
-        longer = (LongerTraces(plan.inputs["longer traces"], stage.expected, recipe.budget)
-                  if "longer traces" in plan.inputs else None)
+        longer = (
+            LongerTraces(plan.inputs["longer traces"], stage.expected, recipe.budget)
+            if "longer traces" in plan.inputs
+            else None
+        )
         with engine_for(recipe, plan.model, log_name="generate", shared=engine) as engine:
             _generate_shards(engine, {i: shards[i] for i in todo}, recipe, think, folder, longer)
     contracts.write_termination(folder, think.termination())
@@ -169,8 +205,14 @@ class _Shard:
         return self.traces, [self.answers[position] for position in sorted(self.answers)]
 
 
-def _generate_shards(engine: Engine, todo: dict[int, list[dict[str, Any]]], recipe: Recipe, think: ThinkTokens,
-                     folder: Path, longer: LongerTraces | None = None) -> None:
+def _generate_shards(
+    engine: Engine,
+    todo: dict[int, list[dict[str, Any]]],
+    recipe: Recipe,
+    think: ThinkTokens,
+    folder: Path,
+    longer: LongerTraces | None = None,
+) -> None:
     """Every trace request of the missing shards in one stream; an answer goes in as soon as its trace is back.
 
     The engine never drains between shards: it takes the next requests while
@@ -259,14 +301,20 @@ class LongerTraces:
         self._loaded: tuple[int, dict[str, dict], dict[str, dict]] | None = None
 
     def _check(self, manifest: dict[str, Any], expected: dict[str, Any], budget: int) -> None:
-        differ = contracts.settings_differ(manifest, expected, but_config=("budget", "cut"),
-                                           but_inputs=("longer traces",))
+        differ = contracts.settings_differ(
+            manifest, expected, but_config=("budget", "cut"), but_inputs=("longer traces",)
+        )
         if manifest["config"]["budget"] < budget:
             differ.append(f"budget ({manifest['config']['budget']} < {budget})")
         if differ:
-            raise DataError("generate", [f"the traces in {self.folder} cannot be cut to this run's: "
-                                         f"{', '.join(differ)} differ; take them from a run at a budget at least "
-                                         "as large with the same model, prompts, seed and generation settings"])
+            raise DataError(
+                "generate",
+                [
+                    f"the traces in {self.folder} cannot be cut to this run's: "
+                    f"{', '.join(differ)} differ; take them from a run at a budget at least "
+                    "as large with the same model, prompts, seed and generation settings"
+                ],
+            )
 
     def first_pass(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """The result `request` would get from the engine, cut from the longer trace; None if it has none."""
@@ -274,8 +322,14 @@ class LongerTraces:
         if found is None:
             return None  # a prompt with room at this budget but not at the longer one's
         trace = found[0][request["key"]]
-        return shorter_result({"key": request["key"], "output_token_ids": trace["output_token_ids"],
-                               "finish_reason": trace["finish_reason"]}, request["max_tokens"])
+        return shorter_result(
+            {
+                "key": request["key"],
+                "output_token_ids": trace["output_token_ids"],
+                "finish_reason": trace["finish_reason"],
+            },
+            request["max_tokens"],
+        )
 
     def answer(self, pending: dict[str, Any]) -> dict[str, Any] | None:
         """The longer run's answer record when its answer pass continued the same prefix, else None."""
@@ -285,8 +339,10 @@ class LongerTraces:
         if known is None or known["close_at"] != pending["close_at"] or known["case"] != pending["case"]:
             return None
         trace = found[0][key]
-        if pending["request"]["prompt_token_ids"] != [*trace["prompt"],
-                                                      *recorded_close(trace["output_token_ids"], known).prefix()]:
+        if pending["request"]["prompt_token_ids"] != [
+            *trace["prompt"],
+            *recorded_close(trace["output_token_ids"], known).prefix(),
+        ]:
             return None
         return known | {"cut_back": pending["cut_back"]}
 
@@ -295,16 +351,23 @@ class LongerTraces:
         if index is None:
             return None
         if self._loaded is None or self._loaded[0] != index:
-            traces = contracts.read_records(shard_path(self.folder, "traces", index),
-                                            ["prompt_id", "sample", "prompt_token_ids", "output_token_ids",
-                                             "finish_reason"])
+            traces = contracts.read_records(
+                shard_path(self.folder, "traces", index),
+                ["prompt_id", "sample", "prompt_token_ids", "output_token_ids", "finish_reason"],
+            )
             answers = contracts.read_records(shard_path(self.folder, "answers", index))
-            self._loaded = (index,
-                            {f"{t['prompt_id']}#{t['sample']}": {"prompt": t["prompt_token_ids"],
-                                                                 "output_token_ids": t["output_token_ids"],
-                                                                 "finish_reason": t["finish_reason"]}
-                             for t in traces},
-                            {f"{a['prompt_id']}#{a['sample']}": a for a in answers})
+            self._loaded = (
+                index,
+                {
+                    f"{t['prompt_id']}#{t['sample']}": {
+                        "prompt": t["prompt_token_ids"],
+                        "output_token_ids": t["output_token_ids"],
+                        "finish_reason": t["finish_reason"],
+                    }
+                    for t in traces
+                },
+                {f"{a['prompt_id']}#{a['sample']}": a for a in answers},
+            )
         return self._loaded[1], self._loaded[2]
 
 
@@ -322,14 +385,14 @@ def _trace(request: dict[str, Any], result: dict[str, Any], think: ThinkTokens) 
     }
 
 
-def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Recipe,
-                    rule: CutPolicy) -> dict[str, Any]:
+def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Recipe, rule: CutPolicy) -> dict[str, Any]:
     """The continuation of a trace that did not end within B (case 1 or 2), and what the answer record keeps."""
     output = trace["output_token_ids"]
     closed = rule.close(output)
     prefix = closed.prefix()
-    max_tokens = min(recipe.generation.answer_max_tokens,
-                     model_len(recipe) - len(request["prompt_token_ids"]) - len(prefix))
+    max_tokens = min(
+        recipe.generation.answer_max_tokens, model_len(recipe) - len(request["prompt_token_ids"]) - len(prefix)
+    )
     return {
         "prompt_id": trace["prompt_id"],
         "sample": trace["sample"],
@@ -338,14 +401,17 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
         "cut_back": rule.cut_back(output, closed),
         "thinking_start": rule.think.thinking_start(output),
         "close_token_ids": list(closed.close),
-        "request": answer_request(request, prefix, run_seed=recipe.seed, max_tokens=max_tokens,
-                                  sampling=recipe.generation.answer_sampling),
+        "request": answer_request(
+            request, prefix, run_seed=recipe.seed, max_tokens=max_tokens, sampling=recipe.generation.answer_sampling
+        ),
     }
 
 
 def _answer(pending: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    record = {key: pending[key] for key in ("prompt_id", "sample", "case", "close_at", "cut_back", "thinking_start",
-                                            "close_token_ids")}
+    record = {
+        key: pending[key]
+        for key in ("prompt_id", "sample", "case", "close_at", "cut_back", "thinking_start", "close_token_ids")
+    }
     return record | {"answer_token_ids": result["output_token_ids"], "finish_reason": result["finish_reason"]}
 
 
@@ -368,12 +434,14 @@ def summarize(folder: Path) -> dict[str, Any]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    counts = dict.fromkeys(("traces", "ended_within_budget", "case1", "case2", "case1_cut_at_line_end", "answers_cut",
-                            "output_tokens"), 0)
+    counts = dict.fromkeys(
+        ("traces", "ended_within_budget", "case1", "case2", "case1_cut_at_line_end", "answers_cut", "output_tokens"), 0
+    )
     for traces, answers in contracts.shard_pairs(folder):
         # A few traces at a time: a shard of 30k-token traces is never in memory whole.
-        for batch in pq.ParquetFile(traces).iter_batches(batch_size=64, columns=["finish_reason", "output_token_ids"],
-                                                        use_threads=False):
+        for batch in pq.ParquetFile(traces).iter_batches(
+            batch_size=64, columns=["finish_reason", "output_token_ids"], use_threads=False
+        ):
             counts["traces"] += batch.num_rows
             counts["ended_within_budget"] += batch.num_rows - _count(batch["finish_reason"], "length")
             counts["output_tokens"] += pc.sum(pc.list_value_length(batch["output_token_ids"])).as_py() or 0

@@ -21,7 +21,6 @@ from length_control.contracts import IGNORE, META, ROWS
 from length_control.errors import EmptyOutput, UserError
 
 
-
 def show(folder: Path, *, row: int = 0, tokenizer: str | None = None, console: Console | None = None) -> None:
     import pyarrow.parquet as pq
 

@@ -80,8 +80,9 @@ def judge(program: str, reference: str, *, timeout: int | None = None, limits: L
     return passed, why
 
 
-def _run(box: Sandbox, program: str, tests: list[dict], fn_name: str | None, timeout: int,
-         output_chars: int) -> tuple[bool, str]:
+def _run(
+    box: Sandbox, program: str, tests: list[dict], fn_name: str | None, timeout: int, output_chars: int
+) -> tuple[bool, str]:
     wait, where = timeout + SLACK_S, "loading the program"
     try:
         reply = box.ask({"code": program, "fn_name": fn_name, "timeout": timeout, "output_chars": output_chars}, wait)

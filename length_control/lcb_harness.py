@@ -42,11 +42,32 @@ import os
 import signal
 import sys
 
-STAR_IMPORTS = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
-                "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
+STAR_IMPORTS = (
+    "string",
+    "re",
+    "datetime",
+    "collections",
+    "heapq",
+    "bisect",
+    "copy",
+    "math",
+    "random",
+    "statistics",
+    "itertools",
+    "functools",
+    "operator",
+    "io",
+    "sys",
+    "json",
+    "builtins",
+    "typing",
+)
 PLAIN_IMPORTS = STAR_IMPORTS[:-2]
-PRELUDE = ("".join(f"from {name} import *\n" for name in STAR_IMPORTS)
-           + "".join(f"import {name}\n" for name in PLAIN_IMPORTS) + "sys.setrecursionlimit(50000)\n")
+PRELUDE = (
+    "".join(f"from {name} import *\n" for name in STAR_IMPORTS)
+    + "".join(f"import {name}\n" for name in PLAIN_IMPORTS)
+    + "sys.setrecursionlimit(50000)\n"
+)
 INT_DIGITS = 50_000
 GUARDED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")  # unimportable there
 
@@ -88,9 +109,13 @@ def _as_function(code):
         body = ast.parse(code).body
         imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))]
         rest = [node for node in body if not isinstance(node, (ast.Import, ast.ImportFrom))]
-        function = ast.FunctionDef(name="wrapped_function", args=ast.arguments(
-            posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]), body=rest, decorator_list=[],
-            lineno=0)  # unparse reads it
+        function = ast.FunctionDef(
+            name="wrapped_function",
+            args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]),
+            body=rest,
+            decorator_list=[],
+            lineno=0,
+        )  # unparse reads it
         return PRELUDE + "\n" + ast.unparse(imports) + "\n" + ast.unparse(function)
     except Exception:
         return code
@@ -163,8 +188,11 @@ class _Stdin:
 def _run_stdin(function, text, timeout, output_chars):
     real_stdin, real_stdout = sys.stdin, sys.stdout
     lines = iter(text.split("\n"))
-    patched = {"read": lambda *args: text, "readlines": lambda *args: text.split("\n"),
-               "readline": lambda *args: next(lines)}
+    patched = {
+        "read": lambda *args: text,
+        "readlines": lambda *args: text.split("\n"),
+        "readline": lambda *args: next(lines),
+    }
     for name, value in patched.items():
         setattr(real_stdin, name, value)
     captured = sys.stdout = _Capture(output_chars)
@@ -236,8 +264,13 @@ def main():
         replies.flush()
 
     def failure(error):
-        kind = ("time limit" if "timeoutexception" in repr(error).lower() else
-                "output limit" if isinstance(error, OutputLimit) else "runtime error")
+        kind = (
+            "time limit"
+            if "timeoutexception" in repr(error).lower()
+            else "output limit"
+            if isinstance(error, OutputLimit)
+            else "runtime error"
+        )
         return {"error": repr(error)[:300], "kind": kind}
 
     reply({"hello": 1})

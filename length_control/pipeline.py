@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from length_control import evaluate, generate, preflight, report, splice, train
-from length_control.artifacts import MANIFEST, summary_line, write_text_atomic
 from length_control._schema import ConfigError
+from length_control.artifacts import MANIFEST, summary_line, write_text_atomic
 from length_control.contracts import AXOLOTL_CONFIG, Plan, RunLayout
 from length_control.engine import SharedEngine
 from length_control.policy import policy_path
@@ -44,13 +44,16 @@ Results = list[tuple[Plan, Any]]
 
 
 def _summaries(results: Results) -> str:
-    return "\n".join(f"{plan.label}: {summary_line(summary)}" if len(results) > 1 else summary_line(summary)
-                     for plan, summary in results)
+    return "\n".join(
+        f"{plan.label}: {summary_line(summary)}" if len(results) > 1 else summary_line(summary)
+        for plan, summary in results
+    )
 
 
 def _metrics(results: Results) -> str:
-    return evaluate.format_metrics([(plan.arm + (f" (seed {plan.seed})" if plan.seed is not None else ""), metrics)
-                                    for plan, metrics in results])
+    return evaluate.format_metrics(
+        [(plan.arm + (f" (seed {plan.seed})" if plan.seed is not None else ""), metrics) for plan, metrics in results]
+    )
 
 
 def _arm(arm: str) -> Callable[[Recipe], list[Plan]]:
@@ -71,15 +74,34 @@ class PipelineStage:
 STAGES = [
     PipelineStage("eval-before", _arm("before"), evaluate.run, engine=True, show=_metrics),
     PipelineStage("eval-forced", _arm("forced"), evaluate.run, engine=True, show=_metrics),
-    PipelineStage("generate", lambda recipe: [generate.plan(recipe)], generate.run, engine=True,
-                  help="traces from the policy up to the budget, then the answers"),
-    PipelineStage("splice", lambda recipe: [splice.plan(recipe)], splice.run,
-                  help="build the stage-2 dataset from the traces and answers"),
-    PipelineStage("train", lambda recipe: [train.plan(recipe, seed) for seed in recipe.train.seeds], train.run,
-                  run_all=train.run_all, help="stage 2: train the policy on the stage-2 dataset with Axolotl, once per seed"),
+    PipelineStage(
+        "generate",
+        lambda recipe: [generate.plan(recipe)],
+        generate.run,
+        engine=True,
+        help="traces from the policy up to the budget, then the answers",
+    ),
+    PipelineStage(
+        "splice",
+        lambda recipe: [splice.plan(recipe)],
+        splice.run,
+        help="build the stage-2 dataset from the traces and answers",
+    ),
+    PipelineStage(
+        "train",
+        lambda recipe: [train.plan(recipe, seed) for seed in recipe.train.seeds],
+        train.run,
+        run_all=train.run_all,
+        help="stage 2: train the policy on the stage-2 dataset with Axolotl, once per seed",
+    ),
     PipelineStage("eval-after", _arm("after"), evaluate.run, engine=True, show=_metrics),
-    PipelineStage("report", lambda recipe: [report.plan(recipe)], report.run, show=lambda results: results[0][1],
-                  help="the overlong-rate report from the eval arms' sample files (Table 2 layout, JSON, PNG)"),
+    PipelineStage(
+        "report",
+        lambda recipe: [report.plan(recipe)],
+        report.run,
+        show=lambda results: results[0][1],
+        help="the overlong-rate report from the eval arms' sample files (Table 2 layout, JSON, PNG)",
+    ),
 ]
 STAGE_NAMES = [stage.name for stage in STAGES]
 
@@ -136,8 +158,13 @@ def run(recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None]
         _closed_loop(recipe, echo)
 
 
-def run_stages(recipe: Recipe, plans_of: Callable[[PipelineStage], list[Plan]], *, start: str | None = None,
-               echo: Callable[[str], None] = print) -> None:
+def run_stages(
+    recipe: Recipe,
+    plans_of: Callable[[PipelineStage], list[Plan]],
+    *,
+    start: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> None:
     """Every stage in order, each with the plans `plans_of` makes for it just before it runs, on one engine.
 
     The plans of a stage may belong to several recipes (a sweep's settings): each stage runs for all of
@@ -188,8 +215,10 @@ def dry_run(recipe: Recipe, check_axolotl: bool = True) -> str:
         for plan in plans_of(recipe)(stage):
             out += ["", plan.describe()]
             if stage.engine:
-                out.append("  (on the engine the run's model stages share, logs/engine.log: the stage-1 policy's for "
-                           "eval-before, eval-forced and generate; the after arms swap their weights in)")
+                out.append(
+                    "  (on the engine the run's model stages share, logs/engine.log: the stage-1 policy's for "
+                    "eval-before, eval-forced and generate; the after arms swap their weights in)"
+                )
             for name, text in plan.configs.items():
                 stem, dot, suffix = name.rpartition(".")
                 path = folder / (f"{stem}-seed-{plan.seed}.{suffix}" if plan.seed is not None and dot else name)
@@ -201,10 +230,13 @@ def dry_run(recipe: Recipe, check_axolotl: bool = True) -> str:
         out += ["", _check_training_configs(recipe, training_configs)]
     loop = recipe.loop
     if loop.until_overlong is not None:
-        out += ["", f"[loop] while overlong after > {100 * loop.until_overlong:.1f} % on a benchmark and the score "
-                f"change stays above {100 * loop.score_guard:+.1f} %: up to {loop.max_rounds - 1} more rounds of "
-                f"generate -> splice -> train -> eval after in {recipe.output_dir / 'rounds'}/<n>/, each with the "
-                f"previous round's seed-{recipe.train.seeds[0]} model as the policy, rows accumulating"]
+        out += [
+            "",
+            f"[loop] while overlong after > {100 * loop.until_overlong:.1f} % on a benchmark and the score "
+            f"change stays above {100 * loop.score_guard:+.1f} %: up to {loop.max_rounds - 1} more rounds of "
+            f"generate -> splice -> train -> eval after in {recipe.output_dir / 'rounds'}/<n>/, each with the "
+            f"previous round's seed-{recipe.train.seeds[0]} model as the policy, rows accumulating",
+        ]
     text = "\n".join(out) + "\n"
     write_text_atomic(folder / "plan.txt", text)
     return text
@@ -218,8 +250,13 @@ def _check_training_configs(recipe: Recipe, configs: list) -> str:
         return "[axolotl check] skipped: the axolotl environment is not set up (./run.sh setup)"
     invalid = train.check_configs(configs)
     if invalid:
-        raise ConfigError(configs[0], [f"Axolotl rejects {path}: {error}; fix train.overrides or the template "
-                                       f"{recipe.train.template}" for path, error in invalid.items()])
+        raise ConfigError(
+            configs[0],
+            [
+                f"Axolotl rejects {path}: {error}; fix train.overrides or the template {recipe.train.template}"
+                for path, error in invalid.items()
+            ],
+        )
     return f"[axolotl check] {len(configs)} rendered config(s) pass Axolotl's schema, unknown keys included"
 
 
@@ -230,19 +267,23 @@ def round_recipe(recipe: Recipe, previous: Recipe, number: int) -> Recipe:
     """Round `number` of the closed loop: the previous round's model (its first seed) is the
     policy; the round lives in `rounds/<number>/` and runs only the after arm."""
     policy = train.model_of(RunLayout(previous.output_dir).train(recipe.train.seeds[0]))
-    return recipe.model_copy(update={
-        "output_dir": RunLayout(recipe.output_dir).round(number).root,
-        "model": recipe.model.model_copy(update={"path": policy, "hub": None, "demo": None}),
-        "eval": recipe.eval.model_copy(update={"arms": ["after"]}),
-    })
+    return recipe.model_copy(
+        update={
+            "output_dir": RunLayout(recipe.output_dir).round(number).root,
+            "model": recipe.model.model_copy(update={"path": policy, "hub": None, "demo": None}),
+            "eval": recipe.eval.model_copy(update={"arms": ["after"]}),
+        }
+    )
 
 
 def loop_verdict(rows: dict[str, dict], loop: LoopSpec) -> str | None:
     """Why the loop stops after a round with these report rows, or None to go on."""
     worst = min(rows.items(), key=lambda item: item[1]["score_relative_change"] or 0.0)
     if (worst[1]["score_relative_change"] or 0.0) < loop.score_guard:
-        return (f"stopped: {worst[0]}'s score changed by {100 * worst[1]['score_relative_change']:+.1f} %, "
-                f"past the score guard ({100 * loop.score_guard:+.1f} %)")
+        return (
+            f"stopped: {worst[0]}'s score changed by {100 * worst[1]['score_relative_change']:+.1f} %, "
+            f"past the score guard ({100 * loop.score_guard:+.1f} %)"
+        )
     above = {name: row["overlong_after"] for name, row in rows.items() if row["overlong_after"] > loop.until_overlong}
     if not above:
         return f"target met: overlong after <= {100 * loop.until_overlong:.1f} % on every benchmark"

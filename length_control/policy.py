@@ -18,8 +18,10 @@ def policy_path(model: ModelSpec) -> str:
         return str(model.path)
     if model.hub is not None:
         return model.hub
-    raise ValueError("the recipe's demo policy is not resolved to a model folder yet: "
-                     "pass the recipe through length_control.demo.resolve first")
+    raise ValueError(
+        "the recipe's demo policy is not resolved to a model folder yet: "
+        "pass the recipe through length_control.demo.resolve first"
+    )
 
 
 def load_tokenizer(model: str):

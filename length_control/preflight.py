@@ -90,23 +90,30 @@ def _think_tokens(recipe: Recipe, found: Preflight) -> ThinkTokens | None:
         tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     except (OSError, ValueError) as error:
         if recipe.model.path is not None:
-            found.problems.append(f"model.path {model}: its tokenizer does not load ({error}); "
-                                  "point model.path at a Hugging Face model folder with its tokenizer files")
+            found.problems.append(
+                f"model.path {model}: its tokenizer does not load ({error}); "
+                "point model.path at a Hugging Face model folder with its tokenizer files"
+            )
         else:
-            found.notes.append(f"tokenizer of {model}: not on this machine; the think tags are checked when the "
-                               "engine loads it")
+            found.notes.append(
+                f"tokenizer of {model}: not on this machine; the think tags are checked when the engine loads it"
+            )
         return None
     tags = recipe.model.think
     think = think_tokens(model, tokenizer, tags)
     problems = []
-    for key, text, ids in (("open", tags.open, tokenizer.encode(tags.open, add_special_tokens=False)),
-                           ("close", tags.close, think.close_ids), ("forced_close", tags.forced_close,
-                                                                    think.forced_close_ids)):
+    for key, text, ids in (
+        ("open", tags.open, tokenizer.encode(tags.open, add_special_tokens=False)),
+        ("close", tags.close, think.close_ids),
+        ("forced_close", tags.forced_close, think.forced_close_ids),
+    ):
         if not ids:
             problems.append(f"model.think.{key} {text!r}: the tokenizer of {model} encodes it to no token")
         elif tokenizer.decode(ids) != text:
-            problems.append(f"model.think.{key} {text!r}: the tokenizer of {model} cannot spell it (it comes back "
-                            f"as {tokenizer.decode(ids)!r}); name the tags its vocabulary has, or use its tokenizer")
+            problems.append(
+                f"model.think.{key} {text!r}: the tokenizer of {model} cannot spell it (it comes back "
+                f"as {tokenizer.decode(ids)!r}); name the tags its vocabulary has, or use its tokenizer"
+            )
     if not problems:
         closed = tokenizer.encode(f"{tags.open}\nx{tags.forced_close}\n\nanswer", add_special_tokens=False)
         if think.find_close(think.forced_close_ids) is None or think.find_close(closed) is None:
@@ -117,16 +124,23 @@ def _think_tokens(recipe: Recipe, found: Preflight) -> ThinkTokens | None:
         problems.append(f"model {model}: its tokenizer has no chat template; prompts are chats")
     preset = detect_preset(tokenizer)
     if preset == "gpt-oss" and tags.close != GPT_OSS_SWITCH:
-        problems.append(f"model.think: the tokenizer of {model} has gpt-oss's channels (<|channel|>): its policy "
-                        f"thinks in the analysis channel and never writes {tags.close!r}; set model.think: gpt-oss")
+        problems.append(
+            f"model.think: the tokenizer of {model} has gpt-oss's channels (<|channel|>): its policy "
+            f"thinks in the analysis channel and never writes {tags.close!r}; set model.think: gpt-oss"
+        )
     found.problems += problems
     if problems:
         return None
-    opened = ("the chat template opens it in the prompt: B counts every output token" if think.opened_by_template
-              else f"the policy writes {tags.open!r} ({len(think.open_ids)} tokens): B counts the tokens after it")
-    found.notes.append(f"tokenizer of {model}: looks like model.think: {preset}; {opened}; {tags.close!r} = "
-                       f"{think.close_ids}, forced close {tags.forced_close!r} = {think.forced_close_ids}, "
-                       f"turn ends on {think.end_ids}")
+    opened = (
+        "the chat template opens it in the prompt: B counts every output token"
+        if think.opened_by_template
+        else f"the policy writes {tags.open!r} ({len(think.open_ids)} tokens): B counts the tokens after it"
+    )
+    found.notes.append(
+        f"tokenizer of {model}: looks like model.think: {preset}; {opened}; {tags.close!r} = "
+        f"{think.close_ids}, forced close {tags.forced_close!r} = {think.forced_close_ids}, "
+        f"turn ends on {think.end_ids}"
+    )
     _turn_end(tokenizer, think, model, found)
     return think
 
@@ -144,10 +158,12 @@ def _turn_end(tokenizer, think, model: str, found: Preflight) -> None:
         return
     ids = tokenizer.encode(end, add_special_tokens=False)
     if ids and ids[0] not in think.end_ids:
-        found.notes.append(f"warning: the chat template of {model} ends an assistant turn with {end!r} (id {ids[0]}), "
-                           f"but the engine stops on {think.end_ids} (eos_token {tokenizer.eos_token!r} and the "
-                           f"generation config's eos_token_id): answers would run past their end; list {ids[0]} in "
-                           "generation_config.json's eos_token_id, or set eos_token to it in tokenizer_config.json")
+        found.notes.append(
+            f"warning: the chat template of {model} ends an assistant turn with {end!r} (id {ids[0]}), "
+            f"but the engine stops on {think.end_ids} (eos_token {tokenizer.eos_token!r} and the "
+            f"generation config's eos_token_id): answers would run past their end; list {ids[0]} in "
+            "generation_config.json's eos_token_id, or set eos_token to it in tokenizer_config.json"
+        )
 
 
 def _sources(key: str, definitions: list[tuple[Path, int | None]], found: Preflight) -> dict[str, SourceCheck]:
@@ -156,8 +172,10 @@ def _sources(key: str, definitions: list[tuple[Path, int | None]], found: Prefli
     for definition, sample in definitions:
         spec = load_source_spec(definition)
         if spec.dataset.path is None:
-            found.notes.append(f"{key}: {definition.name} reads the Hub dataset {spec.dataset.hf}; its rows are "
-                               "checked when the stage reads them")
+            found.notes.append(
+                f"{key}: {definition.name} reads the Hub dataset {spec.dataset.hf}; its rows are "
+                "checked when the stage reads them"
+            )
             continue
         result = check_source(spec, sample)
         found.problems += result.problems
@@ -166,8 +184,9 @@ def _sources(key: str, definitions: list[tuple[Path, int | None]], found: Prefli
     return checks
 
 
-def _lengths(recipe: Recipe, think: ThinkTokens, prompts: dict[str, SourceCheck], evals: dict[str, SourceCheck],
-             found: Preflight) -> None:
+def _lengths(
+    recipe: Recipe, think: ThinkTokens, prompts: dict[str, SourceCheck], evals: dict[str, SourceCheck], found: Preflight
+) -> None:
     """Prompts against the room they need: the first pass, the close and an answer (generate, as
     `CutPolicy.has_room` keeps them), the context limit (eval)."""
     rule = CutPolicy.of(recipe, think)
@@ -175,9 +194,14 @@ def _lengths(recipe: Recipe, think: ThinkTokens, prompts: dict[str, SourceCheck]
 
     def lengths(check: SourceCheck) -> list[int]:
         stated = recipe.stated_budget()
-        return [len(think.tokenizer.apply_chat_template(with_system_line(p, stated)["messages"],
-                                                        add_generation_prompt=True, tokenize=True)["input_ids"])
-                for p in check.prompts]
+        return [
+            len(
+                think.tokenizer.apply_chat_template(
+                    with_system_line(p, stated)["messages"], add_generation_prompt=True, tokenize=True
+                )["input_ids"]
+            )
+            for p in check.prompts
+        ]
 
     total_tokens = 0
     for name, check in prompts.items():
@@ -185,19 +209,23 @@ def _lengths(recipe: Recipe, think: ThinkTokens, prompts: dict[str, SourceCheck]
         too_long = sum(not rule.has_room(size, limit) for size in sizes)
         total_tokens += sum(sizes) + len(sizes) * (recipe.budget + recipe.generation.answer_max_tokens)
         if too_long:
-            line = (f"prompts: {name}: {too_long} of {len(sizes)} prompts leave no room for B = {recipe.budget} "
-                    f"thinking tokens, the close and an answer within {limit} tokens")
+            line = (
+                f"prompts: {name}: {too_long} of {len(sizes)} prompts leave no room for B = {recipe.budget} "
+                f"thinking tokens, the close and an answer within {limit} tokens"
+            )
             if recipe.generation.on_long_prompt == "error":
-                found.problems.append(f"{line}; raise engine.vllm.max_model_len, lower budget, or set "
-                                      "generation.on_long_prompt: drop")
+                found.problems.append(
+                    f"{line}; raise engine.vllm.max_model_len, lower budget, or set generation.on_long_prompt: drop"
+                )
             else:
                 found.notes.append(f"{line}: they will be dropped")
     for name, check in evals.items():
         sizes = lengths(check)
         too_long = sum(size >= recipe.context_limit for size in sizes)
         if too_long == len(sizes) and sizes:
-            found.problems.append(f"eval: {name}: every prompt fills the context limit ({recipe.context_limit}); "
-                                  "raise context_limit")
+            found.problems.append(
+                f"eval: {name}: every prompt fills the context limit ({recipe.context_limit}); raise context_limit"
+            )
         elif too_long:
             line = f"eval: {name}: {too_long} of {len(sizes)} prompts fill the context limit ({recipe.context_limit})"
             if recipe.eval.on_long_prompt == "error":

@@ -53,8 +53,11 @@ def termination(engine, samples: list[dict[str, Any]], budget: int, think: Think
     scores = ask(engine, scored, desc="probe: close NLL")
     continuations = ask(engine, greedy, desc="probe: greedy close")
     return [
-        {**_id(s), "close_nll": -sum(score["tail_logprobs"]),
-         "greedy_close": think.find_close(cont["output_token_ids"]) is not None}
+        {
+            **_id(s),
+            "close_nll": -sum(score["tail_logprobs"]),
+            "greedy_close": think.find_close(cont["output_token_ids"]) is not None,
+        }
         for (s, _), score, cont in zip(traces, scores, continuations)
     ]
 
@@ -66,8 +69,14 @@ thinking was cut in gives "17" 0.478 and "18" 0.476, and whatever stage 2 does t
 Agreement is reported over all prefixes and over the decided ones; only the decided ones can show drift."""
 
 
-def answer_drift(engine, samples: list[dict[str, Any]], answer_starts: dict[str, int], context_limit: int,
-                 reference: list[dict[str, Any]] | None = None, close: str = "forced") -> list[dict[str, Any]]:
+def answer_drift(
+    engine,
+    samples: list[dict[str, Any]],
+    answer_starts: dict[str, int],
+    context_limit: int,
+    reference: list[dict[str, Any]] | None = None,
+    close: str = "forced",
+) -> list[dict[str, Any]]:
     """On the forced arm's samples that were closed at B and answered (`answer_starts`: sample key -> where
     its answer starts in the output), with prefix = prompt + thinking cut at B + forced close and answer = the
     stage-1 model's own answer tokens (its end token left out: stage 2 trains that one). With `close="own"`,
@@ -92,19 +101,30 @@ def answer_drift(engine, samples: list[dict[str, Any]], answer_starts: dict[str,
     nll = {score["key"]: -sum(score["tail_logprobs"]) for score in ask(engine, scored, desc="probe: answer NLL")}
     continuations = ask(engine, greedy, desc="probe: greedy answer")
     if reference is None:
-        min_p = _greedy_min_p(engine, [(sample_key(s), prefix, list(cont["output_token_ids"]))
-                                       for s, prefix, cont in zip(probed, prefixes, continuations)])
+        min_p = _greedy_min_p(
+            engine,
+            [
+                (sample_key(s), prefix, list(cont["output_token_ids"]))
+                for s, prefix, cont in zip(probed, prefixes, continuations)
+            ],
+        )
     else:
         min_p = {sample_key(r): r["stage1_greedy_min_p"] for r in reference}
     expected = {sample_key(r): list(r["greedy_token_ids"]) for r in reference or []}
     records = []
     for s, cont in zip(probed, continuations):
         key, ids = sample_key(s), list(cont["output_token_ids"])
-        records.append({**_id(s), "close": close, "answer_start": answer_starts[key],
-                        "answer_nll": nll.get(f"answer:{key}", 0.0),
-                        "greedy_token_ids": ids,
-                        "greedy_agrees": ids == expected[key] if reference is not None else None,
-                        "stage1_greedy_min_p": min_p[key]})
+        records.append(
+            {
+                **_id(s),
+                "close": close,
+                "answer_start": answer_starts[key],
+                "answer_nll": nll.get(f"answer:{key}", 0.0),
+                "greedy_token_ids": ids,
+                "greedy_agrees": ids == expected[key] if reference is not None else None,
+                "stage1_greedy_min_p": min_p[key],
+            }
+        )
     return records
 
 
@@ -122,8 +142,11 @@ def _greedy_min_p(engine, answers: list[tuple[str, list[int], list[int]]]) -> di
 def own_answer_starts(samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> dict[str, int]:
     """Where the answer starts in each sample that closed its thinking on its own within B and ended."""
     rule = CutPolicy(think, budget)
-    return {sample_key(s): span[1] for s in samples if s["finish_reason"] == "stop"
-            and (span := rule.own_close(s["output_token_ids"])) is not None}
+    return {
+        sample_key(s): span[1]
+        for s in samples
+        if s["finish_reason"] == "stop" and (span := rule.own_close(s["output_token_ids"])) is not None
+    }
 
 
 def _prefix_and_answer(sample: dict[str, Any], answer_start: int) -> tuple[list[int], list[int]]:
@@ -135,8 +158,9 @@ def _prefix_and_answer(sample: dict[str, Any], answer_start: int) -> tuple[list[
     return list(sample["prompt_token_ids"]) + output[:answer_start], answer
 
 
-def early_close(engine, samples: list[dict[str, Any]], budget: int, think: ThinkTokens,
-                positions: int) -> list[dict[str, Any]]:
+def early_close(
+    engine, samples: list[dict[str, Any]], budget: int, think: ThinkTokens, positions: int
+) -> list[dict[str, Any]]:
     """On samples whose thinking closed on its own within B: at up to `positions` earlier places where it
     could have closed (after a token like the one its close follows, "\\n" for most templates; spread evenly
     over the thinking when there are more), p(its own close tag | the output up to there).
@@ -155,10 +179,16 @@ def early_close(engine, samples: list[dict[str, Any]], budget: int, think: Think
         places = [t for t in range(start + 1, span[0]) if output[t - 1] == before_close]
         if places:
             traces.append((s, _spread(places, positions), output[span[0] : span[1]]))
-    requests = [_score_request(f"early:{sample_key(s)}@{t}", list(s["prompt_token_ids"]) + list(s["output_token_ids"][:t]) + tag,
-                               len(tag))
-                for s, places, tag in traces for t in places]
-    probability = {r["key"]: math.exp(sum(r["tail_logprobs"])) for r in ask(engine, requests, desc="probe: early close")}
+    requests = [
+        _score_request(
+            f"early:{sample_key(s)}@{t}", list(s["prompt_token_ids"]) + list(s["output_token_ids"][:t]) + tag, len(tag)
+        )
+        for s, places, tag in traces
+        for t in places
+    ]
+    probability = {
+        r["key"]: math.exp(sum(r["tail_logprobs"])) for r in ask(engine, requests, desc="probe: early close")
+    }
     records = []
     for s, places, _ in traces:
         p = [probability[f"early:{sample_key(s)}@{t}"] for t in places]
@@ -205,8 +235,14 @@ def _id(sample: dict[str, Any]) -> dict[str, Any]:
 
 def _score_request(key: str, prompt: Sequence[int], tail: int) -> dict[str, Any]:
     """The log-probabilities of the prompt's last `tail` tokens (one token is generated, and not used)."""
-    return {"key": key, "prompt_token_ids": list(prompt), "max_tokens": 1, "seed": 0, "temperature": 0.0,
-            "score_tail": tail}
+    return {
+        "key": key,
+        "prompt_token_ids": list(prompt),
+        "max_tokens": 1,
+        "seed": 0,
+        "temperature": 0.0,
+        "score_tail": tail,
+    }
 
 
 def _greedy_request(key: str, prompt: Sequence[int], max_tokens: int) -> dict[str, Any]:

@@ -69,8 +69,10 @@ class SourceCheck:
         dropped = "".join(f", {name} dropped {count:,}" for name, count in self.dropped.items())
         hashed = f" ({self.hashed_ids:,} ids hashed from the prompt text)" if self.hashed_ids else ""
         problems = f"; {len(self.problems)} problem{'s' if len(self.problems) > 1 else ''}" if self.problems else ""
-        return (f"{self.rows_read:,} rows read{dropped}, {self.rows_kept:,} kept, {len(self.prompts):,} prompts"
-                f"{hashed}{problems}")
+        return (
+            f"{self.rows_read:,} rows read{dropped}, {self.rows_kept:,} kept, {len(self.prompts):,} prompts"
+            f"{hashed}{problems}"
+        )
 
 
 def check_source(spec: SourceSpec, sample: int | None = None) -> SourceCheck:
@@ -112,8 +114,11 @@ def _read(spec: SourceSpec) -> tuple[list[dict[str, Any]], DataError | None]:
         return datasets.load_dataset(location.hf, location.config, split=location.split).to_list(), None
     path = location.path
     if not path.is_file():
-        return [], DataError(path, f"no such data file; `dataset.path` in {spec.definition} names it (relative "
-                                   "paths start at that file's folder): fix the path there, or create the file")
+        return [], DataError(
+            path,
+            f"no such data file; `dataset.path` in {spec.definition} names it (relative "
+            "paths start at that file's folder): fix the path there, or create the file",
+        )
     if path.suffix == ".parquet":
         return _read_parquet(path, spec)
     data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with a BOM
@@ -129,8 +134,11 @@ def _read_parquet(path: Path, spec: SourceSpec) -> tuple[list[dict[str, Any]], D
     try:
         return pq.read_table(path).to_pylist(), None
     except (pa.ArrowException, OSError) as error:
-        return [], DataError(path, f"not a readable Parquet file ({error}); rewrite it, or point `dataset.path` "
-                                   f"in {spec.definition} at a good copy")
+        return [], DataError(
+            path,
+            f"not a readable Parquet file ({error}); rewrite it, or point `dataset.path` "
+            f"in {spec.definition} at a good copy",
+        )
 
 
 def _read_jsonl(path: Path, data: bytes) -> tuple[list[dict[str, Any]], DataError | None]:
@@ -167,12 +175,14 @@ def _read_json_array(path: Path, data: bytes) -> tuple[list[dict[str, Any]], Dat
     except UnicodeDecodeError as error:
         return [], DataError(path, f"not UTF-8 text ({error.reason} at byte {error.start})")
     except json.JSONDecodeError as error:
-        return [], DataError(path, f"not valid JSON ({error.msg} at column {error.colno}); fix the file",
-                             line=error.lineno)
+        return [], DataError(
+            path, f"not valid JSON ({error.msg} at column {error.colno}); fix the file", line=error.lineno
+        )
     not_objects = [index for index, item in enumerate(items) if not isinstance(item, dict)]
     if not_objects:
         return [item for item in items if isinstance(item, dict)], DataError(
-            path, f"every item of the array must be a JSON object {{...}}; items {_some(not_objects)} are not")
+            path, f"every item of the array must be a JSON object {{...}}; items {_some(not_objects)} are not"
+        )
     return items, None
 
 
@@ -254,8 +264,9 @@ class _Problems:
         return f"{kind.count} of {self.rows_read} rows (first: row {kind.first})"
 
 
-def _build(spec: SourceSpec, rows: list[dict[str, Any]], sample: int | None,
-           check: SourceCheck) -> tuple[list[dict[str, Any]], list[str]]:
+def _build(
+    spec: SourceSpec, rows: list[dict[str, Any]], sample: int | None, check: SourceCheck
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The one path from rows to records: window, format, min_chars, dedup, ids, sample; counts go to `check`."""
     if not rows:
         return [], [f"no rows in {spec.dataset.describe()}; point `dataset` at the data (or another split)"]
@@ -263,18 +274,32 @@ def _build(spec: SourceSpec, rows: list[dict[str, Any]], sample: int | None,
     items = [_Row(index, _with_aliases(row, spec.aliases)) for index, row in enumerate(rows)]
     if spec.window is not None:
         window = spec.window
-        items = _filter("window", items, lambda item: _in_window(item.row, window), problems, check,
-                        lambda before: _window_empty(window, before))
+        items = _filter(
+            "window",
+            items,
+            lambda item: _in_window(item.row, window),
+            problems,
+            check,
+            lambda before: _window_empty(window, before),
+        )
     columns = _named_columns(spec)
     items, _ = _passing(items, lambda item: _render(spec, columns, item), problems)
     if spec.min_chars:
-        items = _filter("min_chars", items, lambda item: len(item.text) >= spec.min_chars, problems, check,
-                        lambda before: f"the longest prompt has {max(len(item.text) for item in before):,} "
-                                       "characters; lower `min_chars`")
+        items = _filter(
+            "min_chars",
+            items,
+            lambda item: len(item.text) >= spec.min_chars,
+            problems,
+            check,
+            lambda before: (
+                f"the longest prompt has {max(len(item.text) for item in before):,} characters; lower `min_chars`"
+            ),
+        )
     if spec.dedup != "none":  # keeps the first of each text, so it never leaves nothing
         seen: set[str] = set()
         items, check.dropped["dedup"] = _passing(
-            items, lambda item: _first_time(seen, _dedup_key(item.text, spec.dedup)), problems)
+            items, lambda item: _first_time(seen, _dedup_key(item.text, spec.dedup)), problems
+        )
     check.rows_kept = len(items)
     _give_ids(spec, items, problems)
     size = sample if sample is not None else spec.sample
@@ -284,8 +309,7 @@ def _build(spec: SourceSpec, rows: list[dict[str, Any]], sample: int | None,
     return [_record(spec, item) for item in items], problems.messages()
 
 
-def _passing(items: list[_Row], test: Callable[[_Row], bool],
-             problems: _Problems) -> tuple[list[_Row], int]:
+def _passing(items: list[_Row], test: Callable[[_Row], bool], problems: _Problems) -> tuple[list[_Row], int]:
     """The items `test` passes, and how many it failed; a row with a problem is recorded and counts as neither."""
     passed, failed = [], 0
     for item in items:
@@ -301,14 +325,19 @@ def _passing(items: list[_Row], test: Callable[[_Row], bool],
     return passed, failed
 
 
-def _filter(name: str, items: list[_Row], test: Callable[[_Row], bool], problems: _Problems, check: SourceCheck,
-            why_none: Callable[[list[_Row]], str]) -> list[_Row]:
+def _filter(
+    name: str,
+    items: list[_Row],
+    test: Callable[[_Row], bool],
+    problems: _Problems,
+    check: SourceCheck,
+    why_none: Callable[[list[_Row]], str],
+) -> list[_Row]:
     """Apply the definition's filter `name`; one that leaves nothing is a problem (a run of 0 prompts is no run)."""
     kept, dropped = _passing(items, test, problems)
     check.dropped[name] = dropped
     if dropped and not kept:
-        problems.add(f"`{name}` drops all {dropped} rows that reach it ({problems.rows_read} read); "
-                     f"{why_none(items)}")
+        problems.add(f"`{name}` drops all {dropped} rows that reach it ({problems.rows_read} read); {why_none(items)}")
     return kept
 
 
@@ -322,8 +351,7 @@ def _first_time(seen: set[str], key: str) -> bool:
 def _window_empty(window: DateWindow, before: list[_Row]) -> str:
     undated = sum(item.row.get(window.field) is None for item in before)
     lacking = f"{undated} of them have no {window.field!r}; " if undated else ""
-    return (f"{lacking}widen `window` ({window.start} to {window.end}) or point `window.field` at the rows' "
-            "date column")
+    return f"{lacking}widen `window` ({window.start} to {window.end}) or point `window.field` at the rows' date column"
 
 
 # ---------------------------------------------------------------- one row
@@ -331,16 +359,23 @@ def _window_empty(window: DateWindow, before: list[_Row]) -> str:
 
 def _with_aliases(row: dict[str, Any], aliases: dict[str, list[str]]) -> dict[str, Any]:
     """The row with each aliased column filled from its first other name the row has (other layouts)."""
-    found = {column: value for column, others in aliases.items() if row.get(column) is None
-             for value in [next((row[other] for other in others if row.get(other) is not None), None)]
-             if value is not None}
+    found = {
+        column: value
+        for column, others in aliases.items()
+        if row.get(column) is None
+        for value in [next((row[other] for other in others if row.get(other) is not None), None)]
+        if value is not None
+    }
     return row | found if found else row
 
 
 def _named_columns(spec: SourceSpec) -> list[tuple[str, str, bool]]:
     """(definition key, column, may the value be null) for every column the definition reads from a row."""
-    computed = {"starter_code_block"} | ({"choices"} if spec.multiple_choice else set()) | (
-        {"code_instructions"} if spec.code_tests else set())
+    computed = (
+        {"starter_code_block"}
+        | ({"choices"} if spec.multiple_choice else set())
+        | ({"code_instructions"} if spec.code_tests else set())
+    )
     fields = [name for _, name, _, _ in string.Formatter().parse(spec.prompt) if name and name not in computed]
     named = [("prompt", name, False) for name in dict.fromkeys(fields)]
     if spec.reference is not None:
@@ -352,16 +387,22 @@ def _named_columns(spec: SourceSpec) -> list[tuple[str, str, bool]]:
     if spec.code_tests is not None:
         tests = spec.code_tests
         named.append(("code_tests.public", tests.public, False))
-        named += [(f"code_tests.{key}", column, True)
-                  for key, column in (("private", tests.private), ("metadata", tests.metadata)) if column]
+        named += [
+            (f"code_tests.{key}", column, True)
+            for key, column in (("private", tests.private), ("metadata", tests.metadata))
+            if column
+        ]
     return named
 
 
 def _render(spec: SourceSpec, columns: list[tuple[str, str, bool]], item: _Row) -> bool:
     """Set the row's user message, reference and id (its column, else a hash of the text); raise _RowProblems."""
     row = item.row
-    lacking = [_lacking(key, column, row) for key, column, null_ok in columns
-               if (column not in row if null_ok else row.get(column) is None)]
+    lacking = [
+        _lacking(key, column, row)
+        for key, column, null_ok in columns
+        if (column not in row if null_ok else row.get(column) is None)
+    ]
     if lacking:
         raise _RowProblems(*lacking)
     fields = row | {"starter_code_block": _starter_code_block(row.get("starter_code"))}
@@ -385,30 +426,43 @@ def _render(spec: SourceSpec, columns: list[tuple[str, str, bool]], item: _Row) 
 def _lacking(key: str, column: str, row: dict[str, Any]) -> tuple[tuple[Any, ...], Callable[[str], str]]:
     """The problem of a row without a column the definition names: the key, the column, the row's columns."""
     if column in row:
-        return ("null", key, column), lambda rows: (
-            f"`{key}` names column {column!r}, which is null in {rows}; fix those rows in the data")
+        return (
+            "null",
+            key,
+            column,
+        ), lambda rows: f"`{key}` names column {column!r}, which is null in {rows}; fix those rows in the data"
     guess = difflib.get_close_matches(column, [str(name) for name in row], n=1)
     hint = f"did you mean {guess[0]!r}? " if guess else ""
     present = ", ".join(repr(str(name)) for name in row)
-    return ("missing", key, column), lambda rows: (
-        f"`{key}` names column {column!r}, missing from {rows}; that row has {present}; {hint}fix `{key}`, or "
-        f"list the column's names in other layouts under `aliases: {{{column}: [...]}}`")
+    return (
+        ("missing", key, column),
+        lambda rows: (
+            f"`{key}` names column {column!r}, missing from {rows}; that row has {present}; {hint}fix `{key}`, or "
+            f"list the column's names in other layouts under `aliases: {{{column}: [...]}}`"
+        ),
+    )
 
 
 class _BadValue(_RowProblems):
     """A value the definition reads that cannot be read as it says (a date, JSON, encoded tests)."""
 
     def __init__(self, key: str, column: str, why: str) -> None:
-        super().__init__((("value", key, column), lambda rows: (
-            f"`{key}`: column {column!r} cannot be read in {rows}: {why}; fix those rows in the data")))
+        super().__init__(
+            (
+                ("value", key, column),
+                lambda rows: f"`{key}`: column {column!r} cannot be read in {rows}: {why}; fix those rows in the data",
+            )
+        )
 
 
 def _format(prompt: str, fields: dict[str, Any]) -> str:
     try:
         return prompt.format_map(fields)
     except (ValueError, TypeError) as error:  # a format spec that does not fit the value, e.g. {n:d} on text
-        raise _RowProblems((("format",), lambda rows: f"`prompt` cannot be formatted with {rows}: {error}; "
-                                                      "fix `prompt`")) from None
+        why = str(error)  # `error` is unbound once the except clause ends, before the message is made
+        raise _RowProblems(
+            (("format",), lambda rows: f"`prompt` cannot be formatted with {rows}: {why}; fix `prompt`")
+        ) from None
 
 
 def _starter_code_block(starter_code: str | None) -> str:
@@ -439,9 +493,18 @@ def _give_ids(spec: SourceSpec, items: list[_Row], problems: _Problems) -> None:
             if copies[item.id] > 1:
                 item.id = f"{item.id}-{copies[item.id]}"
         elif item.id in first_row:
-            problems.add_row(_RowProblems((("repeated id",), lambda rows, value=item.id, first=first_row[item.id]: (
-                f"`id` column {spec.id!r} repeats its values in {rows} ({value!r} is also row {first}'s); ids must be "
-                "unique: fix the data, or remove `id` to use a hash of the prompt text"))), item.index)
+            problems.add_row(
+                _RowProblems(
+                    (
+                        ("repeated id",),
+                        lambda rows, value=item.id, first=first_row[item.id]: (
+                            f"`id` column {spec.id!r} repeats its values in {rows} ({value!r} is also row {first}'s); "
+                            "ids must be unique: fix the data, or remove `id` to use a hash of the prompt text"
+                        ),
+                    )
+                ),
+                item.index,
+            )
         else:
             first_row[item.id] = item.index
 
@@ -450,8 +513,13 @@ def _record(spec: SourceSpec, item: _Row) -> dict[str, Any]:
     messages = ([{"role": "system", "content": spec.system}] if spec.system else []) + [
         {"role": "user", "content": item.text}
     ]
-    return {"id": f"{spec.name}/{item.id}", "source": spec.name, "messages": messages, "reference": item.reference,
-            "meta": {"row": item.index}}
+    return {
+        "id": f"{spec.name}/{item.id}",
+        "source": spec.name,
+        "messages": messages,
+        "reference": item.reference,
+        "meta": {"row": item.index},
+    }
 
 
 def with_system_line(prompt: dict[str, Any], line: str | None) -> dict[str, Any]:
@@ -470,10 +538,14 @@ def with_system_line(prompt: dict[str, Any], line: str | None) -> dict[str, Any]
 def _code_instructions(starter_code: str) -> str:
     """LiveCodeBench's own instructions: the starter code, or stdin/stdout."""
     if starter_code.strip():
-        return ("You will use the following starter code to write the solution to the problem and enclose your "
-                f"code within delimiters.\n```python\n{starter_code}\n```")
-    return ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on "
-            "the sample inputs). Enclose your code within delimiters as follows.\n```python\n# YOUR CODE HERE\n```")
+        return (
+            "You will use the following starter code to write the solution to the problem and enclose your "
+            f"code within delimiters.\n```python\n{starter_code}\n```"
+        )
+    return (
+        "Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on "
+        "the sample inputs). Enclose your code within delimiters as follows.\n```python\n# YOUR CODE HERE\n```"
+    )
 
 
 def _code_reference(row: dict[str, Any], columns: CodeTests) -> str:
@@ -520,8 +592,9 @@ def _decode_tests(encoded: str, where: str = "private tests", limit: int = MAX_T
     except pickle.UnpicklingError as error:  # stays an UnpicklingError: a refusal is not a broken file
         raise pickle.UnpicklingError(f"{where}: {error}") from error
     except (ValueError, zlib.error, EOFError) as error:
-        raise ValueError(f"{where}: cannot decode the private tests as JSON or base64(zlib(pickle(JSON))): "
-                         f"{error}") from error
+        raise ValueError(
+            f"{where}: cannot decode the private tests as JSON or base64(zlib(pickle(JSON))): {error}"
+        ) from error
 
 
 def _inflate(packed: bytes, limit: int) -> bytes:

@@ -74,8 +74,10 @@ class StatedBudgets(StrictModel):
     nonsense after one)."""
 
     share: float = Field(0.5, gt=0, le=1, description="the share of stage-1 conversations with a line")
-    instruction: str = Field("Think for at most {budget} tokens.", description="the line; `{budget}` is "
-                             "replaced by a budget drawn uniformly from [low, high]")
+    instruction: str = Field(
+        "Think for at most {budget} tokens.",
+        description="the line; `{budget}` is replaced by a budget drawn uniformly from [low, high]",
+    )
     low: int = Field(28, gt=0)
     high: int = Field(280, gt=0)
 
@@ -99,7 +101,8 @@ class DemoModelSpec(StrictModel):
         0.5, ge=0, le=1, description="extra conversations closed early, training only the answer after </think>"
     )
     stated_budgets: StatedBudgets | None = Field(
-        None, description="stage-1 conversations with a budget line the policy does not keep (for `conditioning`)")
+        None, description="stage-1 conversations with a budget line the policy does not keep (for `conditioning`)"
+    )
 
 
 def _model_folder(path: Path) -> Path:
@@ -132,8 +135,10 @@ class ModelSpec(StrictModel):
     def _preset(cls, value: Any) -> Any:
         if isinstance(value, str):
             if value not in THINK_PRESETS:
-                raise ValueError(f"unknown think preset {value!r}; use one of {', '.join(THINK_PRESETS)}, "
-                                 "or give the tags: {open: ..., close: ..., forced_close: ...}")
+                raise ValueError(
+                    f"unknown think preset {value!r}; use one of {', '.join(THINK_PRESETS)}, "
+                    "or give the tags: {open: ..., close: ..., forced_close: ...}"
+                )
             return THINK_PRESETS[value]
         return value
 
@@ -157,8 +162,10 @@ class VLLMOptions(StrictModel):
     extra_args: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for vllm.LLM")
     env: dict[str, str] = Field(default_factory=dict, description="environment of the engine process")
     keep_during_training: bool = Field(
-        False, description="keep the engine up while Axolotl trains, to evaluate the stage-2 models without "
-        "another start; off by default: on GPUs training needs the engine's memory")
+        False,
+        description="keep the engine up while Axolotl trains, to evaluate the stage-2 models without "
+        "another start; off by default: on GPUs training needs the engine's memory",
+    )
 
 
 class OpenAIOptions(StrictModel):
@@ -225,19 +232,24 @@ class GenerationSpec(StrictModel):
     sampling: Sampling = Sampling()
     answer_max_tokens: int = Field(4096, gt=0, description="max tokens of the answer pass after the thinking closed")
     answer_sampling: Sampling | None = Field(
-        None, description="the answer pass's sampling, where it differs from `sampling`: with the answer in the "
+        None,
+        description="the answer pass's sampling, where it differs from `sampling`: with the answer in the "
         "loss (splice.termination_span: think_close_answer_eos), temperature 0 trains the answer the policy "
-        "already gives most often, where a sampled one can move an answer it is unsure of")
+        "already gives most often, where a sampled one can move an answer it is unsure of",
+    )
     shard_size: int = Field(256, ge=1, description="requests per output shard; a killed run resumes by shard")
     on_long_prompt: Literal["drop", "error"] = Field(
-        "drop", description="a prompt with no room for B thinking tokens, the forced close and an answer within "
-        "the engine's max_model_len: dropped and counted, or an error")
+        "drop",
+        description="a prompt with no room for B thinking tokens, the forced close and an answer within "
+        "the engine's max_model_len: dropped and counted, or an error",
+    )
 
 
 class SFTMix(StrictModel):
     dataset: DatasetLocation | None = Field(
-        None, description="stage-1 SFT rows: a chat `messages` column, or pre-tokenized `input_ids` and `labels` "
-        "(taken as they are, masks included); default: the demo policy's own"
+        None,
+        description="stage-1 SFT rows: a chat `messages` column, or pre-tokenized `input_ids` and `labels` "
+        "(taken as they are, masks included); default: the demo policy's own",
     )
     messages_field: str = "messages"
     share: float = Field(ge=0, lt=1, description="fraction of the stage-2 rows that are stage-1 SFT rows")
@@ -249,20 +261,23 @@ class SpliceSpec(StrictModel):
     )
     max_answer_tokens: int = Field(4096, gt=0, description="cap on answer tokens")
     on_long_answer: Literal["drop", "truncate"] = "drop"
-    on_overlength: Literal["drop", "truncate"] = Field(
-        "drop", description="rows longer than the training sequence_len"
-    )
+    on_overlength: Literal["drop", "truncate"] = Field("drop", description="rows longer than the training sequence_len")
     sft_mix: SFTMix | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _cut_has_its_own_section(cls, data: Any) -> Any:
         """`splice.cut` and `splice.cut_grace` were here until generation and the forced arm obeyed them too."""
-        moved = [f"splice.{old} ({data[old]}) to cut.{new}" for old, new in (("cut", "at"), ("cut_grace", "grace"))
-                 if isinstance(data, dict) and old in data]
+        moved = [
+            f"splice.{old} ({data[old]}) to cut.{new}"
+            for old, new in (("cut", "at"), ("cut_grace", "grace"))
+            if isinstance(data, dict) and old in data
+        ]
         if moved:
-            raise ValueError(f"the cut has its own top-level section now: move {' and '.join(moved)}, e.g. "
-                             "cut: {at: line_end, grace: 0.05}")
+            raise ValueError(
+                f"the cut has its own top-level section now: move {' and '.join(moved)}, e.g. "
+                "cut: {at: line_end, grace: 0.05}"
+            )
         return data
 
 
@@ -271,10 +286,13 @@ class CutSpec(StrictModel):
     and in the forced eval arm alike (`cut.CutPolicy` applies it)."""
 
     at: Literal["exact", "line_end"] = Field(
-        "exact", description="exact: after B thinking tokens; line_end: after the last whole line within `grace` "
-        "before B, as the policy's own closes follow a line")
+        "exact",
+        description="exact: after B thinking tokens; line_end: after the last whole line within `grace` "
+        "before B, as the policy's own closes follow a line",
+    )
     grace: float = Field(
-        0.05, ge=0, lt=1, description="with at: line_end, how far before B the cut may move: a fraction of B")
+        0.05, ge=0, lt=1, description="with at: line_end, how far before B the cut may move: a fraction of B"
+    )
 
     def manifest_config(self) -> dict[str, Any]:
         """These settings as the manifests of the stages that cut record them: under their names from when they
@@ -285,14 +303,17 @@ class CutSpec(StrictModel):
 class TrainSpec(StrictModel):
     template: ExistingFile = Field(description="an Axolotl YAML template in axolotl_configs/")
     seeds: list[int] = Field(
-        [0], min_length=1,
+        [0],
+        min_length=1,
         description="stage-2 training seeds: each trains its own model and gets its own after arm; the report "
         "shows the mean and the range over them (generation and the before/forced arms are shared)",
     )
     parallel: int = Field(
-        1, ge=1,
+        1,
+        ge=1,
         description="seeds trained at once, each with its share of the CPU cores (OMP_NUM_THREADS); 1 on GPUs, "
-        "where one seed takes every device")
+        "where one seed takes every device",
+    )
     launcher: Literal["python", "accelerate", "torchrun"] = "python"
     launcher_args: list[str] = Field(default_factory=list, description="e.g. ['--num_processes', '8']")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Axolotl keys set over the template")
@@ -314,14 +335,18 @@ class EvalSpec(StrictModel):
     sets: list[EvalSet] = Field(min_length=1)
     sampling: Sampling = Sampling()
     on_long_prompt: Literal["drop", "error"] = Field(
-        "drop", description="a prompt that fills the context limit: dropped and counted per benchmark, or an error")
+        "drop", description="a prompt that fills the context limit: dropped and counted per benchmark, or an error"
+    )
     arms: list[Literal["before", "after", "forced"]] = Field(
         ["before", "after", "forced"],
         description="before/after training, and the stage-1 model forced to close at the budget",
     )
     early_close_positions: int = Field(
-        16, gt=0, description="the early-close probe: places per held-out trace where p(close) is measured, "
-        "spread over the thinking before its own close (a 30k-token trace has hundreds of line ends)")
+        16,
+        gt=0,
+        description="the early-close probe: places per held-out trace where p(close) is measured, "
+        "spread over the thinking before its own close (a 30k-token trace has hundreds of line ends)",
+    )
 
     _shorthand = field_validator("sets", mode="before")(_source_shorthand)
 
@@ -330,13 +355,15 @@ class LoopSpec(StrictModel):
     """Stage 2 in rounds until the overlong rate meets a target (`run --until-overlong`)."""
 
     until_overlong: float | None = Field(
-        None, ge=0, le=1,
-        description="target overlong rate of the after arm (every benchmark, mean over seeds); "
-        "None runs one round",
+        None,
+        ge=0,
+        le=1,
+        description="target overlong rate of the after arm (every benchmark, mean over seeds); None runs one round",
     )
     max_rounds: int = Field(3, ge=1, description="rounds at most, the first included")
     score_guard: float = Field(
-        -0.039, le=0,
+        -0.039,
+        le=0,
         description="stop when a round's relative score change (any benchmark, mean over seeds) is worse "
         "than this: the report's worst cost was -3.9 %",
     )
@@ -357,8 +384,10 @@ class EvalRecipe(StrictModel):
     cut: CutSpec = Field(CutSpec(), description="where a thinking that never closed within B is cut")
     eval: EvalSpec
     instruction: str | None = Field(
-        None, description="a system line put in every prompt the run samples, `{budget}` replaced by B: how a "
-        "run states its budget to a model that reads it (`conditioning` trains one)")
+        None,
+        description="a system line put in every prompt the run samples, `{budget}` replaced by B: how a "
+        "run states its budget to a model that reads it (`conditioning` trains one)",
+    )
 
     def section(self, name: str) -> Any:
         """A recipe section as plain JSON data, for manifests."""
@@ -380,18 +409,25 @@ class ConditioningSpec(StrictModel):
     (requested against reached) and how often it went past."""
 
     budgets: list[Annotated[int, Field(gt=0)]] = Field(
-        min_length=2, description="the budgets a prompt may ask for; `budget` is the largest")
+        min_length=2, description="the budgets a prompt may ask for; `budget` is the largest"
+    )
     instruction: str = Field(
-        "Think for at most {budget} tokens.", description="the system line that states the budget; `{budget}` "
-        "is replaced by it")
+        "Think for at most {budget} tokens.",
+        description="the system line that states the budget; `{budget}` is replaced by it",
+    )
     tolerance: int = Field(
-        0, ge=0, description="thinking tokens either side of the budget a sample may close at and still count "
-        "as stopping at it (the demo's: one line, 7 tokens)")
+        0,
+        ge=0,
+        description="thinking tokens either side of the budget a sample may close at and still count "
+        "as stopping at it (the demo's: one line, 7 tokens)",
+    )
     train_thinking: bool = Field(
-        True, description="a row also trains the policy's own thinking before its close, so that under a "
+        True,
+        description="a row also trains the policy's own thinking before its close, so that under a "
         "budget line the thinking goes on to the budget asked for; off, every row under a line trains a close "
         "and nothing else, and the policy learns to close soon after any line (on the demo: 65-93 % of samples "
-        "closed early even with the smaller budgets' close positions trained as thinking)")
+        "closed early even with the smaller budgets' close positions trained as thinking)",
+    )
 
     @field_validator("budgets")
     @classmethod
@@ -415,8 +451,8 @@ class Recipe(EvalRecipe):
     train: TrainSpec
     loop: LoopSpec = LoopSpec()
     conditioning: ConditioningSpec | None = Field(
-        None, description="train one model on several budgets, each stated in the prompt (budget-conditioned "
-        "stopping)")
+        None, description="train one model on several budgets, each stated in the prompt (budget-conditioned stopping)"
+    )
 
 
 # ---------------------------------------------------------------- loading
@@ -439,9 +475,17 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Reci
     return recipe
 
 
-def eval_recipe(model: str, sets: list[Path], *, context_limit: int, samples_per_problem: int = 1,
-                budget: int | None = None, think: str | None = None, output_dir: Path | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> EvalRecipe:
+def eval_recipe(
+    model: str,
+    sets: list[Path],
+    *,
+    context_limit: int,
+    samples_per_problem: int = 1,
+    budget: int | None = None,
+    think: str | None = None,
+    output_dir: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> EvalRecipe:
     """The eval of any model without a recipe file (`length-control evaluate --model PATH --set SOURCE`):
     a local folder or a Hub id, each set sampled `samples_per_problem` times at the context limit, its
     samples in `output_dir/eval/before/` (default runs/evaluate-<model>/)."""
@@ -454,8 +498,12 @@ def eval_recipe(model: str, sets: list[Path], *, context_limit: int, samples_per
         "model": {"path": str(folder.resolve())} if folder.exists() else {"hub": model},
         "budget": budget,
         "context_limit": context_limit,
-        "eval": {"sets": [{"source": str(Path(source).resolve()), "samples_per_problem": samples_per_problem}
-                          for source in sets], "arms": ["before"]},
+        "eval": {
+            "sets": [
+                {"source": str(Path(source).resolve()), "samples_per_problem": samples_per_problem} for source in sets
+            ],
+            "arms": ["before"],
+        },
     }
     if think is not None:
         data["model"]["think"] = think
@@ -466,8 +514,9 @@ def eval_recipe(model: str, sets: list[Path], *, context_limit: int, samples_per
     if recipe.budget is not None and recipe.budget >= recipe.context_limit:
         problems.append(f"--budget {recipe.budget}: must be smaller than --context-limit ({recipe.context_limit})")
     if "after" in recipe.eval.arms:
-        problems.append("eval.arms: a model evaluated on its own has no after arm; evaluate each checkpoint with "
-                        "its own --model")
+        problems.append(
+            "eval.arms: a model evaluated on its own has no after arm; evaluate each checkpoint with its own --model"
+        )
     if recipe.instruction is not None and "{budget}" in recipe.instruction and recipe.budget is None:
         problems.append(f"instruction {recipe.instruction!r} states the budget; give --budget")
     if "forced" in recipe.eval.arms and recipe.budget is None:
@@ -529,20 +578,28 @@ def _conditioning_problems(recipe: Recipe) -> list[str]:
         return []
     problems = []
     if recipe.budget != max(conditioning.budgets):
-        problems.append(f"budget = {recipe.budget}: with conditioning, budget is the largest requested budget; "
-                        f"set budget={max(conditioning.budgets)}")
+        problems.append(
+            f"budget = {recipe.budget}: with conditioning, budget is the largest requested budget; "
+            f"set budget={max(conditioning.budgets)}"
+        )
     if recipe.instruction is not None:
-        problems.append("instruction: with conditioning, each budget's run states its budget with "
-                        "conditioning.instruction; remove instruction")
+        problems.append(
+            "instruction: with conditioning, each budget's run states its budget with "
+            "conditioning.instruction; remove instruction"
+        )
     if recipe.loop.until_overlong is not None:
         problems.append("loop.until_overlong: a budget-conditioned run trains one round; set loop.until_overlong=null")
     if "after" not in recipe.eval.arms:
         problems.append("eval.arms: a budget-conditioned run is measured on its after arm; add after")
     demo = recipe.model.demo
-    if demo is not None and (demo.stated_budgets is None or demo.stated_budgets.instruction != conditioning.instruction):
-        problems.append(f"model.demo.stated_budgets: the demo policy has never read the line "
-                        f"{conditioning.instruction!r} and writes nonsense after it; set model.demo.stated_budgets="
-                        f"{{instruction: {conditioning.instruction!r}}}")
+    if demo is not None and (
+        demo.stated_budgets is None or demo.stated_budgets.instruction != conditioning.instruction
+    ):
+        problems.append(
+            f"model.demo.stated_budgets: the demo policy has never read the line "
+            f"{conditioning.instruction!r} and writes nonsense after it; set model.demo.stated_budgets="
+            f"{{instruction: {conditioning.instruction!r}}}"
+        )
     return problems
 
 

@@ -54,14 +54,17 @@ def _holding(folder: Path) -> Iterator[None]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"output_dir {folder}: cannot create it ({error.strerror}); point output_dir at a folder "
-                        "you can write") from None
+        raise UserError(
+            f"output_dir {folder}: cannot create it ({error.strerror}); point output_dir at a folder you can write"
+        ) from None
     lock = FileLock(folder / LOCK, timeout=0)
     try:
         lock.acquire()
     except Timeout:
-        raise RunLocked(f"{folder} is being written by {describe(read_holder(folder))}: wait for it to finish, "
-                        "or give this run another output_dir") from None
+        raise RunLocked(
+            f"{folder} is being written by {describe(read_holder(folder))}: wait for it to finish, "
+            "or give this run another output_dir"
+        ) from None
     try:
         left = read_holder(folder)
         if left is not None:  # its holder ended without releasing it (killed): the kernel released the lock
@@ -76,9 +79,12 @@ def _holding(folder: Path) -> Iterator[None]:
 
 def this_process() -> dict[str, Any]:
     """The holder's record: enough for someone refused to find the holder (`length-control run R`, not a path)."""
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
 
 
 def read_holder(folder: Path) -> dict[str, Any] | None:

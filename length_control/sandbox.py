@@ -28,6 +28,7 @@ namespace dies with its first process, and the cgroup is emptied.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -49,11 +50,15 @@ START_SECONDS = 30.0
 STDERR_TAIL = 2048
 
 _ACCEPT = f"or set {MODE_VARIABLE}={UNCONFINED} to run model-written code without namespaces (accepting the risk)"
-_NO_BWRAP = ("length-control: bubblewrap (bwrap) is not installed; install the bubblewrap package "
-             f"(apt-get install bubblewrap, dnf install bubblewrap, pacman -S bubblewrap) {_ACCEPT}")
-_NO_NAMESPACES = ("length-control: bubblewrap cannot create its namespaces here ({detail}); allow unprivileged "
-                  "user namespaces (sysctl kernel.unprivileged_userns_clone=1, on Ubuntu "
-                  f"kernel.apparmor_restrict_unprivileged_userns=0), run as root, {_ACCEPT}")
+_NO_BWRAP = (
+    "length-control: bubblewrap (bwrap) is not installed; install the bubblewrap package "
+    f"(apt-get install bubblewrap, dnf install bubblewrap, pacman -S bubblewrap) {_ACCEPT}"
+)
+_NO_NAMESPACES = (
+    "length-control: bubblewrap cannot create its namespaces here ({detail}); allow unprivileged "
+    "user namespaces (sysctl kernel.unprivileged_userns_clone=1, on Ubuntu "
+    f"kernel.apparmor_restrict_unprivileged_userns=0), run as root, {_ACCEPT}"
+)
 _ATTACH = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n - 1)); done; exec "$@"'
 _names = itertools.count()
 
@@ -79,12 +84,16 @@ def describe() -> str:
     """What is contained on this machine, in one line (raises SandboxUnavailable where nothing can be)."""
     mode, group = _mode(), _cgroup_parents()
     if mode == UNCONFINED:
-        what = (f"{MODE_VARIABLE}={UNCONFINED}: no namespaces; programs run as uid {os.geteuid()} and can reach "
-                "the network and the grader's files; own session, rlimits")
+        what = (
+            f"{MODE_VARIABLE}={UNCONFINED}: no namespaces; programs run as uid {os.geteuid()} and can reach "
+            "the network and the grader's files; own session, rlimits"
+        )
     else:
         who = f"uid {NOBODY}" if os.geteuid() == 0 else f"uid {os.geteuid()} in a user namespace"
-        what = ("bubblewrap: programs run as " + who + " with no network, their own pid/ipc/uts/mount namespaces, "
-                "/usr and the Python read-only and a private /tmp")
+        what = (
+            "bubblewrap: programs run as " + who + " with no network, their own pid/ipc/uts/mount namespaces, "
+            "/usr and the Python read-only and a private /tmp"
+        )
     if group:
         return f"{what}; cgroup v{group[0]} limits memory and processes across each program's processes"
     nproc = "; processes limited by RLIMIT_NPROC" if mode != UNCONFINED else "; no process-count limit"
@@ -113,11 +122,25 @@ class Sandbox:
                     os.chmod(self._scratch, 0o711)
                 argv, cwd, env = self._bwrap(info_write), None, {}
             if self._group:
-                argv = ["/bin/sh", "-c", _ATTACH, "sh", str(len(self._group.procs)), *map(str, self._group.procs),
-                        *argv]
-            self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, cwd=cwd, env=env, start_new_session=True,
-                                             pass_fds=(info_write,))
+                argv = [
+                    "/bin/sh",
+                    "-c",
+                    _ATTACH,
+                    "sh",
+                    str(len(self._group.procs)),
+                    *map(str, self._group.procs),
+                    *argv,
+                ]
+            self._process = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                pass_fds=(info_write,),
+            )
         except BaseException:
             self._cleanup()
             raise
@@ -183,21 +206,42 @@ class Sandbox:
     def _inner(self, script: str) -> list[str]:
         """prlimit (and, as root in bwrap, setpriv) then Python: the exec chain the program starts from."""
         limits = self.limits
-        argv = [_tool("prlimit"), f"--as={limits.memory_bytes}:{limits.memory_bytes}",
-                f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds}",
-                f"--fsize={limits.file_bytes}:{limits.file_bytes}", "--core=0:0"]
+        argv = [
+            _tool("prlimit"),
+            f"--as={limits.memory_bytes}:{limits.memory_bytes}",
+            f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds}",
+            f"--fsize={limits.file_bytes}:{limits.file_bytes}",
+            "--core=0:0",
+        ]
         if _mode() != UNCONFINED and not self._group:  # in bwrap's user namespace (or as uid 65534): ours alone
             argv.append(f"--nproc={limits.processes}:{limits.processes}")
         argv.append("--")
         if _mode() != UNCONFINED and os.geteuid() == 0:
-            argv += [_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
-                     "--"]
+            argv += [
+                _tool("setpriv"),
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--",
+            ]
         return argv + [_python()[0], "-I", "-S", script]
 
     def _bwrap(self, info_fd: int) -> list[str]:
         inside = "/" + self.script.name
-        argv = [_tool("bwrap"), "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid",
-                "--unshare-net", "--unshare-uts", "--unshare-cgroup-try", "--info-fd", str(info_fd), "--clearenv"]
+        argv = [
+            _tool("bwrap"),
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--info-fd",
+            str(info_fd),
+            "--clearenv",
+        ]
         if os.geteuid() == 0:
             argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
@@ -217,8 +261,22 @@ class Sandbox:
                     argv += ["--perms", "0755", "--dir", str(parent)]
                     made.add(str(parent))
             argv += ["--ro-bind", prefix, prefix]
-        argv += ["--proc", "/proc", "--dev", "/dev", "--bind", str(self._scratch), "/tmp",
-                 "--ro-bind", str(self.script), inside, "--remount-ro", "/", "--chdir", "/tmp"]
+        argv += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--bind",
+            str(self._scratch),
+            "/tmp",
+            "--ro-bind",
+            str(self.script),
+            inside,
+            "--remount-ro",
+            "/",
+            "--chdir",
+            "/tmp",
+        ]
         for name, value in _plain_env("/tmp").items():
             argv += ["--setenv", name, value]
         return argv + ["--"] + self._inner(inside)
@@ -328,8 +386,7 @@ class Sandbox:
 def _mode() -> str:
     chosen = os.environ.get(MODE_VARIABLE, "bwrap")
     if chosen not in ("bwrap", UNCONFINED):
-        raise SandboxUnavailable(f"length-control: {MODE_VARIABLE}={chosen!r}; use bwrap (the default) or "
-                                 f"{UNCONFINED}")
+        raise SandboxUnavailable(f"length-control: {MODE_VARIABLE}={chosen!r}; use bwrap (the default) or {UNCONFINED}")
     if chosen == "bwrap" and not shutil.which("bwrap"):
         raise SandboxUnavailable(_NO_BWRAP)
     return chosen
@@ -352,8 +409,11 @@ def _bwrap_can(option: str) -> bool:
 def _python() -> tuple[str, tuple[str, ...]]:
     """This interpreter's real path, and the folders it needs (without the venv: -S reads no site-packages)."""
     executable = os.path.realpath(sys.executable)
-    prefixes = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix),
-                os.path.dirname(os.path.dirname(executable))}
+    prefixes = {
+        os.path.realpath(sys.base_prefix),
+        os.path.realpath(sys.base_exec_prefix),
+        os.path.dirname(os.path.dirname(executable)),
+    }
     return executable, tuple(sorted(prefixes))
 
 
@@ -362,10 +422,8 @@ def _plain_env(home: str) -> dict[str, str]:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _make_removable(function, path, _error) -> None:

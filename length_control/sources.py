@@ -86,8 +86,9 @@ class SourceSpec(StrictModel):
     reference: str | None = Field(None, description="column with the gold answer (null for prompts-only sources)")
     id: str | None = Field(None, description="column with a stable row id (rows without it: a hash of the prompt text)")
     aliases: dict[str, list[str]] = Field(
-        {}, description="a column's names in other published layouts of the dataset, read where a row lacks it: "
-        "{problem: [question]}"
+        {},
+        description="a column's names in other published layouts of the dataset, read where a row lacks it: "
+        "{problem: [question]}",
     )
     min_chars: int = Field(0, ge=0, description="drop prompts shorter than this many characters")
     dedup: Literal["none", "exact", "normalized"] = Field("none", description="drop repeated prompts")

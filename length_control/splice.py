@@ -50,6 +50,7 @@ from length_control.policy import load_tokenizer, policy_path
 from length_control.recipe import Recipe, SpliceSpec
 from length_control.think import Termination
 
+
 @dataclass(frozen=True)
 class Row:
     input_ids: np.ndarray | list[int]
@@ -126,12 +127,18 @@ def plan(recipe: Recipe, earlier: tuple[Path, ...] = (), generated: dict[str, Pa
     mix = f"{s.sft_mix.share} of the rows from {_mix_source(recipe)}" if s.sft_mix else "none"
     inputs = {f"earlier{i}": Path(folder) for i, folder in enumerate(earlier)}
     inputs |= generated or {"generate": RunLayout(recipe.output_dir).generate}
-    return Plan("splice", recipe, RunLayout(recipe.output_dir).stage2, inputs=inputs, steps=[
-        *(f"rows from {folder}" for folder in (generated or {}).values()),
-        f"termination span {s.termination_span}; answers > {s.max_answer_tokens} tokens: {s.on_long_answer}; "
-        f"rows > sequence_len ({max_len(recipe) or 'not fixed'}): {s.on_overlength}",
-        f"SFT mix: {mix}",
-    ])
+    return Plan(
+        "splice",
+        recipe,
+        RunLayout(recipe.output_dir).stage2,
+        inputs=inputs,
+        steps=[
+            *(f"rows from {folder}" for folder in (generated or {}).values()),
+            f"termination span {s.termination_span}; answers > {s.max_answer_tokens} tokens: {s.on_long_answer}; "
+            f"rows > sequence_len ({max_len(recipe) or 'not fixed'}): {s.on_overlength}",
+            f"SFT mix: {mix}",
+        ],
+    )
 
 
 def run(plan: Plan) -> dict[str, Any]:
@@ -146,8 +153,12 @@ def run(plan: Plan) -> dict[str, Any]:
         | ({"sft_mix": sft_path} if sft_path else {}),
         # the cut's settings stay under "splice", where they were before they had a section of their own,
         # so that stage-2 folders made before the move stay valid
-        config={"budget": recipe.budget, "splice": recipe.section("splice") | recipe.cut.manifest_config(),
-                "max_len": limit, "conditioning": recipe.section("conditioning")},
+        config={
+            "budget": recipe.budget,
+            "splice": recipe.section("splice") | recipe.cut.manifest_config(),
+            "max_len": limit,
+            "conditioning": recipe.section("conditioning"),
+        },
         versions=tool_versions("transformers"),
     )
     if stage.is_up_to_date():
@@ -168,24 +179,33 @@ def run(plan: Plan) -> dict[str, Any]:
 def _why_empty(stats: Counter, generated: Path, recipe: Recipe) -> str:
     """Why no trace became a stage-2 row, with the setting that changes it."""
     summary = contracts.upstream(generated)["summary"]
-    lines = [f"stage 2 has no row to train on: of {summary['traces']} traces, "
-             f"{summary['traces'] - summary['ended_within_budget']} ran past B = {recipe.budget}"]
+    lines = [
+        f"stage 2 has no row to train on: of {summary['traces']} traces, "
+        f"{summary['traces'] - summary['ended_within_budget']} ran past B = {recipe.budget}"
+    ]
     if summary["traces"] == summary["ended_within_budget"]:
         lines.append("every trace ended within the budget: lower `budget` (or sample more prompts)")
     if stats["no_answer"]:
-        lines.append(f"{stats['no_answer']} answers did not finish within generation.answer_max_tokens "
-                     f"({recipe.generation.answer_max_tokens}): raise it")
+        lines.append(
+            f"{stats['no_answer']} answers did not finish within generation.answer_max_tokens "
+            f"({recipe.generation.answer_max_tokens}): raise it"
+        )
     if stats["long_answer"]:
-        lines.append(f"{stats['long_answer']} answers were longer than splice.max_answer_tokens "
-                     f"({recipe.splice.max_answer_tokens}): raise it or set splice.on_long_answer: truncate")
+        lines.append(
+            f"{stats['long_answer']} answers were longer than splice.max_answer_tokens "
+            f"({recipe.splice.max_answer_tokens}): raise it or set splice.on_long_answer: truncate"
+        )
     if stats["too_long"]:
-        lines.append(f"{stats['too_long']} rows were longer than the training sequence_len ({max_len(recipe)}): "
-                     "raise train.overrides.sequence_len or set splice.on_overlength: truncate")
+        lines.append(
+            f"{stats['too_long']} rows were longer than the training sequence_len ({max_len(recipe)}): "
+            "raise train.overrides.sequence_len or set splice.on_overlength: truncate"
+        )
     return "; ".join(lines)
 
 
-def length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len: int | None,
-                 stats: Counter) -> Iterator[dict[str, Any]]:
+def length_rows(
+    folder: Path, recipe: Recipe, termination: Termination, max_len: int | None, stats: Counter
+) -> Iterator[dict[str, Any]]:
     """Stage-2 rows, one generate shard at a time, from token ids alone (no tokenizer is loaded)."""
     import pyarrow.parquet as pq
 
@@ -204,15 +224,30 @@ def length_rows(folder: Path, recipe: Recipe, termination: Termination, max_len:
                 if answer is None:
                     continue  # ended within the budget: not a stage-2 sample
                 trace = {"prompt_token_ids": prompts(i), "output_token_ids": outputs(i)}
-                row, why = splice_row(trace, answer, termination=termination, spec=recipe.splice, max_len=max_len,
-                                      train_thinking=train_thinking)
+                row, why = splice_row(
+                    trace,
+                    answer,
+                    termination=termination,
+                    spec=recipe.splice,
+                    max_len=max_len,
+                    train_thinking=train_thinking,
+                )
                 stats[why] += 1
                 if row is not None:
                     stats[f"case{answer['case']}"] += 1
                     stats["case1_cut_at_line_end"] += answer["cut_back"] > 0
-                    yield {"row": row, "meta": {"kind": "length", "prompt_id": answer["prompt_id"],
-                                                "sample": answer["sample"], "case": answer["case"], "budget": budget,
-                                                "close_at": answer["close_at"], "cut_back": answer["cut_back"]}}
+                    yield {
+                        "row": row,
+                        "meta": {
+                            "kind": "length",
+                            "prompt_id": answer["prompt_id"],
+                            "sample": answer["sample"],
+                            "case": answer["case"],
+                            "budget": budget,
+                            "close_at": answer["close_at"],
+                            "cut_back": answer["cut_back"],
+                        },
+                    }
 
 
 def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
@@ -222,9 +257,16 @@ def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
     keys = zip(columns["prompt_id"].to_pylist(), columns["sample"].to_pylist())
     names = ("case", "close_at", "cut_back", "thinking_start", "finish_reason")
     fields = zip(*(columns[name].to_pylist() for name in names))
-    return {key: {"prompt_id": key[0], "sample": key[1], **dict(zip(names, values)), "close_token_ids": closes(i),
-                  "answer_token_ids": bodies(i)}
-            for i, (key, values) in enumerate(zip(keys, fields))}
+    return {
+        key: {
+            "prompt_id": key[0],
+            "sample": key[1],
+            **dict(zip(names, values)),
+            "close_token_ids": closes(i),
+            "answer_token_ids": bodies(i),
+        }
+        for i, (key, values) in enumerate(zip(keys, fields))
+    }
 
 
 def _row_columns(rows: list[Row]) -> list:
@@ -262,9 +304,12 @@ def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, max_len: int | 
                 continue
             stats["sft"] += 1
             trained = [i for i, label in enumerate(labels) if label != IGNORE]
-            yield {"row": Row(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32),
-                              (trained[0], trained[-1] + 1)),
-                   "meta": {"kind": "sft", "prompt_id": f"sft/{index}", "sample": 0, "case": 0}}
+            yield {
+                "row": Row(
+                    np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32), (trained[0], trained[-1] + 1)
+                ),
+                "meta": {"kind": "sft", "prompt_id": f"sft/{index}", "sample": 0, "case": 0},
+            }
 
     return rows
 
@@ -301,8 +346,15 @@ class MixSet:
         return load_tokenizer(self.model)
 
 
-def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, stats: Counter,
-                  group_size: int = 1024, group_tokens: int = 1 << 20) -> dict[str, Any]:
+def write_dataset(
+    folder: Path,
+    rows: Iterator[dict[str, Any]],
+    *,
+    mix_rows,
+    stats: Counter,
+    group_size: int = 1024,
+    group_tokens: int = 1 << 20,
+) -> dict[str, Any]:
     """Stream rows into rows.parquet + meta.parquet, a row group at a time.
 
     A group is flushed at `group_size` rows or `group_tokens` tokens, whichever
@@ -317,16 +369,21 @@ def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, sta
     count = {"length": 0}
     with atomic_path(folder / ROWS) as rows_tmp, atomic_path(folder / META) as meta_tmp:
         # Token ids do not suit dictionary pages (a 150k vocabulary overflows them); zstd packs them well.
-        with pq.ParquetWriter(rows_tmp, row_schema, use_dictionary=False, compression="zstd") as rows_out, \
-                pq.ParquetWriter(meta_tmp, meta_schema) as meta_out:
+        with (
+            pq.ParquetWriter(rows_tmp, row_schema, use_dictionary=False, compression="zstd") as rows_out,
+            pq.ParquetWriter(meta_tmp, meta_schema) as meta_out,
+        ):
             batch: list[dict[str, Any]] = []
             batch_tokens = 0
 
             def flush() -> None:
                 nonlocal batch_tokens
                 rows_out.write_table(pa.Table.from_arrays(_row_columns([b["row"] for b in batch]), schema=row_schema))
-                meta = {name: [b["meta"].get(name) for b in batch] for name in meta_schema.names
-                        if not name.startswith("span_")}
+                meta = {
+                    name: [b["meta"].get(name) for b in batch]
+                    for name in meta_schema.names
+                    if not name.startswith("span_")
+                }
                 spans = {"span_start": [b["row"].span[0] for b in batch], "span_end": [b["row"].span[1] for b in batch]}
                 meta_out.write_table(pa.Table.from_pydict(meta | spans, schema=meta_schema))
                 batch.clear()
@@ -347,8 +404,12 @@ def write_dataset(folder: Path, rows: Iterator[dict[str, Any]], *, mix_rows, sta
                 add(item)
             if batch or not lengths:
                 flush()
-    return {"rows": len(lengths), "length_rows": count["length"], "max_len": max(lengths, default=0),
-            **dict(sorted(stats.items()))}
+    return {
+        "rows": len(lengths),
+        "length_rows": count["length"],
+        "max_len": max(lengths, default=0),
+        **dict(sorted(stats.items())),
+    }
 
 
 def max_len(recipe: Recipe) -> int | None:

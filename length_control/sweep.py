@@ -57,8 +57,9 @@ class Setting:
         return self.recipe.output_dir.name
 
 
-def settings(path: Path, arguments: list[str], resolve: Callable[[Recipe], Recipe] = lambda recipe: recipe
-             ) -> list[Setting]:
+def settings(
+    path: Path, arguments: list[str], resolve: Callable[[Recipe], Recipe] = lambda recipe: recipe
+) -> list[Setting]:
     """The settings of `length-control sweep RECIPE ARGUMENTS`, each recipe validated (and `resolve`d)."""
     base = load_recipe(path)
     data = base.model_dump(mode="json")
@@ -69,8 +70,13 @@ def settings(path: Path, arguments: list[str], resolve: Callable[[Recipe], Recip
         value = yaml.safe_load(raw) if sep else None
         if isinstance(value, list) and not isinstance(_value_at(data, key), list):
             if key.split(".")[0] in _FIXED:
-                raise ConfigError(path, [f"{key}: a sweep cannot vary {key.split('.')[0]} (one engine and one "
-                                         "run folder serve every setting); set it once, as key=value"])
+                raise ConfigError(
+                    path,
+                    [
+                        f"{key}: a sweep cannot vary {key.split('.')[0]} (one engine and one "
+                        "run folder serve every setting); set it once, as key=value"
+                    ],
+                )
             if len(value) < 1 or len(set(map(json.dumps, value))) != len(value):
                 raise ConfigError(path, [f"{key}={raw}: an axis lists distinct values, e.g. budget=[84,105,126]"])
             axes[key] = value
@@ -80,10 +86,17 @@ def settings(path: Path, arguments: list[str], resolve: Callable[[Recipe], Recip
         raise ConfigError(path, ["a sweep needs at least one axis: key=[a,b,...], e.g. budget=[84,105,126]"])
     base = load_recipe(path, overrides)
     if base.loop.until_overlong is not None:
-        raise ConfigError(path, ["loop.until_overlong: a sweep runs one round per setting; set loop.until_overlong=null"])
+        raise ConfigError(
+            path, ["loop.until_overlong: a sweep runs one round per setting; set loop.until_overlong=null"]
+        )
     if base.conditioning is not None:
-        raise ConfigError(path, ["conditioning: a budget-conditioned run already covers its budgets; run it with "
-                                 "`length-control run`, or sweep the recipe without conditioning"])
+        raise ConfigError(
+            path,
+            [
+                "conditioning: a budget-conditioned run already covers its budgets; run it with "
+                "`length-control run`, or sweep the recipe without conditioning"
+            ],
+        )
     short = {key: key.rsplit(".", 1)[-1] for key in axes}
     if len(set(short.values())) < len(short):
         short = {key: key for key in axes}
@@ -92,8 +105,15 @@ def settings(path: Path, arguments: list[str], resolve: Callable[[Recipe], Recip
         values = dict(zip(axes, combination))
         slug = "_".join(f"{short[key]}-{value}" for key, value in values.items())
         folder = sweep_dir(base) / slug
-        recipe = load_recipe(path, [*overrides, *(f"{key}={json.dumps(value)}" for key, value in values.items()),
-                                    f"output_dir={folder}", f"name={base.name}.{slug}"])
+        recipe = load_recipe(
+            path,
+            [
+                *overrides,
+                *(f"{key}={json.dumps(value)}" for key, value in values.items()),
+                f"output_dir={folder}",
+                f"name={base.name}.{slug}",
+            ],
+        )
         out.append(Setting(values, resolve(recipe)))
     return out
 
@@ -121,14 +141,23 @@ def _folder(all_settings: list[Setting]) -> Path:
 
 def _eval_key(recipe: Recipe) -> str:
     """Settings with the same key sample the same before arm (it depends on no budget or stage-2 setting)."""
-    return json.dumps([recipe.section("eval"), recipe.seed, recipe.section("model"), recipe.stated_budget()],
-                      sort_keys=True)
+    return json.dumps(
+        [recipe.section("eval"), recipe.seed, recipe.section("model"), recipe.stated_budget()], sort_keys=True
+    )
 
 
 def _generation_key(recipe: Recipe) -> str:
     """Settings with the same key sample the same traces, up to their budget."""
-    return json.dumps([recipe.section("generation"), recipe.section("prompts"), recipe.seed, recipe.section("model"),
-                       recipe.stated_budget()], sort_keys=True)
+    return json.dumps(
+        [
+            recipe.section("generation"),
+            recipe.section("prompts"),
+            recipe.seed,
+            recipe.section("model"),
+            recipe.stated_budget(),
+        ],
+        sort_keys=True,
+    )
 
 
 def plans_of(all_settings: list[Setting]) -> Callable[[PipelineStage], list[Plan]]:
@@ -155,7 +184,9 @@ def plans_of(all_settings: list[Setting]) -> Callable[[PipelineStage], list[Plan
             leaders = [r for r in recipes if trace_leader[_generation_key(r)] is r]
             return [generate.plan(r) for r in leaders] + [
                 generate.plan(r, longer=RunLayout(trace_leader[_generation_key(r)].output_dir).generate)
-                for r in recipes if r not in leaders]
+                for r in recipes
+                if r not in leaders
+            ]
         return [plan for recipe in recipes for plan in stage.plans(recipe)]
 
     return plans
@@ -183,37 +214,77 @@ def build(all_settings: list[Setting]) -> dict[str, Any]:
     for setting in all_settings:
         built = report.build(setting.recipe)
         for benchmark, row in built["benchmarks"].items():
-            rows.append({"setting": setting.slug, **setting.values, "budget": setting.recipe.budget,
-                         "benchmark": benchmark, **{k: v for k, v in row.items() if k != "per_seed"}})
+            rows.append(
+                {
+                    "setting": setting.slug,
+                    **setting.values,
+                    "budget": setting.recipe.budget,
+                    "benchmark": benchmark,
+                    **{k: v for k, v in row.items() if k != "per_seed"},
+                }
+            )
     return {"axes": list(all_settings[0].values), "rows": rows}
 
 
 def markdown(sweep: dict[str, Any]) -> str:
     axes, rows = sweep["axes"], sweep["rows"]
     pct, spread = report.pct, report.spread
-    head = [*axes, "benchmark", "overlong before", "overlong after", "overlong forced", "score before",
-            "score after", "rel. change", "score forced"]
-    lines = ["Every setting, the after columns as the mean [min, max] over its stage-2 seeds; overlong = no "
-             "`</think>` within the context limit; the before arm is sampled once and shared.", "",
-             report.table_row(head), "|" + "---|" * len(head)]
+    head = [
+        *axes,
+        "benchmark",
+        "overlong before",
+        "overlong after",
+        "overlong forced",
+        "score before",
+        "score after",
+        "rel. change",
+        "score forced",
+    ]
+    lines = [
+        "Every setting, the after columns as the mean [min, max] over its stage-2 seeds; overlong = no "
+        "`</think>` within the context limit; the before arm is sampled once and shared.",
+        "",
+        report.table_row(head),
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        lines.append(report.table_row([*(str(r[axis]) for axis in axes), r["benchmark"], pct(r["overlong_before"]),
-                                  spread(r, "overlong_after"), pct(r.get("overlong_forced")),
-                                  pct(r["score_before"]), spread(r, "score_after"),
-                                  spread(r, "score_relative_change", signed=True), pct(r.get("score_forced"))]))
+        lines.append(
+            report.table_row(
+                [
+                    *(str(r[axis]) for axis in axes),
+                    r["benchmark"],
+                    pct(r["overlong_before"]),
+                    spread(r, "overlong_after"),
+                    pct(r.get("overlong_forced")),
+                    pct(r["score_before"]),
+                    spread(r, "score_after"),
+                    spread(r, "score_relative_change", signed=True),
+                    pct(r.get("score_forced")),
+                ]
+            )
+        )
     for axis in axes:
         if axis == "budget":
             continue
         values = list(dict.fromkeys(r[axis] for r in rows))
         others = [a for a in axes if a != axis]
-        lines += ["", f"Ablation of {axis}: overlong after / relative score change, side by side.", "",
-                  report.table_row([*others, "benchmark", *map(str, values)]), "|" + "---|" * (len(others) + 1 + len(values))]
+        lines += [
+            "",
+            f"Ablation of {axis}: overlong after / relative score change, side by side.",
+            "",
+            report.table_row([*others, "benchmark", *map(str, values)]),
+            "|" + "---|" * (len(others) + 1 + len(values)),
+        ]
         groups: dict[tuple, dict[Any, dict]] = {}
         for r in rows:
             groups.setdefault((*(r[a] for a in others), r["benchmark"]), {})[r[axis]] = r
         for key, by_value in groups.items():
-            cells = [f"{spread(by_value[v], 'overlong_after')} / {spread(by_value[v], 'score_relative_change', True)}"
-                     if v in by_value else "n/a" for v in values]
+            cells = [
+                f"{spread(by_value[v], 'overlong_after')} / {spread(by_value[v], 'score_relative_change', True)}"
+                if v in by_value
+                else "n/a"
+                for v in values
+            ]
             lines.append(report.table_row([*map(str, key), *cells]))
     return "\n".join(lines) + "\n"
 
@@ -253,8 +324,14 @@ def plot(sweep: dict[str, Any], path: Path) -> None:
                     cut = r.get("cut.at", "")
                     forced.setdefault(cut, {})[r["budget"]] = 100 * r[f"{key}_forced"]
             for cut, points in forced.items():
-                ax.plot(list(points), list(points.values()), marker="s", color="tab:gray",
-                        linestyle="--" if cut == "line_end" else "-", label=f"forced{f' ({cut} cut)' if cut else ''}")
+                ax.plot(
+                    list(points),
+                    list(points.values()),
+                    marker="s",
+                    color="tab:gray",
+                    linestyle="--" if cut == "line_end" else "-",
+                    label=f"forced{f' ({cut} cut)' if cut else ''}",
+                )
             ax.set_title(f"{benchmark}: {label} against the budget")
             ax.set_xlabel("budget B (thinking tokens)")
             ax.set_ylabel(f"{label} (%)")

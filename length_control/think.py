@@ -28,7 +28,9 @@ class Termination:
     eos_id: int  # the tokenizer's eos_token
     forced_close_ids: list[int]
     forced_close_tag_start: int  # where `</think>` starts among them (a "\n" before it is context)
-    end_ids: list[int] = field(default_factory=list)  # every id the engine stops on (eos_id and the generation config's)
+    end_ids: list[int] = field(
+        default_factory=list
+    )  # every id the engine stops on (eos_id and the generation config's)
 
     def ends_turn(self, token: int) -> bool:
         return token == self.eos_id or token in self.end_ids
@@ -48,8 +50,9 @@ class Closed:
         return [*self.thinking, *self.close, *self.after_close]
 
 
-def close_at_budget(output: Sequence[int], cut: int, close_span: tuple[int, int] | None,
-                    forced_close: Sequence[int]) -> Closed:
+def close_at_budget(
+    output: Sequence[int], cut: int, close_span: tuple[int, int] | None, forced_close: Sequence[int]
+) -> Closed:
     """The method's one rule: which case a first pass is, and what the answer continues from.
 
     `cut.CutPolicy.close` applies it for every stage. `output` is a first
@@ -160,8 +163,9 @@ class ThinkTokens:
         floor = max(self.thinking_start(output_ids) + 1, cut - grace)
         places = range(min(cut, len(output_ids)), floor - 1, -1)
         if self.tags.forced_close.startswith("\n"):
-            before_newline = next((at for at in places
-                                   if at < len(output_ids) and self._piece(output_ids[at]).startswith("\n")), None)
+            before_newline = next(
+                (at for at in places if at < len(output_ids) and self._piece(output_ids[at]).startswith("\n")), None
+            )
             if before_newline is not None:
                 return before_newline
         return next((at for at in places if self._piece(output_ids[at - 1]).endswith("\n")), cut)
@@ -204,8 +208,9 @@ def template_opens_thinking(tokenizer, tags: ThinkTags) -> bool:
     """Whether the chat template's generation prompt ends inside an open thinking (R1-style templates)."""
     if getattr(tokenizer, "chat_template", None) is None:
         return False
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 + 3?"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2 + 3?"}], tokenize=False, add_generation_prompt=True
+    )
     return prompt.rstrip().endswith(tags.open.rstrip())
 
 
@@ -221,7 +226,8 @@ def detect_preset(tokenizer) -> str:
 def turn_end(tokenizer) -> str | None:
     """The text the chat template ends an assistant turn with (whitespace after it aside), or None."""
     marker = "ANSWER-7f3a"
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "2 + 3?"},
-                                              {"role": "assistant", "content": marker}], tokenize=False)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
     after = rendered.rpartition(marker)[2].rstrip()
     return after or None

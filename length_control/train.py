@@ -134,10 +134,18 @@ def plan(recipe, seed: int) -> Plan:
     commands = [launch_command(recipe, config_path)]
     if config.get("adapter"):
         commands.append(launch_command(recipe, config_path, "merge-lora"))
-    return Plan("train", recipe, folder, inputs={"stage2": layout.stage2}, model=model, seed=seed,
-                steps=[f"sequence_len {config['sequence_len']}: {why}"]
-                + [shlex.join(command) for command in commands] + [f"leaves {trained_model(recipe, seed)}"],
-                configs={AXOLOTL_CONFIG: yaml.safe_dump(config, sort_keys=False)})
+    return Plan(
+        "train",
+        recipe,
+        folder,
+        inputs={"stage2": layout.stage2},
+        model=model,
+        seed=seed,
+        steps=[f"sequence_len {config['sequence_len']}: {why}"]
+        + [shlex.join(command) for command in commands]
+        + [f"leaves {trained_model(recipe, seed)}"],
+        configs={AXOLOTL_CONFIG: yaml.safe_dump(config, sort_keys=False)},
+    )
 
 
 def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
@@ -147,8 +155,11 @@ def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
     recipe, folder = plan.recipe, plan.folder
     stage = Stage(
         folder,
-        inputs={"stage2": contracts.upstream(plan.inputs["stage2"])["output"], "model": model_input(plan.model),
-                "template": recipe.train.template},
+        inputs={
+            "stage2": contracts.upstream(plan.inputs["stage2"])["output"],
+            "model": model_input(plan.model),
+            "template": recipe.train.template,
+        },
         config={"train": recipe.section("train") | {"seeds": None}, "seed": plan.seed},
         versions=tool_versions(),
     )
@@ -159,13 +170,29 @@ def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
     config = yaml.safe_load(plan.configs[AXOLOTL_CONFIG])
     env = _thread_share(recipe)
     online = not Path(plan.model).is_dir()  # a base model named by its Hub id
-    steps = _run_logged(launch_command(recipe, config_path), folder / "train.log", desc=f"train seed {plan.seed}",
-                        env=env, online=online, position=position)
+    steps = _run_logged(
+        launch_command(recipe, config_path),
+        folder / "train.log",
+        desc=f"train seed {plan.seed}",
+        env=env,
+        online=online,
+        position=position,
+    )
     if config.get("adapter"):
-        _run_logged(launch_command(recipe, config_path, "merge-lora"), folder / "merge.log", desc="merge-lora",
-                    env=env, online=online, position=position)
-    summary = {"steps": len(steps), "first_loss": steps[0] if steps else None,
-               "last_loss": steps[-1] if steps else None, "model": str(trained_model(recipe, plan.seed))}
+        _run_logged(
+            launch_command(recipe, config_path, "merge-lora"),
+            folder / "merge.log",
+            desc="merge-lora",
+            env=env,
+            online=online,
+            position=position,
+        )
+    summary = {
+        "steps": len(steps),
+        "first_loss": steps[0] if steps else None,
+        "last_loss": steps[-1] if steps else None,
+        "model": str(trained_model(recipe, plan.seed)),
+    }
     stage.finish(**summary)
     return summary
 
@@ -215,12 +242,16 @@ def check_configs(configs: list[Path]) -> dict[Path, str]:
     verdicts = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     missing = [path for path in configs if str(path) not in verdicts]
     if missing:
-        raise TrainError(f"the Axolotl check gave no verdict on {missing[0]}; its output:\n"
-                         + (result.stdout + result.stderr)[-3000:])
+        raise TrainError(
+            f"the Axolotl check gave no verdict on {missing[0]}; its output:\n"
+            + (result.stdout + result.stderr)[-3000:]
+        )
     internal = [f"{path}: {verdicts[str(path)]}" for path in configs if verdicts[str(path)].startswith("internal: ")]
     if internal:
-        raise TrainError("length-control's Axolotl check failed on its own, not on the config (a bug: report it "
-                         "with these versions):\n" + "\n".join(internal))
+        raise TrainError(
+            "length-control's Axolotl check failed on its own, not on the config (a bug: report it "
+            "with these versions):\n" + "\n".join(internal)
+        )
     return {path: verdicts[str(path)].removeprefix("invalid: ") for path in configs if verdicts[str(path)] != "ok"}
 
 
@@ -233,8 +264,14 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | None = None,
-                online: bool = False, position: int | None = None) -> list[float]:
+def _run_logged(
+    command: list[str],
+    log: Path,
+    desc: str,
+    env: dict[str, str] | None = None,
+    online: bool = False,
+    position: int | None = None,
+) -> list[float]:
     """Run an Axolotl command, log everything, show a progress bar of the steps; return the losses.
 
     A step whose loss is not finite or whose gradient norm is NaN fails the stage: the trainer logs a NaN loss
@@ -252,8 +289,14 @@ def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as sink:
         sink.write("$ " + " ".join(command) + "\n")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env=engine_environ(online, **(env or {})), cwd=log.parent)
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=engine_environ(online, **(env or {})),
+            cwd=log.parent,
+        )
         try:
             with ticking(desc, unit="step", position=position) as bar:
                 for line in process.stdout:
@@ -269,7 +312,9 @@ def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | 
                     losses.append(loss)
                     norm = float(record.get("grad_norm", 0.0))  # inf alone is fp16's loss scaler skipping a step
                     if (not math.isfinite(loss) or math.isnan(norm)) and diverged is None:
-                        diverged = f"step {len(losses)} logged loss {record['loss']}, grad_norm {record.get('grad_norm')}"
+                        diverged = (
+                            f"step {len(losses)} logged loss {record['loss']}, grad_norm {record.get('grad_norm')}"
+                        )
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", epoch=f"{float(record.get('epoch', 0)):.2f}")
             status = process.wait()
@@ -281,6 +326,8 @@ def _run_logged(command: list[str], log: Path, desc: str, env: dict[str, str] | 
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise TrainError(f"{command[1]} failed with exit status {status}; the log is {log}; its tail:\n{tail}")
     if diverged:
-        raise TrainError(f"{command[1]} diverged: {diverged} (the log is {log}); its model is not used: lower "
-                         "the learning rate (train.overrides) or check the rows, then run again")
+        raise TrainError(
+            f"{command[1]} diverged: {diverged} (the log is {log}); its model is not used: lower "
+            "the learning rate (train.overrides) or check the rows, then run again"
+        )
     return losses

@@ -97,8 +97,9 @@ def _serve(engine, lines: _Lines, reply) -> None:
                 reply(**_load(engine, request["load"], busy=len(waiting)))
                 continue
             try:
-                engine.add_request(request["key"], {"prompt_token_ids": request["prompt_token_ids"]},
-                                   _sampling_params(request))
+                engine.add_request(
+                    request["key"], {"prompt_token_ids": request["prompt_token_ids"]}, _sampling_params(request)
+                )
             except Exception:  # refuse this request, keep serving: the caller decides what it means
                 reply(error=traceback.format_exc(), key=request.get("key"))
             else:
@@ -141,7 +142,11 @@ class WeightSwap:
         self.reload_weights(weights_path=folder)
         model = self.model_runner.get_model()
         head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
-        if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and head is not None and embed is not None:
+        if (
+            getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+            and head is not None
+            and embed is not None
+        ):
             head.tie_weights(embed)
             head.quant_method.process_weights_after_loading(head)
 

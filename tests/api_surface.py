@@ -41,11 +41,15 @@ def missing_vllm() -> list[str]:
     from length_control.vllm_worker import SAMPLING_KEYS, WeightSwap
 
     names = [
-        "vllm:LLM", "vllm:SamplingParams", "vllm.sampling_params:RequestOutputKind.FINAL_ONLY",
+        "vllm:LLM",
+        "vllm:SamplingParams",
+        "vllm.sampling_params:RequestOutputKind.FINAL_ONLY",
         "vllm.platforms:current_platform.is_cpu",
         # the worker's request loop (length_control/vllm_worker.py)
-        *(f"vllm.v1.engine.llm_engine:LLMEngine.{method}"
-          for method in ("add_request", "step", "collective_rpc", "reset_prefix_cache")),
+        *(
+            f"vllm.v1.engine.llm_engine:LLMEngine.{method}"
+            for method in ("add_request", "step", "collective_rpc", "reset_prefix_cache")
+        ),
         # the weight swap (WeightSwap, a worker extension): the worker's reload, the runner's model, the tied head
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model",
         "vllm.model_executor.layers.vocab_parallel_embedding:ParallelLMHead.tie_weights",
@@ -53,8 +57,11 @@ def missing_vllm() -> list[str]:
         "vllm.entrypoints.openai.api_server:run_server",  # the endpoint engine's tests serve with it
     ]
     platform = resolve("vllm.platforms:current_platform")
-    names.append("vllm.v1.worker.cpu_worker:CPUWorker.reload_weights" if platform.is_cpu()
-                 else "vllm.v1.worker.gpu_worker:Worker.reload_weights")
+    names.append(
+        "vllm.v1.worker.cpu_worker:CPUWorker.reload_weights"
+        if platform.is_cpu()
+        else "vllm.v1.worker.gpu_worker:Worker.reload_weights"
+    )
     missing = unresolved(names)
     if not callable(getattr(WeightSwap, "swap_weights", None)):
         missing.append("length_control.vllm_worker:WeightSwap.swap_weights")
@@ -63,9 +70,17 @@ def missing_vllm() -> list[str]:
     wanted = {"n", "max_tokens", "seed", "detokenize", "prompt_logprobs", "output_kind", *SAMPLING_KEYS}
     missing += [f"SamplingParams({key}=)" for key in sorted(wanted - sampling)]
     engine_args = {field.name for field in dataclasses.fields(resolve("vllm.engine.arg_utils:EngineArgs"))}
-    wanted = {"model", "max_model_len", "dtype", "seed", "worker_extension_cls", "enable_chunked_prefill",
-              "enforce_eager", "distributed_executor_backend",
-              *(key for key in VLLMOptions.model_fields if key not in ("extra_args", "env", "keep_during_training"))}
+    wanted = {
+        "model",
+        "max_model_len",
+        "dtype",
+        "seed",
+        "worker_extension_cls",
+        "enable_chunked_prefill",
+        "enforce_eager",
+        "distributed_executor_backend",
+        *(key for key in VLLMOptions.model_fields if key not in ("extra_args", "env", "keep_during_training")),
+    }
     missing += [f"LLM({key}=)" for key in sorted(wanted - engine_args)]
     scheduler = resolve("vllm.config:SchedulerConfig")
     if "max_num_seqs" not in getattr(scheduler, "__dataclass_fields__", {}):
@@ -78,20 +93,35 @@ def missing_axolotl() -> list[str]:
     from axolotl.utils.config import merge_input_args
     from axolotl.utils.dict import DictDefault
 
-    names = ["axolotl.cli.config:prepare_plugins", "axolotl.utils.config:validate_config",
-             "axolotl.utils.config:merge_input_args", "axolotl.utils.dict:DictDefault",
-             "axolotl.integrations.liger:LigerPlugin",
-             "axolotl.integrations.cut_cross_entropy:CutCrossEntropyPlugin",  # the opt-in extra's plugin
-             "axolotl.cli.main:cli"]
+    names = [
+        "axolotl.cli.config:prepare_plugins",
+        "axolotl.utils.config:validate_config",
+        "axolotl.utils.config:merge_input_args",
+        "axolotl.utils.dict:DictDefault",
+        "axolotl.integrations.liger:LigerPlugin",
+        "axolotl.integrations.cut_cross_entropy:CutCrossEntropyPlugin",  # the opt-in extra's plugin
+        "axolotl.cli.main:cli",
+    ]
     missing = unresolved(names)
     commands = set(getattr(resolve("axolotl.cli.main:cli"), "commands", {}))
     missing += [f"axolotl {verb}" for verb in ("train", "merge-lora", "preprocess") if verb not in commands]
     # the keys length-control renders into every config (length_control/train.py), and the Liger plugin's
     prepare_plugins(DictDefault({"plugins": ["axolotl.integrations.liger.LigerPlugin"]}))
     fields = merge_input_args()[1].model_fields
-    rendered = ("base_model", "datasets", "output_dir", "sequence_len", "dataset_prepared_path",
-                "excess_length_strategy", "seed", "attn_implementation", "liger_fused_linear_cross_entropy",
-                "liger_rms_norm", "liger_glu_activation", "liger_rope")
+    rendered = (
+        "base_model",
+        "datasets",
+        "output_dir",
+        "sequence_len",
+        "dataset_prepared_path",
+        "excess_length_strategy",
+        "seed",
+        "attn_implementation",
+        "liger_fused_linear_cross_entropy",
+        "liger_rms_norm",
+        "liger_glu_activation",
+        "liger_rope",
+    )
     missing += [f"config key {key}" for key in rendered if key not in fields]
     return missing
 

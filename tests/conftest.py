@@ -55,8 +55,10 @@ def fake_gpu(folder: Path, name: str, driver: str) -> dict[str, str]:
     bin_dir = folder / "bin"
     bin_dir.mkdir(parents=True)
     smi = bin_dir / "nvidia-smi"
-    smi.write_text(f'#!/bin/sh\nif [ "$1" = -L ]; then echo "GPU 0: {name} (UUID: GPU-0)"; '
-                   f'else echo "{name}, {driver}, 81559 MiB"; fi\n')
+    smi.write_text(
+        f'#!/bin/sh\nif [ "$1" = -L ]; then echo "GPU 0: {name} (UUID: GPU-0)"; '
+        f'else echo "{name}, {driver}, 81559 MiB"; fi\n'
+    )
     smi.chmod(0o755)
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
@@ -96,6 +98,7 @@ LONGEST_FIRST = ("test_end_to_end.py", "test_families.py", "test_generate.py", "
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """In one process: fast unit tests first, engine tests last. On workers, which take whole files in this
     order: the longest files first, then the other engine tests, and the unit tests fill in at the end."""
+
     def engine(item: pytest.Item) -> bool:
         return item.get_closest_marker("engine") is not None
 

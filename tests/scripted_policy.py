@@ -44,15 +44,24 @@ class Script:
     continuation: tuple[int, ...]
 
 
-def build(family: str, architecture: str, scripts: list[Script], *, eos_ids: list[int],
-          chat_template: str | None = None) -> Path:
+def build(
+    family: str, architecture: str, scripts: list[Script], *, eos_ids: list[int], chat_template: str | None = None
+) -> Path:
     """A model folder (weights, config, generation config, the family's tokenizer) for `scripts`, cached."""
     pin = tokenizer_files.pins()[family]
-    key = hashlib.sha256(json.dumps({
-        "family": pin.integrity, "architecture": architecture, "eos": eos_ids, "template": chat_template,
-        "scripts": [[s.context, s.continuation] for s in scripts], "code": Path(__file__).read_text(),
-        "versions": [metadata.version(name) for name in ("torch", "transformers")],
-    }).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "family": pin.integrity,
+                "architecture": architecture,
+                "eos": eos_ids,
+                "template": chat_template,
+                "scripts": [[s.context, s.continuation] for s in scripts],
+                "code": Path(__file__).read_text(),
+                "versions": [metadata.version(name) for name in ("torch", "transformers")],
+            }
+        ).encode()
+    ).hexdigest()[:16]
     folder = cache_dir() / "scripted-policies" / f"{family}-{key}"
     if (folder / "model.safetensors").is_file():
         return folder
@@ -67,15 +76,26 @@ def build(family: str, architecture: str, scripts: list[Script], *, eos_ids: lis
 def _config(architecture: str, vocab_size: int, eos_ids: list[int] | None = None):
     from transformers import LlamaConfig, Qwen3Config
 
-    shape = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                 tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_ids[0] if eos_ids else None,
-                 torch_dtype="float32")
+    shape = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=eos_ids[0] if eos_ids else None,
+        torch_dtype="float32",
+    )
     return {"qwen3": Qwen3Config, "llama": LlamaConfig}[architecture](**shape)
 
 
-def _build(family: str, architecture: str, scripts: list[Script], eos_ids: list[int], chat_template: str | None,
-           out: Path) -> None:
+def _build(
+    family: str, architecture: str, scripts: list[Script], eos_ids: list[int], chat_template: str | None, out: Path
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 

@@ -59,8 +59,12 @@ def test_a_finished_stage_that_runs_again_says_why(tmp_path: Path, capsys) -> No
     source = tmp_path / "in.txt"
     source.write_text("a")
     out = tmp_path / "stage"
-    stage = Stage(out, inputs={"source": source}, config={"budget": 10, "splice": {"span": "a", "share": 0.5}},
-                  versions={"tool": "1"})
+    stage = Stage(
+        out,
+        inputs={"source": source},
+        config={"budget": 10, "splice": {"span": "a", "share": 0.5}},
+        versions={"tool": "1"},
+    )
     assert stage.why_stale() == "it has no manifest.json"
     assert not stage.is_up_to_date() and capsys.readouterr().out == ""  # never finished: it just runs
     write_json_atomic(out / "rows.json", [1])
@@ -74,9 +78,11 @@ def test_a_finished_stage_that_runs_again_says_why(tmp_path: Path, capsys) -> No
         return capsys.readouterr().out
 
     assert why(config={"budget": 11, "splice": {"span": "b", "share": 0.5}, "seed": 1}) == (
-        f"{out} is redone: config changed: budget, seed, splice.span\n")
+        f"{out} is redone: config changed: budget, seed, splice.span\n"
+    )
     assert why(versions={"tool": "2", "vllm": "0.32.0"}) == (
-        f"{out} is redone: versions changed: tool 1 -> 2, vllm none -> 0.32.0\n")
+        f"{out} is redone: versions changed: tool 1 -> 2, vllm none -> 0.32.0\n"
+    )
     source.write_text("b")
     assert why(inputs={"source": source, "extra": "abc"}) == f"{out} is redone: inputs changed: extra, source\n"
     source.write_text("a")
@@ -84,8 +90,10 @@ def test_a_finished_stage_that_runs_again_says_why(tmp_path: Path, capsys) -> No
     (out / "rows.json").write_text("[")  # truncated
     (out / "meta" / "a.json").unlink()
     (out / "stray.txt").write_text("")
-    assert why() == (f"{out} is redone: output missing: meta/a.json; output not matching its manifest: rows.json; "
-                     "output not in its manifest: stray.txt\n")
+    assert why() == (
+        f"{out} is redone: output missing: meta/a.json; output not matching its manifest: rows.json; "
+        "output not in its manifest: stray.txt\n"
+    )
     (out / "manifest.json").write_text("{")
     assert why() == f"{out} is redone: its manifest.json is unreadable\n"
 
@@ -141,13 +149,18 @@ def test_a_failed_axolotl_command_stops_with_its_status_and_log_tail(tmp_path: P
 
     from length_control.train import TrainError, _run_logged
 
-    command = [sys.executable, "-c", "print(\"{'loss': '1.5', 'epoch': '0.5'}\"); print('CUDA out of memory'); raise SystemExit(3)"]
+    command = [
+        sys.executable,
+        "-c",
+        "print(\"{'loss': '1.5', 'epoch': '0.5'}\"); print('CUDA out of memory'); raise SystemExit(3)",
+    ]
     with pytest.raises(TrainError) as caught:
         _run_logged(command, tmp_path / "train.log", desc="train")
     message = str(caught.value)
     assert "exit status 3" in message and "CUDA out of memory" in message and str(tmp_path / "train.log") in message
-    assert _run_logged([sys.executable, "-c", "print(\"{'loss': '0.25', 'epoch': '1'}\")"], tmp_path / "ok.log",
-                       desc="train") == [0.25]
+    assert _run_logged(
+        [sys.executable, "-c", "print(\"{'loss': '0.25', 'epoch': '1'}\")"], tmp_path / "ok.log", desc="train"
+    ) == [0.25]
 
 
 def test_a_diverged_training_run_fails_though_it_exits_0(tmp_path: Path) -> None:

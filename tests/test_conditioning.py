@@ -20,17 +20,20 @@ def stage(name: str) -> pipeline.PipelineStage:
     return next(s for s in pipeline.STAGES if s.name == name)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["conditioning.budgets=[126]"], "at least 2"),
-    (["conditioning.budgets=[84,126,84]"], "repeat a budget"),
-    (["conditioning.instruction=Be brief."], "put {budget} where it goes"),
-    (["budget=105"], "set budget=126"),
-    (["instruction=Think for at most {budget} tokens."], "remove instruction"),
-    (["loop.until_overlong=0.01"], "set loop.until_overlong=null"),
-    (["eval.arms=[before,forced]"], "add after"),
-    (["model.demo.stated_budgets=null"], "has never read the line"),
-    (["conditioning.instruction=Stop after {budget} tokens."], "has never read the line 'Stop after {budget}"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["conditioning.budgets=[126]"], "at least 2"),
+        (["conditioning.budgets=[84,126,84]"], "repeat a budget"),
+        (["conditioning.instruction=Be brief."], "put {budget} where it goes"),
+        (["budget=105"], "set budget=126"),
+        (["instruction=Think for at most {budget} tokens."], "remove instruction"),
+        (["loop.until_overlong=0.01"], "set loop.until_overlong=null"),
+        (["eval.arms=[before,forced]"], "add after"),
+        (["model.demo.stated_budgets=null"], "has never read the line"),
+        (["conditioning.instruction=Stop after {budget} tokens."], "has never read the line 'Stop after {budget}"),
+    ],
+)
 def test_a_conditioned_recipe_that_cannot_run_is_one_clear_error(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_recipe(RECIPE, overrides)
@@ -49,10 +52,14 @@ def test_the_system_line_joins_the_sources_own_or_opens_the_conversation() -> No
     bare = {"prompt_id": "p", "messages": [user]}
     assert with_system_line(bare, None) is bare
     assert with_system_line(bare, "Think for at most 84 tokens.")["messages"] == [
-        {"role": "system", "content": "Think for at most 84 tokens."}, user]
+        {"role": "system", "content": "Think for at most 84 tokens."},
+        user,
+    ]
     system = {"prompt_id": "p", "messages": [{"role": "system", "content": "You count."}, user]}
     assert with_system_line(system, "Think for at most 84 tokens.")["messages"] == [
-        {"role": "system", "content": "You count.\nThink for at most 84 tokens."}, user]
+        {"role": "system", "content": "You count.\nThink for at most 84 tokens."},
+        user,
+    ]
     assert system["messages"][0]["content"] == "You count."  # the source's prompt is not edited in place
 
 
@@ -125,17 +132,23 @@ def test_the_conditioning_report_reads_every_budgets_arms(tmp_path) -> None:
 
     recipe = load_recipe(RECIPE, [f"output_dir={tmp_path}", "train.seeds=[0,1]", "conditioning.budgets=[84,126]"])
     arms = {  # a thinks 120 tokens unasked, b 40
-        84: {"before": [("a", 120, False), ("b", 40, True)],
-             "after/seed-0": [("a", 86, True), ("b", 40, True)],  # a closes within a line of 84
-             "after/seed-1": [("a", 110, True), ("b", 40, True)]},  # a closes 26 past it
-        126: {"before": [("a", 120, True), ("b", 40, True)],
-              "after/seed-0": [("a", 120, True), ("b", 40, True)],
-              "after/seed-1": [("a", 106, True), ("b", 40, True)]},  # a closes 14 early, at another budget
+        84: {
+            "before": [("a", 120, False), ("b", 40, True)],
+            "after/seed-0": [("a", 86, True), ("b", 40, True)],  # a closes within a line of 84
+            "after/seed-1": [("a", 110, True), ("b", 40, True)],
+        },  # a closes 26 past it
+        126: {
+            "before": [("a", 120, True), ("b", 40, True)],
+            "after/seed-0": [("a", 120, True), ("b", 40, True)],
+            "after/seed-1": [("a", 106, True), ("b", 40, True)],
+        },  # a closes 14 early, at another budget
     }
     for budget, written in arms.items():
         for arm, rows in written.items():
-            write_samples(tmp_path / "budgets" / str(budget) / "eval" / arm,
-                          [("demo-count", problem, thinking, True, correct) for problem, thinking, correct in rows])
+            write_samples(
+                tmp_path / "budgets" / str(budget) / "eval" / arm,
+                [("demo-count", problem, thinking, True, correct) for problem, thinking, correct in rows],
+            )
     text = conditioning.write_report(recipe)
     built = json.loads((tmp_path / "report" / "conditioning.json").read_text())
     first, second = built["rows"]

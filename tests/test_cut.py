@@ -79,15 +79,22 @@ def cut_specs() -> st.SearchStrategy[CutSpec]:
 
 @settings(max_examples=24, deadline=None)
 @given(data=st.data(), form=st.sampled_from(FORMS), budget=st.integers(1, 40), edge=st.integers(-1, 1))
-def test_the_preflight_drops_exactly_the_prompts_generate_drops(recipe_file: Path, policies, thinks, data, form,
-                                                                budget: int, edge: int) -> None:
+def test_the_preflight_drops_exactly_the_prompts_generate_drops(
+    recipe_file: Path, policies, thinks, data, form, budget: int, edge: int
+) -> None:
     """The context limit is drawn at one prompt's edge (no room by one token, just enough, one to spare): the
     preflight's count of prompts to drop is generate's, and a kept prompt leaves room for B thinking tokens,
     the open tag the policy writes, the forced close and an answer token."""
     think = thinks[form]
     tokenizer = think.tokenizer
-    lengths = [len(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                 tokenize=True)["input_ids"]) for q in PROMPTS]
+    lengths = [
+        len(
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)[
+                "input_ids"
+            ]
+        )
+        for q in PROMPTS
+    ]
     open_tag = 0 if think.opened_by_template else len(think.open_ids)
     room = budget + open_tag + len(think.forced_close_ids) + 1
     limit = data.draw(st.sampled_from(lengths)) + room + edge
@@ -153,20 +160,25 @@ def test_the_cut_keeps_between_b_minus_the_grace_and_b_thinking_tokens(thinks, d
     assert rule.grace_tokens == (round(spec.grace * budget) if spec.at == "line_end" else 0)
     assert start <= cut <= exact <= end
     if exact < end:  # what was dropped is the start of a close tag, from the token that holds its first character
-        partial = next(TAGS.close[:n] for n in range(len(TAGS.close) - 1, 1, -1)
-                       if _text(think, output[start:end]).endswith(TAGS.close[:n]))
+        partial = next(
+            TAGS.close[:n]
+            for n in range(len(TAGS.close) - 1, 1, -1)
+            if _text(think, output[start:end]).endswith(TAGS.close[:n])
+        )
         assert len(_text(think, output[exact + 1 : end])) < len(partial) <= len(_text(think, output[exact:end]))
     assert exact - cut <= rule.grace_tokens
     if cut < exact:
         assert cut > start
-        assert (think.tokenizer.decode([output[cut]]).startswith("\n")
-                or think.tokenizer.decode([output[cut - 1]]).endswith("\n"))
+        assert think.tokenizer.decode([output[cut]]).startswith("\n") or think.tokenizer.decode(
+            [output[cut - 1]]
+        ).endswith("\n")
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), form=st.sampled_from(FORMS), spec=cut_specs())
-def test_the_close_is_decided_as_close_at_budget_does_and_splice_reads_it_back(thinks, data, form,
-                                                                               spec: CutSpec) -> None:
+def test_the_close_is_decided_as_close_at_budget_does_and_splice_reads_it_back(
+    thinks, data, form, spec: CutSpec
+) -> None:
     """Case 2 when the policy's own close ends by the cut, else case 1: the cut and the forced close. What the
     answer continues from fits the room a kept prompt has, and the stage-2 row splice builds from generate's
     answer record holds the same prefix."""
@@ -179,7 +191,10 @@ def test_the_close_is_decided_as_close_at_budget_does_and_splice_reads_it_back(t
     assert closed.case == (2 if span is not None and span[1] <= cut else 1)
     if closed.case == 1:
         assert (list(closed.thinking), list(closed.close), list(closed.after_close)) == (
-            output[:cut], think.forced_close_ids, [])
+            output[:cut],
+            think.forced_close_ids,
+            [],
+        )
         assert rule.cut_back(output, closed) == CutPolicy(think, budget).cut(output) - cut
     else:
         assert closed.prefix() == output and list(closed.close) == output[span[0] : span[1]]
@@ -188,14 +203,26 @@ def test_the_close_is_decided_as_close_at_budget_does_and_splice_reads_it_back(t
     if rule.ran_past(output):  # a trace the termination probe takes is one the forcing closes at the cut
         assert closed.case == 1
 
-    record = {"prompt_id": "p", "sample": 0, "case": closed.case, "close_at": len(closed.thinking),
-              "close_token_ids": list(closed.close), "cut_back": rule.cut_back(output, closed),
-              "thinking_start": think.thinking_start(output), "answer_token_ids": [think.eos_id],
-              "finish_reason": "stop"}
+    record = {
+        "prompt_id": "p",
+        "sample": 0,
+        "case": closed.case,
+        "close_at": len(closed.thinking),
+        "close_token_ids": list(closed.close),
+        "cut_back": rule.cut_back(output, closed),
+        "thinking_start": think.thinking_start(output),
+        "answer_token_ids": [think.eos_id],
+        "finish_reason": "stop",
+    }
     assert recorded_close(output, record).prefix() == closed.prefix()
     prompt = think.tokenizer.encode("Count down.", add_special_tokens=False)
-    row, why = splice_row({"prompt_token_ids": prompt, "output_token_ids": output}, record,
-                          termination=think.termination(), spec=SpliceSpec(), max_len=None)
+    row, why = splice_row(
+        {"prompt_token_ids": prompt, "output_token_ids": output},
+        record,
+        termination=think.termination(),
+        spec=SpliceSpec(),
+        max_len=None,
+    )
     assert why == "kept" and list(row.input_ids) == prompt + closed.prefix() + [think.eos_id]
 
 
@@ -207,7 +234,8 @@ def test_the_old_splice_keys_name_the_cut_section(recipe_file: Path) -> None:
         load_recipe(recipe_file, ["splice.cut=line_end", "splice.cut_grace=0.1"])
     assert raised.value.problems == [
         "splice: the cut has its own top-level section now: move splice.cut (line_end) to cut.at and "
-        "splice.cut_grace (0.1) to cut.grace, e.g. cut: {at: line_end, grace: 0.05}"]
+        "splice.cut_grace (0.1) to cut.grace, e.g. cut: {at: line_end, grace: 0.05}"
+    ]
     recipe = load_recipe(recipe_file, ["cut.at=line_end", "cut.grace=0.1"])
     assert recipe.cut == CutSpec(at="line_end", grace=0.1)
 

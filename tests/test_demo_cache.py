@@ -58,17 +58,25 @@ def _drop_the_record(folder: Path) -> None:
     (folder / "build.json").write_text(json.dumps(build))
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda folder: _flip_a_byte(folder / "model" / "model.safetensors"),
-     "model/model.safetensors does not match the sha256 its build.json records"),
-    (lambda folder: (folder / "stage1_sft.parquet").unlink(), "stage1_sft.parquet is missing"),
-    (lambda folder: (folder / "model" / "adapter_config.json").write_text("{}"),
-     "model/adapter_config.json is not in its build.json"),
-    (_drop_the_record, "its build.json records no file hashes (built before they were recorded)"),
-    (lambda folder: (folder / "build.json").write_text("{"), "its build.json is unreadable"),
-])
-def test_a_build_that_does_not_match_its_record_is_rebuilt_with_a_line(builds: list[Path], capsys, damage,
-                                                                       why: str) -> None:
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (
+            lambda folder: _flip_a_byte(folder / "model" / "model.safetensors"),
+            "model/model.safetensors does not match the sha256 its build.json records",
+        ),
+        (lambda folder: (folder / "stage1_sft.parquet").unlink(), "stage1_sft.parquet is missing"),
+        (
+            lambda folder: (folder / "model" / "adapter_config.json").write_text("{}"),
+            "model/adapter_config.json is not in its build.json",
+        ),
+        (_drop_the_record, "its build.json records no file hashes (built before they were recorded)"),
+        (lambda folder: (folder / "build.json").write_text("{"), "its build.json is unreadable"),
+    ],
+)
+def test_a_build_that_does_not_match_its_record_is_rebuilt_with_a_line(
+    builds: list[Path], capsys, damage, why: str
+) -> None:
     folder = cache.cached_build(SPEC)
     damage(folder)
     assert cache.cached_build(SPEC) == folder and len(builds) == 2
@@ -77,8 +85,9 @@ def test_a_build_that_does_not_match_its_record_is_rebuilt_with_a_line(builds: l
 
 
 def test_a_recipe_resolves_to_the_verified_build(builds: list[Path], capsys) -> None:
-    from conftest import REPO
     from length_control.recipe import load_recipe
+
+    from conftest import REPO
 
     recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml"))
     folder = recipe.model.path.parent

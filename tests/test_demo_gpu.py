@@ -14,8 +14,10 @@ from length_control import pipeline, report
 
 from conftest import demo_recipe
 
-pytestmark = [pytest.mark.engine,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU that this environment's torch can use")]
+pytestmark = [
+    pytest.mark.engine,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU that this environment's torch can use"),
+]
 
 
 def test_the_gpu_demo(tmp_path: Path) -> None:

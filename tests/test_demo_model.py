@@ -63,8 +63,9 @@ def test_both_environments_tokenize_alike(small_policy: Path) -> None:
     )
     ids = {}
     for engine in ("vllm", "axolotl"):
-        result = subprocess.run([str(engine_bin(engine)), "-c", script], capture_output=True, text=True,
-                                env=engine_environ())
+        result = subprocess.run(
+            [str(engine_bin(engine)), "-c", script], capture_output=True, text=True, env=engine_environ()
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         ids[engine] = json.loads(result.stdout.strip().splitlines()[-1])
     assert ids["vllm"] == ids["axolotl"]
@@ -90,12 +91,21 @@ def test_vllm_generates_from_the_demo_policy(multi_token_policy: Path, tmp_path:
     tokenizer = load_tokenizer(str(multi_token_policy))
     prompt = tokenizer.apply_chat_template(_chat(), add_generation_prompt=True, tokenize=True)["input_ids"]
     requests = [
-        {"key": f"s{i}", "prompt_token_ids": prompt, "max_tokens": 16, "seed": request_seed(0, "p", i),
-         "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
+        {
+            "key": f"s{i}",
+            "prompt_token_ids": prompt,
+            "max_tokens": 16,
+            "seed": request_seed(0, "p", i),
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "min_p": 0.0,
+        }
         for i in range(3)
     ]
-    with VLLMEngine(multi_token_policy, max_model_len=256, options=VLLMOptions(),
-                    log_path=tmp_path / "vllm.log") as engine:
+    with VLLMEngine(
+        multi_token_policy, max_model_len=256, options=VLLMOptions(), log_path=tmp_path / "vllm.log"
+    ) as engine:
         results = engine.generate(requests)
     assert [r["key"] for r in results] == ["s0", "s1", "s2"]
     for result in results:
@@ -126,7 +136,11 @@ def test_axolotl_trains_the_demo_policy(multi_token_policy: Path, tmp_path: Path
     (tmp_path / "axolotl.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run(
         [str(engine_bin("axolotl", "axolotl")), "train", str(tmp_path / "axolotl.yaml"), "--launcher", "python"],
-        capture_output=True, text=True, env=engine_environ(), cwd=tmp_path, timeout=900,
+        capture_output=True,
+        text=True,
+        env=engine_environ(),
+        cwd=tmp_path,
+        timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert (tmp_path / "out" / "config.json").is_file()

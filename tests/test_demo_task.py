@@ -45,12 +45,13 @@ def test_shipped_prompt_sets_match_their_generator() -> None:
     for name in demo_task.SHIPPED:
         shipped = (REPO / "prompts_sources" / "data" / name).read_text().splitlines()
         assert [json.loads(line) for line in shipped] == demo_task.shipped_records(name), (
-            f"regenerate with: python -m length_control.demo.task prompts_sources/data"
+            "regenerate with: python -m length_control.demo.task prompts_sources/data"
         )
 
 
-@pytest.mark.parametrize("name, kind, answer", [("demo_count", "count", str.isdigit),
-                                                 ("demo_check", "check", lambda a: a.endswith("00"))])
+@pytest.mark.parametrize(
+    "name, kind, answer", [("demo_count", "count", str.isdigit), ("demo_check", "check", lambda a: a.endswith("00"))]
+)
 def test_demo_eval_sets_load_as_prompt_records(name: str, kind: str, answer) -> None:
     spec = load_source_spec(REPO / "prompts_sources" / f"{name}.yaml")
     records = build_prompts(spec, read_rows(spec))

@@ -12,8 +12,10 @@ CORE_STAGES = {"generate", "splice", "train", "evaluate", "report", "pipeline", 
 
 
 def _modules() -> dict[str, Path]:
-    return {".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): path
-            for path in PACKAGE.rglob("*.py")}
+    return {
+        ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in PACKAGE.rglob("*.py")
+    }
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -29,25 +31,38 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
                 else:
                     found.append((module, [alias.name]))
         elif isinstance(node, ast.Import):
-            found += [(a.name.removeprefix("length_control."), []) for a in node.names
-                      if a.name.startswith("length_control.")]
+            found += [
+                (a.name.removeprefix("length_control."), []) for a in node.names if a.name.startswith("length_control.")
+            ]
     return found
 
 
 def _private_uses(path: Path) -> list[str]:
     """`module._name` where `module` is a length_control module imported by name."""
     tree = ast.parse(path.read_text())
-    modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-               and node.module == "length_control" for alias in node.names}
-    return [f"{node.value.id}.{node.attr}" for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
-            and node.attr.startswith("_") and not node.attr.startswith("__")]
+    modules = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "length_control"
+        for alias in node.names
+    }
+    return [
+        f"{node.value.id}.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in modules
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+    ]
 
 
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
-    return {name: {target for target, _ in _imports(path) if target in modules and target != name}
-            for name, path in modules.items()}
+    return {
+        name: {target for target, _ in _imports(path) if target in modules and target != name}
+        for name, path in modules.items()
+    }
 
 
 def test_no_import_cycle() -> None:
@@ -69,14 +84,18 @@ def test_no_import_cycle() -> None:
 
 def test_no_module_or_bench_imports_another_modules_private_names() -> None:
     files = {**_modules(), **{f"bench/{path.name}": path for path in (REPO / "bench").glob("*.py")}}
-    private = [(name, target, imported) for name, path in files.items()
-               for target, names in _imports(path) for imported in names if imported.startswith("_")]
+    private = [
+        (name, target, imported)
+        for name, path in files.items()
+        for target, names in _imports(path)
+        for imported in names
+        if imported.startswith("_")
+    ]
     private += [(name, use) for name, path in files.items() for use in _private_uses(path)]
     assert private == []
 
 
 def test_the_core_stages_do_not_import_the_demo() -> None:
     graph = _graph()
-    reaching = {name: sorted(t for t in graph[name] if t == "demo" or t.startswith("demo."))
-                for name in CORE_STAGES}
+    reaching = {name: sorted(t for t in graph[name] if t == "demo" or t.startswith("demo.")) for name in CORE_STAGES}
     assert {name: targets for name, targets in reaching.items() if targets} == {}

@@ -23,8 +23,9 @@ def _environ(env: dict[str, str]) -> dict[str, str]:
 
 
 def _doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / "run.sh"), "doctor", *args], capture_output=True, text=True,
-                          env=_environ(env), timeout=300)
+    return subprocess.run(
+        ["bash", str(REPO / "run.sh"), "doctor", *args], capture_output=True, text=True, env=_environ(env), timeout=300
+    )
 
 
 def test_the_doctor_passes_on_a_set_up_cpu_machine() -> None:
@@ -37,19 +38,24 @@ def test_the_doctor_passes_on_a_set_up_cpu_machine() -> None:
 
 def test_the_doctor_names_each_gap_with_its_fix(tmp_path: Path) -> None:
     """No environments, and a GPU whose driver cannot run the gpu profile's CUDA build."""
-    result = _doctor({"LC_ENVS_DIR": str(tmp_path / "nothing"),
-                      **fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15")})
+    result = _doctor(
+        {"LC_ENVS_DIR": str(tmp_path / "nothing"), **fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15")}
+    )
     assert result.returncode == 1
     assert "profile: gpu" in result.stdout  # a listed GPU picks the gpu profile
     assert "GPU NVIDIA H100 80GB HBM3, 81559 MiB, driver 570.86.15" in result.stdout
     # the gpu lock's torch is a CUDA 13.0 build (its nvidia-cuda-runtime pin)
-    assert ("- driver 570.86.15 is older than CUDA 13.0 needs (>= 580; the gpu profile's torch build): "
-            "upgrade the NVIDIA driver to >= 580") in result.stdout
+    assert (
+        "- driver 570.86.15 is older than CUDA 13.0 needs (>= 580; the gpu profile's torch build): "
+        "upgrade the NVIDIA driver to >= 580"
+    ) in result.stdout
     assert f"- vllm: not set up ({tmp_path / 'nothing' / 'gpu' / 'vllm'}): run ./run.sh setup" in result.stdout
     assert "torch sees none" not in result.stdout  # no environment: set-up is the fix, not torch
     assert "flash_attn: absent (a template that names it needs LC_EXTRAS=flash-attn ./run.sh setup)" in result.stdout
 
-    result = _doctor({"LC_ENVS_DIR": str(tmp_path / "nothing"), **fake_gpu(tmp_path / "h200", "NVIDIA H200", "580.159.04")})
+    result = _doctor(
+        {"LC_ENVS_DIR": str(tmp_path / "nothing"), **fake_gpu(tmp_path / "h200", "NVIDIA H200", "580.159.04")}
+    )
     assert result.returncode == 1
     assert "GPU NVIDIA H200, 81559 MiB, driver 580.159.04" in result.stdout
     assert "driver 580.159.04 is older" not in result.stdout
@@ -59,9 +65,13 @@ def test_the_doctor_names_each_gap_with_its_fix(tmp_path: Path) -> None:
 def test_set_up_stops_on_an_old_driver_before_it_downloads(tmp_path: Path) -> None:
     """The gpu profile is gigabytes of CUDA wheels: a driver that cannot run them stops set-up first."""
     envs = tmp_path / "envs"
-    result = subprocess.run(["bash", str(REPO / "run.sh"), "setup"], capture_output=True, text=True, timeout=300,
-                            env=_environ({**fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15"),
-                                          "LC_ENVS_DIR": str(envs)}))
+    result = subprocess.run(
+        ["bash", str(REPO / "run.sh"), "setup"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_environ({**fake_gpu(tmp_path, "NVIDIA H100 80GB HBM3", "570.86.15"), "LC_ENVS_DIR": str(envs)}),
+    )
     assert result.returncode == 1
     assert "- driver 570.86.15 is older than CUDA 13.0 needs (>= 580" in result.stdout
     assert "set-up stopped before installing the gpu profile" in result.stderr
@@ -87,9 +97,11 @@ def test_set_up_needs_the_disk_it_will_take(tmp_path: Path, monkeypatch: pytest.
     free = {"free": 10e9}
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["free"]))
     assert doctor.disk_problems(["vllm"], "cpu") == []
-    (problem, fix), = doctor.disk_problems(["vllm", "axolotl"], "gpu")
-    assert problem.startswith(f"environments and uv's cache ({tmp_path / 'envs' / 'gpu'}): 10.0 GB free, set-up of "
-                              "the gpu profile's vllm and axolotl needs ~")
+    ((problem, fix),) = doctor.disk_problems(["vllm", "axolotl"], "gpu")
+    assert problem.startswith(
+        f"environments and uv's cache ({tmp_path / 'envs' / 'gpu'}): 10.0 GB free, set-up of "
+        "the gpu profile's vllm and axolotl needs ~"
+    )
     assert "LC_ENVS_DIR" in fix and "UV_CACHE_DIR" in fix
     assert doctor.disk_problems([], "gpu") == []  # nothing to install: nothing to check
     free["free"] = 1e12
@@ -134,18 +146,26 @@ def test_set_up_finds_a_python_as_uv_and_pyenv_do(tmp_path: Path) -> None:
     (shims / "python3.99").write_text("#!/bin/sh\necho 'pyenv: python3.99: command not found' >&2\nexit 127\n")
     (tmp_path / "envs").mkdir()
     (tmp_path / "envs" / ".uv").symlink_to(envs_dir("cpu").parent / ".uv")  # set-up's uv, already installed
-    env = {**os.environ, "LC_PROFILE": "cpu", "LC_ENVS_DIR": str(tmp_path / "envs"), "PYENV_ROOT": str(pyenv),
-           "PATH": f"{shims}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "LC_PROFILE": "cpu",
+        "LC_ENVS_DIR": str(tmp_path / "envs"),
+        "PYENV_ROOT": str(pyenv),
+        "PATH": f"{shims}:{os.environ['PATH']}",
+    }
     (shims / "python3.99").chmod(0o755)
 
     def python() -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(copy / "run.sh"), "python"], capture_output=True, text=True, env=env,
-                              timeout=120)
+        return subprocess.run(
+            ["bash", str(copy / "run.sh"), "python"], capture_output=True, text=True, env=env, timeout=120
+        )
 
     result = python()
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert ("the cpu profile needs Python 3.99 and none runs here (searched: uv's managed Pythons, PATH, pyenv): "
-            "install one with") in result.stderr and "or set LC_PYTHON to its path" in result.stderr
+    assert (
+        "the cpu profile needs Python 3.99 and none runs here (searched: uv's managed Pythons, PATH, pyenv): "
+        "install one with"
+    ) in result.stderr and "or set LC_PYTHON to its path" in result.stderr
     installed = pyenv / "versions" / "3.99.1" / "bin" / "python3.99"
     installed.parent.mkdir(parents=True)
     installed.write_text("#!/bin/sh\necho 3.99\n")  # answers the version question as a Python 3.99 would
@@ -159,10 +179,16 @@ def test_set_up_names_the_extras_a_profile_has(tmp_path: Path) -> None:
     """LC_EXTRAS with a name the profile lacks stops set-up before anything is installed."""
     envs = tmp_path / "envs"
     for profile, have in (("gpu", "cce flash-attn"), ("cpu", "none")):
-        result = subprocess.run(["bash", str(REPO / "run.sh"), "setup"], capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "LC_PROFILE": profile, "LC_EXTRAS": "flash-attn,nope",
-                                     "LC_ENVS_DIR": str(envs)})
+        result = subprocess.run(
+            ["bash", str(REPO / "run.sh"), "setup"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "LC_PROFILE": profile, "LC_EXTRAS": "flash-attn,nope", "LC_ENVS_DIR": str(envs)},
+        )
         assert result.returncode == 1
-        assert (f"LC_EXTRAS names '{'nope' if profile == 'gpu' else 'flash-attn'}', which the {profile} profile does "
-                f"not have; its extras: {have} (envs/{profile}/extras/)") in result.stderr
+        assert (
+            f"LC_EXTRAS names '{'nope' if profile == 'gpu' else 'flash-attn'}', which the {profile} profile does "
+            f"not have; its extras: {have} (envs/{profile}/extras/)"
+        ) in result.stderr
     assert not envs.exists()

@@ -15,16 +15,25 @@ from length_control import demo, evaluate, pipeline
 from length_control.envs import engine_bin, engine_environ
 from length_control.recipe import load_recipe
 
-from conftest import H100x8, REPO
+from conftest import REPO, H100x8
 
 ONE_H200 = {**H100x8, "n_gpu": 1}
 
 
 def _axolotl_check(config: Path, capabilities: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", str(config),
-         "--capabilities", json.dumps(capabilities)],
-        capture_output=True, text=True, env=engine_environ(), timeout=600,
+        [
+            str(engine_bin("axolotl")),
+            "-m",
+            "length_control.axolotl_check",
+            str(config),
+            "--capabilities",
+            json.dumps(capabilities),
+        ],
+        capture_output=True,
+        text=True,
+        env=engine_environ(),
+        timeout=600,
     )
 
 
@@ -36,8 +45,15 @@ def plan(tmp_path: Path) -> tuple[str, Path]:
 
 def test_dry_run_renders_every_stage(plan) -> None:
     text, out = plan
-    for stage in ("[generate]", "[splice]", "[train seed 0]", "[eval-before]", "[eval-after seed 0]", "[eval-forced]",
-                  "[report]"):
+    for stage in (
+        "[generate]",
+        "[splice]",
+        "[train seed 0]",
+        "[eval-before]",
+        "[eval-after seed 0]",
+        "[eval-forced]",
+        "[report]",
+    ):
         assert stage in text
     assert "prompts: " in text
     # data parallel 4 x tensor parallel 2: four engines, each on its own two devices
@@ -45,7 +61,9 @@ def test_dry_run_renders_every_stage(plan) -> None:
         assert f"CUDA_VISIBLE_DEVICES={devices} " in text
     assert '"tensor_parallel_size": 2' in text and '"max_model_len": 40960' in text
     assert "max_tokens 30000" in text
-    assert f"axolotl train {out / 'train' / 'seed-0' / 'axolotl.yaml'} --launcher accelerate -- --num_processes 8" in text
+    assert (
+        f"axolotl train {out / 'train' / 'seed-0' / 'axolotl.yaml'} --launcher accelerate -- --num_processes 8" in text
+    )
     assert f"rendered axolotl.yaml: {out / 'dry-run' / 'axolotl-seed-0.yaml'}" in text
     config = yaml.safe_load((out / "dry-run" / "axolotl-seed-0.yaml").read_text())
     assert config["base_model"] == "Qwen/Qwen3-14B" and config["sequence_len"] == 32768
@@ -61,8 +79,10 @@ def test_dry_run_renders_every_stage(plan) -> None:
 def test_the_after_arm_evaluates_the_model_training_leaves(tmp_path: Path) -> None:
     """A LoRA template leaves its merged model: the after arm's plan must name that folder."""
     for template, leaves in (("qwen3-14b-lora-32k.yaml", "model/merged"), ("qwen3-14b-fsdp2-32k.yaml", "model")):
-        recipe = load_recipe(REPO / "recipes" / "qwen3-14b-30k.yaml",
-                             [f"output_dir={tmp_path}", f"train.template=../axolotl_configs/{template}"])
+        recipe = load_recipe(
+            REPO / "recipes" / "qwen3-14b-30k.yaml",
+            [f"output_dir={tmp_path}", f"train.template=../axolotl_configs/{template}"],
+        )
         plan = evaluate.plan(recipe, "after", 0)
         assert plan.model == str(tmp_path / "train" / "seed-0" / leaves), template
 
@@ -82,9 +102,11 @@ def test_the_gpu_demo_renders_for_one_gpu(tmp_path: Path) -> None:
     text = pipeline.dry_run(recipe, check_axolotl=False)
     assert '"gpu_memory_utilization": 0.3' in text and '"max_model_len": 176' in text
     # The demo's SFT mix is the policy build's: measured when built (a cached build), else a stated lower bound.
-    length = re.search(r"sequence_len (\d+): the longest row stage 2 can write: spliced rows <= the engine's "
-                       r"context \(176\)(, SFT-mix rows <= (\d+) tokens|; the SFT mix is not on this machine yet)",
-                       text)
+    length = re.search(
+        r"sequence_len (\d+): the longest row stage 2 can write: spliced rows <= the engine's "
+        r"context \(176\)(, SFT-mix rows <= (\d+) tokens|; the SFT mix is not on this machine yet)",
+        text,
+    )
     assert length and int(length[1]) == -(-max(176, int(length[3] or 0)) // 64) * 64, text
     assert "CUDA_VISIBLE_DEVICES" not in text  # one engine, on the GPU vLLM finds
     for seed in (0, 1, 2):
@@ -97,9 +119,18 @@ def test_the_gpu_demo_renders_for_one_gpu(tmp_path: Path) -> None:
 def test_the_dry_run_stops_a_typo_in_the_training_overrides(tmp_path: Path) -> None:
     """Axolotl drops a key it does not know and trains with its default; the dry run refuses it first."""
     result = subprocess.run(
-        [str(engine_bin("vllm", "length-control")), "run", str(REPO / "recipes" / "demo-cpu.yaml"), "--dry-run",
-         f"output_dir={tmp_path / 'typo'}", "train.overrides={micro_batch_sise: 1, num_epochs: 1}"],
-        capture_output=True, text=True, env=engine_environ(), timeout=600,
+        [
+            str(engine_bin("vllm", "length-control")),
+            "run",
+            str(REPO / "recipes" / "demo-cpu.yaml"),
+            "--dry-run",
+            f"output_dir={tmp_path / 'typo'}",
+            "train.overrides={micro_batch_sise: 1, num_epochs: 1}",
+        ],
+        capture_output=True,
+        text=True,
+        env=engine_environ(),
+        timeout=600,
     )
     said = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in said

@@ -27,21 +27,29 @@ def _manifest(path: Path) -> dict:
 
 
 def test_the_demo_loop(tmp_path: Path) -> None:
-    recipe = demo_recipe([
-        f"output_dir={tmp_path}", "train.seeds=[0,1]",
-        # A weaker stage 2 than the demo's (the loss of a batch of 4 is mostly its SFT rows'; the
-        # report's span, the close and EOS alone), so that the closed loop has a second round to run,
-        # whatever that does to the score.
-        "train.overrides={num_epochs: 1, learning_rate: 5.0e-4}",
-        "splice.termination_span=think_close_eos", "splice.sft_mix.share=0.5",
-        "loop.until_overlong=0.0", "loop.max_rounds=2", "loop.score_guard=-1.0",
-    ])
+    recipe = demo_recipe(
+        [
+            f"output_dir={tmp_path}",
+            "train.seeds=[0,1]",
+            # A weaker stage 2 than the demo's (the loss of a batch of 4 is mostly its SFT rows'; the
+            # report's span, the close and EOS alone), so that the closed loop has a second round to run,
+            # whatever that does to the score.
+            "train.overrides={num_epochs: 1, learning_rate: 5.0e-4}",
+            "splice.termination_span=think_close_eos",
+            "splice.sft_mix.share=0.5",
+            "loop.until_overlong=0.0",
+            "loop.max_rounds=2",
+            "loop.score_guard=-1.0",
+        ]
+    )
     lines: list[str] = []
     pipeline.run(recipe, echo=lines.append)
     stages = [line for line in lines if line.startswith("[")]
-    assert stages[:len(pipeline.STAGE_NAMES) + 1] == ["[preflight]"] + [f"[{name}]" for name in pipeline.STAGE_NAMES]
+    assert stages[: len(pipeline.STAGE_NAMES) + 1] == ["[preflight]"] + [f"[{name}]" for name in pipeline.STAGE_NAMES]
     checked = lines[lines.index("[preflight]") + 1]  # what the preflight read before any engine started
-    assert "demo_train.yaml: 240 rows read, 240 kept, 240 prompts" in checked and "forced close '\\n</think>'" in checked
+    assert (
+        "demo_train.yaml: 240 rows read, 240 kept, 240 prompts" in checked and "forced close '\\n</think>'" in checked
+    )
     # Round 1 missed the target, so round 2 ran; it may meet the target or end the loop at max_rounds.
     assert stages[-2].startswith("[round 2] policy: ")
     assert stages[-1].startswith(("[loop] round 2: stopped after 2", "[loop] round 2: target met"))
@@ -104,14 +112,43 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     from length_control import cli
 
     evaluated = tmp_path / "evaluate"
-    assert cli.main(["evaluate", "--model", str(tmp_path / "train" / "seed-0" / "model"),
-                     "--set", str(recipe.eval.sets[0].source), "--context-limit", str(recipe.context_limit),
-                     "--samples", "8", "--budget", str(recipe.budget), "--output", str(evaluated), "model.dtype=float32",
-                     "engine.vllm.extra_args={enforce_eager: true}",
-                     "engine.vllm.env={VLLM_ENABLE_V1_MULTIPROCESSING: '0'}"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "train" / "seed-0" / "model"),
+                "--set",
+                str(recipe.eval.sets[0].source),
+                "--context-limit",
+                str(recipe.context_limit),
+                "--samples",
+                "8",
+                "--budget",
+                str(recipe.budget),
+                "--output",
+                str(evaluated),
+                "model.dtype=float32",
+                "engine.vllm.extra_args={enforce_eager: true}",
+                "engine.vllm.env={VLLM_ENABLE_V1_MULTIPROCESSING: '0'}",
+            ]
+        )
+        == 0
+    )
     after = [s for s in report.load_samples(tmp_path / "eval" / "after" / "seed-0") if s["benchmark"] == "demo-count"]
     assert report.load_samples(evaluated / "eval" / "before") == after
-    assert cli.main(["report", "--samples", str(tmp_path / "eval" / "before" / "samples.parquet"),
-                     str(evaluated / "eval" / "before" / "samples.parquet"), "--output", str(evaluated / "report")]) == 0
+    assert (
+        cli.main(
+            [
+                "report",
+                "--samples",
+                str(tmp_path / "eval" / "before" / "samples.parquet"),
+                str(evaluated / "eval" / "before" / "samples.parquet"),
+                "--output",
+                str(evaluated / "report"),
+            ]
+        )
+        == 0
+    )
     compared = json.loads((evaluated / "report" / "report.json").read_text())["benchmarks"]["demo-count"]
     assert compared["overlong_after"] == built["benchmarks"]["demo-count"]["per_seed"]["0"]["overlong_after"]

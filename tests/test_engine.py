@@ -161,8 +161,14 @@ def test_the_shared_engine_swaps_weights_when_it_can_and_restarts_when_it_cannot
         assert result["model"] == model.name  # every request runs on the model its stage asked for
     shared.serving(seeds[0]).generate([], desc="nothing to do")  # an up-to-date stage starts nothing
     shared.close()
-    assert log == [("start", "policy"), ("load", "seed-0"), ("load", "seed-1"),
-                   ("close", "seed-1"), ("start", "merged"), ("close", "merged")]
+    assert log == [
+        ("start", "policy"),
+        ("load", "seed-0"),
+        ("load", "seed-1"),
+        ("close", "seed-1"),
+        ("start", "merged"),
+        ("close", "merged"),
+    ]
 
 
 def test_engines_go_online_only_for_a_model_named_by_its_hub_id(monkeypatch) -> None:
@@ -189,8 +195,14 @@ def test_the_endpoint_engine_sends_every_sampling_field_the_offline_worker_takes
         bodies.append(json.loads(request.content))
         return httpx.Response(200, json={"choices": [{"token_ids": [7], "finish_reason": "stop"}]})
 
-    sampling = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.05, "stop_token_ids": [2, 9],
-                "thinking_token_budget": 126}
+    sampling = {
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 20,
+        "min_p": 0.05,
+        "stop_token_ids": [2, 9],
+        "thinking_token_budget": 126,
+    }
     assert set(sampling) == set(SAMPLING_KEYS)
     request = {"key": "p#0", "prompt_token_ids": [5, 6], "max_tokens": 4, "seed": 3, **sampling}
     options = OpenAIOptions(endpoints=["http://server/v1"], model="m", max_retries=0)

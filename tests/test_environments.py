@@ -13,10 +13,9 @@ import yaml
 
 from length_control.envs import engine_bin, engine_environ, envs_dir
 
-from conftest import H100x8, REPO
+from conftest import REPO, H100x8
 
 pytestmark = pytest.mark.engine
-
 
 
 def _run(engine: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -81,11 +80,13 @@ def test_a_failure_of_the_axolotl_check_itself_is_internal_not_the_configs(tmp_p
     """Axolotl moved a name the check reads (as 0.21 did with AxolotlInputConfigBase): exit 3 with the versions,
     never 'invalid', and the dry run reports a bug of ours, not the user's template."""
     config = _render("cpu-tiny.yaml", tmp_path)
-    probe = ("import sys, axolotl.utils.config as c\n"
-             "def moved():\n    raise AttributeError('merge_input_args moved')\n"
-             "c.merge_input_args = moved\n"
-             "from length_control import axolotl_check\n"
-             "sys.exit(axolotl_check.main([sys.argv[1]]))\n")
+    probe = (
+        "import sys, axolotl.utils.config as c\n"
+        "def moved():\n    raise AttributeError('merge_input_args moved')\n"
+        "c.merge_input_args = moved\n"
+        "from length_control import axolotl_check\n"
+        "sys.exit(axolotl_check.main([sys.argv[1]]))\n"
+    )
     result = _run("axolotl", "-c", probe, str(config))
     assert result.returncode == 3, result.stderr[-3000:]
     line = result.stdout.strip().splitlines()[-1]

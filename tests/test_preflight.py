@@ -16,9 +16,12 @@ from conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "sources"
 LOCAL_DATA = {  # the 14B recipe's sources -> fixture files in their real schemas
-    "webinstruct_verified": "webinstruct_verified.jsonl", "deepmath_103k": "deepmath_103k.jsonl",
-    "rstar_coder": "rstar_coder_synthetic_rl.jsonl", "aime_2024": "aime_2024.jsonl",
-    "aime_2025": "aime_2025.jsonl", "gpqa_diamond": "gpqa_diamond.jsonl",
+    "webinstruct_verified": "webinstruct_verified.jsonl",
+    "deepmath_103k": "deepmath_103k.jsonl",
+    "rstar_coder": "rstar_coder_synthetic_rl.jsonl",
+    "aime_2024": "aime_2024.jsonl",
+    "aime_2025": "aime_2025.jsonl",
+    "gpqa_diamond": "gpqa_diamond.jsonl",
     "livecodebench_v6": "lcb_code_generation_lite_release_v6.jsonl",
 }
 SHORT = "Count down from 102 to 100. How many numbers do you say?"
@@ -31,13 +34,29 @@ def small_recipe(folder: Path, policy: Path, prompts: list[str], evals: list[str
     for name, questions in (("prompts", prompts), ("evals", evals)):
         rows = [{"id": f"q{i}", "question": q, "answer": "3"} for i, q in enumerate(questions)]
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump(
-            {"name": name, "dataset": {"path": f"{name}.jsonl"}, "prompt": "{question}", "reference": "answer",
-             "id": "id", "grader": "exact"}))
+        (folder / f"{name}.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "name": name,
+                    "dataset": {"path": f"{name}.jsonl"},
+                    "prompt": "{question}",
+                    "reference": "answer",
+                    "id": "id",
+                    "grader": "exact",
+                }
+            )
+        )
     (folder / "axolotl.yaml").write_text("{}\n")
-    recipe = {"name": "small", "output_dir": "run", "model": {"path": str(policy)}, "budget": 15,
-              "context_limit": 60, "prompts": {"sources": ["prompts.yaml"]}, "train": {"template": "axolotl.yaml"},
-              "eval": {"sets": ["evals.yaml"]}} | settings
+    recipe = {
+        "name": "small",
+        "output_dir": "run",
+        "model": {"path": str(policy)},
+        "budget": 15,
+        "context_limit": 60,
+        "prompts": {"sources": ["prompts.yaml"]},
+        "train": {"template": "axolotl.yaml"},
+        "eval": {"sets": ["evals.yaml"]},
+    } | settings
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return load_recipe(folder / "recipe.yaml")
 
@@ -59,8 +78,14 @@ def test_the_14b_recipe_with_local_data_passes_and_says_what_it_read(repo_copy: 
 def test_every_problem_is_reported_at_once_with_its_file_and_fix(tmp_path: Path, tokenizer_policy: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    recipe = small_recipe(tmp_path / "r", tokenizer_policy, prompts=[SHORT, HUGE], evals=[HUGE],
-                          output_dir=str(blocker / "run"), generation={"on_long_prompt": "error"})
+    recipe = small_recipe(
+        tmp_path / "r",
+        tokenizer_policy,
+        prompts=[SHORT, HUGE],
+        evals=[HUGE],
+        output_dir=str(blocker / "run"),
+        generation={"on_long_prompt": "error"},
+    )
     with open(tmp_path / "r" / "prompts.jsonl", "a") as data:
         data.write('{"id": "q9", "question": \n')  # a corrupt third line
     with pytest.raises(preflight.PreflightError) as raised:
@@ -68,8 +93,10 @@ def test_every_problem_is_reported_at_once_with_its_file_and_fix(tmp_path: Path,
     problems = raised.value.problems
     assert any(f"{blocker} is a file; point output_dir at a folder" in p for p in problems)
     assert any(f"{tmp_path / 'r' / 'prompts.jsonl'}:3" in p for p in problems)
-    assert any("prompts: prompts: 1 of 2 prompts leave no room for B = 15" in p
-               and "generation.on_long_prompt: drop" in p for p in problems)
+    assert any(
+        "prompts: prompts: 1 of 2 prompts leave no room for B = 15" in p and "generation.on_long_prompt: drop" in p
+        for p in problems
+    )
     assert any("eval: evals: every prompt fills the context limit (60)" in p for p in problems)
     assert "nothing was started" in str(raised.value)
 
@@ -103,7 +130,7 @@ def test_a_tokenizer_that_cannot_spell_the_think_tags_is_refused(tmp_path: Path,
 def test_run_stops_at_the_preflight_before_any_engine(tmp_path: Path, tokenizer_policy: Path) -> None:
     recipe = small_recipe(tmp_path, tokenizer_policy, prompts=[SHORT], evals=[SHORT])
     (tmp_path / "evals.jsonl").unlink()
-    with pytest.raises(preflight.PreflightError, match="evals.jsonl"):
+    with pytest.raises(preflight.PreflightError, match=r"evals.jsonl"):
         pipeline.run(recipe, echo=lambda _: None)
     assert not recipe.output_dir.exists()  # no stage folder, no engine log
 
@@ -116,7 +143,10 @@ def test_a_data_error_is_one_message_and_exit_2_never_a_traceback(tmp_path: Path
     with open(tmp_path / "evals.jsonl", "a") as data:
         data.write("{not json\n")
     for command in (["validate", "--deep"], ["run", "--dry-run"]):
-        result = subprocess.run([sys.executable, "-m", "length_control.cli", command[0], str(tmp_path / "recipe.yaml"),
-                                 *command[1:]], capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "length_control.cli", command[0], str(tmp_path / "recipe.yaml"), *command[1:]],
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 2, result.stderr
         assert f"{tmp_path / 'evals.jsonl'}:2" in result.stderr and "Traceback" not in result.stderr

@@ -48,8 +48,15 @@ FIXTURE_OF = {
 # other published layouts the shipped definitions read too
 OTHER_LAYOUTS = {
     "rstar_coder_synthetic_sft.jsonl": {"question", "seed_question", "seed_source", "response", "code"},
-    "rstar_coder_seed_sft.jsonl": {"question_id", "question", "starter_code", "response", "code", "verified",
-                                   "is_passed"},
+    "rstar_coder_seed_sft.jsonl": {
+        "question_id",
+        "question",
+        "starter_code",
+        "response",
+        "code",
+        "verified",
+        "is_passed",
+    },
     "opencompass_aime2025.jsonl": {"question", "answer"},
 }
 
@@ -157,8 +164,14 @@ def test_shipped_names_are_unique() -> None:
         ("aime_2024", "HuggingFaceH4/aime_2024", None, "train", "answer", "id"),
         ("aime_2025", "yentinglin/aime_2025", None, "train", "answer", "id"),
         ("gpqa_diamond", "Idavidrein/gpqa", "gpqa_diamond", "train", "Correct Answer", "Record ID"),
-        ("livecodebench_v6", "lighteval/code_generation_lite", "release_v6", "test", "public_test_cases",
-         "question_id"),
+        (
+            "livecodebench_v6",
+            "lighteval/code_generation_lite",
+            "release_v6",
+            "test",
+            "public_test_cases",
+            "question_id",
+        ),
     ],
 )
 def test_shipped_hub_locations_match_the_dataset_notes(source, hf, config, split, reference, id_column) -> None:
@@ -188,8 +201,17 @@ def test_fixtures_have_the_real_schema(name: str) -> None:
         "aime_2024.jsonl": {"id", "problem", "solution", "answer", "url", "year"},
         "aime_2025.jsonl": {"id", "problem", "solution", "answer", "url", "year"},
         "lcb_code_generation_lite_release_v6.jsonl": {
-            "question_title", "question_content", "platform", "question_id", "contest_id", "contest_date",
-            "starter_code", "difficulty", "public_test_cases", "private_test_cases", "metadata",
+            "question_title",
+            "question_content",
+            "platform",
+            "question_id",
+            "contest_id",
+            "contest_date",
+            "starter_code",
+            "difficulty",
+            "public_test_cases",
+            "private_test_cases",
+            "metadata",
         },
     }
     for row in rows:
@@ -488,8 +510,11 @@ def test_rstar_coder_seed_rows_show_their_starter_code(tmp_path: Path) -> None:
     assert user(with_starter).endswith(f"```python\n{rows[0]['starter_code']}\n```")
     assert user(stdin) == rows[2]["question"]  # nothing added to a stdin problem
     # without dedup the two solutions share a question_id, so they would share request seeds and keys
-    with pytest.raises(DataError, match=r"`id` column 'question_id' repeats its values in row 1 \('seed-0001' is also "
-                                        r"row 0's\)"):
+    with pytest.raises(
+        DataError,
+        match=r"`id` column 'question_id' repeats its values in row 1 \('seed-0001' is also "
+        r"row 0's\)",
+    ):
         build_prompts(changed(spec, dedup="none"), rows)
 
 
@@ -527,16 +552,25 @@ def test_a_missing_data_file_names_the_path_and_the_key_that_names_it(tmp_path: 
 def test_a_corrupt_jsonl_line_is_named_by_file_and_line(tmp_path: Path) -> None:
     rows = fixture_rows("deepmath_103k")
     separator = rows[1] | {"question": rows[1]["question"] + "\u2028(a line separator inside a JSON string)"}
-    lines = [json.dumps(rows[0]), "", json.dumps(separator, ensure_ascii=False), json.dumps(rows[2])[:-1], "[1, 2]",
-             json.dumps(rows[3])]
+    lines = [
+        json.dumps(rows[0]),
+        "",
+        json.dumps(separator, ensure_ascii=False),
+        json.dumps(rows[2])[:-1],
+        "[1, 2]",
+        json.dumps(rows[3]),
+    ]
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     spec = local_spec("deepmath_103k", tmp_path, data)
     with pytest.raises(DataError) as caught:
         read_rows(spec)
     # line 4 (1-based, the blank line counted) is cut short; line 5 is not an object
-    assert re.fullmatch(rf"{re.escape(str(data))}:4: not valid JSON \(Expecting ',' delimiter at column \d+\); "
-                        r"fix or remove the line; other bad lines: 5", str(caught.value)), str(caught.value)
+    assert re.fullmatch(
+        rf"{re.escape(str(data))}:4: not valid JSON \(Expecting ',' delimiter at column \d+\); "
+        r"fix or remove the line; other bad lines: 5",
+        str(caught.value),
+    ), str(caught.value)
     # the readable rows are still checked; the U+2028 inside a string does not split its line
     check = check_source(spec)
     assert check.problems == [str(caught.value)]
@@ -545,12 +579,18 @@ def test_a_corrupt_jsonl_line_is_named_by_file_and_line(tmp_path: Path) -> None:
     assert read_rows(spec)[1]["question"] == separator["question"]
 
 
-@pytest.mark.parametrize(("name", "content", "expected"), [
-    ("train.json", b'[\n  {"question": "a"},\n  {"question": "b",}\n]\n',
-     r":3: not valid JSON \(Expecting property name"),
-    ("train.jsonl", b'{"question": "a"}\n{"question": "\xff"}\n', r":2: not UTF-8 text \(invalid start byte"),
-    ("train.parquet", b"question,answer\n", r": not a readable Parquet file \("),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        (
+            "train.json",
+            b'[\n  {"question": "a"},\n  {"question": "b",}\n]\n',
+            r":3: not valid JSON \(Expecting property name",
+        ),
+        ("train.jsonl", b'{"question": "a"}\n{"question": "\xff"}\n', r":2: not UTF-8 text \(invalid start byte"),
+        ("train.parquet", b"question,answer\n", r": not a readable Parquet file \("),
+    ],
+)
 def test_other_unreadable_files_name_the_file(name: str, content: bytes, expected: str, tmp_path: Path) -> None:
     data = tmp_path / name
     data.write_bytes(content)
@@ -574,13 +614,24 @@ def test_a_prompt_field_the_rows_lack_names_the_definition_the_field_and_the_col
         build(opencompass)
 
 
+def test_a_format_spec_that_does_not_fit_the_value_names_the_rows_and_the_error(tmp_path: Path) -> None:
+    spec = local_spec("deepmath_103k", tmp_path, prompt="{question:d}")
+    with pytest.raises(DataError) as caught:
+        build(spec)
+    assert str(caught.value) == (
+        f"{tmp_path / 'deepmath_103k.local.yaml'}: `prompt` cannot be formatted with 4 of 4 rows (first: row 0): "
+        "Unknown format code 'd' for object of type 'str'; fix `prompt`"
+    )
+
+
 def test_an_empty_source_is_an_error(tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     data.write_text("\n", encoding="utf-8")
     spec = local_spec("deepmath_103k", tmp_path, data)
     assert read_rows(spec) == []
-    expected = (f"{tmp_path / 'deepmath_103k.local.yaml'}: no rows in {data}; point `dataset` at the data "
-                "(or another split)")
+    expected = (
+        f"{tmp_path / 'deepmath_103k.local.yaml'}: no rows in {data}; point `dataset` at the data (or another split)"
+    )
     with pytest.raises(DataError) as caught:
         build_prompts(spec, [])
     assert str(caught.value) == expected
@@ -599,13 +650,18 @@ def test_a_filter_that_keeps_nothing_is_an_error_naming_it(tmp_path: Path) -> No
     assert (check.rows_read, check.dropped, check.rows_kept, check.prompts) == (6, {"min_chars": 6, "dedup": 0}, 0, [])
     assert check.summary() == "6 rows read, min_chars dropped 6, dedup dropped 0, 0 kept, 0 prompts; 1 problem"
 
-    late = local_spec("livecodebench_v6", tmp_path, window={"field": "contest_date", "start": "2030-01-01",
-                                                            "end": "2031-01-01"})
-    with pytest.raises(DataError, match=r"`window` drops all 6 rows that reach it \(6 read\); widen `window` "
-                                        r"\(2030-01-01 to 2031-01-01\)"):
+    late = local_spec(
+        "livecodebench_v6", tmp_path, window={"field": "contest_date", "start": "2030-01-01", "end": "2031-01-01"}
+    )
+    with pytest.raises(
+        DataError,
+        match=r"`window` drops all 6 rows that reach it \(6 read\); widen `window` "
+        r"\(2030-01-01 to 2031-01-01\)",
+    ):
         build(late)
-    misnamed = local_spec("livecodebench_v6", tmp_path, window={"field": "contest_day", "start": "2024-08-01",
-                                                                "end": "2025-05-01"})
+    misnamed = local_spec(
+        "livecodebench_v6", tmp_path, window={"field": "contest_day", "start": "2024-08-01", "end": "2025-05-01"}
+    )
     with pytest.raises(DataError, match="6 of them have no 'contest_day'"):
         build(misnamed)
 
@@ -626,16 +682,25 @@ def test_check_source_reports_every_problem_that_build_prompts_raises(tmp_path: 
     assert str(caught.value).splitlines() == check.problems
     definition = f"{tmp_path / 'livecodebench_v6.local.yaml'}: "
     window, missing, undecodable, repeated = check.problems
-    assert window == (f"{definition}`window.field`: column 'contest_date' cannot be read in row 0: 'next week' is not "
-                      "an ISO date; fix those rows in the data")
+    assert window == (
+        f"{definition}`window.field`: column 'contest_date' cannot be read in row 0: 'next week' is not "
+        "an ISO date; fix those rows in the data"
+    )
     assert missing.startswith(f"{definition}`prompt` names column 'question_content', missing from row 1; ")
-    assert undecodable.startswith(f"{definition}`code_tests.private`: column 'private_test_cases' cannot be read in "
-                                  "row 4: the private tests: cannot decode")
-    assert repeated.startswith(f"{definition}`id` column 'question_id' repeats its values in row 3 ('2041C' is also "
-                               "row 2's)")
+    assert undecodable.startswith(
+        f"{definition}`code_tests.private`: column 'private_test_cases' cannot be read in "
+        "row 4: the private tests: cannot decode"
+    )
+    assert repeated.startswith(
+        f"{definition}`id` column 'question_id' repeats its values in row 3 ('2041C' is also row 2's)"
+    )
     # row 5 is past the window; rows 2 and 3 pass every filter
     assert (check.rows_read, check.dropped, check.rows_kept, ids(check.prompts)) == (
-        6, {"window": 1}, 2, ["lcb-v6/2041C", "lcb-v6/2041C"])
+        6,
+        {"window": 1},
+        2,
+        ["lcb-v6/2041C", "lcb-v6/2041C"],
+    )
     assert not check.ok
     as_shipped = local_spec("livecodebench_v6", tmp_path)
     clean = check_source(as_shipped)

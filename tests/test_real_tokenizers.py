@@ -28,9 +28,11 @@ FAMILIES = ("qwen3", "deepseek-v3", "llama-3.1", "gpt-oss")
 tokenizer = functools.cache(tokenizer_files.load_tokenizer)
 
 # Thinking as a policy writes it: LaTeX, code with indentation, unicode (multi-byte, an emoji).
-THINKING = ("<think>\nThe sum of the first 12 odd numbers: $\\sum_{k=1}^{12} (2k-1) = 12^2 = 144$.\n\n"
-            "Check:\n```python\ndef odd_sum(n):\n    return sum(2 * k - 1 for k in range(1, n + 1))\n```\n"
-            "odd_sum(12) → 144 ✓  (12 terms , each odd) 😀 so it is 144")  # " ," survives: no clean-up
+THINKING = (
+    "<think>\nThe sum of the first 12 odd numbers: $\\sum_{k=1}^{12} (2k-1) = 12^2 = 144$.\n\n"
+    "Check:\n```python\ndef odd_sum(n):\n    return sum(2 * k - 1 for k in range(1, n + 1))\n```\n"
+    "odd_sum(12) → 144 ✓  (12 terms , each odd) 😀 so it is 144"
+)  # " ," survives: no clean-up
 # What comes right before and after the close: its pieces merge with some of them.
 BEFORE_CLOSE = (".\n", ".\n\n", " ", "", "\n```\n", " 😀", "…")
 AFTER_CLOSE = ("\n\nThe sum is $\\boxed{144}$.", "\nThe sum is 144.", "144")
@@ -71,15 +73,19 @@ def test_deepseek_v3_loads_wrong_without_its_model_type(tmp_path: Path) -> None:
     assert type(bare).__name__ == "LlamaTokenizer"
     assert bare.decode(bare.encode("x\n</think>", add_special_tokens=False)) != "x\n</think>"
     assert json.loads((tokenizer_files.folder("deepseek-v3") / "config.json").read_text()) == {
-        "model_type": "deepseek_v3"}
+        "model_type": "deepseek_v3"
+    }
 
 
-@pytest.mark.parametrize("family, open_pieces, close_pieces", [
-    ("qwen3", ["<think>"], ["</think>"]),  # one added token each (not special: skip_special_tokens keeps them)
-    ("deepseek-v3", ["<", "think", ">"], ["</", "think", ">"]),
-    ("llama-3.1", ["<th", "ink", ">"], ["</", "think", ">"]),
-    ("gpt-oss", ["<th", "ink", ">"], ["</", "think", ">"]),
-])
+@pytest.mark.parametrize(
+    "family, open_pieces, close_pieces",
+    [
+        ("qwen3", ["<think>"], ["</think>"]),  # one added token each (not special: skip_special_tokens keeps them)
+        ("deepseek-v3", ["<", "think", ">"], ["</", "think", ">"]),
+        ("llama-3.1", ["<th", "ink", ">"], ["</", "think", ">"]),
+        ("gpt-oss", ["<th", "ink", ">"], ["</", "think", ">"]),
+    ],
+)
 def test_how_the_think_tags_tokenize(family: str, open_pieces: list[str], close_pieces: list[str]) -> None:
     """In the BPE families the open tag's ">" also takes the thinking's first newline: the first thinking
     token is inside the tag."""
@@ -93,12 +99,15 @@ def test_how_the_think_tags_tokenize(family: str, open_pieces: list[str], close_
         assert tok.decode([151667, 151668], skip_special_tokens=True) == "<think></think>"
 
 
-@pytest.mark.parametrize("family, close_in_context, spaced", [
-    ("qwen3", [".\n", "</think>", "\n\n", "The"], [" ", "</think>"]),
-    ("deepseek-v3", [".\n", "</", "think", ">\n\n", "The"], [" </", "think", ">"]),
-    ("llama-3.1", [".\n", "</", "think", ">\n\n", "The"], [" </", "think", ">"]),
-    ("gpt-oss", [".\n", "</", "think", ">\n\n", "The"], [" </", "think", ">"]),
-])
+@pytest.mark.parametrize(
+    "family, close_in_context, spaced",
+    [
+        ("qwen3", [".\n", "</think>", "\n\n", "The"], [" ", "</think>"]),
+        ("deepseek-v3", [".\n", "</", "think", ">\n\n", "The"], [" </", "think", ">"]),
+        ("llama-3.1", [".\n", "</", "think", ">\n\n", "The"], [" </", "think", ">"]),
+        ("gpt-oss", [".\n", "</", "think", ">\n\n", "The"], [" </", "think", ">"]),
+    ],
+)
 def test_what_the_close_merges_with(family: str, close_in_context: list[str], spaced: list[str]) -> None:
     """The "\\n" before the close goes to the text before it (".\\n"); in the BPE families ">" takes the
     newlines after it and "</" the space before it. Qwen3's one token merges with nothing."""
@@ -110,12 +119,15 @@ def test_what_the_close_merges_with(family: str, close_in_context: list[str], sp
     assert (whole == parts) == (family == "qwen3")
 
 
-@pytest.mark.parametrize("family, forced_close_pieces, eos_id", [
-    ("qwen3", ["\n", "</think>"], 151645),
-    ("deepseek-v3", ["\n", "</", "think", ">"], 1),
-    ("llama-3.1", ["\n", "</", "think", ">"], 128009),
-    ("gpt-oss", ["\n", "</", "think", ">"], 200002),
-])
+@pytest.mark.parametrize(
+    "family, forced_close_pieces, eos_id",
+    [
+        ("qwen3", ["\n", "</think>"], 151645),
+        ("deepseek-v3", ["\n", "</", "think", ">"], 1),
+        ("llama-3.1", ["\n", "</", "think", ">"], 128009),
+        ("gpt-oss", ["\n", "</", "think", ">"], 200002),
+    ],
+)
 def test_the_forced_close_and_the_termination(family: str, forced_close_pieces: list[str], eos_id: int) -> None:
     tok = tokenizer(family)
     think = ThinkTokens(tok, ThinkTags())
@@ -145,26 +157,30 @@ def test_think_tokens_find_the_policys_own_close_in_a_realistic_trace(family: st
         for after in AFTER_CLOSE:
             text = THINKING + before + "</think>" + after
             canonical = tok.encode(text, add_special_tokens=False)
-            for ids in [canonical] + [chunked(tok, text, rng, "</think>" if family == "qwen3" else None)
-                                      for _ in range(5)]:
+            for ids in [canonical] + [
+                chunked(tok, text, rng, "</think>" if family == "qwen3" else None) for _ in range(5)
+            ]:
                 span = think.find_close(ids)
                 assert span is not None, (text, pieces(tok, text))
                 start, end = span
                 assert "</think>" in tok.decode(ids[start:end])
-                assert "</think>" not in tok.decode(ids[start + 1:end]) + tok.decode(ids[start:end - 1])
+                assert "</think>" not in tok.decode(ids[start + 1 : end]) + tok.decode(ids[start : end - 1])
                 closed = close_at_budget(ids, len(ids), span, think.forced_close_ids)
                 assert closed.case == 2 and closed.prefix() == ids
                 thinking = tok.decode(list(closed.thinking))
                 assert text.startswith(thinking)
-                carried = (THINKING + before)[len(thinking):]  # what the close's first token holds before "<"
+                carried = (THINKING + before)[len(thinking) :]  # what the close's first token holds before "<"
                 assert carried == "" or (carried == " " and family != "qwen3")
 
 
-@pytest.mark.parametrize("family, eos, turn_end", [
-    ("qwen3", "<|im_end|>", "<|im_end|>\n"),
-    ("deepseek-v3", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
-    ("llama-3.1", "<|eot_id|>", "<|eot_id|>"),
-])
+@pytest.mark.parametrize(
+    "family, eos, turn_end",
+    [
+        ("qwen3", "<|im_end|>", "<|im_end|>\n"),
+        ("deepseek-v3", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+        ("llama-3.1", "<|eot_id|>", "<|eot_id|>"),
+    ],
+)
 def test_the_template_ends_an_assistant_turn_with_the_eos_token(family: str, eos: str, turn_end: str) -> None:
     tok = tokenizer(family)
     conversation = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "ANSWER"}]
@@ -179,16 +195,26 @@ def test_the_end_ids_beside_the_eos_token() -> None:
     assert tokenizer("qwen3").convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) == [151645, 151643]
     llama = tokenizer("llama-3.1")
     assert llama.convert_ids_to_tokens([128001, 128008, 128009]) == [
-        "<|end_of_text|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+        "<|end_of_text|>",
+        "<|reserved_special_token_4|>",
+        "<|eot_id|>",
+    ]
     assert tokenizer("gpt-oss").convert_ids_to_tokens([199999, 200002, 200007, 200012]) == [
-        "<|endoftext|>", "<|return|>", "<|end|>", "<|call|>"]
+        "<|endoftext|>",
+        "<|return|>",
+        "<|end|>",
+        "<|call|>",
+    ]
 
 
-@pytest.mark.parametrize("family, prompt_end", [
-    ("qwen3", "<|im_start|>assistant\n"),
-    ("deepseek-v3", "<｜Assistant｜>"),  # DeepSeek-V3's template; R1's opens "<think>\n" here
-    ("llama-3.1", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-])
+@pytest.mark.parametrize(
+    "family, prompt_end",
+    [
+        ("qwen3", "<|im_start|>assistant\n"),
+        ("deepseek-v3", "<｜Assistant｜>"),  # DeepSeek-V3's template; R1's opens "<think>\n" here
+        ("llama-3.1", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ],
+)
 def test_the_generation_prompt_does_not_open_the_thinking(family: str, prompt_end: str) -> None:
     tok = tokenizer(family)
     prompt = tok.apply_chat_template([{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True)
@@ -196,8 +222,9 @@ def test_the_generation_prompt_does_not_open_the_thinking(family: str, prompt_en
 
 
 def test_qwen3_closes_an_empty_thinking_in_the_prompt_when_thinking_is_off() -> None:
-    prompt = tokenizer("qwen3").apply_chat_template([{"role": "user", "content": "2+3?"}], tokenize=False,
-                                                    add_generation_prompt=True, enable_thinking=False)
+    prompt = tokenizer("qwen3").apply_chat_template(
+        [{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
@@ -205,18 +232,22 @@ def test_qwen3s_template_rewrites_the_reasoning_it_renders() -> None:
     """An assistant turn is not rendered as written: the last turn's reasoning loses its outer newlines and
     gets its own, an earlier turn's reasoning is dropped (stage 2 must not train on rendered text)."""
     conversation = [
-        {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
-        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "<think>\n\n  r2  \n\n</think>\nA2"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "<think>\n\n  r2  \n\n</think>\nA2"},
     ]
     assert tokenizer("qwen3").apply_chat_template(conversation, tokenize=False) == (
         "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
-        "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n<think>\n  r2  \n</think>\n\nA2<|im_end|>\n")
+        "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n<think>\n  r2  \n</think>\n\nA2<|im_end|>\n"
+    )
 
 
 def test_llamas_template_trims_the_assistant_turn() -> None:
     rendered = tokenizer("llama-3.1").apply_chat_template(
         [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA\n"}],
-        tokenize=False)
+        tokenize=False,
+    )
     assert rendered.endswith("<|end_header_id|>\n\n<think>\nr\n</think>\n\nA<|eot_id|>")
 
 
@@ -224,9 +255,20 @@ def test_gpt_oss_has_channels_and_no_chat_template() -> None:
     tok = tokenizer("gpt-oss")
     assert tok.chat_template is None
     assert pieces(tok, "<|start|>assistant<|channel|>analysis<|message|>") == [
-        "<|start|>", "assistant", "<|channel|>", "analysis", "<|message|>"]
+        "<|start|>",
+        "assistant",
+        "<|channel|>",
+        "analysis",
+        "<|message|>",
+    ]
     assert pieces(tok, "<|end|><|start|>assistant<|channel|>final<|message|>") == [
-        "<|end|>", "<|start|>", "assistant", "<|channel|>", "final", "<|message|>"]
+        "<|end|>",
+        "<|start|>",
+        "assistant",
+        "<|channel|>",
+        "final",
+        "<|message|>",
+    ]
 
 
 def test_gpt_oss_switch_to_the_final_channel_is_a_close_the_machinery_finds() -> None:
@@ -320,14 +362,19 @@ def _tokenizer_folder(tmp_path: Path, family: str, **config) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("family, preset, opened", [
-    ("qwen3", "qwen3", "the policy writes '<think>' (1 tokens)"),
-    ("llama-3.1", "llama-think", "the policy writes '<think>' (3 tokens)"),
-    ("deepseek-r1", "deepseek-r1", "the chat template opens it in the prompt: B counts every output token"),
-])
-def test_the_preflight_says_which_family_the_tokenizer_looks_like(tmp_path: Path, family: str, preset: str,
-                                                                   opened: str) -> None:
+@pytest.mark.parametrize(
+    "family, preset, opened",
+    [
+        ("qwen3", "qwen3", "the policy writes '<think>' (1 tokens)"),
+        ("llama-3.1", "llama-think", "the policy writes '<think>' (3 tokens)"),
+        ("deepseek-r1", "deepseek-r1", "the chat template opens it in the prompt: B counts every output token"),
+    ],
+)
+def test_the_preflight_says_which_family_the_tokenizer_looks_like(
+    tmp_path: Path, family: str, preset: str, opened: str
+) -> None:
     from length_control import preflight
+
     from test_preflight import SHORT, small_recipe
 
     if family == "deepseek-r1":
@@ -341,15 +388,24 @@ def test_the_preflight_says_which_family_the_tokenizer_looks_like(tmp_path: Path
 
 def test_the_preflight_stops_think_tags_on_a_gpt_oss_tokenizer_and_takes_its_preset(tmp_path: Path) -> None:
     from length_control import preflight
+
     from test_preflight import SHORT, small_recipe
 
-    harmony = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
-               "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+    harmony = (
+        "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+    )
     folder = _tokenizer_folder(tmp_path, "gpt-oss", chat_template=harmony)
-    with pytest.raises(preflight.PreflightError, match="gpt-oss's channels .* set model.think: gpt-oss"):
+    with pytest.raises(preflight.PreflightError, match=r"gpt-oss's channels .* set model.think: gpt-oss"):
         preflight.check(small_recipe(tmp_path / "tags", folder, [SHORT], [SHORT], context_limit=200))
-    recipe = small_recipe(tmp_path / "preset", folder, [SHORT], [SHORT], context_limit=200,
-                          model={"path": str(folder), "think": "gpt-oss"})
+    recipe = small_recipe(
+        tmp_path / "preset",
+        folder,
+        [SHORT],
+        [SHORT],
+        context_limit=200,
+        model={"path": str(folder), "think": "gpt-oss"},
+    )
     assert recipe.model.think.close == "<|end|><|start|>assistant<|channel|>final<|message|>"
     assert "looks like model.think: gpt-oss" in preflight.check(recipe).text()
 
@@ -358,6 +414,7 @@ def test_the_preflight_warns_when_the_turn_ends_on_a_token_the_engine_does_not_s
     """Qwen3 base models name <|endoftext|> as eos_token while the template ends turns with <|im_end|>:
     without a generation config listing <|im_end|>, the answer pass would run past the answer."""
     from length_control import preflight
+
     from test_preflight import SHORT, small_recipe
 
     folder = _tokenizer_folder(tmp_path, "qwen3", eos_token="<|endoftext|>")
@@ -370,6 +427,7 @@ def test_the_preflight_warns_when_the_turn_ends_on_a_token_the_engine_does_not_s
 
 def test_an_unknown_think_preset_names_the_presets(tmp_path: Path) -> None:
     from length_control._schema import ConfigError
+
     from test_preflight import SHORT, small_recipe
 
     folder = _tokenizer_folder(tmp_path, "qwen3")
@@ -390,7 +448,7 @@ def test_the_sft_mix_masks_qwen3s_reasoning_turn_and_stops_a_conversation_its_te
     ids, labels = assistant_only_row(tok, turn)
     trained = tok.decode([i for i, label in zip(ids, labels) if label != -100])
     assert trained == "<think>\nadd\n</think>\n\n5<|im_end|>"
-    with pytest.raises(DataError, match="Qwen3's drops the reasoning .* mix single-turn conversations"):
+    with pytest.raises(DataError, match=r"Qwen3's drops the reasoning .* mix single-turn conversations"):
         assistant_only_row(tok, turn + turn)
 
 

@@ -27,14 +27,17 @@ def test_shipped_recipes_validate(name: str) -> None:
 def test_the_gpu_demo_is_the_cpu_demo_on_another_engine() -> None:
     """`./run.sh demo` runs recipes/demo-<profile>.yaml: on a GPU the same loop and table, only the engine set
     for a GPU that training shares."""
-    cpu, gpu = (load_recipe(REPO / "recipes" / f"demo-{profile}.yaml").model_dump(exclude={"name", "output_dir"})
-                for profile in ("cpu", "gpu"))
+    cpu, gpu = (
+        load_recipe(REPO / "recipes" / f"demo-{profile}.yaml").model_dump(exclude={"name", "output_dir"})
+        for profile in ("cpu", "gpu")
+    )
     cpu_engine = cpu.pop("engine")["vllm"]
     assert cpu_engine["gpu_memory_utilization"] is None
     assert gpu.pop("engine")["vllm"] == {**cpu_engine, "gpu_memory_utilization": 0.3, "max_num_seqs": 256}
     assert cpu == gpu
     assert {p.stem.removeprefix("demo-") for p in (REPO / "recipes").glob("demo-*.yaml")} >= {
-        p.name for p in (REPO / "envs").iterdir() if p.is_dir()}  # a demo for every profile
+        p.name for p in (REPO / "envs").iterdir() if p.is_dir()
+    }  # a demo for every profile
 
 
 def test_report_setting() -> None:
@@ -149,7 +152,9 @@ def test_bad_source_file_is_reported_under_the_recipe_key(repo_copy: Path) -> No
     with pytest.raises(ConfigError) as caught:
         load_recipe(repo_copy / "recipes" / "demo-cpu.yaml")
     problems = caught.value.problems
-    assert any("prompts.sources[0].source: demo_train.yaml: promt: unknown key; did you mean 'prompt'?" in p for p in problems)
+    assert any(
+        "prompts.sources[0].source: demo_train.yaml: promt: unknown key; did you mean 'prompt'?" in p for p in problems
+    )
     assert any("prompt: required key is missing" in p for p in problems)
 
 

@@ -26,8 +26,10 @@ RECIPE = REPO / "recipes" / "demo-cpu.yaml"
 @contextmanager
 def held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
     """Another process holding `folder`'s lock until the block ends."""
-    script = ("import sys; from length_control import runlock\n"
-              f"with runlock.holding({str(folder)!r}):\n    print('held', flush=True); sys.stdin.read()")
+    script = (
+        "import sys; from length_control import runlock\n"
+        f"with runlock.holding({str(folder)!r}):\n    print('held', flush=True); sys.stdin.read()"
+    )
     holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
@@ -53,7 +55,8 @@ def test_a_second_run_exits_2_at_once_naming_the_holder(tmp_path: Path, no_polic
         assert record["pid"] == holder.pid and record["host"] == socket.gethostname()
         assert capsys.readouterr().err == (
             f"error: {folder} is being written by pid {holder.pid} on {socket.gethostname()} (started "
-            f"{record['started']}, `-c`): wait for it to finish, or give this run another output_dir\n")
+            f"{record['started']}, `-c`): wait for it to finish, or give this run another output_dir\n"
+        )
     # Once the holder ends, the folder is free and its record gone: nothing to take over.
     assert not (folder / runlock.HOLDER).exists()
     with runlock.holding(folder):
@@ -61,8 +64,9 @@ def test_a_second_run_exits_2_at_once_naming_the_holder(tmp_path: Path, no_polic
     assert capsys.readouterr().err == ""
 
 
-def test_a_sweep_is_refused_when_one_of_its_run_folders_is_being_written(tmp_path: Path, no_policy_build,
-                                                                          capsys) -> None:
+def test_a_sweep_is_refused_when_one_of_its_run_folders_is_being_written(
+    tmp_path: Path, no_policy_build, capsys
+) -> None:
     setting = tmp_path / "sweep" / "budget-126"
     with held_elsewhere(setting) as holder:
         assert cli.main(["sweep", str(RECIPE), "budget=[84,126]", f"output_dir={tmp_path}"]) == 2
@@ -71,8 +75,9 @@ def test_a_sweep_is_refused_when_one_of_its_run_folders_is_being_written(tmp_pat
 
 def _record(folder: Path, pid: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / runlock.HOLDER).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
-                                                     "started": "2025-01-01T00:00:00+00:00", "command": "run"}))
+    (folder / runlock.HOLDER).write_text(
+        json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2025-01-01T00:00:00+00:00", "command": "run"})
+    )
 
 
 def test_a_lock_left_by_a_killed_holder_is_taken_over_with_a_line(tmp_path: Path, capsys) -> None:
@@ -82,7 +87,8 @@ def test_a_lock_left_by_a_killed_holder_is_taken_over_with_a_line(tmp_path: Path
         assert json.loads((tmp_path / runlock.HOLDER).read_text())["pid"] == os.getpid()
     assert capsys.readouterr().err == (
         f"{tmp_path}: took over the lock left by pid {gone.stdout.strip()} on {socket.gethostname()} (started "
-        "2025-01-01T00:00:00+00:00, `run`), which is no longer running\n")
+        "2025-01-01T00:00:00+00:00, `run`), which is no longer running\n"
+    )
     assert not (tmp_path / runlock.HOLDER).exists()
 
 

@@ -34,8 +34,10 @@ from conftest import REPO
 
 ESCAPED = "ESCAPED"
 REFERENCE = json.dumps([{"input": "\n", "output": ESCAPED + "\n", "testtype": "stdin"}])
-HONEST = ("print(sum(map(int, input().split())))",
-          json.dumps([{"input": "2 3\n", "output": "5\n", "testtype": "stdin"}]))
+HONEST = (
+    "print(sum(map(int, input().split())))",
+    json.dumps([{"input": "2 3\n", "output": "5\n", "testtype": "stdin"}]),
+)
 
 # Placeholders the grader fills in: GRADER_PID, PORT, OUTSIDE (a folder of the test), REPO, SECRET.
 PROBES = {
@@ -233,23 +235,35 @@ def hostile(tmp_path_factory):
     bystanders = [subprocess.Popen(["sleep", "120"], **({"user": sandbox.NOBODY} if os.geteuid() == 0 else {}))]
     fill = {"PORT": str(listener.port), "OUTSIDE": str(outside), "REPO": str(REPO), "SECRET": secret, "MARK": mark}
     programs = []
-    for name, probe in PROBES.items():
+    for probe in PROBES.values():
         for placeholder, value in fill.items():
             probe = probe.replace(placeholder, value)
         programs += [(probe, REFERENCE), HONEST]
     started = time.monotonic()
     try:
-        done = subprocess.run([sys.executable, "-c", GRADER], input=json.dumps({"programs": programs, "limits": LIMITS}),
-                              capture_output=True, text=True, cwd=REPO, timeout=300,
-                              env={**os.environ, "LC_TEST_SECRET": secret})
+        done = subprocess.run(
+            [sys.executable, "-c", GRADER],
+            input=json.dumps({"programs": programs, "limits": LIMITS}),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+            env={**os.environ, "LC_TEST_SECRET": secret},
+        )
     finally:
         listener.close()
     report = json.loads(done.stdout) if done.returncode == 0 else None
     evidence = {
-        "returncode": done.returncode, "stderr": done.stderr[-2000:], "report": report,
-        "seconds": time.monotonic() - started, "connections": listener.connections,
-        "markers": [str(p) for p in [outside / "marker", REPO / f"marker-{mark}", Path(f"/marker-{mark}"),
-                                     Path(f"/tmp/marker-{mark}")] if p.exists()],
+        "returncode": done.returncode,
+        "stderr": done.stderr[-2000:],
+        "report": report,
+        "seconds": time.monotonic() - started,
+        "connections": listener.connections,
+        "markers": [
+            str(p)
+            for p in [outside / "marker", REPO / f"marker-{mark}", Path(f"/marker-{mark}"), Path(f"/tmp/marker-{mark}")]
+            if p.exists()
+        ],
         "bystanders_alive": [b.poll() is None for b in bystanders],
         "secret": secret,
     }
@@ -312,15 +326,20 @@ def test_root_uses_the_cgroup_hierarchies_it_finds() -> None:
 def test_the_pool_survives_hostile_programs() -> None:
     """Graded in the process pool, probes that go for their parent leave the other samples graded, in order."""
     _needs_namespaces()
-    fast = {name: PROBES[name].replace("GRADER_PID", str(os.getpid()))
-            for name in ("kill-parent", "kill-everyone", "fork-200")}
+    fast = {
+        name: PROBES[name].replace("GRADER_PID", str(os.getpid()))
+        for name in ("kill-parent", "kill-everyone", "fork-200")
+    }
     jobs = []
     for probe in fast.values():
-        jobs += [("code", f"```python\n{probe}\n```", REFERENCE), ("code", f"```python\n{HONEST[0]}\n```", HONEST[1]),
-                 ("exact", "The answer is 12.", "12")]
+        jobs += [
+            ("code", f"```python\n{probe}\n```", REFERENCE),
+            ("code", f"```python\n{HONEST[0]}\n```", HONEST[1]),
+            ("exact", "The answer is 12.", "12"),
+        ]
     grades = grade_many(jobs, workers=2)
     assert [g.correct for g in grades] == [False, True, True] * len(fast), grades
-    assert "ProcessLookupError" in grades[0].why and "passed 1 tests" == grades[1].why
+    assert "ProcessLookupError" in grades[0].why and grades[1].why == "passed 1 tests"
 
 
 def test_a_machine_without_bubblewrap_refuses(monkeypatch) -> None:
@@ -328,7 +347,7 @@ def test_a_machine_without_bubblewrap_refuses(monkeypatch) -> None:
     monkeypatch.delenv(sandbox.MODE_VARIABLE, raising=False)
     sandbox._mode.cache_clear()
     try:
-        with pytest.raises(sandbox.SandboxUnavailable, match="install the bubblewrap package.*LC_SANDBOX=unconfined"):
+        with pytest.raises(sandbox.SandboxUnavailable, match=r"install the bubblewrap package.*LC_SANDBOX=unconfined"):
             sandbox.describe()
     finally:
         sandbox._mode.cache_clear()

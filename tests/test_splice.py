@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from length_control.demo import task as demo_task
 from length_control.demo.model import build_tokenizer
+from length_control.errors import UserError
 from length_control.recipe import DemoModelSpec, SpliceSpec, ThinkTags
 from length_control.splice import IGNORE, Row, splice_row, write_dataset
-from length_control.errors import UserError
 from length_control.think import ThinkTokens
 
 
@@ -51,12 +51,17 @@ def trace_and_answer(draw, think: ThinkTokens):
         full = thinking + close + body
         cut = draw(st.integers(len(thinking) + len(close), len(full) - 1))  # cut inside the answer
         output = full[:cut][:budget]
-        answer_ids = full[len(output):]
+        answer_ids = full[len(output) :]
         close_at, close_end = think.find_close(output)
         close_ids = output[close_at:close_end]  # the generate stage records the policy's own close
     trace = {"prompt_token_ids": prompt, "output_token_ids": output, "finish_reason": "length"}
-    answer = {"case": case, "close_at": close_at, "close_token_ids": close_ids, "answer_token_ids": answer_ids,
-              "finish_reason": "stop"}
+    answer = {
+        "case": case,
+        "close_at": close_at,
+        "close_token_ids": close_ids,
+        "answer_token_ids": answer_ids,
+        "finish_reason": "stop",
+    }
     return budget, trace, answer
 
 
@@ -67,8 +72,9 @@ SPANS = ["think_close", "think_close_eos", "think_close_answer_eos"]
 @given(data=st.data(), span=st.sampled_from(SPANS))
 def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: str) -> None:
     budget, trace, answer = data.draw(trace_and_answer(think))
-    row, why = splice_row(trace, answer, termination=think.termination(), spec=SpliceSpec(termination_span=span),
-                          max_len=None)
+    row, why = splice_row(
+        trace, answer, termination=think.termination(), spec=SpliceSpec(termination_span=span), max_len=None
+    )
     assert why == "kept" and isinstance(row, Row)
     ids, labels = row.input_ids.tolist(), row.labels.tolist()
     prompt, output = trace["prompt_token_ids"], trace["output_token_ids"]
@@ -84,8 +90,11 @@ def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: st
     tag = set(range(len(prompt) + thinking + tag_start, len(prompt) + thinking + tag_end))
     trained = {i for i, label in enumerate(labels) if label != IGNORE}
     eos = len(ids) - 1
-    expected = {"think_close": tag, "think_close_eos": tag | {eos},
-                "think_close_answer_eos": set(range(min(tag), len(ids)))}[span]
+    expected = {
+        "think_close": tag,
+        "think_close_eos": tag | {eos},
+        "think_close_answer_eos": set(range(min(tag), len(ids))),
+    }[span]
     assert trained == expected
     assert think.tokenizer.decode([ids[i] for i in sorted(tag)]).strip() == "</think>"
     assert all(labels[i] == ids[i] for i in trained)
@@ -97,12 +106,18 @@ def test_drops_are_explicit(think: ThinkTokens) -> None:
     trace = {"prompt_token_ids": safe[:3], "output_token_ids": [safe[0]] * 10, "finish_reason": "length"}
 
     def answer(body, finish="stop"):
-        return {"case": 1, "close_at": 10, "close_token_ids": think.forced_close_ids, "answer_token_ids": body,
-                "finish_reason": finish}
+        return {
+            "case": 1,
+            "close_at": 10,
+            "close_token_ids": think.forced_close_ids,
+            "answer_token_ids": body,
+            "finish_reason": finish,
+        }
 
     def splice(answer_record, max_len=None, **spec):
-        return splice_row(trace, answer_record, termination=think.termination(), spec=SpliceSpec(**spec),
-                          max_len=max_len)
+        return splice_row(
+            trace, answer_record, termination=think.termination(), spec=SpliceSpec(**spec), max_len=max_len
+        )
 
     assert splice(answer([safe[1]] * 5, "length"))[1] == "no_answer"  # the answer pass ran out of tokens
     assert splice(answer([safe[1]] * 9 + [think.eos_id]), max_answer_tokens=4)[1] == "long_answer"
@@ -126,12 +141,20 @@ def test_a_generate_folder_without_termination_ids_names_the_fix(tmp_path: Path)
 
 
 def test_dataset_files_stream_in_row_groups(tmp_path: Path) -> None:
-    rows = ({"row": Row([1, 2, n], [IGNORE, IGNORE, n], (2, 3)),
-             "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1}} for n in range(10))
+    rows = (
+        {
+            "row": Row([1, 2, n], [IGNORE, IGNORE, n], (2, 3)),
+            "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1},
+        }
+        for n in range(10)
+    )
 
     def mix(length_rows: int):
         assert length_rows == 10  # the mix is sized from the stage-2 rows actually kept
-        yield {"row": Row([7, 8], [IGNORE, 8], (1, 2)), "meta": {"kind": "sft", "prompt_id": "s", "sample": 0, "case": 0}}
+        yield {
+            "row": Row([7, 8], [IGNORE, 8], (1, 2)),
+            "meta": {"kind": "sft", "prompt_id": "s", "sample": 0, "case": 0},
+        }
 
     summary = write_dataset(tmp_path, rows, mix_rows=mix, stats=Counter(kept=10), group_size=4)
     assert summary["rows"] == 11 and summary["length_rows"] == 10 and summary["max_len"] == 3
@@ -164,20 +187,39 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
     safe = _safe_ids(think)
     rows = []
     for n in range(12):  # case-1 rows of different lengths, each with a one-token answer
-        trace = {"prompt_token_ids": safe[:4], "output_token_ids": [safe[n % len(safe)]] * (10 + n),
-                 "finish_reason": "length"}
-        answer = {"case": 1, "close_at": 10 + n, "close_token_ids": think.forced_close_ids,
-                  "answer_token_ids": [safe[1], think.eos_id], "finish_reason": "stop"}
+        trace = {
+            "prompt_token_ids": safe[:4],
+            "output_token_ids": [safe[n % len(safe)]] * (10 + n),
+            "finish_reason": "length",
+        }
+        answer = {
+            "case": 1,
+            "close_at": 10 + n,
+            "close_token_ids": think.forced_close_ids,
+            "answer_token_ids": [safe[1], think.eos_id],
+            "finish_reason": "stop",
+        }
         row, _ = splice_row(trace, answer, termination=think.termination(), spec=SpliceSpec(), max_len=None)
         rows.append({"row": row, "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1}})
     write_dataset(tmp_path / "stage2", iter(rows), mix_rows=lambda n: iter(()), stats=Counter())
 
-    config = render_config(REPO / "axolotl_configs" / "cpu-tiny.yaml", base_model=str(policy),
-                           datasets=[tmp_path / "stage2" / "rows.parquet"], output_dir=tmp_path / "out",
-                           sequence_len=128, prepared_root=tmp_path / "prepared")
+    config = render_config(
+        REPO / "axolotl_configs" / "cpu-tiny.yaml",
+        base_model=str(policy),
+        datasets=[tmp_path / "stage2" / "rows.parquet"],
+        output_dir=tmp_path / "out",
+        sequence_len=128,
+        prepared_root=tmp_path / "prepared",
+    )
     (tmp_path / "axolotl.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run([str(engine_bin("axolotl", "axolotl")), "preprocess", str(tmp_path / "axolotl.yaml")],
-                            capture_output=True, text=True, env=engine_environ(), cwd=tmp_path, timeout=600)
+    result = subprocess.run(
+        [str(engine_bin("axolotl", "axolotl")), "preprocess", str(tmp_path / "axolotl.yaml")],
+        capture_output=True,
+        text=True,
+        env=engine_environ(),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
     dump = (
@@ -187,8 +229,12 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
         "ds = datasets.load_from_disk(str(folder))\n"
         "print(json.dumps([[r['input_ids'], r['labels'], r['attention_mask']] for r in ds]))\n"
     )
-    loaded = subprocess.run([str(engine_bin("axolotl")), "-c", dump, config["dataset_prepared_path"]],
-                            capture_output=True, text=True, env=engine_environ())
+    loaded = subprocess.run(
+        [str(engine_bin("axolotl")), "-c", dump, config["dataset_prepared_path"]],
+        capture_output=True,
+        text=True,
+        env=engine_environ(),
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     prepared = json.loads(loaded.stdout.strip().splitlines()[-1])
     ours = [[r["row"].input_ids.tolist(), r["row"].labels.tolist(), [1] * len(r["row"].input_ids)] for r in rows]
@@ -207,15 +253,23 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     prompt = tokenizer.encode("Count down from 305 to 300.", add_special_tokens=False)
     thinking = tokenizer.encode("<think>\n" + "01:305\n" * 30 + "02:304", add_special_tokens=False)
     trace = {"prompt_token_ids": prompt, "output_token_ids": thinking, "finish_reason": "length"}
-    answer = {"case": 1, "close_at": len(thinking), "close_token_ids": think.forced_close_ids,
-              "answer_token_ids": tokenizer.encode("\n\nThe answer is 2.", add_special_tokens=False) + [think.eos_id],
-              "finish_reason": "stop"}
+    answer = {
+        "case": 1,
+        "close_at": len(thinking),
+        "close_token_ids": think.forced_close_ids,
+        "answer_token_ids": tokenizer.encode("\n\nThe answer is 2.", add_special_tokens=False) + [think.eos_id],
+        "finish_reason": "stop",
+    }
     row, _ = splice_row(trace, answer, termination=think.termination(), spec=SpliceSpec(), max_len=None)
-    write_dataset(tmp_path / "stage2", iter([{"row": row, "meta": {"kind": "length", "prompt_id": "p", "sample": 0,
-                                                                  "case": 1}}]),
-                  mix_rows=lambda n: iter(()), stats=Counter(kept=1, no_answer=2))
-    (tmp_path / "stage2" / "manifest.json").write_text(json.dumps({"summary": {"tokenizer": str(tmp_path / "tok"),
-                                                                             "no_answer": 2}}))
+    write_dataset(
+        tmp_path / "stage2",
+        iter([{"row": row, "meta": {"kind": "length", "prompt_id": "p", "sample": 0, "case": 1}}]),
+        mix_rows=lambda n: iter(()),
+        stats=Counter(kept=1, no_answer=2),
+    )
+    (tmp_path / "stage2" / "manifest.json").write_text(
+        json.dumps({"summary": {"tokenizer": str(tmp_path / "tok"), "no_answer": 2}})
+    )
     console = Console(record=True, width=120)
     inspect_rows.show(tmp_path / "stage2", row=0, console=console)
     text = console.export_text()
@@ -223,15 +277,16 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     assert f"trained positions {close_at}" in text and f"[{close_at}]</" in text
     assert "[... " in text  # the long reasoning is elided in the middle
     assert "length  case 1: 1 rows" in text and "dropped: {'no_answer': 2}" in text
-    with pytest.raises(UserError, match="rows 0..0"):
+    with pytest.raises(UserError, match=r"rows 0..0"):
         inspect_rows.show(tmp_path / "stage2", row=5, console=console)
     write_dataset(tmp_path / "empty", iter(()), mix_rows=lambda n: iter(()), stats=Counter(no_answer=3))
     with pytest.raises(UserError, match="has no rows: its splice run kept none"):
         inspect_rows.show(tmp_path / "empty", console=console)
 
 
-def test_the_mix_takes_tokenized_rows_as_they_are_and_renders_conversations(tmp_path: Path,
-                                                                           tokenizer_policy: Path) -> None:
+def test_the_mix_takes_tokenized_rows_as_they_are_and_renders_conversations(
+    tmp_path: Path, tokenizer_policy: Path
+) -> None:
     """Stage-1 rows saved with their labels (what stage 1 trained, masks included) are mixed in as they are;
     chat conversations go through the policy's template, trained on the assistant turns."""
     import pyarrow as pa
@@ -240,11 +295,14 @@ def test_the_mix_takes_tokenized_rows_as_they_are_and_renders_conversations(tmp_
     from length_control.policy import load_tokenizer
     from length_control.splice import MixSet
 
-    conversation = [{"role": "user", "content": "Count down from 102 to 100. How many numbers do you say?"},
-                    {"role": "assistant", "content": "<think>\n01:102\n</think>\n\nThe answer is 1."}]
+    conversation = [
+        {"role": "user", "content": "Count down from 102 to 100. How many numbers do you say?"},
+        {"role": "assistant", "content": "<think>\n01:102\n</think>\n\nThe answer is 1."},
+    ]
     tokenized = tmp_path / "rows.parquet"
-    pq.write_table(pa.table({"input_ids": [[5, 6, 7]], "labels": [[IGNORE, IGNORE, 7]], "messages": [conversation]}),
-                   tokenized)
+    pq.write_table(
+        pa.table({"input_ids": [[5, 6, 7]], "labels": [[IGNORE, IGNORE, 7]], "messages": [conversation]}), tokenized
+    )
     assert MixSet(tokenized, "messages", str(tokenizer_policy))[0] == ([5, 6, 7], [IGNORE, IGNORE, 7])
     chats = tmp_path / "chats.parquet"
     pq.write_table(pa.table({"messages": [conversation]}), chats)

@@ -26,7 +26,7 @@ from length_control.policy import load_tokenizer
 from length_control.recipe import Recipe, Sampling, load_recipe
 
 BUDGET = 14  # B thinking tokens after <think>: "\n" + two 7-token lines, less the last newline,
-             # so the forced "\n</think>" ends a line
+# so the forced "\n</think>" ends a line
 FIRST_PASS = BUDGET + 1  # a first pass's output tokens: the policy's <think> and B thinking tokens
 CONTEXT_LIMIT = 60  # 28-token prompts get 32 tokens of room; the 46-token ones 14, less than B
 ANSWER_MAX_TOKENS = 8
@@ -104,13 +104,22 @@ def make_recipe(folder: Path, policy: Path, problems: list[tuple[str, str, str]]
     records = [{"id": i, "question": q, "answer": a} for i, q, a in problems]
     for name in ("prompts", "evals"):  # record ids are "<source name>/<id>"
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        source = {"name": name, "dataset": {"path": f"{name}.jsonl"}, "prompt": "{question}",
-                  "reference": "answer", "id": "id", "grader": "exact"}
+        source = {
+            "name": name,
+            "dataset": {"path": f"{name}.jsonl"},
+            "prompt": "{question}",
+            "reference": "answer",
+            "id": "id",
+            "grader": "exact",
+        }
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(source))
     (folder / "axolotl.yaml").write_text("{}\n")
     recipe = {
-        "name": "fake", "output_dir": "run", "model": {"path": str(policy)},
-        "budget": BUDGET, "context_limit": CONTEXT_LIMIT,
+        "name": "fake",
+        "output_dir": "run",
+        "model": {"path": str(policy)},
+        "budget": BUDGET,
+        "context_limit": CONTEXT_LIMIT,
         "prompts": {"sources": ["prompts.yaml"]},
         "generation": {"answer_max_tokens": ANSWER_MAX_TOKENS, "shard_size": 2},
         "train": {"template": "axolotl.yaml"},
@@ -134,18 +143,25 @@ def test_the_scripted_engine_follows_its_transcripts() -> None:
     # After [1, 1, 5, 6, 7] the longer listed context wins over the transcript of [1, 1].
     script = transcripts({(1, 1): [5, 6, 7, eos], (1, 1, 5, 9): [8, eos], (1, 1, 5, 6, 7): [4, eos]})
     engine = ScriptedEngine(script)
-    requests = [{"key": "whole", "prompt_token_ids": [1, 1], "max_tokens": 4},  # EOS is the 4th token: stop
-                {"key": "cut", "prompt_token_ids": [1, 1], "max_tokens": 3},
-                {"key": "along", "prompt_token_ids": [1, 1, 5, 6], "max_tokens": 9},
-                {"key": "branch", "prompt_token_ids": [1, 1, 5, 9], "max_tokens": 9},
-                {"key": "longest", "prompt_token_ids": [1, 1, 5, 6, 7], "max_tokens": 9},
-                {"key": "scored", "prompt_token_ids": [1, 1, 5, 9], "max_tokens": 1, "score_tail": 2}]
+    requests = [
+        {"key": "whole", "prompt_token_ids": [1, 1], "max_tokens": 4},  # EOS is the 4th token: stop
+        {"key": "cut", "prompt_token_ids": [1, 1], "max_tokens": 3},
+        {"key": "along", "prompt_token_ids": [1, 1, 5, 6], "max_tokens": 9},
+        {"key": "branch", "prompt_token_ids": [1, 1, 5, 9], "max_tokens": 9},
+        {"key": "longest", "prompt_token_ids": [1, 1, 5, 6, 7], "max_tokens": 9},
+        {"key": "scored", "prompt_token_ids": [1, 1, 5, 9], "max_tokens": 1, "score_tail": 2},
+    ]
     with engine:
         results = engine.generate(requests)
         assert engine.generate([]) == []
     assert [(r["key"], r["output_token_ids"], r["finish_reason"]) for r in results] == [
-        ("whole", [5, 6, 7, eos], "stop"), ("cut", [5, 6, 7], "length"), ("along", [7, eos], "stop"),
-        ("branch", [8, eos], "stop"), ("longest", [4, eos], "stop"), ("scored", [], "stop")]
+        ("whole", [5, 6, 7, eos], "stop"),
+        ("cut", [5, 6, 7], "length"),
+        ("along", [7, eos], "stop"),
+        ("branch", [8, eos], "stop"),
+        ("longest", [4, eos], "stop"),
+        ("scored", [], "stop"),
+    ]
     # After [1, 1] the script writes 5; after [1, 1, 5] it writes 6, not 9.
     assert results[-1]["tail_logprobs"] == [0.0, UNLIKELY] and "tail_logprobs" not in results[0]
     assert (engine.requests, engine.calls) == (requests, 2)
@@ -202,12 +218,14 @@ def test_case_2_continues_the_whole_trace_from_its_own_close(generated, ids: Ids
 
 
 def test_the_answer_pass_samples_as_the_traces_unless_the_recipe_says_otherwise(
-        generated, tmp_path: Path, policy: Path, ids: Ids) -> None:
+    generated, tmp_path: Path, policy: Path, ids: Ids
+) -> None:
     sampling = generated.recipe.generation.sampling.model_dump()
     for request in generated.answer_requests.values():
         assert {key: request[key] for key in sampling} == sampling
-    recipe = with_setting(make_recipe(tmp_path, policy, [LONG, CUT]), "generation",
-                          answer_sampling=Sampling(temperature=0, top_k=-1))
+    recipe = with_setting(
+        make_recipe(tmp_path, policy, [LONG, CUT]), "generation", answer_sampling=Sampling(temperature=0, top_k=-1)
+    )
     engine = ScriptedEngine(transcripts(ids.script()))
     generate.run(generate.plan(recipe), engine=engine)
     greedy = {"temperature": 0.0, "top_p": 0.95, "top_k": -1, "min_p": 0.0}
@@ -221,8 +239,14 @@ def test_a_trace_that_ends_within_b_gets_no_answer(generated, ids: Ids) -> None:
     trace = generated.traces["prompts/short"]
     assert (trace["output_token_ids"], trace["finish_reason"]) == (ids.short, "stop")
     assert "prompts/short" not in generated.answers and "prompts/short" not in generated.answer_requests
-    counts = {"traces": 3, "ended_within_budget": 1, "case1": 1, "case2": 1, "answers_cut": 1,
-              "output_tokens": 2 * FIRST_PASS + len(ids.short)}
+    counts = {
+        "traces": 3,
+        "ended_within_budget": 1,
+        "case1": 1,
+        "case2": 1,
+        "answers_cut": 1,
+        "output_tokens": 2 * FIRST_PASS + len(ids.short),
+    }
     assert {key: generated.summary[key] for key in counts} == counts
 
 
@@ -231,8 +255,7 @@ def outputs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != "manifest.json" and not p.name.startswith("."))
 
 
-def test_a_crashed_run_resumes_at_the_missing_shard_with_the_same_files(tmp_path: Path, policy: Path,
-                                                                        ids: Ids) -> None:
+def test_a_crashed_run_resumes_at_the_missing_shard_with_the_same_files(tmp_path: Path, policy: Path, ids: Ids) -> None:
     prompts = [LONG, SHORT, CUT]  # shards of 2: CUT alone in the second
     script = transcripts(ids.script())
     cut_prompt = ids.prompt(CUT[1])
@@ -256,10 +279,21 @@ def test_a_crashed_run_resumes_at_the_missing_shard_with_the_same_files(tmp_path
     generate.run(generate.plan(crashed), engine=resumed)
     # Only the second shard is asked for: CUT's trace, then its answer.
     assert [(r["key"], r["prompt_token_ids"]) for r in resumed.requests] == [
-        ("prompts/cut#0", cut_prompt), ("prompts/cut#0/answer", cut_prompt + ids.cut[:FIRST_PASS])]
+        ("prompts/cut#0", cut_prompt),
+        ("prompts/cut#0/answer", cut_prompt + ids.cut[:FIRST_PASS]),
+    ]
     files = outputs(whole.output_dir / "generate")
-    assert files == outputs(folder) == ["answers-00000.parquet", "answers-00001.parquet", "termination.json",
-                                        "traces-00000.parquet", "traces-00001.parquet"]
+    assert (
+        files
+        == outputs(folder)
+        == [
+            "answers-00000.parquet",
+            "answers-00001.parquet",
+            "termination.json",
+            "traces-00000.parquet",
+            "traces-00001.parquet",
+        ]
+    )
     for name in files:
         assert (folder / name).read_bytes() == (whole.output_dir / "generate" / name).read_bytes(), name
 
@@ -295,7 +329,8 @@ def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, polic
     room = {name: CONTEXT_LIMIT - len(p) for name, p in prompt.items()}
     first_pass, answers = engine.requests[: len(EVALS)], [r for r in engine.requests if r["key"].endswith("/answer")]
     assert [(r["prompt_token_ids"], r["max_tokens"]) for r in first_pass] == [
-        (prompt[name], min(FIRST_PASS, room[name])) for name, _, _ in EVALS]
+        (prompt[name], min(FIRST_PASS, room[name])) for name, _, _ in EVALS
+    ]
     # Past B without a close: cut at B, forced close, answer in the room left. Closed within
     # B: continued from its own close. SHORT ended; LIMIT and CRAMPED ran out of room first.
     long_prefix = ids.long_thinking[:FIRST_PASS] + ids.forced_close
@@ -312,25 +347,40 @@ def test_the_forced_arm_closes_at_b_and_scores_the_answers(tmp_path: Path, polic
     assert samples["cramped"]["output_token_ids"] == ids.cut[: room["cramped"]]
     # CUT answers 1, not 4; CRAMPED's answer was cut by the limit.
     assert {name: s["correct"] for name, s in samples.items()} == {
-        "long": True, "cut": False, "short": True, "limit": False, "cramped": False}
+        "long": True,
+        "cut": False,
+        "short": True,
+        "limit": False,
+        "cramped": False,
+    }
     # Overlong means no close within the limit, not a cut: CRAMPED closed.
     assert {name: (s["finish_reason"], s["overlong"]) for name, s in samples.items()} == {
-        "long": ("stop", False), "cut": ("stop", False), "short": ("stop", False), "limit": ("length", True),
-        "cramped": ("length", False)}
+        "long": ("stop", False),
+        "cut": ("stop", False),
+        "short": ("stop", False),
+        "limit": ("length", True),
+        "cramped": ("length", False),
+    }
 
     written = json.loads((recipe.output_dir / "eval" / "forced" / "metrics.json").read_text())
     assert written == metrics
     evals = metrics["benchmarks"]["evals"]
     assert (evals["problems"], evals["samples"]) == (5, 5)
     assert (evals["score"], evals["overlong_rate"], evals["closed_accuracy"]) == (2 / 5, 1 / 5, 2 / 4)
-    thinking = [len(long_prefix) - len(ids.close), len(ids.cut_thinking), len(ids("<think>\n")), room["limit"],
-                len(ids.cut_thinking)]
+    thinking = [
+        len(long_prefix) - len(ids.close),
+        len(ids.cut_thinking),
+        len(ids("<think>\n")),
+        room["limit"],
+        len(ids.cut_thinking),
+    ]
     assert evals["mean_thinking_tokens"] == sum(thinking) / 5 - 1  # <think> is not a thinking token
 
     # The answer-drift reference: LONG alone was closed at B and answered; the script's own answer is certain.
     drift = pq.read_table(recipe.output_dir / "eval" / "forced" / "drift.parquet").to_pylist()
-    assert [(r["problem_id"], r["answer_start"], r["greedy_token_ids"], r["answer_nll"], r["greedy_agrees"])
-            for r in drift] == [("evals/long", len(long_prefix), ids.after_forced_close, 0.0, None)]
+    assert [
+        (r["problem_id"], r["answer_start"], r["greedy_token_ids"], r["answer_nll"], r["greedy_agrees"]) for r in drift
+    ] == [("evals/long", len(long_prefix), ids.after_forced_close, 0.0, None)]
     assert (evals["drift_samples"], evals["answer_nll"]) == (1, 0.0) and "greedy_answer_agreement" not in evals
 
 
@@ -343,13 +393,19 @@ def test_the_before_arm_counts_overlong_samples_and_probes_them(tmp_path: Path, 
     long_room = CONTEXT_LIMIT - len(ids.prompt(LONG[1]))
     assert samples["long"]["output_token_ids"] == ids.long_thinking[:long_room]
     assert {name: s["overlong"] for name, s in samples.items()} == {
-        "long": True, "cut": False, "short": False, "limit": True, "cramped": False}
+        "long": True,
+        "cut": False,
+        "short": False,
+        "limit": True,
+        "cramped": False,
+    }
     assert (metrics["score"], metrics["overlong_rate"]) == (1 / 5, 2 / 5)
     # The probe takes LONG only (LIMIT never reached B). The script would go on thinking after
     # B + "\n", so the default log-probability makes the close unlikely, and greedy does not close.
     probed = [r for r in engine.requests if r["key"].startswith("close:") and r.get("score_tail")]
     assert [(r["prompt_token_ids"], r["score_tail"]) for r in probed] == [
-        (ids.prompt(LONG[1]) + ids.long_thinking[:FIRST_PASS] + ids.forced_close, len(ids.close))]
+        (ids.prompt(LONG[1]) + ids.long_thinking[:FIRST_PASS] + ids.forced_close, len(ids.close))
+    ]
     assert (metrics["probe_traces"], metrics["close_nll"], metrics["greedy_close_rate"]) == (1, -UNLIKELY, 0.0)
     # The early-close probe takes the samples that closed on their own within B, at each "\n" before the close.
     early = pq.read_table(recipe.output_dir / "eval" / "before" / "early_close.parquet").to_pylist()
@@ -388,7 +444,8 @@ def test_editing_a_data_file_makes_generate_and_eval_stale(tmp_path: Path, polic
 
 
 def test_an_eval_arm_written_before_a_records_column_was_added_is_redone(
-        tmp_path: Path, policy: Path, ids: Ids, monkeypatch) -> None:
+    tmp_path: Path, policy: Path, ids: Ids, monkeypatch
+) -> None:
     recipe = make_recipe(tmp_path, policy, [LONG])
     engine = ScriptedEngine(transcripts(ids.script()))
     evaluate.run(evaluate.plan(recipe, "forced"), engine=engine)
@@ -402,8 +459,9 @@ def test_an_eval_arm_written_before_a_records_column_was_added_is_redone(
     assert "newer_column" in pq.read_schema(recipe.output_dir / "eval" / "forced" / contracts.DRIFT).names
 
 
-def test_a_prompt_with_no_room_for_b_is_dropped_and_counted_never_cut_early(tmp_path: Path, policy: Path,
-                                                                             ids: Ids) -> None:
+def test_a_prompt_with_no_room_for_b_is_dropped_and_counted_never_cut_early(
+    tmp_path: Path, policy: Path, ids: Ids
+) -> None:
     recipe = make_recipe(tmp_path, policy, [LONG, LIMIT])
     assert len(ids.prompt(LIMIT[1])) + FIRST_PASS + len(ids.forced_close) + 1 > CONTEXT_LIMIT
     engine = ScriptedEngine(transcripts(ids.script()))
@@ -413,7 +471,7 @@ def test_a_prompt_with_no_room_for_b_is_dropped_and_counted_never_cut_early(tmp_
     # No request asks for more than the engine's limit.
     assert all(len(r["prompt_token_ids"]) + r["max_tokens"] <= CONTEXT_LIMIT for r in engine.requests)
     strict = with_setting(make_recipe(tmp_path / "strict", policy, [LONG, LIMIT]), "generation", on_long_prompt="error")
-    with pytest.raises(DataError, match="1 prompts .*prompts/limit.* leave no room for B = 14 thinking"):
+    with pytest.raises(DataError, match=r"1 prompts .*prompts/limit.* leave no room for B = 14 thinking"):
         generate.run(generate.plan(strict), engine=engine)
 
 
@@ -432,8 +490,7 @@ def test_a_prompt_that_fills_the_context_is_dropped_and_counted(tmp_path: Path, 
         evaluate.run(evaluate.plan(only_huge, "forced"), engine=engine)
 
 
-def test_a_stage_2_build_with_no_row_is_an_error_that_names_the_setting(tmp_path: Path, policy: Path,
-                                                                          ids: Ids) -> None:
+def test_a_stage_2_build_with_no_row_is_an_error_that_names_the_setting(tmp_path: Path, policy: Path, ids: Ids) -> None:
     engine = ScriptedEngine(transcripts(ids.script()))
     within = make_recipe(tmp_path / "within", policy, [SHORT])
     generate.run(generate.plan(within), engine=engine)
@@ -441,7 +498,7 @@ def test_a_stage_2_build_with_no_row_is_an_error_that_names_the_setting(tmp_path
         splice.run(splice.plan(within))
     unfinished = make_recipe(tmp_path / "unfinished", policy, [LONG])  # its answer runs past answer_max_tokens
     generate.run(generate.plan(unfinished), engine=engine)
-    with pytest.raises(EmptyOutput, match="1 answers did not finish within generation.answer_max_tokens"):
+    with pytest.raises(EmptyOutput, match=r"1 answers did not finish within generation.answer_max_tokens"):
         splice.run(splice.plan(unfinished))
     assert not (unfinished.output_dir / "stage2" / "manifest.json").exists()
 
@@ -458,13 +515,15 @@ def elsewhere(recipe: Recipe, name: str, **update) -> Recipe:
     return recipe.model_copy(update={"output_dir": recipe.output_dir.parent / name, **update})
 
 
-def test_a_lower_budget_cut_from_longer_traces_writes_the_files_sampled_at_it(tmp_path: Path, policy: Path,
-                                                                              ids: Ids) -> None:
+def test_a_lower_budget_cut_from_longer_traces_writes_the_files_sampled_at_it(
+    tmp_path: Path, policy: Path, ids: Ids
+) -> None:
     """Prefix sharing: traces sampled at B + 7 hold the first passes at B; only the answers after the close at B
     are generated, and the files are the ones a run sampled at B writes."""
     long = ids.prompt(LONG[1])
-    script = transcripts(ids.script() | {
-        (*long, *ids.long_thinking[: BUDGET + 8], *ids.forced_close): ids.after_forced_close})
+    script = transcripts(
+        ids.script() | {(*long, *ids.long_thinking[: BUDGET + 8], *ids.forced_close): ids.after_forced_close}
+    )
     sampled = make_recipe(tmp_path, policy, [LONG, CUT, SHORT])
     expected = generate.run(generate.plan(sampled), engine=ScriptedEngine(script))
     longer = elsewhere(sampled, "longer", budget=BUDGET + 7)
@@ -488,11 +547,15 @@ def test_a_lower_budget_cut_from_longer_traces_writes_the_files_sampled_at_it(tm
 
     # Traces of other settings, or of a lower budget, are not cut into a run.
     with pytest.raises(DataError, match="seed"):
-        generate.run(generate.plan(elsewhere(sampled, "seed", seed=7), longer=longer.output_dir / "generate"),
-                     engine=ScriptedEngine(script))
+        generate.run(
+            generate.plan(elsewhere(sampled, "seed", seed=7), longer=longer.output_dir / "generate"),
+            engine=ScriptedEngine(script),
+        )
     with pytest.raises(DataError, match=f"budget \\({BUDGET + 7} < {BUDGET + 8}\\)"):
-        generate.run(generate.plan(elsewhere(sampled, "larger", budget=BUDGET + 8),
-                                   longer=longer.output_dir / "generate"), engine=ScriptedEngine(script))
+        generate.run(
+            generate.plan(elsewhere(sampled, "larger", budget=BUDGET + 8), longer=longer.output_dir / "generate"),
+            engine=ScriptedEngine(script),
+        )
 
 
 def test_the_forced_arm_cuts_its_first_passes_from_the_before_arm(tmp_path: Path, policy: Path, ids: Ids) -> None:
@@ -505,7 +568,9 @@ def test_the_forced_arm_cuts_its_first_passes_from_the_before_arm(tmp_path: Path
     plan = evaluate.plan(recipe, "forced")
     assert plan.inputs["first passes"] == recipe.output_dir / "eval" / "before"
     evaluate.run(plan, engine=engine)
-    generated = [r["key"] for r in engine.requests if not r["key"].startswith(("answer:", "greedy:"))]  # the drift probe's
+    generated = [
+        r["key"] for r in engine.requests if not r["key"].startswith(("answer:", "greedy:"))
+    ]  # the drift probe's
     assert sorted(generated) == ["evals/cut#0/answer", "evals/long#0/answer"]
     assert samples_of(recipe, "forced") == samples_of(alone, "forced")
 
@@ -515,9 +580,15 @@ def test_a_before_arm_shared_at_another_budget_runs_only_its_probe(tmp_path: Pat
     evaluate.run(evaluate.plan(leader, "before"), engine=ScriptedEngine(transcripts(ids.script())))
     lower = elsewhere(leader, "lower", budget=BUDGET - 7)
     long, limit = ids.prompt(LONG[1]), ids.prompt(LIMIT[1])
-    engine = ScriptedEngine(transcripts(ids.script() | {  # at B - 7 LIMIT has room to reach the budget
-        (*prompt, *ids.long_thinking[: BUDGET - 6], *ids.forced_close): ids.after_forced_close
-        for prompt in (long, limit)}))
+    engine = ScriptedEngine(
+        transcripts(
+            ids.script()
+            | {  # at B - 7 LIMIT has room to reach the budget
+                (*prompt, *ids.long_thinking[: BUDGET - 6], *ids.forced_close): ids.after_forced_close
+                for prompt in (long, limit)
+            }
+        )
+    )
     shared = leader.output_dir / "eval" / "before"
     metrics = evaluate.run(evaluate.plan(lower, "before", samples=shared), engine=engine)
     assert all(r.get("score_tail") or r["temperature"] == 0.0 for r in engine.requests)  # the probe's, no sampling
@@ -527,22 +598,23 @@ def test_a_before_arm_shared_at_another_budget_runs_only_its_probe(tmp_path: Pat
     assert long + ids.long_thinking[: BUDGET - 6] + ids.forced_close in probed
     assert len(probed) == metrics["benchmarks"]["evals"]["probe_traces"] == 4
 
-    resampled = elsewhere(with_setting(leader, "eval", sampling=leader.eval.sampling.model_copy(
-        update={"temperature": 1.0})), "resampled")
+    resampled = elsewhere(
+        with_setting(leader, "eval", sampling=leader.eval.sampling.model_copy(update={"temperature": 1.0})), "resampled"
+    )
     with pytest.raises(DataError, match="eval"):
         evaluate.run(evaluate.plan(resampled, "before", samples=shared), engine=ScriptedEngine(lambda context: []))
 
 
-def test_a_line_end_cut_closes_after_the_last_whole_line_and_records_it(tmp_path: Path, policy: Path,
-                                                                       ids: Ids) -> None:
+def test_a_line_end_cut_closes_after_the_last_whole_line_and_records_it(tmp_path: Path, policy: Path, ids: Ids) -> None:
     """B = 12 falls inside LONG's second line ("\\n02:924" starts at thinking token 7): with `cut.at:
     line_end` and room for it, the close goes before that line's newline, so "\\n</think>" ends the first
     line as the policy's own closes do; the answer record and the stage-2 row say where."""
     budget, line = 12, len(ids("<think>\n01:925"))  # the cut: after the first whole line
     long = ids.prompt(LONG[1])
     script = transcripts(ids.script() | {(*long, *ids.long_thinking[:line], *ids.forced_close): ids.answer("26")})
-    recipe = with_setting(make_recipe(tmp_path, policy, [LONG]).model_copy(update={"budget": budget}),
-                          "cut", at="line_end", grace=0.5)
+    recipe = with_setting(
+        make_recipe(tmp_path, policy, [LONG]).model_copy(update={"budget": budget}), "cut", at="line_end", grace=0.5
+    )
     recipe = with_setting(recipe, "generation", answer_max_tokens=16)  # room for the whole answer
     engine = ScriptedEngine(script)
     summary = generate.run(generate.plan(recipe), engine=engine)
@@ -565,38 +637,49 @@ def test_a_line_end_cut_closes_after_the_last_whole_line_and_records_it(tmp_path
     assert grace_tokens(with_setting(recipe, "cut", at="exact").cut, budget) == 0
 
 
-def test_any_model_is_evaluated_without_a_recipe_as_a_recipes_before_arm(tmp_path: Path, policy: Path,
-                                                                          ids: Ids) -> None:
+def test_any_model_is_evaluated_without_a_recipe_as_a_recipes_before_arm(
+    tmp_path: Path, policy: Path, ids: Ids
+) -> None:
     from length_control._schema import ConfigError
     from length_control.recipe import eval_recipe
 
     recipe = make_recipe(tmp_path, policy, EVALS)
     evaluate.run(evaluate.plan(recipe, "before"), engine=ScriptedEngine(transcripts(ids.script())))
-    alone = eval_recipe(str(policy), [tmp_path / "evals.yaml"], context_limit=CONTEXT_LIMIT, budget=BUDGET,
-                        output_dir=tmp_path / "alone")
+    alone = eval_recipe(
+        str(policy),
+        [tmp_path / "evals.yaml"],
+        context_limit=CONTEXT_LIMIT,
+        budget=BUDGET,
+        output_dir=tmp_path / "alone",
+    )
     assert alone.output_dir == tmp_path / "alone" and alone.eval.arms == ["before"]
     evaluate.run(evaluate.plan(alone, "before"), engine=ScriptedEngine(transcripts(ids.script())))
     assert samples_of(alone, "before") == samples_of(recipe, "before")
     # Without a budget there is no probe; the rest is the same.
-    unbudgeted = eval_recipe(str(policy), [tmp_path / "evals.yaml"], context_limit=CONTEXT_LIMIT,
-                             output_dir=tmp_path / "unbudgeted")
+    unbudgeted = eval_recipe(
+        str(policy), [tmp_path / "evals.yaml"], context_limit=CONTEXT_LIMIT, output_dir=tmp_path / "unbudgeted"
+    )
     engine = ScriptedEngine(transcripts(ids.script()))
     metrics = evaluate.run(evaluate.plan(unbudgeted, "before"), engine=engine)["benchmarks"]["evals"]
     assert "probe_traces" not in metrics and not any(r.get("score_tail") for r in engine.requests)
     assert samples_of(unbudgeted, "before") == samples_of(recipe, "before")
 
-    (tmp_path / "ungraded.yaml").write_text(yaml.safe_dump({"name": "ungraded", "dataset": {"path": "evals.jsonl"},
-                                                            "prompt": "{question}", "id": "id"}))
-    for kwargs, message in [({"budget": CONTEXT_LIMIT}, "smaller than --context-limit"),
-                            ({"overrides": ["eval.arms=[before,forced]"]}, "give --budget"),
-                            ({"sets": [tmp_path / "ungraded.yaml"]}, "no `grader`")]:
+    (tmp_path / "ungraded.yaml").write_text(
+        yaml.safe_dump({"name": "ungraded", "dataset": {"path": "evals.jsonl"}, "prompt": "{question}", "id": "id"})
+    )
+    for kwargs, message in [
+        ({"budget": CONTEXT_LIMIT}, "smaller than --context-limit"),
+        ({"overrides": ["eval.arms=[before,forced]"]}, "give --budget"),
+        ({"sets": [tmp_path / "ungraded.yaml"]}, "no `grader`"),
+    ]:
         arguments = {"sets": [tmp_path / "evals.yaml"], "context_limit": CONTEXT_LIMIT} | kwargs
         with pytest.raises(ConfigError, match=message):
             eval_recipe(str(policy), arguments.pop("sets"), **arguments)
 
 
-def test_a_conditioned_run_states_each_budget_and_trains_one_dataset_on_all(tmp_path: Path, policy: Path,
-                                                                          ids: Ids) -> None:
+def test_a_conditioned_run_states_each_budget_and_trains_one_dataset_on_all(
+    tmp_path: Path, policy: Path, ids: Ids
+) -> None:
     """Budgets 7 and 14: each budget's traces come from prompts that state it, LONG is cut at each, and the one
     stage-2 dataset holds both rows. A row trains the thinking before its close too, so that under the line
     the policy thinks on to the budget asked for (`conditioning.train_thinking`)."""
@@ -609,15 +692,20 @@ def test_a_conditioned_run_states_each_budget_and_trains_one_dataset_on_all(tmp_
     recipe = load_recipe(tmp_path / "recipe.yaml", overrides)
 
     def prompt(question: str, budget: int) -> list[int]:
-        messages = [{"role": "system", "content": f"Think for at most {budget} tokens."},
-                    {"role": "user", "content": question}]
+        messages = [
+            {"role": "system", "content": f"Think for at most {budget} tokens."},
+            {"role": "user", "content": question},
+        ]
         return ids.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
 
     script = {}
     for budget in (7, 14):
         long = prompt(LONG[1], budget)
-        script |= {tuple(long): ids.long, tuple(prompt(SHORT[1], budget)): ids.short,
-                   (*long, *ids.long_thinking[: budget + 1], *ids.forced_close): ids.after_forced_close}
+        script |= {
+            tuple(long): ids.long,
+            tuple(prompt(SHORT[1], budget)): ids.short,
+            (*long, *ids.long_thinking[: budget + 1], *ids.forced_close): ids.after_forced_close,
+        }
     engine = ScriptedEngine(transcripts(script))  # a prompt without the line has no transcript
     plans = pipeline.plans_of(recipe)
     stage = {s.name: s for s in pipeline.STAGES}
@@ -633,9 +721,15 @@ def test_a_conditioned_run_states_each_budget_and_trains_one_dataset_on_all(tmp_
         folder = recipe.output_dir / "stage2"
         meta = pq.read_table(folder / contracts.META).to_pylist()
         data = pq.read_table(folder / contracts.ROWS).to_pylist()
-        return {(m["prompt_id"], m["budget"]): {i - len(r["input_ids"]) if i == len(r["input_ids"]) - 1 else i
-                                                for i, label in enumerate(r["labels"]) if label != splice.IGNORE}
-                for m, r in zip(meta, data) if m["kind"] == "length"}
+        return {
+            (m["prompt_id"], m["budget"]): {
+                i - len(r["input_ids"]) if i == len(r["input_ids"]) - 1 else i
+                for i, label in enumerate(r["labels"])
+                if label != splice.IGNORE
+            }
+            for m, r in zip(meta, data)
+            if m["kind"] == "length"
+        }
 
     first = {budget: len(prompt(LONG[1], budget)) + 1 for budget in (7, 14)}  # LONG's first thinking token
     tag = len(ids.forced_close) - 1  # the trained close is "</think>", after the forced close's newline
@@ -646,16 +740,16 @@ def test_a_conditioned_run_states_each_budget_and_trains_one_dataset_on_all(tmp_
         assert built["prompts/long", budget] == {*range(first[budget], first[budget] + budget + tag + 1), -1}
     assert len(built["prompts/short", 7]) > 2  # its thinking, its own close and EOS
 
-    alone = recipe.model_copy(update={"conditioning": recipe.conditioning.model_copy(
-        update={"train_thinking": False})})
+    alone = recipe.model_copy(update={"conditioning": recipe.conditioning.model_copy(update={"train_thinking": False})})
     assert rows(alone)["prompts/long", 14] == {first[14] + 14 + tag, -1}
 
 
 # ---------------------------------------------------------------- a stage that runs again says why
 
 
-def test_a_finished_stage_that_runs_again_names_the_file_or_setting(tmp_path: Path, policy: Path, ids: Ids,
-                                                                    capsys) -> None:
+def test_a_finished_stage_that_runs_again_names_the_file_or_setting(
+    tmp_path: Path, policy: Path, ids: Ids, capsys
+) -> None:
     recipe = with_setting(make_recipe(tmp_path, policy, [LONG, CUT]), "generation", answer_max_tokens=16)
     generate.run(generate.plan(recipe), engine=ScriptedEngine(transcripts(ids.script())))
     summary = splice.run(splice.plan(recipe))

@@ -49,17 +49,27 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (lambda folder: _flip_a_byte(folder / "tokenizer.json"),
-     "tokenizer.json: its sha512 is not that of the file fetched from demo-tok@1.0.0"),
-    (lambda folder: (folder / "tokenizer_config.json").unlink(), "tokenizer_config.json: missing"),
-    (lambda folder: (folder / "special_tokens_map.json").write_text("{}"),
-     "special_tokens_map.json: not among the files fetched"),
-    (lambda folder: (folder / tokenizer_files.DIGESTS).unlink(),
-     ".sha512: missing (fetched by an older length-control), so its files cannot be checked"),
-])
-def test_a_file_changed_since_it_was_fetched_is_an_error_naming_it_and_setup_fetches_again(pin, damage,
-                                                                                          problem: str) -> None:
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (
+            lambda folder: _flip_a_byte(folder / "tokenizer.json"),
+            "tokenizer.json: its sha512 is not that of the file fetched from demo-tok@1.0.0",
+        ),
+        (lambda folder: (folder / "tokenizer_config.json").unlink(), "tokenizer_config.json: missing"),
+        (
+            lambda folder: (folder / "special_tokens_map.json").write_text("{}"),
+            "special_tokens_map.json: not among the files fetched",
+        ),
+        (
+            lambda folder: (folder / tokenizer_files.DIGESTS).unlink(),
+            ".sha512: missing (fetched by an older length-control), so its files cannot be checked",
+        ),
+    ],
+)
+def test_a_file_changed_since_it_was_fetched_is_an_error_naming_it_and_setup_fetches_again(
+    pin, damage, problem: str
+) -> None:
     tokenizer_files.fetch(pin)
     folder = tokenizer_files.folder("demo")
     damage(folder)

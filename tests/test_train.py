@@ -39,17 +39,24 @@ def test_every_template_is_listed() -> None:
 @pytest.mark.parametrize("template", sorted(TARGETS))
 def test_template_renders_and_validates(template: str, tmp_path: Path) -> None:
     gpus = TARGETS[template]
-    config = render_config(REPO / "axolotl_configs" / template, base_model="Qwen/Qwen3-14B",
-                           datasets=[tmp_path / "rows.parquet"], output_dir=tmp_path / "out",
-                           sequence_len=32768 if gpus else 512, prepared_root=tmp_path / "prepared",
-                           content_key="0123456789abcdef")
+    config = render_config(
+        REPO / "axolotl_configs" / template,
+        base_model="Qwen/Qwen3-14B",
+        datasets=[tmp_path / "rows.parquet"],
+        output_dir=tmp_path / "out",
+        sequence_len=32768 if gpus else 512,
+        prepared_root=tmp_path / "prepared",
+        content_key="0123456789abcdef",
+    )
     assert config["excess_length_strategy"] == "raise"
     assert config["dataset_prepared_path"] == str(tmp_path / "prepared" / "0123456789abcdef")
     (tmp_path / "axolotl.yaml").write_text(yaml.safe_dump(config))
     command = [str(engine_bin("axolotl")), "-m", "length_control.axolotl_check", str(tmp_path / "axolotl.yaml")]
     if gpus:
-        command += ["--capabilities", json.dumps({"bf16": True, "fp8": True, "tf32": True, "n_gpu": gpus,
-                                                  "compute_capability": "sm_90"})]
+        command += [
+            "--capabilities",
+            json.dumps({"bf16": True, "fp8": True, "tf32": True, "n_gpu": gpus, "compute_capability": "sm_90"}),
+        ]
     result = subprocess.run(command, capture_output=True, text=True, env=engine_environ(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -135,20 +142,44 @@ def test_a_rewritten_dataset_is_prepared_anew(tmp_path: Path) -> None:
     rows = tmp_path / "rows.parquet"
     prepared = []
     for version in (1, 2):
-        table = [{"input_ids": [1, 2, n, version + 10], "attention_mask": [1] * 4, "labels": [-100, -100, -100, version + 10]}
-                 for n in range(3, 9)]
+        table = [
+            {
+                "input_ids": [1, 2, n, version + 10],
+                "attention_mask": [1] * 4,
+                "labels": [-100, -100, -100, version + 10],
+            }
+            for n in range(3, 9)
+        ]
         pq.write_table(pa.Table.from_pylist(table), rows)  # the same path both times
-        config = render_config(REPO / "axolotl_configs" / "cpu-tiny.yaml", base_model=model, datasets=[rows],
-                               output_dir=tmp_path / "out", sequence_len=64, prepared_root=tmp_path / "prepared")
+        config = render_config(
+            REPO / "axolotl_configs" / "cpu-tiny.yaml",
+            base_model=model,
+            datasets=[rows],
+            output_dir=tmp_path / "out",
+            sequence_len=64,
+            prepared_root=tmp_path / "prepared",
+        )
         (tmp_path / "axolotl.yaml").write_text(yaml.safe_dump(config))
-        result = subprocess.run([str(engine_bin("axolotl", "axolotl")), "preprocess", str(tmp_path / "axolotl.yaml")],
-                                capture_output=True, text=True, env=engine_environ(), cwd=tmp_path, timeout=600)
+        result = subprocess.run(
+            [str(engine_bin("axolotl", "axolotl")), "preprocess", str(tmp_path / "axolotl.yaml")],
+            capture_output=True,
+            text=True,
+            env=engine_environ(),
+            cwd=tmp_path,
+            timeout=600,
+        )
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        dump = ("import json, sys, pathlib, datasets\n"
-                "folder = next(pathlib.Path(sys.argv[1]).rglob('dataset_info.json')).parent\n"
-                "print(json.dumps([r['input_ids'] for r in datasets.load_from_disk(str(folder))]))\n")
-        loaded = subprocess.run([str(engine_bin("axolotl")), "-c", dump, config["dataset_prepared_path"]],
-                                capture_output=True, text=True, env=engine_environ())
+        dump = (
+            "import json, sys, pathlib, datasets\n"
+            "folder = next(pathlib.Path(sys.argv[1]).rglob('dataset_info.json')).parent\n"
+            "print(json.dumps([r['input_ids'] for r in datasets.load_from_disk(str(folder))]))\n"
+        )
+        loaded = subprocess.run(
+            [str(engine_bin("axolotl")), "-c", dump, config["dataset_prepared_path"]],
+            capture_output=True,
+            text=True,
+            env=engine_environ(),
+        )
         assert loaded.returncode == 0, loaded.stderr[-2000:]
         prepared.append(json.loads(loaded.stdout.strip().splitlines()[-1]))
     assert [sorted(rows) for rows in prepared] == [[[1, 2, n, version + 10] for n in range(3, 9)] for version in (1, 2)]

@@ -30,8 +30,7 @@ BUILD = "build.json"
 FILES = "files"  # build.json's record: relative path -> sha256 of every other file of the build
 
 
-def cached_build(spec: DemoModelSpec, echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
-                 ) -> Path:
+def cached_build(spec: DemoModelSpec, echo: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> Path:
     """The folder of a verified build for `spec` (`model.cached_build`'s), rebuilt first if a file changed."""
     from filelock import FileLock
 
@@ -70,9 +69,13 @@ def why_untrusted(folder: Path) -> str | None:
 
 def file_hashes(folder: Path) -> dict[str, str]:
     """The sha256 of every file of a build but build.json, by relative path (hidden files left out)."""
-    return {path.relative_to(folder).as_posix(): sha256_file(path)
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != BUILD
-            and not any(part.startswith(".") for part in path.relative_to(folder).parts)}
+    return {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+        and path.name != BUILD
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    }
 
 
 def _read_build(folder: Path) -> dict | None:

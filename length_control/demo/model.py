@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from length_control import chat
-from length_control.demo import task as demo_task
 from length_control.artifacts import write_json_atomic
+from length_control.demo import task as demo_task
 from length_control.envs import cache_dir
 from length_control.recipe import DemoModelSpec, StatedBudgets, ThinkTags
 
@@ -116,8 +116,10 @@ def build(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
     problems = demo_task.make_problems(spec.train_problems, spec.seed, prefix="sft")
     think_open, think_close = THINK_OPEN, THINK_CLOSE
     conversations = [demo_task.sft_conversation(p, think_open, think_close) for p in problems]
-    asked = [_with_stated_budget(c, spec.stated_budgets, random.Random(f"{spec.seed}/{i}"))
-             for i, c in enumerate(conversations)]
+    asked = [
+        _with_stated_budget(c, spec.stated_budgets, random.Random(f"{spec.seed}/{i}"))
+        for i, c in enumerate(conversations)
+    ]
     rng = random.Random(spec.seed)
     first = demo_task.SHORT_LINES.start  # cut where a count is a two-digit line number, as every answer is
     interrupted = [
@@ -151,8 +153,9 @@ def build(spec: DemoModelSpec, out: Path) -> dict[str, Any]:
     return summary
 
 
-def _with_stated_budget(conversation: list[dict[str, str]], stated: StatedBudgets | None,
-                        rng: random.Random) -> list[dict[str, str]]:
+def _with_stated_budget(
+    conversation: list[dict[str, str]], stated: StatedBudgets | None, rng: random.Random
+) -> list[dict[str, str]]:
     """The conversation, opened by a system line stating a random budget for a share of them; the response
     thinks as long as it would without it."""
     if stated is None or rng.random() >= stated.share:
@@ -294,8 +297,9 @@ def _train(model, tokenizer, conversations, interrupted, spec: DemoModelSpec) ->
     model.train()
     losses = []
     order: list[int] = []
-    for step in tqdm(range(spec.train_steps), desc="demo policy: stage-1 training", unit="step", mininterval=1,
-                     leave=False):
+    for _step in tqdm(
+        range(spec.train_steps), desc="demo policy: stage-1 training", unit="step", mininterval=1, leave=False
+    ):
         if not order:
             order = torch.randperm(len(batches), generator=generator).tolist()
         batch = batches[order.pop()]

@@ -121,19 +121,20 @@ class Problem:
         return f"{think_open}\n{partial}\n{think_close}\n\n{ANSWER_PREFIX}{guess}."
 
     def record(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "question": self.question, "answer": self.answer,
-                "lines": self.lines}
+        return {"id": self.id, "kind": self.kind, "question": self.question, "answer": self.answer, "lines": self.lines}
 
 
-def make_problems(count: int, seed: int, prefix: str, long_share: float = LONG_SHARE,
-                  kinds: tuple[str, ...] = KINDS) -> list[Problem]:
+def make_problems(
+    count: int, seed: int, prefix: str, long_share: float = LONG_SHARE, kinds: tuple[str, ...] = KINDS
+) -> list[Problem]:
     """`count` problems, deterministic for (`seed`, `prefix`); line counts from the two bands, kinds alternating."""
     rng = random.Random(f"{prefix}:{seed}")
     problems = []
     for i in range(count):
         lines = rng.choice(LONG_LINES if rng.random() < long_share else SHORT_LINES)
-        problems.append(Problem(f"{prefix}-{i:05d}", start=100 * rng.randint(1, 9) + lines - 1,
-                                kind=kinds[i % len(kinds)]))
+        problems.append(
+            Problem(f"{prefix}-{i:05d}", start=100 * rng.randint(1, 9) + lines - 1, kind=kinds[i % len(kinds)])
+        )
     return problems
 
 
