@@ -16,7 +16,7 @@ bounds of "stage 2 changes the stop and nothing else":
   at B is the best a trained model can do on a trace cut there);
 - greedy-answer agreement with the stage-1 model >= 98 % after a close at B
   and after the policy's own close (the answer-drift probe), over the
-  answers the stage-1 model had decided (`probes.DECIDED_P`); the agreement
+  answers the stage-1 model had decided (`contracts.DECIDED_P`); the agreement
   over all of them, near ties included, is printed beside it.
 
 `--kernels avx2` runs with `ATEN_CPU_CAPABILITY=avx2`, torch's kernels held

@@ -121,6 +121,13 @@ TRACES = pa.schema(
 )
 """A generate trace: the policy's first pass, at most B output tokens."""
 
+DECIDED_P = 0.6
+"""A model has decided a text (its answer after a close) when it gives every token of it at least this probability
+(a runner-up holds at most 0.4). Below it the text is a near tie: on the demo a count the thinking was cut in reads
+"17" at 0.478 and "18" at 0.476 under the stage-1 model, and training tips it one way or the other. The drift
+probe judges agreement on decided answers only; `splice.termination_span: think_close_decided_answer_eos` trains
+an answer only where the policy had decided it."""
+
 ANSWERS = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -132,6 +139,9 @@ ANSWERS = pa.schema(
         ("close_token_ids", IDS),  # the forced close (case 1) or the policy's own close tokens (case 2)
         ("answer_token_ids", IDS),
         ("finish_reason", pa.string()),
+        # the least probability the policy gave a token of its answer (what follows the close, the end token
+        # included), scored where the span trains decided answers only; null elsewhere
+        ("answer_least_p", pa.float64()),
     ]
 )
 """The answer pass of a trace that ran into B."""
@@ -195,7 +205,7 @@ DRIFT_SCHEMA = pa.schema(
         ("answer_nll", pa.float64()),
         ("greedy_token_ids", IDS),
         ("greedy_agrees", pa.bool_()),  # with the stage-1 model's greedy answer; null in the forced arm (the reference)
-        # the stage-1 model's least likely token of its own greedy answer here: under probes.DECIDED_P, a near tie
+        # the stage-1 model's least likely token of its own greedy answer here: under DECIDED_P, a near tie
         ("stage1_greedy_min_p", pa.float64()),
     ]
 )

@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import queue
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -133,6 +134,25 @@ def sample_request(
         "seed": request_seed(run_seed, prompt_id, sample),
         **sampling.model_dump(),
     }
+
+
+def score_request(key: str, prompt: Sequence[int], tail: int) -> dict[str, Any]:
+    """The log-probabilities of the prompt's last `tail` tokens (one token is generated, and not used): the
+    probes' questions, and generate's of the answers it will train."""
+    return {
+        "key": key,
+        "prompt_token_ids": list(prompt),
+        "max_tokens": 1,
+        "seed": 0,
+        "temperature": 0.0,
+        "score_tail": tail,
+    }
+
+
+def least_p(tail_logprobs: Sequence[float]) -> float:
+    """The probability of the least likely of the scored tokens: a text is decided when every token of it is
+    (`contracts.DECIDED_P`)."""
+    return math.exp(min(tail_logprobs))
 
 
 def shorter_result(longer: dict[str, Any], max_tokens: int) -> dict[str, Any]:

@@ -440,10 +440,10 @@ def _probe_means(probes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def _decided(drift: dict[str, Any]) -> bool:
-    """Whether the stage-1 model had decided its greedy answer at this prefix (`probes.DECIDED_P`); an empty
+    """Whether the stage-1 model had decided its greedy answer at this prefix (`contracts.DECIDED_P`); an empty
     one (no room left) has nothing to tip."""
     min_p = drift["stage1_greedy_min_p"]
-    return min_p is None or min_p >= probes.DECIDED_P
+    return min_p is None or min_p >= contracts.DECIDED_P
 
 
 def _mean(values) -> float:

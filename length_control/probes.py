@@ -11,7 +11,7 @@ at the budget, and nothing else:
   stage-1 model did? The stage-1 model's forced-arm samples are the
   reference: prompt + thinking cut at B + the forced close + its own answer.
   Stage 2 should not move their NLL nor the greedy answer, except where the
-  stage-1 model was split between two answers (`DECIDED_P`): any change of
+  stage-1 model was split between two answers (`contracts.DECIDED_P`): any change of
   weights, or of kernels, may tip a near tie.
 - `early_close`: on traces that closed on their own before B, is closing
   earlier any likelier? Stage 2 should teach "close at B", not "close".
@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from length_control.cut import CutPolicy
+from length_control.engine import least_p, score_request
 from length_control.think import ThinkTokens
 
 
@@ -48,7 +49,7 @@ def termination(engine, samples: list[dict[str, Any]], budget: int, think: Think
     scored, greedy = [], []
     for s, cut in traces:
         prefix = list(s["prompt_token_ids"]) + list(s["output_token_ids"][:cut])
-        scored.append(_score_request(f"close:{sample_key(s)}", prefix + close, len(close) - tag_start))
+        scored.append(score_request(f"close:{sample_key(s)}", prefix + close, len(close) - tag_start))
         greedy.append(_greedy_request(f"close:{sample_key(s)}", prefix, len(close)))
     scores = ask(engine, scored, desc="probe: close NLL")
     continuations = ask(engine, greedy, desc="probe: greedy close")
@@ -60,13 +61,6 @@ def termination(engine, samples: list[dict[str, Any]], budget: int, think: Think
         }
         for (s, _), score, cont in zip(traces, scores, continuations)
     ]
-
-
-DECIDED_P = 0.6
-"""The stage-1 model has decided its greedy answer at a prefix when it gives every token of it at least this
-probability (a runner-up holds at most 0.4). Below it the greedy answer is a near tie: on the demo a count the
-thinking was cut in gives "17" 0.478 and "18" 0.476, and whatever stage 2 does tips it one way on every seed.
-Agreement is reported over all prefixes and over the decided ones; only the decided ones can show drift."""
 
 
 def answer_drift(
@@ -86,7 +80,7 @@ def answer_drift(
     `answer_nll`, -log p(answer | prefix) summed over the answer's tokens, and `greedy_token_ids`, what greedy
     decoding writes after the prefix within the context limit. Without `reference` this is the reference (the
     stage-1 model's own record, run in the forced arm), and `stage1_greedy_min_p` is the least probability it
-    gives a token of its greedy answer (`DECIDED_P`); with it (the stage-1 records), `greedy_agrees` says
+    gives a token of its greedy answer (`contracts.DECIDED_P`); with it (the stage-1 records), `greedy_agrees` says
     whether this model's greedy answer is the stage-1 model's, token for token, and `stage1_greedy_min_p` is
     the reference's.
     """
@@ -96,7 +90,7 @@ def answer_drift(
         prefix, answer = _prefix_and_answer(s, answer_starts[sample_key(s)])
         prefixes.append(prefix)
         if answer:
-            scored.append(_score_request(f"answer:{sample_key(s)}", prefix + answer, len(answer)))
+            scored.append(score_request(f"answer:{sample_key(s)}", prefix + answer, len(answer)))
         greedy.append(_greedy_request(f"answer:{sample_key(s)}", prefix, context_limit - len(prefix)))
     nll = {score["key"]: -sum(score["tail_logprobs"]) for score in ask(engine, scored, desc="probe: answer NLL")}
     continuations = ask(engine, greedy, desc="probe: greedy answer")
@@ -131,11 +125,11 @@ def answer_drift(
 def _greedy_min_p(engine, answers: list[tuple[str, list[int], list[int]]]) -> dict[str, float | None]:
     """Per sample key: the least probability the model gives a token of its greedy answer after the prefix
     (None for an empty answer: the context limit left no room)."""
-    requests = [_score_request(f"greedy:{key}", prefix + ids, len(ids)) for key, prefix, ids in answers if ids]
+    requests = [score_request(f"greedy:{key}", prefix + ids, len(ids)) for key, prefix, ids in answers if ids]
     scores = ask(engine, requests, desc="probe: greedy answer margin")
     min_p: dict[str, float | None] = {key: None for key, _, _ in answers}
     for score in scores:
-        min_p[score["key"].removeprefix("greedy:")] = math.exp(min(score["tail_logprobs"]))
+        min_p[score["key"].removeprefix("greedy:")] = least_p(score["tail_logprobs"])
     return min_p
 
 
@@ -180,7 +174,7 @@ def early_close(
         if places:
             traces.append((s, _spread(places, positions), output[span[0] : span[1]]))
     requests = [
-        _score_request(
+        score_request(
             f"early:{sample_key(s)}@{t}", list(s["prompt_token_ids"]) + list(s["output_token_ids"][:t]) + tag, len(tag)
         )
         for s, places, tag in traces
@@ -231,18 +225,6 @@ def sample_key(sample: dict[str, Any]) -> str:
 
 def _id(sample: dict[str, Any]) -> dict[str, Any]:
     return {"benchmark": sample["benchmark"], "problem_id": sample["problem_id"], "sample": sample["sample"]}
-
-
-def _score_request(key: str, prompt: Sequence[int], tail: int) -> dict[str, Any]:
-    """The log-probabilities of the prompt's last `tail` tokens (one token is generated, and not used)."""
-    return {
-        "key": key,
-        "prompt_token_ids": list(prompt),
-        "max_tokens": 1,
-        "seed": 0,
-        "temperature": 0.0,
-        "score_tail": tail,
-    }
 
 
 def _greedy_request(key: str, prompt: Sequence[int], max_tokens: int) -> dict[str, Any]:

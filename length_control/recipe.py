@@ -233,9 +233,8 @@ class GenerationSpec(StrictModel):
     answer_max_tokens: int = Field(4096, gt=0, description="max tokens of the answer pass after the thinking closed")
     answer_sampling: Sampling | None = Field(
         None,
-        description="the answer pass's sampling, where it differs from `sampling`: with the answer in the "
-        "loss (splice.termination_span: think_close_answer_eos), temperature 0 trains the answer the policy "
-        "already gives most often, where a sampled one can move an answer it is unsure of",
+        description="the answer pass's sampling, where it differs from `sampling` (temperature 0: the answer "
+        "the policy gives most often)",
     )
     shard_size: int = Field(256, ge=1, description="requests per output shard; a killed run resumes by shard")
     on_long_prompt: Literal["drop", "error"] = Field(
@@ -256,9 +255,20 @@ class SFTMix(StrictModel):
 
 
 class SpliceSpec(StrictModel):
-    termination_span: Literal["think_close", "think_close_eos", "think_close_answer_eos"] = Field(
-        "think_close_eos", description="the tokens that carry loss; the report trained </think> and EOS"
+    termination_span: Literal[
+        "think_close", "think_close_eos", "think_close_answer_eos", "think_close_decided_answer_eos"
+    ] = Field(
+        "think_close_eos",
+        description="the tokens that carry loss; the report trained </think> and EOS. think_close_answer_eos: "
+        "the policy's answer after the close too; think_close_decided_answer_eos: the answer only where the "
+        "policy had decided it (each of its tokens at least contracts.DECIDED_P, scored by generate), else "
+        "</think> and EOS",
     )
+
+    def scores_answers(self) -> bool:
+        """Whether generate scores each answer under the policy (the span trains decided answers only)."""
+        return self.termination_span == "think_close_decided_answer_eos"
+
     max_answer_tokens: int = Field(4096, gt=0, description="cap on answer tokens")
     on_long_answer: Literal["drop", "truncate"] = "drop"
     on_overlength: Literal["drop", "truncate"] = Field("drop", description="rows longer than the training sequence_len")

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from length_control import contracts, probes
+from length_control import contracts
 from length_control.artifacts import MissingInput, atomic_path, write_json_atomic, write_text_atomic
 from length_control.contracts import SAMPLES, Plan, RunLayout
 from length_control.errors import UserError
@@ -322,6 +322,7 @@ SPANS = {
     "think_close": "`</think>` only",
     "think_close_eos": "`</think>` and EOS, as the report",
     "think_close_answer_eos": "`</think>`, the policy's own answer and EOS",
+    "think_close_decided_answer_eos": "`</think>`, the policy's own answer where it had decided it, and EOS",
 }
 
 
@@ -435,7 +436,7 @@ def markdown(report: dict[str, Any]) -> str:
             "on the before arm's samples that closed on their own within B: the mean p(close) at the places "
             "before that where the thinking could have closed; and on the same samples, the share whose "
             f'greedy answer after their own close is the stage-1 model\'s. "decided": over the samples '
-            f"where the stage-1 model gave each token of its greedy answer at least {probes.DECIDED_P} "
+            f"where the stage-1 model gave each token of its greedy answer at least {contracts.DECIDED_P} "
             '("split": the others, near ties that any change of weights may tip).',
             "",
             table_row(

@@ -15,7 +15,8 @@ the policy's own token ids — nothing is decoded and re-encoded:
 
 `labels` are -100 everywhere except the termination span
 (`splice.termination_span`): `</think>` only, `</think>` + EOS (the report's
-choice, default), or `</think>` + answer + EOS. A share of stage-1 SFT
+choice, default), `</think>` + answer + EOS, or that where the policy had
+decided its answer and `</think>` + EOS where not (`trains_answer`). A share of stage-1 SFT
 conversations is mixed in with ordinary assistant-only labels. Rows without
 an answer (the answer pass ran out of tokens), with answers past
 `max_answer_tokens`, or longer than the training `sequence_len` are dropped or
@@ -56,6 +57,17 @@ class Row:
     input_ids: np.ndarray | list[int]
     labels: np.ndarray | list[int]
     span: tuple[int, int]  # input_ids[span[0]:span[1]] holds every trained token
+
+
+def trains_answer(spec: SpliceSpec, answer: dict[str, Any]) -> bool:
+    """Whether a row's answer after the close carries loss: always with `think_close_answer_eos`; with
+    `think_close_decided_answer_eos` where the policy had decided it (generate scored every token of it at
+    least `contracts.DECIDED_P`): on a near tie training would tip the policy to the answer it happened to
+    write, and the row trains the close and EOS only."""
+    if spec.termination_span == "think_close_decided_answer_eos":
+        least = answer.get("answer_least_p")
+        return least is not None and least >= contracts.DECIDED_P
+    return spec.termination_span == "think_close_answer_eos"
 
 
 def splice_row(
@@ -102,11 +114,11 @@ def splice_row(
     tag_start = prefix_len + tag_offset
     close_end = prefix_len + len(close)
     labels = np.full(len(input_ids), IGNORE, dtype=np.int32)
-    if spec.termination_span == "think_close_answer_eos":
+    if trains_answer(spec, answer):
         labels[tag_start:] = input_ids[tag_start:]
     else:
         labels[tag_start:close_end] = input_ids[tag_start:close_end]
-        if spec.termination_span == "think_close_eos":
+        if spec.termination_span != "think_close":
             labels[-1] = input_ids[-1]
     span_start = tag_start
     if train_thinking:
@@ -235,6 +247,8 @@ def length_rows(
                 stats[why] += 1
                 if row is not None:
                     stats[f"case{answer['case']}"] += 1
+                    if recipe.splice.scores_answers():
+                        stats["answer_undecided"] += not trains_answer(recipe.splice, answer)
                     stats["case1_cut_at_line_end"] += answer["cut_back"] > 0
                     yield {
                         "row": row,
@@ -255,7 +269,7 @@ def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
     columns = {name: table.column(name).combine_chunks() for name in table.column_names}
     closes, bodies = id_lists(columns["close_token_ids"]), id_lists(columns["answer_token_ids"])
     keys = zip(columns["prompt_id"].to_pylist(), columns["sample"].to_pylist())
-    names = ("case", "close_at", "cut_back", "thinking_start", "finish_reason")
+    names = ("case", "close_at", "cut_back", "thinking_start", "finish_reason", "answer_least_p")
     fields = zip(*(columns[name].to_pylist() for name in names))
     return {
         key: {

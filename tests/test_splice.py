@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from length_control.contracts import DECIDED_P
 from length_control.demo import task as demo_task
 from length_control.demo.model import build_tokenizer
 from length_control.errors import UserError
@@ -61,11 +62,12 @@ def trace_and_answer(draw, think: ThinkTokens):
         "close_token_ids": close_ids,
         "answer_token_ids": answer_ids,
         "finish_reason": "stop",
+        "answer_least_p": draw(st.sampled_from([None, 0.3, 0.6, 0.9])),  # what generate scored, where it did
     }
     return budget, trace, answer
 
 
-SPANS = ["think_close", "think_close_eos", "think_close_answer_eos"]
+SPANS = ["think_close", "think_close_eos", "think_close_answer_eos", "think_close_decided_answer_eos"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -85,7 +87,7 @@ def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: st
     # Case 1: the forced close sits right after exactly B thinking tokens.
     if answer["case"] == 1:
         assert ids[len(prompt) + budget : len(prompt) + budget + len(think.forced_close_ids)] == think.forced_close_ids
-    # The trained tokens: the </think> tag (+ EOS, + answer), nothing else.
+    # The trained tokens: the </think> tag (+ EOS, + answer: where decided, for the decided span), nothing else.
     tag_start, tag_end = think.find_close(ids[len(prompt) + thinking :])
     tag = set(range(len(prompt) + thinking + tag_start, len(prompt) + thinking + tag_end))
     trained = {i for i, label in enumerate(labels) if label != IGNORE}
@@ -94,6 +96,9 @@ def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: st
         "think_close": tag,
         "think_close_eos": tag | {eos},
         "think_close_answer_eos": set(range(min(tag), len(ids))),
+        "think_close_decided_answer_eos": set(range(min(tag), len(ids)))
+        if (answer["answer_least_p"] or 0) >= DECIDED_P
+        else tag | {eos},
     }[span]
     assert trained == expected
     assert think.tokenizer.decode([ids[i] for i in sorted(tag)]).strip() == "</think>"

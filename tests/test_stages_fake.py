@@ -765,3 +765,41 @@ def test_a_finished_stage_that_runs_again_names_the_file_or_setting(
     assert capsys.readouterr().out == f"{stage2} is redone: output missing: meta.parquet\n"
     splice.run(splice.plan(with_setting(recipe, "splice", termination_span="think_close_answer_eos")))
     assert capsys.readouterr().out == f"{stage2} is redone: config changed: splice.termination_span\n"
+
+
+def test_the_decided_span_scores_each_answer_and_trains_only_the_decided_ones(
+    tmp_path: Path, policy: Path, ids: Ids
+) -> None:
+    """`think_close_decided_answer_eos`: generate scores every answer under the policy (in case 2 with what the
+    first pass wrote after its own close); splice trains an answer whose every token had at least DECIDED_P,
+    and only the close and EOS of one the policy was split on."""
+    import math
+
+    recipe = with_setting(make_recipe(tmp_path, policy, [LONG, CUT]), "generation", answer_max_tokens=16)
+    recipe = with_setting(recipe, "splice", termination_span="think_close_decided_answer_eos")
+    script = transcripts(ids.script())
+    after_forced_close = (*ids.prompt(LONG[1]), *ids.long_thinking[:FIRST_PASS], *ids.forced_close)
+
+    def logprob(context: list[int], token: int) -> float:  # LONG's answer opens on a near tie
+        if tuple(context) == after_forced_close:
+            return math.log(0.5)
+        return 0.0 if script(context)[:1] == [token] else UNLIKELY
+
+    engine = ScriptedEngine(script, logprob)
+    generate.run(generate.plan(recipe), engine=engine)
+    answers = by_id(contracts.read_shards(recipe.output_dir / "generate", "answers"))
+    assert answers["prompts/long"]["answer_least_p"] == pytest.approx(0.5)
+    assert answers["prompts/cut"]["answer_least_p"] == 1.0
+    scored = {r["key"].split("#")[0]: r for r in engine.requests if r["key"].endswith("/answer/score")}
+    cut_answer = ids.cut[len(ids.cut_thinking) + len(ids.close) :]  # all the policy wrote after its own close
+    assert scored["prompts/cut"]["prompt_token_ids"][-len(cut_answer) :] == cut_answer
+    assert scored["prompts/cut"]["score_tail"] == len(cut_answer)
+
+    summary = splice.run(splice.plan(recipe))
+    assert summary["answer_undecided"] == 1
+    rows = pq.read_table(recipe.output_dir / "stage2" / "rows.parquet").to_pylist()
+    meta = pq.read_table(recipe.output_dir / "stage2" / "meta.parquet").to_pylist()
+    trained = {m["prompt_id"]: sum(label != -100 for label in row["labels"]) for m, row in zip(meta, rows)}
+    tag = len(ids.forced_close) - 1  # "\n" is context, "</think>" is trained
+    assert trained["prompts/long"] == tag + 1  # the close and EOS only
+    assert trained["prompts/cut"] == len(ids.close) + len(cut_answer)  # the close, the answer and EOS
