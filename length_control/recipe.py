@@ -494,10 +494,12 @@ class SlurmSpec(StrictModel):
     sbatch_lines: list[Annotated[str, AfterValidator(_sbatch_option)]] = Field(
         default_factory=list, description="more #SBATCH options for every job, e.g. [--constraint=h100, --exclusive]"
     )
-    setup: str = Field(
-        "",
-        description="shell lines each job runs before its stage (modules, conda, PYTHONPATH); the stage runs with "
-        "the submitting Python, so the nodes must see its path",
+    setup: str = Field("", description="shell lines each job runs before its stage (modules, conda, PYTHONPATH)")
+    command: str | None = Field(
+        None,
+        description="the toolkit's command in each job, e.g. /shared/length-control/run.sh (which picks the gpu "
+        "profile on a GPU node); default: the submitting Python's `-m length_control.cli`, whose path the nodes "
+        "must see",
     )
 
 

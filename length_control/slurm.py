@@ -115,15 +115,17 @@ def sbatch_options(slurm: SlurmSpec, stage: str, *, gpus: bool) -> list[str]:
 
 
 def stage_job(recipe: Recipe, stage: pipeline.PipelineStage, plans: list, *, snapshot: Path, folder: Path) -> Job:
-    """The job of one stage: the toolkit's own `run SNAPSHOT --stage NAME`, with the Python that submits it."""
+    """The job of one stage: the toolkit's own `run SNAPSHOT --stage NAME`, with `cluster.slurm.command` (as
+    written: it may name shell variables the setup line sets), else with the Python that submits it."""
     slurm = recipe.cluster.slurm
     gpus = stage.name == "train" or (stage.engine and recipe.engine.kind == "vllm")  # servers bring their own
-    command = [sys.executable, "-m", "length_control.cli", "run", str(snapshot), "--stage", stage.name]
+    toolkit = slurm.command or shlex.join([sys.executable, "-m", "length_control.cli"])
+    command = f"{toolkit} run {shlex.quote(str(snapshot))} --stage {stage.name}"
     return job(
         stage.name,
         folder,
         [f"--job-name={recipe.name}.{stage.name}", *sbatch_options(slurm, stage.name, gpus=gpus)],
-        [*([slurm.setup] if slurm.setup else []), shlex.join(command)],
+        [*([slurm.setup] if slurm.setup else []), command],
         title=f"The {stage.name} stage of {recipe.name} ({recipe.output_dir}), with the recipe as submitted.",
         folders=tuple(str(plan.folder) for plan in plans) if stage.manifest else (),
     )

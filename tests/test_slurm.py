@@ -361,6 +361,21 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
         "module load cuda/12.4",
         f"{sys.executable} -m length_control.cli run {folder}/recipe.yaml --stage train",
     ]
+    assert (
+        cli.main(
+            [
+                "run",
+                str(tmp_path / "recipe.yaml"),
+                "--dry-run",
+                f"cluster={json.dumps({'slurm': section})}",
+                "cluster.slurm.command=/shared/lc/run.sh",
+            ]
+        )
+        == 0
+    )
+    assert (folder / "report.sbatch").read_text().splitlines()[-1] == (
+        f"/shared/lc/run.sh run {folder}/recipe.yaml --stage report"
+    )
     splice = (folder / "splice.sbatch").read_text()
     assert "--time=04:00:00" in splice and "--gpus-per-node" not in splice  # splice and report need no GPU
     assert "--gpus-per-node=8" in (folder / "generate.sbatch").read_text()
