@@ -19,6 +19,7 @@ file's fingerprint under `files`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -152,6 +153,29 @@ def finished_output(folder: Path) -> str:
     return finished_manifest(folder)["output"]
 
 
+class WouldRun(Exception):
+    """A stage that is not up to date, stopped by `checking()` before it did any work; `why` says why it would run."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+_checking = contextvars.ContextVar("checking", default=False)
+
+
+@contextlib.contextmanager
+def checking() -> Iterator[None]:
+    """Stages run in this block stop at their up-to-date check: an up-to-date one returns its summary as it always
+    does, any other raises `WouldRun`. A caller that must know which stages would run (the Slurm submission gives
+    only those a job) asks each stage's own rule rather than a copy of it."""
+    token = _checking.set(True)
+    try:
+        yield
+    finally:
+        _checking.reset(token)
+
+
 class Stage:
     """One stage's output folder and its manifest.
 
@@ -194,6 +218,8 @@ class Stage:
         silent about it; one that never finished (or was killed before its manifest) just runs.
         """
         why = self.why_stale()
+        if why is not None and _checking.get():
+            raise WouldRun(why)
         if why is not None and self.manifest_path.exists():
             print(f"{self.folder} is redone: {why}", flush=True)
         return why is None

@@ -12,6 +12,10 @@
     length-control report RECIPE [key=value ...]     the overlong-rate report (Table 2 layout, JSON, PNG)
     length-control run RECIPE [key=value ...] [--from STAGE] [--dry-run] [--until-overlong R --max-rounds N]
                                                      the preflight, then every stage; up-to-date ones are skipped
+                                                     (with cluster.slurm: submitted as Slurm jobs, `slurm`)
+    length-control run RECIPE --stage STAGE          one stage here, whatever the recipe's cluster (a job's command)
+    length-control status RUN|RECIPE                 the Slurm jobs of a run and their states
+    length-control cancel RUN|RECIPE                 cancel the Slurm jobs of a run
     length-control sweep RECIPE key=[a,b] [...]      the loop per combination of the axes, sharing what they share
 
 `key=value` overrides may come anywhere on the line. A user's mistake exits 2
@@ -80,8 +84,14 @@ def _summary(recipe: Recipe) -> str:
             f"  engine       {recipe.engine.kind}",
             f"  train        {recipe.train.template.name} via {recipe.train.launcher}",
             f"  eval         {', '.join(f'{s.source.stem} x{s.samples_per_problem}' for s in recipe.eval.sets)}",
+            *([_cluster_summary(recipe.cluster.slurm)] if recipe.cluster is not None else []),
         ]
     )
+
+
+def _cluster_summary(slurm) -> str:
+    where = f"partition {slurm.partition}" if slurm.partition else "the default partition"
+    return f"  cluster      Slurm jobs on {where}, {slurm.gpus_per_node} GPUs per node, --time {slurm.time} a job"
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -187,18 +197,78 @@ def _evaluate_model(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from length_control import pipeline
+    from length_control import demo, pipeline, slurm
 
     loop = [
         f"loop.{key}={value}"
         for key, value in (("until_overlong", args.until_overlong), ("max_rounds", args.max_rounds))
         if value is not None
     ]
+    if args.stage is not None:
+        return _run_one_stage(args, *loop)
+    written = load_recipe(args.recipe, [*args.overrides, *loop])
     if args.dry_run:
-        print(pipeline.dry_run(_load(args, *loop, build=False)))
+        recipe = demo.resolve(written, build=False)
+        print(pipeline.dry_run(recipe))
+        if written.cluster is not None:
+            print(slurm.dry_run(written, recipe))
         return 0
+    if written.cluster is not None:
+        return _submit(written, start=args.start)
     with _writing(args, *loop) as recipe:
         pipeline.run(recipe, start=args.start)
+    return 0
+
+
+def _run_one_stage(args: argparse.Namespace, *extra: str) -> int:
+    """`run RECIPE --stage NAME`: that stage alone, here, whatever the recipe's cluster says (each Slurm job's
+    command)."""
+    from length_control import pipeline
+
+    if args.start is not None or args.dry_run:
+        raise ConfigError(args.recipe, ["--stage runs one stage: drop --from and --dry-run"])
+    if args.stage not in pipeline.STAGE_NAMES:
+        raise ConfigError(
+            args.recipe, [f"--stage {args.stage}: no such stage; one of {', '.join(pipeline.STAGE_NAMES)}"]
+        )
+    with _writing(args, *extra) as recipe:
+        print(pipeline.run_stage(next(s for s in pipeline.STAGES if s.name == args.stage), recipe))
+    return 0
+
+
+def _submit(written: Recipe, start: str | None) -> int:
+    """`run` with cluster.slurm: the chain is decided holding the run folder's lock and submitted once it is
+    released, so the first job finds it free."""
+    from length_control import demo, runlock, slurm
+
+    with runlock.holding(written.output_dir):
+        chain = slurm.prepare(written, demo.resolve(written), start=start)
+    print(slurm.submitted_text(chain, slurm.submit(chain)))
+    return 0
+
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    """The run folder `status` and `cancel` name: a run folder, or a recipe's output_dir."""
+    from length_control.contracts import RunLayout
+
+    if args.target.is_dir():
+        if args.overrides:
+            raise ConfigError(args.target, ["key=value overrides go with a RECIPE, not a run folder: drop them"])
+        return RunLayout(args.target.resolve()).slurm
+    return RunLayout(load_recipe(args.target, args.overrides).output_dir).slurm
+
+
+def _status(args: argparse.Namespace) -> int:
+    from length_control import slurm
+
+    print(slurm.status(_run_folder(args)))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from length_control import slurm
+
+    print(slurm.cancel(_run_folder(args)))
     return 0
 
 
@@ -230,7 +300,12 @@ def _sweep(args: argparse.Namespace) -> int:
     """The sweep's folder and every setting's run folder are locked before a demo policy is resolved."""
     from length_control import demo, runlock, sweep
 
-    folders = [setting.recipe.output_dir for setting in sweep.settings(args.recipe, args.overrides)]
+    unresolved = sweep.settings(args.recipe, args.overrides)
+    if unresolved[0].recipe.cluster is not None:
+        raise ConfigError(
+            args.recipe, ["cluster: a sweep does not run through Slurm yet; run it here with cluster=null"]
+        )
+    folders = [setting.recipe.output_dir for setting in unresolved]
     with runlock.holding(folders[0].parent, *folders):
         sweep.run(sweep.settings(args.recipe, args.overrides, resolve=demo.resolve), start=args.start)
     return 0
@@ -337,12 +412,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="start", metavar="STAGE", help="redo this stage and every one after it")
     run.add_argument("--dry-run", action="store_true", help="render every command and config; run nothing")
     run.add_argument(
+        "--stage",
+        metavar="STAGE",
+        help="run only this stage, here, even with a cluster section (each Slurm job's command)",
+    )
+    run.add_argument(
         "--until-overlong",
         type=float,
         metavar="RATE",
         help="closed loop: more rounds until the after arm's overlong rate is at most RATE (= loop.until_overlong)",
     )
     run.add_argument("--max-rounds", type=int, metavar="N", help="closed loop: at most N rounds (= loop.max_rounds)")
+
+    for name, run_it, what in (
+        ("status", _status, "each stage's Slurm job of a run and its state (a run folder, or its recipe)"),
+        ("cancel", _cancel, "cancel the Slurm jobs of a run that are queued or running (a run folder, or its recipe)"),
+    ):
+        sub = command(name, run_it, what)
+        sub.add_argument("target", type=Path, metavar="RUN|RECIPE")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="with a RECIPE: override recipe keys")
 
     sweep = command(
         "sweep",

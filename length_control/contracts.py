@@ -9,6 +9,7 @@ A run folder, from the recipe's `output_dir`:
     report/               report.md, report.json, thinking_lengths.png
     rounds/<n>/           round n >= 2 of a closed loop: a run folder of its own
     logs/  prepared/  sft_mix/  dry-run/
+    slurm/                the jobs submitted to Slurm: scripts, jobs.json, the recipe as submitted, logs/
 
 Every stage folder ends with `manifest.json` (`artifacts.Stage`), and a
 stage finds its inputs by reading its upstream's manifest. Records are
@@ -91,6 +92,11 @@ class RunLayout:
     @property
     def dry_run(self) -> Path:
         return self.root / "dry-run"
+
+    @property
+    def slurm(self) -> Path:
+        """The Slurm jobs of the run (`slurm.py`); a dry run writes its scripts to `dry-run/slurm/`."""
+        return self.root / "slurm"
 
 
 # File names inside the stage folders.

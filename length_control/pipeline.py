@@ -34,7 +34,7 @@ from typing import Any
 
 from length_control import evaluate, generate, preflight, report, splice, train
 from length_control._schema import ConfigError
-from length_control.artifacts import MANIFEST, summary_line, write_text_atomic
+from length_control.artifacts import MANIFEST, MissingInput, WouldRun, checking, summary_line, write_text_atomic
 from length_control.contracts import AXOLOTL_CONFIG, Plan, RunLayout
 from length_control.engine import SharedEngine
 from length_control.policy import policy_path
@@ -69,6 +69,7 @@ class PipelineStage:
     engine: bool = False  # runs a model: takes the engine the run's stages share
     show: Callable[[Results], str] = _summaries
     help: str | None = None  # a CLI command of its own (`length-control NAME RECIPE`); the arms share `evaluate`
+    manifest: bool = True  # finishes with a manifest, so a rerun skips it when up to date (the report: rebuilt)
 
 
 STAGES = [
@@ -101,6 +102,7 @@ STAGES = [
         report.run,
         show=lambda results: results[0][1],
         help="the overlong-rate report from the eval arms' sample files (Table 2 layout, JSON, PNG)",
+        manifest=False,
     ),
 ]
 STAGE_NAMES = [stage.name for stage in STAGES]
@@ -125,13 +127,31 @@ def preflight_of(recipe: Recipe) -> preflight.Preflight:
 
 
 def run_stage(stage: PipelineStage, recipe: Recipe) -> str:
-    """One stage alone, every plan of it (`length-control generate ...`)."""
-    text = stage.show(_run_plans(stage, plans_of(recipe)(stage)))
+    """One stage alone, every plan of it (`length-control generate ...`, a Slurm job's `run --stage`); a stage's
+    plans that run a model share one engine, as in a whole run (the after arm's seeds swap their weights in)."""
+    with SharedEngine(recipe, policy_path(recipe.model), log_name=stage.name) as engine:
+        text = stage.show(_run_plans(stage, plans_of(recipe)(stage), engine))
     if stage.name == "report" and recipe.conditioning is not None:
         from length_control import conditioning
 
         text += "\n" + conditioning.write_report(recipe)
     return text
+
+
+def why_it_runs(stage: PipelineStage, plans: list[Plan]) -> str | None:
+    """Why `stage` would run now, or None when every plan of it is up to date: asked of the stage itself, which
+    stops at its up-to-date check (`artifacts.checking`). A stage without a manifest (the report) always runs."""
+    if not stage.manifest:
+        return "rebuilt on every run"
+    with checking():
+        for plan in plans:
+            try:
+                stage.run(plan)
+            except WouldRun as stale:
+                return f"{plan.folder}: {stale.why}"
+            except MissingInput as missing:
+                return str(missing)
+    return None
 
 
 def _run_plans(stage: PipelineStage, plans: list[Plan], engine: SharedEngine | None = None) -> Results:

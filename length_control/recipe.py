@@ -454,6 +454,69 @@ class ConditioningSpec(StrictModel):
         return instruction
 
 
+# ---------------------------------------------------------------- cluster
+
+STAGE_NAMES = ("eval-before", "eval-forced", "generate", "splice", "train", "eval-after", "report")
+"""The pipeline's stages in order (`pipeline.STAGES` is the truth; a test keeps the two equal)."""
+
+
+def _slurm_time(value: str) -> str:
+    """sbatch's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]]."""
+    if not re.fullmatch(r"\d+-\d+(:\d{2}){0,2}|\d+(:\d{2}){0,2}", value):
+        raise ValueError(
+            f"{value!r} is not a Slurm time limit; write HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00 or 2-00:00:00"
+        )
+    return value
+
+
+def _slurm_memory(value: str) -> str:
+    if not re.fullmatch(r"\d+[KMGT]?", value):
+        raise ValueError(f"{value!r} is not a Slurm memory size; write a number and K, M, G or T, e.g. 200G")
+    return value
+
+
+def _sbatch_option(line: str) -> str:
+    if not line.startswith("--") or "\n" in line:
+        raise ValueError(
+            f"{line!r} is not one sbatch option; write each as its long form, e.g. --constraint=h100 or --exclusive"
+        )
+    return line
+
+
+SlurmTime = Annotated[str, AfterValidator(_slurm_time)]
+
+
+class SlurmSpec(StrictModel):
+    """Every stage a Slurm job, chained with afterok dependencies (`run RECIPE` submits them and returns)."""
+
+    partition: str | None = Field(None, description="--partition; default: the cluster's default partition")
+    account: str | None = Field(None, description="--account")
+    qos: str | None = Field(None, description="--qos")
+    time: SlurmTime = Field("24:00:00", description="--time of every job, e.g. 04:00:00 or 2-00:00:00")
+    stage_time: dict[Literal[STAGE_NAMES], SlurmTime] = Field(
+        default_factory=dict, description="--time per stage, over `time`, e.g. {train: 3-00:00:00}"
+    )
+    gpus_per_node: int = Field(
+        0, ge=0, description="--gpus-per-node of the jobs that run a model (vLLM) or train; splice and report take none"
+    )
+    cpus_per_task: int | None = Field(None, gt=0, description="--cpus-per-task (one task per job: the stage)")
+    mem: Annotated[str, AfterValidator(_slurm_memory)] | None = Field(None, description="--mem per node, e.g. 200G")
+    sbatch_lines: list[Annotated[str, AfterValidator(_sbatch_option)]] = Field(
+        default_factory=list, description="more #SBATCH options for every job, e.g. [--constraint=h100, --exclusive]"
+    )
+    setup: str = Field("", description="shell lines each job runs before its stage (modules, conda, PYTHONPATH)")
+    command: str | None = Field(
+        None,
+        description="the toolkit's command in each job, e.g. /shared/length-control/run.sh (which picks the gpu "
+        "profile on a GPU node); default: the submitting Python's `-m length_control.cli`, whose path the nodes "
+        "must see",
+    )
+
+
+class ClusterSpec(StrictModel):
+    slurm: SlurmSpec
+
+
 class Recipe(EvalRecipe):
     budget: int = Field(gt=0, description="B: thinking tokens before the thinking is closed (30,000 in the report)")
     prompts: PromptsSpec
@@ -463,6 +526,7 @@ class Recipe(EvalRecipe):
     conditioning: ConditioningSpec | None = Field(
         None, description="train one model on several budgets, each stated in the prompt (budget-conditioned stopping)"
     )
+    cluster: ClusterSpec | None = Field(None, description="where the stages run: absent, here; `slurm:`, as Slurm jobs")
 
 
 # ---------------------------------------------------------------- loading
@@ -569,6 +633,11 @@ def _cross_checks(recipe: Recipe) -> list[str]:
             "(one model each); remove it and list the seeds there, e.g. train.seeds=[0,1,2]"
         )
     problems += _conditioning_problems(recipe)
+    if recipe.cluster is not None and recipe.loop.until_overlong is not None:
+        problems.append(
+            "loop.until_overlong: the closed loop does not run through Slurm yet; set loop.until_overlong=null, "
+            "or run it here with cluster=null"
+        )
     mix = recipe.splice.sft_mix
     if mix is not None and mix.dataset is None and recipe.model.demo is None:
         problems.append(

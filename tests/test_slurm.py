@@ -1,0 +1,424 @@
+"""Runs through Slurm (`slurm.py`): the job scripts as written, and chains submitted to a real one-host cluster.
+
+The cluster fixture starts Debian's Slurm (slurmctld, two slurmd as the fake nodes n1 and n2, and munged) in a
+temporary folder, on free ports, and stops each daemon by its pid at the end; it skips with the install line
+where Slurm is absent. The stage-level tests run the toolkit's own stage commands as jobs on the scripted
+policy: generate is done here by the scripted engine, splice runs as a job, and training fails at once for want
+of the Axolotl environment (the jobs' LC_ENVS_DIR is empty), so a chain's failure path costs seconds. The
+engine test runs the demo through Slurm with the real engines and compares its report with a run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from length_control import cli, generate, pipeline, slurm
+from length_control.contracts import RunLayout, is_finished
+from length_control.envs import envs_dir, profile
+from length_control.errors import UserError
+from length_control.fake_engine import ScriptedEngine, transcripts
+from length_control.recipe import load_recipe
+
+from conftest import REPO, demo_recipe
+from test_stages_fake import CUT, LONG, SHORT, Ids, make_recipe
+
+INSTALL = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
+NODES = ("n1", "n2")
+
+
+# ---------------------------------------------------------------- a one-host cluster
+
+
+@dataclass(frozen=True)
+class Cluster:
+    folder: Path
+    conf: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _slurm_conf(folder: Path, ports: list[int]) -> str:
+    """One host as two nodes of one CPU each; the settings a one-host cluster needs (docs: the Slurm notes)."""
+    nodes = "\n".join(
+        f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs=1 RealMemory=1000"
+        for name, port in zip(NODES, ports[2:])
+    )
+    return f"""ClusterName=lctest
+SlurmctldHost=localhost
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={folder}/munge.socket
+SlurmUser=root
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool-%n
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd-%n.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=200
+SchedulerParameters=batch_sched_delay=0
+KillWait=2
+{nodes}
+PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _stop(pid_file: Path) -> None:
+    """Stop a daemon by the pid it wrote: TERM, then KILL if it lingers."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 2.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    missing = [tool for tool in ("slurmctld", "slurmd", "sbatch", "munged", "mungekey") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"Slurm is not installed here ({', '.join(missing)} missing): {INSTALL}")
+    if os.geteuid() != 0:
+        pytest.skip("a one-host Slurm cluster starts its slurmd as root (as CI runs)")
+    # munged wants every folder above its socket searchable by all: not pytest's tmp_path (mode 700)
+    folder = Path(tempfile.mkdtemp(prefix="lc-slurm-"))
+    folder.chmod(0o755)
+    conf = folder / "slurm.conf"
+    conf.write_text(_slurm_conf(folder, [_free_port() for _ in range(2 + len(NODES))]))
+    daemons = [folder / "slurmctld.pid", *(folder / f"slurmd-{name}.pid" for name in NODES), folder / "munged.pid"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", str(conf))
+        try:
+            subprocess.run(["mungekey", "--create", f"--keyfile={folder}/munge.key"], check=True)
+            munged = ["munged", f"--socket={folder}/munge.socket", f"--key-file={folder}/munge.key"]
+            munged += [f"--pid-file={folder}/munged.pid", f"--log-file={folder}/munged.log"]
+            subprocess.run([*munged, f"--seed-file={folder}/munged.seed"], check=True)
+            subprocess.run(["slurmctld", "-f", str(conf)], check=True)
+            for name in NODES:
+                subprocess.run(["slurmd", "-f", str(conf), "-N", name], check=True)
+            _wait_for(lambda: _idle_nodes() == len(NODES), 30, f"two idle nodes (logs in {folder})")
+            yield Cluster(folder, conf)
+        finally:
+            subprocess.run(["scancel", "--full", "--user=root"], capture_output=True)
+            for pid_file in daemons:
+                _stop(pid_file)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _idle_nodes() -> int:
+    done = subprocess.run(["sinfo", "--noheader", "--states=idle", "--format=%D"], capture_output=True, text=True)
+    return sum(int(count) for count in done.stdout.split()) if done.returncode == 0 else 0
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {seconds} s for {what}")
+        time.sleep(0.25)
+
+
+def _wait_until_ended(folder: Path, seconds: float = 120) -> None:
+    """Until no job of the chain recorded in `folder` is queued or running."""
+    _wait_for(lambda: not slurm.active_jobs(folder), seconds, f"the jobs of {folder} to end")
+
+
+# ---------------------------------------------------------------- chains of trivial jobs
+
+
+def _chain(folder: Path, jobs: list[slurm.Job]) -> slurm.Chain:
+    return slurm.Chain(folder, jobs, {"run": "trivial", "output_dir": str(folder), "up_to_date": []})
+
+
+def _appending(folder: Path, name: str, *commands: str) -> slurm.Job:
+    """A job that runs `commands`, then appends its name to order.txt."""
+    return slurm.job(name, folder, ["--time=1:00"], [*commands, f"echo {name} >> {folder}/order.txt"])
+
+
+def test_a_chain_runs_in_its_order_and_status_reads_it(cluster: Cluster, tmp_path: Path) -> None:
+    # each job sleeps less than the one before: without the dependencies they would end in reverse
+    jobs = [_appending(tmp_path, name, f"sleep {pause}") for name, pause in (("a", 2), ("b", 1), ("c", 0))]
+    records = slurm.submit(_chain(tmp_path, jobs))
+    assert [record["after"] for record in records] == [None, records[0]["id"], records[1]["id"]]
+    _wait_until_ended(tmp_path)
+    assert (tmp_path / "order.txt").read_text().split() == ["a", "b", "c"]
+    text = slurm.status(tmp_path)
+    for record in records:
+        assert f"{record['stage']:<12} job {record['id']:<8} COMPLETED" in text
+    assert slurm.exit_status(records[2]) == 0
+
+
+def test_a_failed_job_cancels_the_rest_and_status_shows_its_exit_and_log(cluster: Cluster, tmp_path: Path) -> None:
+    jobs = [_appending(tmp_path, "a", "echo 'the stage broke here'", "exit 3"), _appending(tmp_path, "b")]
+    records = slurm.submit(_chain(tmp_path, jobs))
+    _wait_until_ended(tmp_path)
+    text = slurm.status(tmp_path)
+    assert f"job {records[0]['id']:<8} FAILED (NonZeroExitCode, exit 3)" in text
+    assert "| the stage broke here" in text
+    assert f"job {records[1]['id']:<8} CANCELLED (DependencyNeverSatisfied)" in text  # not pending forever
+    assert not (tmp_path / "order.txt").exists()
+
+
+def test_cancel_ends_a_running_job_and_the_queued_ones(cluster: Cluster, tmp_path: Path) -> None:
+    jobs = [_appending(tmp_path, "a", "sleep 120"), _appending(tmp_path, "b")]
+    records = slurm.submit(_chain(tmp_path, jobs))
+    _wait_for(lambda: slurm.queue_states([records[0]["id"]])[records[0]["id"]].state == "RUNNING", 30, "a to run")
+    assert slurm.active_jobs(tmp_path) == [records[0]["id"], records[1]["id"]]
+    assert slurm.cancel(tmp_path) == f"cancelled 2 jobs of trivial: a {records[0]['id']}, b {records[1]['id']}"
+    _wait_until_ended(tmp_path, 30)
+    assert "CANCELLED (exit 143)" in slurm.status(tmp_path).splitlines()[1]  # its exit status: 128 + SIGTERM
+    assert slurm.cancel(tmp_path) == "no job of trivial is queued or running"
+
+
+def test_a_refused_sbatch_leaves_no_half_chain(cluster: Cluster, tmp_path: Path) -> None:
+    jobs = [_appending(tmp_path, "a"), slurm.job("b", tmp_path, ["--partition=nosuchpartition"], ["true"])]
+    with pytest.raises(UserError, match="Invalid partition name"):
+        slurm.submit(_chain(tmp_path, jobs))
+    time.sleep(1)
+    assert not (tmp_path / "order.txt").exists()  # a was queued held, then cancelled
+    assert not (tmp_path / slurm.JOBS).exists()
+
+
+# ---------------------------------------------------------------- the stages as jobs
+
+
+def _recipe_file(folder: Path, policy: Path, ids: Ids) -> Path:
+    """A run on the scripted policy with its traces generated here (the scripted engine), and only the after arm."""
+    recipe = make_recipe(folder, policy, [LONG, CUT, SHORT])
+    generate.run(generate.plan(recipe), engine=ScriptedEngine(transcripts(ids.script())))
+    return folder / "recipe.yaml"
+
+
+def _cluster_override(folder: Path, **slurm_keys) -> str:
+    """The recipe's cluster section: jobs run this checkout, with no engine environment (training fails at once)."""
+    setup = f"export PYTHONPATH={REPO}; export LC_ENVS_DIR={folder / 'no-envs'}"
+    return "cluster=" + json.dumps({"slurm": {"setup": setup, "time": "10:00", **slurm_keys}})
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer_policy: Path) -> Path:
+    return tokenizer_policy
+
+
+@pytest.fixture(scope="module")
+def ids(policy: Path) -> Ids:
+    return Ids(policy)
+
+
+def test_a_run_submits_the_stages_not_up_to_date_and_a_resubmission_resumes(
+    cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
+) -> None:
+    recipe_file = _recipe_file(tmp_path, policy, ids)
+    args = [str(recipe_file), "eval.arms=[after]", _cluster_override(tmp_path)]
+    run = RunLayout(tmp_path / "run")
+
+    assert cli.main(["run", *args]) == 0
+    out = capsys.readouterr().out
+    assert "[slurm] up to date, no job: generate" in out and "[slurm] splice runs (" in out
+    chain = slurm.read_jobs(run.slurm)
+    assert [job["stage"] for job in chain["jobs"]] == ["splice", "train", "eval-after", "report"]
+    assert chain["jobs"][0]["folders"] == [str(run.stage2)] and chain["jobs"][-1]["folders"] == []
+    assert load_recipe(run.slurm / slurm.RECIPE) == load_recipe(recipe_file, args[1:])
+    _wait_until_ended(run.slurm)
+
+    assert is_finished(run.stage2)  # the splice job's work, through the toolkit's own command and lock
+    text = slurm.status(run.slurm)
+    assert f"splice       job {chain['jobs'][0]['id']:<8} COMPLETED" in text
+    assert f"train        job {chain['jobs'][1]['id']:<8} FAILED (NonZeroExitCode, exit 1)" in text
+    assert "eval-after" in text and "CANCELLED (DependencyNeverSatisfied)" in text
+    assert not (run.root / ".lock.json").exists()  # every job let go of the run folder
+
+    assert cli.main(["run", *args]) == 0  # the same command again: only what is not finished
+    out = capsys.readouterr().out
+    assert "[slurm] up to date, no job: generate, splice" in out and "[slurm] train runs (" in out
+    assert [job["stage"] for job in slurm.read_jobs(run.slurm)["jobs"]] == ["train", "eval-after", "report"]
+    _wait_until_ended(run.slurm)
+
+
+def test_waiting_jobs_refuse_a_second_submission_and_cancel_ends_them(
+    cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
+) -> None:
+    recipe_file = _recipe_file(tmp_path, policy, ids)
+    later = _cluster_override(tmp_path, sbatch_lines=["--begin=now+3600"])  # queued, not started for an hour
+    assert cli.main(["run", str(recipe_file), "eval.arms=[after]", later]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(recipe_file), "eval.arms=[after]", later]) == 2
+    assert "are still queued or running" in capsys.readouterr().err
+
+    assert cli.main(["status", str(recipe_file), "eval.arms=[after]", later]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "generate     up to date at submission, no job" in lines[1]
+    assert all(" PENDING" in line for line in lines[2:6]), lines  # the reason comes once the scheduler looked
+
+    assert cli.main(["cancel", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.startswith("cancelled 4 jobs of fake: splice ")
+    _wait_until_ended(tmp_path / "run" / "slurm", 30)
+    assert cli.main(["status", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.count("CANCELLED") == 4
+
+
+@pytest.mark.engine
+def test_the_demo_runs_through_slurm_to_the_report_of_a_run_here(cluster: Cluster, tmp_path: Path) -> None:
+    """The demo recipe as Slurm jobs on the CPU (one seed, to keep it to minutes): every stage's job completes,
+    and the report's figures are those of the same recipe run here."""
+    one_seed = "train.seeds=[0]"
+    pipeline.run(demo_recipe([f"output_dir={tmp_path / 'here'}", one_seed]), echo=lambda line: None)
+    section = {"slurm": {"setup": f"export PYTHONPATH={REPO}", "time": "60:00"}}
+    demo = str(REPO / "recipes" / "demo-cpu.yaml")
+    assert cli.main(["run", demo, f"output_dir={tmp_path / 'jobs'}", one_seed, f"cluster={json.dumps(section)}"]) == 0
+    folder = RunLayout(tmp_path / "jobs").slurm
+    _wait_until_ended(folder, 3600)
+    text = slurm.status(folder)
+    assert text.count(" COMPLETED") == len(pipeline.STAGE_NAMES), text
+    here, there = (json.loads((tmp_path / name / "report" / "report.json").read_text()) for name in ("here", "jobs"))
+    assert (there["arms"], there["benchmarks"]) == (here["arms"], here["benchmarks"])
+
+
+# ---------------------------------------------------------------- the scripts as written (no cluster)
+
+
+def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
+    tmp_path: Path, policy: Path, monkeypatch, capsys
+) -> None:
+    envs = tmp_path / "envs" / profile()  # the vLLM environment without Axolotl's: no check of the rendered configs
+    envs.mkdir(parents=True)
+    (envs / "vllm").symlink_to(envs_dir() / "vllm")
+    monkeypatch.setenv("LC_ENVS_DIR", str(envs.parent))
+    make_recipe(tmp_path, policy, [LONG, CUT, SHORT])
+    section = {
+        "partition": "gpu",
+        "account": "lc",
+        "qos": "high",
+        "time": "04:00:00",
+        "stage_time": {"train": "2-00:00:00"},
+        "gpus_per_node": 8,
+        "cpus_per_task": 32,
+        "mem": "200G",
+        "sbatch_lines": ["--exclusive", "--constraint=h100"],
+        "setup": "module load cuda/12.4",
+    }
+    assert (
+        cli.main(["run", str(tmp_path / "recipe.yaml"), "--dry-run", f"cluster={json.dumps({'slurm': section})}"]) == 0
+    )
+    folder = tmp_path / "run" / "dry-run" / "slurm"
+    assert "[slurm] 7 jobs, each after the one before (afterok): eval-before -> eval-forced" in capsys.readouterr().out
+
+    train = (folder / "train.sbatch").read_text().splitlines()
+    assert train[0] == "#!/bin/bash" and train[1].startswith("# The train stage of fake (")
+    assert train[2:14] == [
+        "#SBATCH --job-name=fake.train",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lc",
+        "#SBATCH --qos=high",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=32",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --mem=200G",
+        "#SBATCH --exclusive",
+        "#SBATCH --constraint=h100",
+    ]
+    assert train[14] == f"#SBATCH --output={folder}/logs/train-%j.log"
+    assert train[-2:] == [
+        "module load cuda/12.4",
+        f"{sys.executable} -m length_control.cli run {folder}/recipe.yaml --stage train",
+    ]
+    assert (
+        cli.main(
+            [
+                "run",
+                str(tmp_path / "recipe.yaml"),
+                "--dry-run",
+                f"cluster={json.dumps({'slurm': section})}",
+                "cluster.slurm.command=/shared/lc/run.sh",
+            ]
+        )
+        == 0
+    )
+    assert (folder / "report.sbatch").read_text().splitlines()[-1] == (
+        f"/shared/lc/run.sh run {folder}/recipe.yaml --stage report"
+    )
+    splice = (folder / "splice.sbatch").read_text()
+    assert "--time=04:00:00" in splice and "--gpus-per-node" not in splice  # splice and report need no GPU
+    assert "--gpus-per-node=8" in (folder / "generate.sbatch").read_text()
+
+    submit = (folder / slurm.SUBMIT).read_text()
+    assert "eval_before=$(sbatch --parsable eval-before.sbatch)" in submit
+    assert "report=$(sbatch --parsable --dependency=afterok:${eval_after%%;*} --kill-on-invalid-dep=yes" in submit
+    assert subprocess.run(["bash", "-n", str(folder / slurm.SUBMIT)]).returncode == 0
+    recipe = yaml.safe_load((folder / slurm.RECIPE).read_text())
+    assert recipe["cluster"]["slurm"]["partition"] == "gpu" and Path(recipe["output_dir"]).is_absolute()
+    assert (folder / "logs").is_dir()  # Slurm does not make the log folder
+
+
+def test_a_job_that_slurm_forgot_is_read_from_its_exit_status_and_manifests(tmp_path: Path) -> None:
+    record = {"id": "7", "log": str(tmp_path / "generate-7.log"), "folders": [str(tmp_path / "generate")]}
+    assert slurm.job_state(record, {}) == ("never ran (no longer in Slurm's queue: cancelled)", False)
+    Path(record["log"]).write_text("started\nKilled\n")
+    assert slurm.job_state(record, {}) == (
+        "ended without an exit status (cancelled, out of time, or its node failed)",
+        True,
+    )
+    Path(record["log"]).with_suffix(".exit").write_text("143\n")
+    assert slurm.job_state(record, {}) == ("ended by SIGTERM (cancelled or out of time; exit 143)", True)
+    Path(record["log"]).with_suffix(".exit").write_text("0\n")
+    assert slurm.job_state(record, {}) == ("COMPLETED", False)
+    assert slurm.job_state(record, {"7": slurm.QueueState("RUNNING", "None")}) == ("RUNNING (exit 0)", False)
+
+
+def test_the_cluster_section_is_checked_with_the_fix(tmp_path: Path, policy: Path, capsys) -> None:
+    make_recipe(tmp_path, policy, [SHORT])
+    bad = {"time": "4 hours", "stage_time": {"trian": "1:00"}, "mem": "lots", "sbatch_lines": ["-x"]}
+    assert cli.main(["validate", str(tmp_path / "recipe.yaml"), f"cluster={json.dumps({'slurm': bad})}"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster.slurm.time = '4 hours': '4 hours' is not a Slurm time limit; write HH:MM:SS" in err
+    assert "cluster.slurm.stage_time.trian" in err and "'eval-before'" in err
+    assert "cluster.slurm.mem = 'lots'" in err and "cluster.slurm.sbatch_lines[0] = '-x'" in err
+    loop = ["cluster={slurm: {}}", "loop.until_overlong=0.01"]
+    assert cli.main(["validate", str(tmp_path / "recipe.yaml"), *loop]) == 2
+    assert "the closed loop does not run through Slurm yet" in capsys.readouterr().err
+
+
+def test_the_recipe_names_the_pipelines_stages() -> None:
+    from length_control import pipeline
+    from length_control.recipe import STAGE_NAMES
+
+    assert list(STAGE_NAMES) == pipeline.STAGE_NAMES
