@@ -13,6 +13,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -50,3 +52,25 @@ def test_endpoint_client() -> None:
     assert lines[0] == "stub server (instant replies, own process): 64 requests a round, 1 rounds"
     assert lines[-2] == "token ids: 0 of 64 request pairs differ (engine vs bare, same round)"
     assert lines[-1].startswith("endpoint engine / bare async client: median ")
+
+
+@pytest.mark.engine
+def test_engine_mode() -> None:
+    lines = bench("engine_mode.py", "--smoke", timeout=600)
+    assert lines[-3] == "same token ids on both sides: True"
+    assert lines[-2].startswith("start: three processes ") and lines[-1].startswith("generate: three processes ")
+
+
+@pytest.mark.engine
+def test_generate_overhead() -> None:
+    lines = bench("generate_overhead.py", "--smoke", timeout=600)
+    assert lines[-3].startswith("8 trace requests per side, B = 640, shards of 32; ")
+    assert lines[-2].startswith("generation phase, generate stage / bare vLLM script: median ")
+    assert lines[-1].startswith("whole run, generate stage / bare vLLM script: median ")
+
+
+@pytest.mark.engine
+def test_thinking_budget() -> None:
+    lines = bench("thinking_budget.py", "--smoke", timeout=600)
+    assert lines[-4].startswith("8 prompts, budget 126, ")
+    assert lines[-1].startswith("one pass / two passes: ")
