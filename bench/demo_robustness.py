@@ -2,6 +2,7 @@
 
     .envs/cpu/vllm/bin/python bench/demo_robustness.py [--build-seeds 1 2] [--kernels native avx2]
                                                        [--out runs/bench-robustness] [key=value ...]
+    .envs/cpu/vllm/bin/python bench/demo_robustness.py --smoke [--cli STAND-IN]   # one small run
 
 The demo recipe trains stage 2 on three seeds of one stage-1 build; another
 build of the policy (`model.demo.seed`) is another draw of what stage 2
@@ -28,6 +29,12 @@ AVX-512 (`torch.cpu._is_avx512_supported()`), so its attention kernels stay
 AVX-512; the bench prints what torch and vLLM pick in each setting. Recipe
 overrides (`key=value`) try another setting of the recipe's levers
 everywhere. The table and the verdict are printed last, with the time taken.
+
+`--smoke`: one run, native kernels and the first build seed, at a small size
+(`SMOKE`: 24 prompts, one stage-2 seed, 2 samples a problem): minutes, not
+an hour. The unit tests run it with `--cli` naming a stand-in for
+`length-control` that validates the recipe and the overrides it is given
+and writes a report, so the bench's own code runs in seconds.
 """
 
 from __future__ import annotations
@@ -45,6 +52,14 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_OVERLONG_AFTER = 0.01
 MAX_POINTS_BELOW_FORCED = 0.02
 MIN_AGREEMENT = 0.98
+
+SMOKE = [
+    "prompts.sources=[{source: ../prompts_sources/demo_train.yaml, sample: 24}]",
+    "train.seeds=[0]",
+    "train.parallel=1",
+    "eval.sets=[{source: ../prompts_sources/demo_count.yaml, samples_per_problem: 2}, "
+    "{source: ../prompts_sources/demo_check.yaml, samples_per_problem: 2}]",
+]
 
 KERNEL_PROBE = """
 import torch
@@ -113,10 +128,14 @@ def main() -> int:
     parser.add_argument("--kernels", nargs="+", choices=["native", "avx2"], default=["native", "avx2"])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-robustness")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.overrides.learning_rate=1e-4")
+    parser.add_argument("--smoke", action="store_true", help="one small run: native kernels, the first build seed")
+    parser.add_argument("--cli", type=Path, help="the length-control command (default: this Python's)")
     args = parser.parse_args()
+    if args.smoke:
+        args.kernels, args.build_seeds, args.overrides = ["native"], args.build_seeds[:1], SMOKE + args.overrides
 
     python = Path(sys.executable)
-    cli = python.with_name("length-control")
+    cli = args.cli or python.with_name("length-control")
     started = time.monotonic()
     lines, notes = [], []
     choices = {kernels: kernel_choice(python, kernels) for kernels in args.kernels}

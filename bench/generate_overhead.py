@@ -1,6 +1,7 @@
 """How much the generate stage costs over a bare vLLM script doing the same work.
 
     .envs/cpu/vllm/bin/python bench/generate_overhead.py [--samples 1] [--rounds 5]
+    .envs/cpu/vllm/bin/python bench/generate_overhead.py --smoke   # one round at smoke size (the engine tests)
 
 Both sides generate the same trace requests, then the same answer requests
 for the traces that ran into the budget, with the same engine settings and
@@ -24,6 +25,10 @@ takes to the last result it gives, on the engine process's own clock).
 Rounds alternate (bare, toolkit, bare, ...) so machine noise hits both; the
 ratios printed last are toolkit / bare, median and range over the rounds
 (targets: generation phase <= 1.02, whole run <= 1.05).
+
+`--smoke`: one round on 8 prompts, the random weights in the shape of the
+smoke size's tiny policy (bench/smoke.py): the same code; the two engine
+starts are most of it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported; progress bars would bury the figures
+
+from smoke import RECIPE_OVERRIDES  # noqa: E402  (bench/smoke.py)
 
 from length_control import demo, generate  # noqa: E402
 from length_control.engine import open_engine  # noqa: E402
@@ -169,12 +176,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1, help="samples per prompt (240 demo prompts)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="one round at smoke size (bench/smoke.py)")
     args = parser.parse_args()
+    smoke_size = RECIPE_OVERRIDES if args.smoke else []
+    if args.smoke:
+        args.rounds, args.samples = 1, 1
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
-        trained = Path(policy_path(demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml")).model))
+        trained = Path(policy_path(demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml", smoke_size)).model))
         recipe = load_recipe(
             REPO / "recipes" / "demo-cpu.yaml",
             [
+                *smoke_size,
                 *WORKLOAD,
                 "model.demo=null",
                 f"model.path={random_policy(trained, Path(scratch) / 'policy')}",

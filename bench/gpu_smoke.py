@@ -400,7 +400,7 @@ def forced_close(recipe: Recipe, model: str, traces: list[dict], answers: list[d
     """One case-1 trace, checked against the library's rule: cut at B (cut.CutPolicy.cut), the forced close's
     ids appended, and the answer the engine wrote after them ending with an id the turn ends on."""
     tokenizer = load_tokenizer(model)
-    think = think_tokens(model, tokenizer, recipe.model.think)
+    think = think_tokens(model, tokenizer, recipe.model)
     forced = recipe.model.think.forced_close
     case1 = [answer for answer in answers if answer["case"] == 1]
     if not case1:

@@ -1,6 +1,7 @@
 """Grading on all cores: the same code samples graded serially and in the process pool.
 
     .envs/cpu/vllm/bin/python bench/grade_parallel.py [--samples 96] [--tests 12] [--rounds 3]
+    .envs/cpu/vllm/bin/python bench/grade_parallel.py --smoke   # seconds (the unit tests run it)
 
 LiveCodeBench-shaped samples (stdin problems with `--tests` tests each, a few
 thousand numbers a test; two in three right, the rest wrong from the first test),
@@ -10,6 +11,9 @@ alternating rounds. Each round also times a pure-CPU reference (Python loops,
 one after the other and one per core at once): its ratio is what the machine
 could give at that moment, as other work on the cores lowers both. Prints each
 side's median, the cost per test case run, and the two ratios last.
+
+`--smoke`: 3 samples of 2 tests, one round, a reference loop a fifteenth as
+long: the same code, in seconds; its ratios say nothing.
 """
 
 from __future__ import annotations
@@ -59,9 +63,9 @@ def samples(count: int, tests: int, seed: int = 0) -> tuple[list[tuple[str, str,
     return jobs, runs
 
 
-def cpu_reference(cores: int) -> tuple[float, float]:
+def cpu_reference(cores: int, iterations: int = 3_000_000) -> tuple[float, float]:
     """Seconds for 2 x `cores` CPU-bound Python processes one after the other, then `cores` at a time."""
-    loop = [sys.executable, "-c", "total = 0\nfor i in range(3_000_000): total += i"]
+    loop = [sys.executable, "-c", f"total = 0\nfor i in range({iterations}): total += i"]
     started = time.perf_counter()
     for _ in range(2 * cores):
         subprocess.run(loop, check=True)
@@ -78,14 +82,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--tests", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="3 samples of 2 tests, one round: seconds")
     args = parser.parse_args()
+    iterations = 3_000_000
+    if args.smoke:
+        args.samples, args.tests, args.rounds, iterations = 3, 2, 1, 200_000
     jobs, runs = samples(args.samples, args.tests)
     load = os.getloadavg()[0]
     cores = len(os.sched_getaffinity(0))
     times: dict[str, list[float]] = {"serial": [], "parallel": []}
     verdicts, references = {}, []
     for _ in range(args.rounds):
-        serial, parallel = cpu_reference(cores)
+        serial, parallel = cpu_reference(cores, iterations)
         references.append(serial / parallel)
         for name, workers in (("serial", 1), ("parallel", None)):
             started = time.perf_counter()

@@ -1,6 +1,7 @@
 """Do the stage-2 build and generate's bookkeeping stream? Peak memory at two sizes of long traces.
 
     .envs/cpu/vllm/bin/python bench/splice_memory.py [--small 200] [--large 2000] [--tokens 30000]
+    .envs/cpu/vllm/bin/python bench/splice_memory.py --smoke   # seconds (the unit tests run it)
 
 Writes synthetic generate shards (256 traces each, as the generate stage
 does) of case-1 traces with `--tokens` output tokens drawn from a
@@ -10,6 +11,9 @@ each set and computes the generate stage's summary of it (the counts its
 manifest holds), and reports that process's peak resident memory (its
 VmHWM). Flat means the large/small ratio stays near 1 while the data grows
 10x; printed last.
+
+`--smoke`: 3 and 6 traces of 200 tokens: the same code, in seconds; at that
+size the ratio measures the interpreter, not the build.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ from length_control import contracts, splice
 from length_control.recipe import SpliceSpec
 
 
-class Recipe:  # the two settings the row builder reads (no sequence_len: nothing is cut)
+class Recipe:  # the settings the row builder reads (no sequence_len: nothing is cut)
     budget = int(sys.argv[2])
     splice = SpliceSpec()
+    conditioning = None
 
 
 started = time.perf_counter()
@@ -57,11 +62,14 @@ print(json.dumps({"rows": summary["rows"], "seconds": time.perf_counter() - star
 
 
 def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
+    """A finished generate folder of `traces` case-1 traces, each cut after `tokens` thinking tokens (its
+    manifest is a stage's own: splice reads from it the budget the traces were cut at)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from length_control import contracts
+    from length_control.artifacts import Stage
     from length_control.think import Termination
 
     rng = np.random.default_rng(seed)
@@ -92,6 +100,9 @@ def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
                     "prompt_id": i,
                     "sample": 0,
                     "case": 1,
+                    "close_at": tokens,
+                    "cut_back": 0,
+                    "thinking_start": 0,
                     "close_token_ids": [NEWLINE, THINK_CLOSE],
                     "answer_token_ids": rng.integers(0, 150_000, 300, dtype=np.int32).tolist() + [EOS],
                     "finish_reason": "stop",
@@ -104,6 +115,7 @@ def write_shards(folder: Path, traces: int, tokens: int, seed: int = 0) -> None:
         pq.write_table(traces_table, folder / f"traces-{shard:05d}.parquet")
     termination = Termination(eos_id=EOS, forced_close_ids=[NEWLINE, THINK_CLOSE], forced_close_tag_start=1)
     contracts.write_termination(folder, termination)
+    Stage(folder, inputs={}, config={"budget": tokens}, versions={}).finish(traces=traces, ended_within_budget=0)
 
 
 def measure(folder: Path, budget: int, scratch: Path, job: str) -> dict:
@@ -122,7 +134,10 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--large", type=int, default=2000)
     parser.add_argument("--tokens", type=int, default=30000)
+    parser.add_argument("--smoke", action="store_true", help="3 and 6 traces of 200 tokens: seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.small, args.large, args.tokens = 3, 6, 200
     with tempfile.TemporaryDirectory(prefix="lc-bench-") as scratch:
         results = {}
         for name, traces in (("small", args.small), ("large", args.large)):

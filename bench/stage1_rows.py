@@ -2,6 +2,7 @@
 
     .envs/cpu/vllm/bin/python bench/stage1_rows.py OUT.parquet [--seed 0]
     ./run.sh run recipes/demo-cpu.yaml 'splice.sft_mix.dataset={path: OUT.parquet}' ...
+    .envs/cpu/vllm/bin/python bench/stage1_rows.py OUT.parquet --smoke   # seconds (the unit tests run it)
 
 The demo's `stage1_sft.parquet` holds the full conversations only. Stage 1
 also trained "interrupted" ones (the thinking closed after a random line,
@@ -12,6 +13,10 @@ assistant turn, the interrupted ones on what follows the close), drawn as
 the build draws them, so that stage 2's mix can hold exactly what stage 1
 trained; the README's "Stage 2 changes the stop and nothing else" compares
 it with the shipped mix.
+
+`--smoke`: the rows of a demo policy built on 12 conversations in 2 steps
+(`smoke.TINY_DEMO`, seconds to build, cached like any build): the same code,
+in seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from smoke import TINY_DEMO  # noqa: E402  (bench/smoke.py)
 
 from length_control.chat import assistant_only_row  # noqa: E402
 from length_control.contracts import IGNORE  # noqa: E402
@@ -38,12 +45,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="the demo policy's build seed (model.demo.seed)")
+    parser.add_argument("--smoke", action="store_true", help="a demo policy of 12 conversations: seconds")
     args = parser.parse_args()
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    spec = DemoModelSpec(seed=args.seed)
+    spec = DemoModelSpec(seed=args.seed, **(TINY_DEMO if args.smoke else {}))
     tokenizer = load_tokenizer(str(cached_build(spec) / "model"))
     think = ThinkTokens(tokenizer, ThinkTags())
     problems = demo_task.make_problems(spec.train_problems, spec.seed, prefix="sft")

@@ -1,6 +1,7 @@
 """Can vLLM's thinking budget close case 1 in one pass, exactly, and faster?
 
     .envs/cpu/vllm/bin/python bench/thinking_budget.py [--rounds 3]
+    .envs/cpu/vllm/bin/python bench/thinking_budget.py --smoke   # one round at smoke size (the engine tests)
 
 Case 1 of the recipe: cut the thinking at exactly B thinking tokens, append
 `forced_close`, let the policy answer. Two ways, on the demo policy's 240
@@ -16,10 +17,14 @@ vLLM counts the budget in tokens after `<think>`, as B is counted, so the
 one-pass budget is B. Prints
 how often the one-pass close sits where the two-pass rule puts it, then the
 time ratio one-pass / two-pass last.
+
+`--smoke`: one round of the demo recipe at smoke size (bench/smoke.py: a
+tiny policy, 8 prompts): the same code; the engine start is most of it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -30,6 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from smoke import RECIPE_OVERRIDES  # noqa: E402  (bench/smoke.py)
 
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 
@@ -100,8 +107,12 @@ def main() -> None:
     from length_control.recipe import load_recipe
     from length_control.think import ThinkTokens
 
-    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
-    recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="one round at smoke size (bench/smoke.py)")
+    args = parser.parse_args()
+    rounds = 1 if args.smoke else args.rounds
+    recipe = demo.resolve(load_recipe(REPO / "recipes" / "demo-cpu.yaml", RECIPE_OVERRIDES if args.smoke else []))
     model = policy_path(recipe.model)
     tokenizer = load_tokenizer(model)
     think = ThinkTokens(tokenizer, recipe.model.think)

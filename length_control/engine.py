@@ -118,12 +118,22 @@ def request_seed(run_seed: int, prompt_id: str, sample: int) -> int:
 
 
 def sample_request(
-    prompt_id: str, sample: int, prompt_token_ids: list[int], *, max_tokens: int, run_seed: int, sampling
+    prompt_id: str,
+    sample: int,
+    prompt_token_ids: list[int],
+    *,
+    max_tokens: int,
+    run_seed: int,
+    sampling,
+    stop_token_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Sample `sample` of a prompt: the one request builder of generate and evaluate.
 
     Its seed comes from (run seed, prompt id, sample), so a sample is the same
     whatever else is in the batch, and a rerun asks for the same tokens.
+    `stop_token_ids`: ids to stop on besides the engine's own (the eos_token
+    and the generation config's), `ThinkTokens.stop_ids`; the answer pass
+    after a close inherits them.
     """
     return {
         "key": f"{prompt_id}#{sample}",
@@ -133,6 +143,7 @@ def sample_request(
         "max_tokens": max_tokens,
         "seed": request_seed(run_seed, prompt_id, sample),
         **sampling.model_dump(),
+        **({"stop_token_ids": list(stop_token_ids)} if stop_token_ids else {}),
     }
 
 

@@ -35,7 +35,7 @@ from length_control.cut import CutPolicy
 from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request, shorter_result
 from length_control.errors import DataError, EmptyOutput
 from length_control.grading import grade_many
-from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
+from length_control.policy import end_token_config, load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import EvalRecipe, Recipe
 from length_control.sources import load_source_spec
@@ -126,6 +126,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
             "seed": recipe.seed,
             "eval": recipe.section("eval"),
             "think": recipe.section("model")["think"],
+            **end_token_config(recipe.model),
             "budget": recipe.budget,
             "instruction": recipe.stated_budget(),
             "early_close_positions": recipe.eval.early_close_positions,
@@ -137,7 +138,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         return stage.read_manifest()["summary"]
 
     tokenizer = load_tokenizer(plan.model)
-    think = think_tokens(plan.model, tokenizer, recipe.model.think)
+    think = think_tokens(plan.model, tokenizer, recipe.model)
     problems, requests, too_long = [], [], {}
     for eval_set in recipe.eval.sets:
         spec = load_source_spec(eval_set.source)
@@ -160,6 +161,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
                     max_tokens=room,
                     run_seed=recipe.seed,
                     sampling=recipe.eval.sampling,
+                    stop_token_ids=think.stop_ids,
                 )
                 for sample in range(eval_set.samples_per_problem)
             ]
@@ -189,7 +191,9 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
                 engine, traces, recipe.budget, think, recipe.eval.early_close_positions
             )
         if arm == "forced":
-            found[DRIFT] = probes.answer_drift(engine, samples, answer_starts, recipe.context_limit)
+            found[DRIFT] = probes.answer_drift(
+                engine, samples, answer_starts, recipe.context_limit, stop_token_ids=think.stop_ids
+            )
         elif arm == "before" and recipe.budget is not None:
             found[DRIFT] = probes.answer_drift(
                 engine,
@@ -197,13 +201,16 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
                 probes.own_answer_starts(samples, recipe.budget, think),
                 recipe.context_limit,
                 close="own",
+                stop_token_ids=think.stop_ids,
             )
         else:  # the after arm: the same answers, against the forced and the before arm's records
             found[DRIFT] = [
                 record
                 for name, arm_samples in (("drift reference", None), ("probe traces", traces))
                 if name in plan.inputs
-                for record in _drift_against(engine, plan.inputs[name], arm_samples, recipe.context_limit)
+                for record in _drift_against(
+                    engine, plan.inputs[name], arm_samples, recipe.context_limit, think.stop_ids
+                )
             ]
 
     contracts.write_records(folder / SAMPLES, samples, SAMPLES_SCHEMA)
@@ -295,7 +302,7 @@ def _forced(
 
 
 def _drift_against(
-    engine, folder: Path, samples: list[dict[str, Any]] | None, context_limit: int
+    engine, folder: Path, samples: list[dict[str, Any]] | None, context_limit: int, stop_token_ids: list[int]
 ) -> list[dict[str, Any]]:
     """The answer-drift probe on the samples of another arm (forced or before; `samples` when already read),
     against that arm's own records."""
@@ -310,6 +317,7 @@ def _drift_against(
         context_limit,
         reference=reference,
         close=reference[0]["close"],
+        stop_token_ids=stop_token_ids,
     )
 
 

@@ -32,7 +32,8 @@ class ScriptedEngine:
     """An `engine.Engine` that writes what `continuation` says.
 
     A request is answered with the first `max_tokens` tokens of the
-    continuation of its prompt: "length" when the continuation is longer,
+    continuation of its prompt, up to and with the first of its
+    `stop_token_ids` as vLLM stops: "length" when the continuation is longer,
     else all of it and "stop". A `score_tail` request writes nothing (the probes
     read only its `tail_logprobs`, so no script needs its contexts); they come
     from `logprob`; by default a token is certain when the script would write
@@ -71,7 +72,7 @@ class ScriptedEngine:
     def _result(self, request: dict[str, Any]) -> dict[str, Any]:
         prompt = list(request["prompt_token_ids"])
         # a probe's scoring request never reads the token it makes the engine write: none is scripted
-        written = [] if request.get("score_tail") else self.continuation(prompt)
+        written = [] if request.get("score_tail") else _up_to_stop(self.continuation(prompt), request)
         limit = request["max_tokens"]
         result = {
             "key": request["key"],
@@ -86,6 +87,13 @@ class ScriptedEngine:
 
     def _scripted_logprob(self, context: list[int], token: int) -> float:
         return 0.0 if self.continuation(context)[:1] == [token] else UNLIKELY
+
+
+def _up_to_stop(written: list[int], request: dict[str, Any]) -> list[int]:
+    """What the engine writes of `written` when it stops on the request's `stop_token_ids`: up to the first."""
+    stops = set(request.get("stop_token_ids") or ())
+    end = next((at + 1 for at, token in enumerate(written) if token in stops), len(written))
+    return written[:end]
 
 
 def transcripts(table: Mapping[tuple[int, ...], Sequence[int]]) -> Continuation:

@@ -23,8 +23,8 @@ see `engine.Engine`), so a resumed run writes the same bytes as an
 uninterrupted one.
 
 The records are `contracts.TRACES` and `contracts.ANSWERS`;
-`termination.json` holds the EOS and forced-close ids, so stage 2 needs no
-tokenizer.
+`termination.json` holds the end token's and forced-close ids, so stage 2
+needs no tokenizer.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from length_control.engine import (
     shorter_result,
 )
 from length_control.errors import DataError
-from length_control.policy import load_tokenizer, model_input, policy_path, think_tokens
+from length_control.policy import end_token_config, load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import Recipe
 from length_control.sources import load_source_spec
@@ -133,6 +133,7 @@ def trace_requests(
                 max_tokens=rule.first_pass_tokens,
                 run_seed=recipe.seed,
                 sampling=recipe.generation.sampling,
+                stop_token_ids=think.stop_ids,
             )
             for sample in range(recipe.generation.samples_per_prompt)
         ]
@@ -165,6 +166,7 @@ def _stage(plan: Plan) -> Stage:
             "prompts": recipe.section("prompts"),
             "instruction": recipe.stated_budget(),
             "think": recipe.section("model")["think"],
+            **end_token_config(recipe.model),
             "cut": recipe.cut.manifest_config(),
             "scores_answers": recipe.splice.scores_answers(),
         },
@@ -181,7 +183,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     _reset_if_stale(folder, stage.expected)
 
     tokenizer = load_tokenizer(plan.model)
-    think = think_tokens(plan.model, tokenizer, recipe.model.think)
+    think = think_tokens(plan.model, tokenizer, recipe.model)
     requests, too_long = trace_requests(recipe, tokenizer, think, load_prompts(recipe))
     size = recipe.generation.shard_size
     shards = [requests[i : i + size] for i in range(0, len(requests), size)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from length_control.recipe import ModelSpec, ThinkTags
+from length_control.recipe import ModelSpec
 from length_control.think import ThinkTokens
 
 
@@ -49,6 +49,13 @@ def end_ids(model: str) -> list[int]:
     return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
-def think_tokens(model: str, tokenizer, tags: ThinkTags) -> ThinkTokens:
-    """The policy's view of its think tags and of the ids its turns end on (tokenizer and generation config)."""
-    return ThinkTokens(tokenizer, tags, end_ids(model))
+def think_tokens(model: str, tokenizer, spec: ModelSpec) -> ThinkTokens:
+    """The policy's view of its think tags and of the ids its turns end on (`spec.end_token`, the chat
+    template, the generation config)."""
+    return ThinkTokens(tokenizer, spec.think, end_ids(model), spec.end_token)
+
+
+def end_token_config(spec: ModelSpec) -> dict[str, str]:
+    """`model.end_token` for the manifest config of a stage that runs the policy, when the recipe sets it;
+    absent by default, so that run folders made before the key existed stay up to date."""
+    return {} if spec.end_token is None else {"end_token": spec.end_token}

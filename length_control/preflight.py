@@ -25,7 +25,7 @@ from length_control.policy import policy_path, think_tokens
 from length_control.prompts import SourceCheck, check_source, with_system_line
 from length_control.recipe import GPT_OSS_SWITCH, Recipe
 from length_control.sources import load_source_spec
-from length_control.think import ThinkTokens, detect_preset, turn_end
+from length_control.think import ThinkTokens, detect_preset, end_token_problem, one_token, turn_end_id
 
 ID_BYTES = 4  # token ids are int32 in every record
 
@@ -99,8 +99,11 @@ def _think_tokens(recipe: Recipe, found: Preflight) -> ThinkTokens | None:
                 f"tokenizer of {model}: not on this machine; the think tags are checked when the engine loads it"
             )
         return None
-    tags = recipe.model.think
-    think = think_tokens(model, tokenizer, tags)
+    tags, end_token = recipe.model.think, recipe.model.end_token
+    if end_token is not None and one_token(tokenizer, end_token) is None:
+        found.problems.append(end_token_problem(tokenizer, end_token))
+        return None
+    think = think_tokens(model, tokenizer, recipe.model)
     problems = []
     for key, text, ids in (
         ("open", tags.open, tokenizer.encode(tags.open, add_special_tokens=False)),
@@ -118,8 +121,11 @@ def _think_tokens(recipe: Recipe, found: Preflight) -> ThinkTokens | None:
         closed = tokenizer.encode(f"{tags.open}\nx{tags.forced_close}\n\nanswer", add_special_tokens=False)
         if think.find_close(think.forced_close_ids) is None or think.find_close(closed) is None:
             problems.append(f"model.think: {tags.close!r} is not found back in the tokenized thinking; check the tags")
-    if tokenizer.eos_token_id is None:
-        problems.append(f"model {model}: its tokenizer has no EOS token; stage 2 trains the EOS after the answer")
+    if think.eos_id is None:
+        problems.append(
+            f"model {model}: its tokenizer has no eos_token and its chat template ends no assistant turn with "
+            "one token; stage 2 trains an end token after the answer: name one with model.end_token"
+        )
     if not tokenizer.chat_template:
         problems.append(f"model {model}: its tokenizer has no chat template; prompts are chats")
     preset = detect_preset(tokenizer)
@@ -141,29 +147,43 @@ def _think_tokens(recipe: Recipe, found: Preflight) -> ThinkTokens | None:
         f"{think.close_ids}, forced close {tags.forced_close!r} = {think.forced_close_ids}, "
         f"turn ends on {think.end_ids}"
     )
-    _turn_end(tokenizer, think, model, found)
+    end_line = _end_token_line(tokenizer, think, model)
+    if end_line is not None:
+        found.notes.append(end_line)
     return think
 
 
-def _turn_end(tokenizer, think, model: str, found: Preflight) -> None:
-    """Warn when the template ends an assistant turn with a token the engine does not stop on.
+def _end_token_line(tokenizer, think: ThinkTokens, model: str) -> str | None:
+    """Which token the rows train as the stop, when the chat template's end of turn, the tokenizer's eos_token
+    and `model.end_token` do not all name the same one; and how to choose.
 
-    vLLM stops on the tokenizer's eos_token and the generation config's
-    eos_token_id list; a policy trained on its template ends its answers with
-    the template's end-of-turn token. If that is neither, the answer pass
-    runs on past the end of the answer, and stage 2 drops the row.
+    A policy trained on its template ends its answers with the template's end of turn, so the rows end with
+    that one by default; a tokenizer's eos_token may name another (SmolLM2-135M-Instruct's names
+    <|im_start|>, the token that opens a turn). vLLM stops on the eos_token and the generation config's ids
+    unasked; the end token, where it is neither, is asked for in every request (`ThinkTokens.stop_ids`).
     """
-    end = turn_end(tokenizer)
-    if end is None or think.tags.close == GPT_OSS_SWITCH:  # gpt-oss ends the final channel with <|return|>
-        return
-    ids = tokenizer.encode(end, add_special_tokens=False)
-    if ids and ids[0] not in think.end_ids:
-        found.notes.append(
-            f"warning: the chat template of {model} ends an assistant turn with {end!r} (id {ids[0]}), "
-            f"but the engine stops on {think.end_ids} (eos_token {tokenizer.eos_token!r} and the "
-            f"generation config's eos_token_id): answers would run past their end; list {ids[0]} in "
-            "generation_config.json's eos_token_id, or set eos_token to it in tokenizer_config.json"
-        )
+    eos, template_end, chosen = tokenizer.eos_token_id, turn_end_id(tokenizer, think.tags), think.eos_id
+    if chosen == eos and template_end in (None, eos):
+        return None
+
+    def name(token: int | None) -> str:
+        return "none" if token is None else f"{tokenizer.convert_ids_to_tokens(token)!r} (id {token})"
+
+    why = "model.end_token" if think.end_token is not None else "the chat template's end of turn"
+    stops = "; the engine is asked to stop on it too" if think.stop_ids else ""
+    others = {}  # the tokens not chosen, by id: what they are
+    for token, what in ((template_end, "the chat template's end of turn"), (eos, "the eos_token")):
+        if token is not None and token != chosen:
+            others[token] = others.get(token, []) + [what]
+    choose = "".join(
+        f"; to train {' and '.join(what)} instead, set model.end_token: {tokenizer.convert_ids_to_tokens(token)!r}"
+        + (" (or remove the key)" if token == template_end else "")
+        for token, what in others.items()
+    )
+    return (
+        f"end token: the rows end with {name(chosen)} and train it as the stop ({why}){stops}; the chat template "
+        f"of {model} ends an assistant turn with {name(template_end)}, its eos_token is {name(eos)}{choose}"
+    )
 
 
 def _sources(key: str, definitions: list[tuple[Path, int | None]], found: Preflight) -> dict[str, SourceCheck]:

@@ -70,6 +70,7 @@ def answer_drift(
     context_limit: int,
     reference: list[dict[str, Any]] | None = None,
     close: str = "forced",
+    stop_token_ids: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """On the forced arm's samples that were closed at B and answered (`answer_starts`: sample key -> where
     its answer starts in the output), with prefix = prompt + thinking cut at B + forced close and answer = the
@@ -82,7 +83,8 @@ def answer_drift(
     stage-1 model's own record, run in the forced arm), and `stage1_greedy_min_p` is the least probability it
     gives a token of its greedy answer (`contracts.DECIDED_P`); with it (the stage-1 records), `greedy_agrees` says
     whether this model's greedy answer is the stage-1 model's, token for token, and `stage1_greedy_min_p` is
-    the reference's.
+    the reference's. `stop_token_ids`: the end token, where the engine does not stop on it by itself
+    (`ThinkTokens.stop_ids`), so that a greedy answer ends where a sampled one does.
     """
     probed = [s for s in samples if sample_key(s) in answer_starts]
     scored, greedy, prefixes = [], [], []
@@ -91,7 +93,7 @@ def answer_drift(
         prefixes.append(prefix)
         if answer:
             scored.append(score_request(f"answer:{sample_key(s)}", prefix + answer, len(answer)))
-        greedy.append(_greedy_request(f"answer:{sample_key(s)}", prefix, context_limit - len(prefix)))
+        greedy.append(_greedy_request(f"answer:{sample_key(s)}", prefix, context_limit - len(prefix), stop_token_ids))
     nll = {score["key"]: -sum(score["tail_logprobs"]) for score in ask(engine, scored, desc="probe: answer NLL")}
     continuations = ask(engine, greedy, desc="probe: greedy answer")
     if reference is None:
@@ -227,5 +229,8 @@ def _id(sample: dict[str, Any]) -> dict[str, Any]:
     return {"benchmark": sample["benchmark"], "problem_id": sample["problem_id"], "sample": sample["sample"]}
 
 
-def _greedy_request(key: str, prompt: Sequence[int], max_tokens: int) -> dict[str, Any]:
-    return {"key": key, "prompt_token_ids": list(prompt), "max_tokens": max_tokens, "seed": 0, "temperature": 0.0}
+def _greedy_request(
+    key: str, prompt: Sequence[int], max_tokens: int, stop_token_ids: Sequence[int] = ()
+) -> dict[str, Any]:
+    request = {"key": key, "prompt_token_ids": list(prompt), "max_tokens": max_tokens, "seed": 0, "temperature": 0.0}
+    return request | ({"stop_token_ids": list(stop_token_ids)} if stop_token_ids else {})

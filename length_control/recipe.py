@@ -129,6 +129,12 @@ class ModelSpec(StrictModel):
     demo: DemoModelSpec | None = Field(None, description="build the embedded demo policy")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     think: ThinkTags = Field(ThinkTags(), description=f"the think tags, or a family preset: {', '.join(THINK_PRESETS)}")
+    end_token: str | None = Field(
+        None,
+        description="the token that ends an answer: stage-2 rows end with it and train it as the stop, and the "
+        "engine stops on it; default: the token the chat template ends an assistant turn with, else the "
+        "tokenizer's eos_token (the preflight says which, and when the two differ)",
+    )
 
     @field_validator("think", mode="before")
     @classmethod

@@ -5,8 +5,13 @@ BPE pieces, and then the pieces the policy generates need not be the pieces
 that encoding the tag alone gives (">" may merge with the newlines after it).
 So a tag is found in the decoded pieces and mapped back to the tokens that
 hold it; the ids stay the policy's own. B counts thinking tokens, whoever
-opens the thinking (the policy, or an R1-style template in the prompt), and
-a turn ends on any id the engine stops on.
+opens the thinking (the policy, or an R1-style template in the prompt).
+
+A turn ends on the end token, the stop the rows train: the token the chat
+template ends an assistant turn with, as the policy learned it, not
+whatever the tokenizer names `eos_token` (SmolLM2-135M-Instruct's files
+name `<|im_start|>`, the token that opens a turn); `model.end_token` chooses
+another. The generation config's end ids end a turn too.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from length_control.recipe import ThinkTags
+from length_control.errors import UserError
+from length_control.recipe import GPT_OSS_SWITCH, ThinkTags
 
 
 @dataclass(frozen=True)
@@ -25,12 +31,10 @@ class Termination:
     records (`termination.json`); stage 2 builds its rows from ids alone.
     """
 
-    eos_id: int  # the tokenizer's eos_token
+    eos_id: int  # the end token (`ThinkTokens.eos_id`); the name is the one termination.json has always had
     forced_close_ids: list[int]
     forced_close_tag_start: int  # where `</think>` starts among them (a "\n" before it is context)
-    end_ids: list[int] = field(
-        default_factory=list
-    )  # every id the engine stops on (eos_id and the generation config's)
+    end_ids: list[int] = field(default_factory=list)  # every id that ends a turn (eos_id and the generation config's)
 
     def ends_turn(self, token: int) -> bool:
         return token == self.eos_id or token in self.end_ids
@@ -82,11 +86,13 @@ class ThinkTokens:
 
     tokenizer: object
     tags: ThinkTags
-    end_ids: list[int] = field(default_factory=list)  # ids the engine stops on besides the eos_token
+    end_ids: list[int] = field(default_factory=list)  # the generation config's end ids (vLLM stops on each)
+    end_token: str | None = None  # `model.end_token`; None: the chat template's end of turn, else the eos_token
     open_ids: list[int] = field(init=False)
     close_ids: list[int] = field(init=False)
     forced_close_ids: list[int] = field(init=False)
-    eos_id: int = field(init=False)
+    eos_id: int = field(init=False)  # the end token: what the rows end with and train as the stop
+    stop_ids: list[int] = field(init=False)  # the end token, where the engine does not stop on it by itself
     opened_by_template: bool = field(init=False)
     _pieces: dict[int, str] = field(init=False, default_factory=dict)
 
@@ -95,8 +101,10 @@ class ThinkTokens:
         self.open_ids = encode(self.tags.open, add_special_tokens=False)
         self.close_ids = encode(self.tags.close, add_special_tokens=False)
         self.forced_close_ids = encode(self.tags.forced_close, add_special_tokens=False)
-        self.eos_id = self.tokenizer.eos_token_id
-        self.end_ids = sorted({self.eos_id, *self.end_ids})
+        self.eos_id = end_token_id(self.tokenizer, self.tags, self.end_token)
+        engine_stops = {self.tokenizer.eos_token_id, *self.end_ids}  # what vLLM stops on unasked
+        self.stop_ids = [] if self.eos_id in engine_stops else [self.eos_id]
+        self.end_ids = sorted({self.eos_id, *self.end_ids} - {None})
         self.opened_by_template = template_opens_thinking(self.tokenizer, self.tags)
 
     def termination(self) -> Termination:
@@ -225,9 +233,54 @@ def detect_preset(tokenizer) -> str:
 
 def turn_end(tokenizer) -> str | None:
     """The text the chat template ends an assistant turn with (whitespace after it aside), or None."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
     marker = "ANSWER-7f3a"
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": marker}], tokenize=False
     )
     after = rendered.rpartition(marker)[2].rstrip()
     return after or None
+
+
+def one_token(tokenizer, text: str) -> int | None:
+    """The id of `text` when the tokenizer spells it as one token, else None."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def turn_end_id(tokenizer, tags: ThinkTags) -> int | None:
+    """The token the chat template ends an assistant turn with, or None: no template, a turn end of several
+    tokens, or gpt-oss, whose template ends a message with <|end|> where the final channel ends with <|return|>
+    (its eos_token)."""
+    end = turn_end(tokenizer)
+    if end is None or tags.close == GPT_OSS_SWITCH:
+        return None
+    return one_token(tokenizer, end)
+
+
+def end_token_id(tokenizer, tags: ThinkTags, end_token: str | None = None) -> int | None:
+    """The end token: `end_token` (`model.end_token`), else the chat template's end of turn, else the eos_token.
+
+    A policy trained on its chat template ends an answer with the template's end of turn; the tokenizer's
+    eos_token may name another token (one that opens a turn, or ends a document), and training that one as
+    the stop teaches the policy a stop its template never writes.
+    """
+    if end_token is not None:
+        found = one_token(tokenizer, end_token)
+        if found is None:
+            raise UserError(end_token_problem(tokenizer, end_token))
+        return found
+    template_end = turn_end_id(tokenizer, tags)
+    return template_end if template_end is not None else tokenizer.eos_token_id
+
+
+def end_token_problem(tokenizer, end_token: str) -> str:
+    """Why `model.end_token` cannot be the end token (it is not one token), and the fix."""
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode(end_token, add_special_tokens=False)]
+    template_end = turn_end(tokenizer)
+    example = f", e.g. {template_end!r}, which the chat template ends an assistant turn with" if template_end else ""
+    return (
+        f"model.end_token {end_token!r}: the policy's tokenizer spells it as {len(pieces)} tokens {pieces}; "
+        f"name one token of its vocabulary{example}, or remove the key"
+    )

@@ -133,6 +133,7 @@ def test_the_forced_close_and_the_termination(family: str, forced_close_pieces: 
     think = ThinkTokens(tok, ThinkTags())
     assert [tok.decode([i]) for i in think.forced_close_ids] == forced_close_pieces
     assert think.termination().forced_close_tag_start == 1 and think.termination().eos_id == eos_id
+    assert think.stop_ids == []  # the end token is the eos_token: the engine stops on it unasked
 
 
 def chunked(tok, text: str, rng: random.Random, keep_whole: str | None) -> list[int]:
@@ -410,19 +411,77 @@ def test_the_preflight_stops_think_tags_on_a_gpt_oss_tokenizer_and_takes_its_pre
     assert "looks like model.think: gpt-oss" in preflight.check(recipe).text()
 
 
-def test_the_preflight_warns_when_the_turn_ends_on_a_token_the_engine_does_not_stop_on(tmp_path: Path) -> None:
+def test_a_tokenizer_whose_eos_opens_a_turn_trains_the_templates_end_of_turn(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct's files name <|im_start|>, the token that opens a turn, as eos_token, and its
+    ChatML template ends an assistant turn with <|im_end|> (Qwen3's tokenizer, so edited, is the same case):
+    the rows end with <|im_end|>, the engine is asked to stop on it, and the preflight says so and how to
+    train the eos_token instead; `model.end_token` chooses, and must be one token."""
+    from length_control import preflight
+    from length_control.errors import UserError
+    from length_control.policy import load_tokenizer
+
+    from test_preflight import SHORT, small_recipe
+
+    folder = _tokenizer_folder(tmp_path, "qwen3", eos_token="<|im_start|>")
+    tok = load_tokenizer(str(folder))
+    im_start, im_end = 151644, 151645
+    assert tok.convert_ids_to_tokens([im_start, im_end]) == ["<|im_start|>", "<|im_end|>"]
+    think = ThinkTokens(tok, ThinkTags())
+    assert (think.eos_id, think.stop_ids, think.end_ids) == (im_end, [im_end], [im_end])
+    assert think.termination().eos_id == im_end and not think.termination().ends_turn(im_start)
+    notes = preflight.check(small_recipe(tmp_path / "default", folder, [SHORT], [SHORT], context_limit=200)).text()
+    assert (
+        "end token: the rows end with '<|im_end|>' (id 151645) and train it as the stop (the chat template's end "
+        "of turn); the engine is asked to stop on it too; the chat template of " in notes
+    )
+    assert "its eos_token is '<|im_start|>' (id 151644); to train the eos_token instead, set model.end_token: " in notes
+
+    chosen = ThinkTokens(tok, ThinkTags(), end_token="<|im_start|>")
+    assert (chosen.eos_id, chosen.stop_ids, chosen.end_ids) == (im_start, [], [im_start])
+    recipe = small_recipe(
+        tmp_path / "chosen",
+        folder,
+        [SHORT],
+        [SHORT],
+        context_limit=200,
+        model={"path": str(folder), "end_token": "<|im_start|>"},
+    )
+    notes = preflight.check(recipe).text()
+    assert "the rows end with '<|im_start|>' (id 151644) and train it as the stop (model.end_token);" in notes
+    assert (
+        "its eos_token is '<|im_start|>' (id 151644); to train the chat template's end of turn instead, "
+        "set model.end_token: '<|im_end|>' (or remove the key)" in notes
+    )
+
+    with pytest.raises(UserError, match=r"model.end_token '</end>': the policy's tokenizer spells it as 3 tokens"):
+        ThinkTokens(tok, ThinkTags(), end_token="</end>")
+    recipe = small_recipe(
+        tmp_path / "pieces",
+        folder,
+        [SHORT],
+        [SHORT],
+        context_limit=200,
+        model={"path": str(folder), "end_token": "</end>"},
+    )
+    with pytest.raises(preflight.PreflightError, match=r"name one token of its vocabulary, e.g. '<\|im_end\|>', which"):
+        preflight.check(recipe)
+
+
+def test_a_qwen3_base_tokenizer_trains_the_templates_end_of_turn_and_stops_on_it(tmp_path: Path) -> None:
     """Qwen3 base models name <|endoftext|> as eos_token while the template ends turns with <|im_end|>:
-    without a generation config listing <|im_end|>, the answer pass would run past the answer."""
+    without a generation config listing <|im_end|>, the engine is asked to stop on it; with one, it stops
+    on both unasked, and a row may end with either."""
     from length_control import preflight
 
     from test_preflight import SHORT, small_recipe
 
     folder = _tokenizer_folder(tmp_path, "qwen3", eos_token="<|endoftext|>")
     notes = preflight.check(small_recipe(tmp_path / "bare", folder, [SHORT], [SHORT], context_limit=200)).text()
-    assert "warning: the chat template" in notes and "'<|im_end|>' (id 151645)" in notes
+    assert "turn ends on [151645]" in notes and "the rows end with '<|im_end|>' (id 151645)" in notes
+    assert "the engine is asked to stop on it too" in notes and "set model.end_token: '<|endoftext|>'" in notes
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151643, 151645]}))
     notes = preflight.check(small_recipe(tmp_path / "listed", folder, [SHORT], [SHORT], context_limit=200)).text()
-    assert "warning" not in notes and "turn ends on [151643, 151645]" in notes
+    assert "turn ends on [151643, 151645]" in notes and "asked to stop" not in notes
 
 
 def test_an_unknown_think_preset_names_the_presets(tmp_path: Path) -> None:

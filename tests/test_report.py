@@ -63,8 +63,8 @@ def test_report_layout_and_figures(tmp_path: Path) -> None:
     assert "| demo | 25.0% ± 25.0% | 50.0% | +100.0% | 50.0% | 25.0% | -50.0% | 2 |" in text
     assert "Per stage-2 seed" not in text  # one seed: no spread to show
     assert (
-        "Stage 2's loss: `</think>`, the policy's own answer and EOS (splice.termination_span: "
-        "think_close_answer_eos)." in text
+        "Stage 2's loss: `</think>`, the policy's own answer where it had decided it, and EOS "
+        "(splice.termination_span: think_close_decided_answer_eos)." in text
     )
     assert (tmp_path / "report" / "thinking_lengths.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "report.json").is_file()

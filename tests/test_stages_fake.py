@@ -149,6 +149,7 @@ def test_the_scripted_engine_follows_its_transcripts() -> None:
         {"key": "along", "prompt_token_ids": [1, 1, 5, 6], "max_tokens": 9},
         {"key": "branch", "prompt_token_ids": [1, 1, 5, 9], "max_tokens": 9},
         {"key": "longest", "prompt_token_ids": [1, 1, 5, 6, 7], "max_tokens": 9},
+        {"key": "stopped", "prompt_token_ids": [1, 1], "max_tokens": 9, "stop_token_ids": [6]},  # as vLLM: kept
         {"key": "scored", "prompt_token_ids": [1, 1, 5, 9], "max_tokens": 1, "score_tail": 2},
     ]
     with engine:
@@ -160,6 +161,7 @@ def test_the_scripted_engine_follows_its_transcripts() -> None:
         ("along", [7, eos], "stop"),
         ("branch", [8, eos], "stop"),
         ("longest", [4, eos], "stop"),
+        ("stopped", [5, 6], "stop"),
         ("scored", [], "stop"),
     ]
     # After [1, 1] the script writes 5; after [1, 1, 5] it writes 6, not 9.
@@ -296,6 +298,63 @@ def test_a_crashed_run_resumes_at_the_missing_shard_with_the_same_files(tmp_path
     )
     for name in files:
         assert (folder / name).read_bytes() == (whole.output_dir / "generate" / name).read_bytes(), name
+
+
+def test_the_demo_tokenizer_ends_a_turn_on_its_eos_token_as_before(generated, ids: Ids) -> None:
+    """The demo's eos_token is its template's end of turn: termination.json holds what it always held, and no
+    request asks the engine for a stop of its own (the demo's outputs stay byte for byte)."""
+    termination = json.loads((generated.recipe.output_dir / "generate" / "termination.json").read_text())
+    assert termination == {
+        "eos_id": ids.eos,
+        "forced_close_ids": ids.forced_close,
+        "forced_close_tag_start": 1,
+        "end_ids": [ids.eos],
+    }
+    assert ids.tokenizer.convert_ids_to_tokens(ids.eos) == "<|im_end|>"
+    assert not any("stop_token_ids" in request for request in generated.answer_requests.values())
+    assert "end_token" not in contracts.upstream(generated.recipe.output_dir / "generate")["config"]
+
+
+@pytest.fixture(scope="module")
+def turn_opening_eos(tmp_path_factory, policy: Path) -> Path:
+    """The demo tokenizer with <|im_start|>, the token that opens a turn, as its eos_token, as
+    SmolLM2-135M-Instruct's files name it; its template still ends an assistant turn with <|im_end|>."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("turn-opening-eos") / "policy"
+    shutil.copytree(policy, folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text()) | {"eos_token": "<|im_start|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+def test_a_tokenizer_whose_eos_opens_a_turn_trains_the_templates_end_of_turn(
+    tmp_path: Path, turn_opening_eos: Path, ids: Ids
+) -> None:
+    """The policy answers as its template taught it: the answer, <|im_end|>, then on into the next turn. Every
+    request asks the engine to stop on <|im_end|>, so the answer ends there (an engine stopping on the
+    eos_token alone would have run on to <|im_start|>), and the stage-2 row ends with it and trains it."""
+    im_start, im_end = ids.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert load_tokenizer(str(turn_opening_eos)).eos_token_id == im_start
+    long = ids.prompt(LONG[1])
+    answer = ids("\n\nThe answer is 26.") + [im_end] + ids("\n") + [im_start] + ids("user\n")
+    script = transcripts({tuple(long): ids.long, (*long, *ids.long_thinking[:FIRST_PASS], *ids.forced_close): answer})
+    recipe = with_setting(make_recipe(tmp_path, turn_opening_eos, [LONG]), "generation", answer_max_tokens=16)
+    engine = ScriptedEngine(script)
+    generate.run(generate.plan(recipe), engine=engine)
+    assert [request["stop_token_ids"] for request in engine.requests] == [[im_end], [im_end]]
+    folder = recipe.output_dir / "generate"
+    assert contracts.read_termination(folder).eos_id == im_end
+    ended = answer[: answer.index(im_end) + 1]
+    assert contracts.read_shards(folder, "answers")[0]["answer_token_ids"] == ended
+    splice.run(splice.plan(recipe))
+    row = pq.read_table(recipe.output_dir / "stage2" / "rows.parquet").to_pylist()[0]
+    assert row["input_ids"][-len(ended) :] == ended and row["labels"][-1] == im_end
+
+    forced = ScriptedEngine(script)  # the eval arms and the drift probe's greedy answers stop there too
+    evaluate.run(evaluate.plan(recipe, "forced"), engine=forced)
+    generating = [request for request in forced.requests if not request.get("score_tail")]
+    assert len(generating) == 3 and all(request["stop_token_ids"] == [im_end] for request in generating)
 
 
 def test_a_finished_stage_reruns_without_the_engine(generated) -> None:
