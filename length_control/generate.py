@@ -448,8 +448,8 @@ def _answer_score_request(
     """The request that scores an answer under the policy that wrote it: every token after the close (in case 2
     what the first pass wrote after its own close too), for `splice`'s decided answers. None where the text
     fills the engine's `room` (max_model_len): nothing is left to generate the request's one token."""
-    after_close = len(trace["output_token_ids"]) - answer["close_at"] - len(answer["close_token_ids"])
-    tail = (after_close if answer["case"] == 2 else 0) + len(answer["answer_token_ids"])
+    after_close = recorded_close(trace["output_token_ids"], answer).after_close
+    tail = len(after_close) + len(answer["answer_token_ids"])
     ids = [*pending["request"]["prompt_token_ids"], *answer["answer_token_ids"]]
     return score_request(f"{pending['request']['key']}/score", ids, tail) if len(ids) < room else None
 
