@@ -19,7 +19,8 @@
     length-control sweep RECIPE key=[a,b] [...]      the loop per combination of the axes, sharing what they share
 
 `key=value` overrides may come anywhere on the line. A user's mistake exits 2
-with one message; a traceback is a bug. A command that writes stages into a
+with one message, and so does a disk that fills up (`disk.DiskFull`); a
+traceback is a bug. A command that writes stages into a
 run folder holds the folder's lock (`runlock`) from before its demo policy is
 built: a second writer is refused at once.
 """
@@ -462,6 +463,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a write no stage turned into DiskFull itself (its path, where the error has one)
+        from length_control.disk import DiskFull, is_no_space
+
+        if not is_no_space(error):
+            raise
+        print(f"error: {DiskFull(error.filename)}", file=sys.stderr)
         return 2
 
 

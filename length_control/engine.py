@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 from tqdm import tqdm
 
 from length_control.contracts import RunLayout
+from length_control.disk import DiskFull, failed_for_space
 from length_control.envs import engine_bin, engine_environ
 from length_control.progress import ticking
 from length_control.recipe import VLLMOptions
@@ -233,14 +234,14 @@ class _Worker:
         self.max_num_seqs = message["max_num_seqs"]
 
     def forward_replies(self, into: queue.Queue) -> None:
-        """Pass every reply to `into` from a thread; a worker that dies sends its EngineError instead."""
+        """Pass every reply to `into` from a thread; a worker that dies sends its EngineError (or DiskFull) instead."""
 
         def forward() -> None:
             with self._replies:
                 try:
                     while True:
                         into.put((self, self._read()))
-                except EngineError as failure:
+                except (EngineError, DiskFull) as failure:
                     into.put((self, failure))
 
         threading.Thread(target=forward, daemon=True, name=f"replies of {self.log_path.name}").start()
@@ -259,7 +260,10 @@ class _Worker:
         line = self._replies.readline()
         if not line:
             code = self.process.wait()
-            raise EngineError(f"the vLLM engine exited (status {code}); log tail:\n{self._log_tail()}")
+            tail = self._log_tail()
+            if failed_for_space(tail, self.log_path.parent):  # its log, or a cache it writes, filled the disk
+                raise DiskFull(self.log_path)
+            raise EngineError(f"the vLLM engine exited (status {code}); log tail:\n{tail}")
         return json.loads(line)
 
     def close(self) -> None:
@@ -392,7 +396,7 @@ class VLLMEngine:
             for _ in self._workers:
                 worker, message = self._replies.get()
                 worker.in_flight -= 1
-                if isinstance(message, EngineError):
+                if isinstance(message, Exception):
                     raise message
                 if "loaded" not in message:
                     raise EngineError(f"the vLLM engine could not load {model}:\n{message.get('error', message)}")
@@ -416,7 +420,7 @@ class VLLMEngine:
                 while requests and (worker := max(self._workers, key=_Worker.room)).room() > 0:
                     worker.send(requests.popleft())
                 worker, message = self._replies.get()
-                if isinstance(message, EngineError):
+                if isinstance(message, Exception):
                     raise message
                 if "error" in message:
                     raise EngineError(f"the vLLM engine refused request {message.get('key')}:\n{message['error']}")

@@ -8,16 +8,17 @@ longer than the context or an output folder that cannot be written would
 otherwise surface after hours of GPU time. The preflight reads every prompt
 source and eval set (rows read, kept, dropped by each filter), loads the
 tokenizer and checks the think tags, measures the prompts against the budget
-and the context limit, checks the output folder and estimates the disk the
-traces need. Every problem is listed with its file and its fix.
+and the context limit, checks the output folder and sizes everything the
+run will write against the free space of its filesystem (`disk.estimate`).
+Every problem is listed with its file and its fix.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from length_control import disk
 from length_control.cut import CutPolicy
 from length_control.engine import model_len
 from length_control.errors import UserError
@@ -26,8 +27,6 @@ from length_control.prompts import SourceCheck, check_source, with_system_line
 from length_control.recipe import GPT_OSS_SWITCH, Recipe
 from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens, detect_preset, end_token_problem, one_token, turn_end_id
-
-ID_BYTES = 4  # token ids are int32 in every record
 
 
 class PreflightError(UserError):
@@ -61,23 +60,18 @@ def check(recipe: Recipe) -> Preflight:
     return found
 
 
-def _existing(folder: Path) -> Path:
-    """`folder`, or its nearest parent that exists: where the run's files will land."""
-    return next(parent for parent in (folder, *folder.parents) if parent.exists())
-
-
 def _output_dir(recipe: Recipe, found: Preflight) -> None:
     import os
 
     folder = Path(recipe.output_dir)
-    existing = _existing(folder)
+    existing = disk.existing_parent(folder)
     if existing.is_file():
         found.problems.append(f"output_dir {folder}: {existing} is a file; point output_dir at a folder")
         return
     if not os.access(existing, os.W_OK | os.X_OK):
         found.problems.append(f"output_dir {folder}: {existing} is not writable; pick a folder you can write")
         return
-    found.notes.append(f"output_dir {folder}: writable, {_size(shutil.disk_usage(existing).free)} free")
+    found.notes.append(f"output_dir {folder}: writable")
 
 
 def _think_tokens(recipe: Recipe, found: Preflight) -> ThinkTokens | None:
@@ -223,11 +217,11 @@ def _lengths(
             for p in check.prompts
         ]
 
-    total_tokens = 0
+    prompt_tokens = []
     for name, check in prompts.items():
         sizes = lengths(check)
         too_long = sum(not rule.has_room(size, limit) for size in sizes)
-        total_tokens += sum(sizes) + len(sizes) * (recipe.budget + recipe.generation.answer_max_tokens)
+        prompt_tokens += sizes
         if too_long:
             line = (
                 f"prompts: {name}: {too_long} of {len(sizes)} prompts leave no room for B = {recipe.budget} "
@@ -252,16 +246,37 @@ def _lengths(
                 found.problems.append(f"{line}; raise context_limit or set eval.on_long_prompt: drop")
             else:
                 found.notes.append(f"{line}: they will be dropped")
-    if prompts:
-        # Traces and answers of every sample, ids uncompressed: an upper bound of what generate writes.
-        need = total_tokens * recipe.generation.samples_per_prompt * ID_BYTES
-        free = shutil.disk_usage(_existing(Path(recipe.output_dir))).free
-        line = f"disk: the traces need at most {_size(need)}; {_size(free)} free"
-        if need > free:
-            found.problems.append(f"{line}; free space or point output_dir elsewhere")
+    _disk(recipe, think, prompt_tokens, evals, found)
+
+
+def _disk(
+    recipe: Recipe, think: ThinkTokens, prompt_tokens: list[int], evals: dict[str, SourceCheck], found: Preflight
+) -> None:
+    """What the run writes, part by part (`disk.estimate`), against the free space of its folder's filesystem."""
+    from length_control import train
+
+    rule = CutPolicy.of(recipe, think)
+    eval_samples, uncounted = [], []
+    for definition in recipe.eval.sets:
+        check = evals.get(load_source_spec(definition.source).name)
+        if check is None:
+            uncounted.append(f"the eval samples of {definition.source.name} (a Hub dataset)")
         else:
-            found.notes.append(line)
-
-
-def _size(count: int) -> str:
-    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
+            eval_samples.append(len(check.prompts) * definition.samples_per_problem)
+    uncounted += [
+        f"the traces and rows of {ref.source.name} (a Hub dataset)"
+        for ref in recipe.prompts.sources
+        if load_source_spec(ref.source).dataset.path is None
+    ]
+    shape = disk.RunShape(
+        prompt_tokens=prompt_tokens,
+        samples_per_prompt=recipe.generation.samples_per_prompt,
+        room=rule.first_pass_tokens + len(think.forced_close_ids) + recipe.generation.answer_max_tokens,
+        sequence_len=train.sequence_len(recipe)[0],
+        eval_samples=eval_samples,
+        context_limit=recipe.context_limit,
+    )
+    need = disk.estimate(recipe, shape, train.training_choices(recipe), disk.local_model(policy_path(recipe.model)))
+    need.uncounted += uncounted
+    line, fits = disk.check_room(Path(recipe.output_dir), need)
+    (found.notes if fits else found.problems).append(line)

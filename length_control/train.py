@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from length_control import contracts
+from length_control import contracts, disk
 from length_control.artifacts import fingerprint
 from length_control.contracts import AXOLOTL_CONFIG, ROWS, Plan, RunLayout
 from length_control.policy import model_input, policy_path
@@ -84,11 +84,17 @@ def launch_command(recipe, config_path: Path, verb: str = "train") -> list[str]:
     return command
 
 
+def training_choices(recipe) -> dict[str, Any]:
+    """The template's keys with the recipe's `train.overrides` over them: the rendered config's training choices
+    (what `render_config` fills in for the run aside)."""
+    template = yaml.safe_load(Path(recipe.train.template).read_text(encoding="utf-8")) or {}
+    return {**template, **recipe.train.overrides}
+
+
 def trained_model(recipe, seed: int) -> Path:
     """The Hugging Face folder training leaves for a seed: the merged model for LoRA (an `adapter` in the
     template or the overrides), else the output folder. Known before training: the after arm plans with it."""
-    template = yaml.safe_load(Path(recipe.train.template).read_text(encoding="utf-8")) or {}
-    adapter = recipe.train.overrides.get("adapter", template.get("adapter"))
+    adapter = training_choices(recipe).get("adapter")
     return RunLayout(recipe.output_dir).train(seed) / "model" / ("merged" if adapter else "")
 
 
@@ -275,7 +281,9 @@ def _run_logged(
     """Run an Axolotl command, log everything, show a progress bar of the steps; return the losses.
 
     A step whose loss is not finite or whose gradient norm is NaN fails the stage: the trainer logs a NaN loss
-    as 0, so a diverged run would otherwise finish with a model and a last loss of 0.0 that look perfect.
+    as 0, so a diverged run would otherwise finish with a model and a last loss of 0.0 that look perfect. A log
+    that cannot be written, or an Axolotl that failed for lack of space (its output says so, or the disk is
+    full), raises `disk.DiskFull`.
     """
     import ast
     import math
@@ -287,7 +295,7 @@ def _run_logged(
     losses: list[float] = []
     diverged = None
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", encoding="utf-8") as sink:
+    with disk.writing(log), open(log, "w", encoding="utf-8") as sink:
         sink.write("$ " + " ".join(command) + "\n")
         process = subprocess.Popen(
             command,
@@ -323,7 +331,10 @@ def _run_logged(
                 process.kill()
                 process.wait()
     if status != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        lines = log.read_text(errors="replace").splitlines()
+        if disk.failed_for_space("\n".join(lines[-200:]), log.parent):
+            raise disk.DiskFull(log.parent)
+        tail = "\n".join(lines[-30:])
         raise TrainError(f"{command[1]} failed with exit status {status}; the log is {log}; its tail:\n{tail}")
     if diverged:
         raise TrainError(

@@ -4,6 +4,7 @@ reported at once before any engine starts (unit tier: no engine, a tokenizer-onl
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,62 @@ def test_long_prompts_that_will_be_dropped_are_counted_not_refused(tmp_path: Pat
     notes = preflight.check(recipe).text()
     assert "prompts: prompts: 1 of 2 prompts leave no room for B = 15" in notes and "will be dropped" in notes
     assert "eval: evals: 1 of 2 prompts fill the context limit (60): they will be dropped" in notes
-    assert "disk: the traces need at most " in notes
+    assert "disk: the run writes at most " in notes
+
+
+def _with_weights(policy: Path, folder: Path) -> Path:
+    """`policy` with a weights file of 65,536 parameters (one 256 x 256 matrix): what the models are sized from."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    shutil.copytree(policy, folder)
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": np.zeros((256, 256), np.float32)}, str(folder / "model.safetensors")
+    )
+    return folder
+
+
+def test_the_disk_line_sizes_every_part_the_run_writes(tmp_path: Path, tokenizer_policy: Path) -> None:
+    policy = _with_weights(tokenizer_policy, tmp_path / "policy")
+    two_seeds = {"template": "axolotl.yaml", "seeds": [0, 1]}
+    notes = preflight.check(small_recipe(tmp_path / "r", policy, [SHORT], [SHORT], train=two_seeds)).text()
+    line = next(note for note in notes.splitlines() if "disk: " in note)
+    parts = dict(re.findall(r"(?:\(|, )([a-z][a-z0-9 -]*) ([\d.]+) MB", line))
+    assert list(parts) == [
+        "traces",
+        "stage-2 rows",
+        "prepared data",
+        "models",
+        "checkpoints",
+        "eval samples",
+        "logs and report",
+    ]
+    assert parts["models"] == "0.5"  # 2 seeds x 65,536 parameters x 4 bytes (float32: no bf16 in the config)
+    assert float(parts["checkpoints"]) > 0  # Axolotl's default: a checkpoint each epoch
+    total = float(re.search(r"writes at most ([\d.]+) MB", line)[1])
+    assert abs(total - sum(map(float, parts.values()))) <= 0.05 * len(parts)
+    assert "free on its filesystem" in line
+
+    half = {**two_seeds, "overrides": {"bf16": True, "save_strategy": "no"}}
+    notes = preflight.check(small_recipe(tmp_path / "r", policy, [SHORT], [SHORT], train=half)).text()
+    assert "models 0.3 MB, checkpoints 0.0 MB" in notes  # 2 bytes a parameter; no checkpoint kept
+
+
+def test_a_run_the_disk_cannot_hold_is_refused_with_the_space_needed(tmp_path: Path, tokenizer_policy: Path) -> None:
+    recipe = small_recipe(
+        tmp_path,
+        tokenizer_policy,
+        [SHORT],
+        [SHORT],
+        eval={"sets": [{"source": "evals.yaml", "samples_per_problem": 10**12}]},
+    )
+    with pytest.raises(preflight.PreflightError) as raised:
+        preflight.check(recipe)
+    (problem,) = raised.value.problems
+    assert problem.startswith("disk: the run writes at most ") and "eval samples " in problem
+    assert re.search(r"free on its filesystem: [\d.]+ GB needed; free [\d.]+ GB there or point output_dir", problem)
 
 
 def test_a_tokenizer_that_cannot_spell_the_think_tags_is_refused(tmp_path: Path, tokenizer_policy: Path) -> None:
