@@ -70,11 +70,7 @@ def plans_of(recipe: Recipe) -> Callable[[Any], list[Plan]]:
         if stage.name == "generate":
             return [generate.plan(run) for run in runs]
         if stage.name == "splice":
-            return [
-                splice.plan(
-                    recipe, generated={f"budget {run.budget}": RunLayout(run.output_dir).generate for run in runs}
-                )
-            ]
+            return [splice.plan(recipe, budgets={run.budget: RunLayout(run.output_dir).generate for run in runs})]
         if stage.name == "eval-after":
             return [evaluate.plan(run, "after", seed, trained_by=recipe) for run in runs for seed in recipe.train.seeds]
         if stage.name == "report":

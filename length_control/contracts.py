@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -292,6 +292,21 @@ def id_lists(column: pa.ListArray):
 # ---------------------------------------------------------------- plans and manifests
 
 
+@dataclass(frozen=True)
+class StageInputs:
+    """The upstream folders of a stage whose run depends on what each one is, by role: one field each, None
+    where the plan reads none (`generate.GenerateInputs`, `splice.SpliceInputs`, `evaluate.EvalInputs`). The
+    run reads the fields, never a name or a position."""
+
+    def named(self) -> dict[str, Path]:
+        """The folders by the names manifests record and dry runs print: each field's, spaced."""
+        return {
+            entry.name.replace("_", " "): getattr(self, entry.name)
+            for entry in fields(self)
+            if getattr(self, entry.name) is not None
+        }
+
+
 @dataclass
 class Plan:
     """One stage of one run, decided before it runs.
@@ -301,7 +316,9 @@ class Plan:
     what a dry run shows is what runs. `inputs` are the upstream stage
     folders it reads (their manifests), `steps` are for people (the engine
     processes, request settings, exact commands), `configs` the files the
-    stage renders, by name (written into `folder` when it runs).
+    stage renders, by name (written into `folder` when it runs). A stage
+    that tells its inputs apart gets them by role (`reads`), and `inputs`
+    is their named view.
     """
 
     stage: str
@@ -313,6 +330,11 @@ class Plan:
     seed: int | None = None  # the stage-2 training seed (train, eval after)
     steps: list[str] = field(default_factory=list)
     configs: dict[str, str] = field(default_factory=dict)
+    reads: StageInputs | None = None
+
+    def __post_init__(self) -> None:
+        if self.reads is not None:
+            self.inputs = self.reads.named()
 
     @property
     def label(self) -> str:

@@ -13,9 +13,11 @@ scored) and `metrics.json`; the report only reads these files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from length_control.contracts import (
     SAMPLES_SCHEMA,
     Plan,
     RunLayout,
+    StageInputs,
 )
 from length_control.cut import CutPolicy
 from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request, shorter_result
@@ -40,6 +43,17 @@ from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import EvalRecipe, Recipe
 from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens
+
+
+@dataclass(frozen=True)
+class EvalInputs(StageInputs):
+    """What an eval arm reads besides its model and eval sets; None where it reads nothing of the kind."""
+
+    shared_samples: Path | None = None  # before, in a sweep: another setting's before arm, its samples taken as is
+    first_passes: Path | None = None  # forced: the before arm, whose samples cut at B are the first passes
+    train: Path | None = None  # after: the training run that made the model
+    probe_traces: Path | None = None  # after: the before arm, whose samples are probed again
+    drift_reference: Path | None = None  # after: the forced arm, whose answers the drift probe measures again
 
 
 def plan(
@@ -63,21 +77,16 @@ def plan(
     from length_control import train
 
     layout = RunLayout(recipe.output_dir)
-    inputs = {}
-    if samples is not None:
-        inputs["shared samples"] = Path(samples)
-    if arm == "forced" and "before" in recipe.eval.arms:
-        inputs["first passes"] = layout.eval("before")
-    if arm == "after":
-        trained_by = trained_by or recipe
-        inputs["train"] = RunLayout(trained_by.output_dir).train(seed)
-        model = str(train.trained_model(trained_by, seed))
-        if "before" in recipe.eval.arms:
-            inputs["probe traces"] = layout.eval("before")
-        if "forced" in recipe.eval.arms and recipe.budget is not None:
-            inputs["drift reference"] = layout.eval("forced")
-    else:
-        model = policy_path(recipe.model)
+    arms, after = recipe.eval.arms, arm == "after"
+    trained_by = trained_by or recipe
+    model = str(train.trained_model(trained_by, seed)) if after else policy_path(recipe.model)
+    reads = EvalInputs(
+        shared_samples=Path(samples) if samples is not None else None,
+        first_passes=layout.eval("before") if arm == "forced" and "before" in arms else None,
+        train=RunLayout(trained_by.output_dir).train(seed) if after else None,
+        probe_traces=layout.eval("before") if after and "before" in arms else None,
+        drift_reference=layout.eval("forced") if after and "forced" in arms and recipe.budget is not None else None,
+    )
     engine = open_engine(recipe, model, log_name=_log_name(arm, seed))
     steps = [
         *engine.describe(),
@@ -87,15 +96,15 @@ def plan(
             else f"max_tokens = {recipe.context_limit} - prompt"
         )
         + (f"; forced close at {recipe.budget} thinking tokens" if arm == "forced" else "")
-        + ("; first passes cut from the before arm's samples" if "first passes" in inputs else "")
+        + ("; first passes cut from the before arm's samples" if reads.first_passes is not None else "")
         + ("; termination and early-close probes at B" if arm != "forced" and recipe.budget is not None else "")
         + ("; answer-drift reference (answer NLL, greedy answer after the forced close)" if arm == "forced" else "")
-        + ("; answer-drift probe on the forced arm's answers" if "drift reference" in inputs else "")
+        + ("; answer-drift probe on the forced arm's answers" if reads.drift_reference is not None else "")
         + ("; answer-drift reference after the policy's own close" if arm == "before" and recipe.budget else ""),
         *(f"{s.source.name}: {s.samples_per_problem} samples per problem" for s in recipe.eval.sets),
     ]
     return Plan(
-        f"eval-{arm}", recipe, layout.eval(arm, seed), inputs=inputs, model=model, arm=arm, seed=seed, steps=steps
+        f"eval-{arm}", recipe, layout.eval(arm, seed), model=model, arm=arm, seed=seed, steps=steps, reads=reads
     )
 
 
@@ -105,21 +114,17 @@ def _log_name(arm: str, seed: int | None) -> str:
 
 def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     """Evaluate one arm; skip it when up to date."""
-    recipe, folder, arm = plan.recipe, plan.folder, plan.arm
-    upstream = {
-        name: contracts.upstream(path)["output"]
-        for name, path in plan.inputs.items()
-        if name != "first passes" or contracts.is_finished(path)
-    }  # no before arm yet: sample them
+    recipe, folder, arm, reads = plan.recipe, plan.folder, plan.arm, plan.reads
+    if reads.first_passes is not None and not contracts.is_finished(reads.first_passes):
+        reads = dataclasses.replace(reads, first_passes=None)  # no before arm yet: sample them
+    upstream = {  # every input must be finished (MissingInput names the stage to run); the model stands for train
+        name: contracts.upstream(path)["output"] for name, path in dataclasses.asdict(reads).items() if path is not None
+    }
     stage = Stage(
         folder,
         inputs={"model": model_input(plan.model)}
         | contracts.source_inputs("set", [s.source for s in recipe.eval.sets])
-        | {
-            name.replace(" ", "_"): upstream[name]
-            for name in ("probe traces", "first passes", "shared samples", "drift reference")
-            if name in upstream
-        },
+        | {name: output for name, output in upstream.items() if name != "train"},
         config={
             "records": contracts.schemas_fingerprint(SAMPLES_SCHEMA, *contracts.PROBE_SCHEMAS.values()),
             "context_limit": recipe.context_limit,
@@ -170,11 +175,11 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     found: dict[str, list[dict[str, Any]]] = {}  # probe file -> its records
     with engine_for(recipe, plan.model, log_name=_log_name(arm, plan.seed), shared=engine) as engine:
         answer_starts = {}
-        if "shared samples" in plan.inputs:
-            samples = _shared_samples(plan.inputs["shared samples"], stage.expected)
+        if reads.shared_samples is not None:
+            samples = _shared_samples(reads.shared_samples, stage.expected)
         else:
             if arm == "forced":
-                first_passes = _read_results(plan.inputs["first passes"]) if "first passes" in upstream else {}
+                first_passes = _read_results(reads.first_passes) if reads.first_passes is not None else {}
                 results, answer_starts = _forced(engine, requests, recipe, think, first_passes)
             else:
                 results = engine.generate(requests, desc=f"eval {arm}")
@@ -183,7 +188,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         traces = (
             samples
             if arm == "before"
-            else (_read_samples(plan.inputs["probe traces"]) if "probe traces" in plan.inputs else None)
+            else (_read_samples(reads.probe_traces) if reads.probe_traces is not None else None)
         )
         if traces is not None and recipe.budget is not None:
             found[PROBE] = probes.termination(engine, traces, recipe.budget, think)
@@ -206,11 +211,9 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         else:  # the after arm: the same answers, against the forced and the before arm's records
             found[DRIFT] = [
                 record
-                for name, arm_samples in (("drift reference", None), ("probe traces", traces))
-                if name in plan.inputs
-                for record in _drift_against(
-                    engine, plan.inputs[name], arm_samples, recipe.context_limit, think.stop_ids
-                )
+                for reference, arm_samples in ((reads.drift_reference, None), (reads.probe_traces, traces))
+                if reference is not None
+                for record in _drift_against(engine, reference, arm_samples, recipe.context_limit, think.stop_ids)
             ]
 
     contracts.write_records(folder / SAMPLES, samples, SAMPLES_SCHEMA)

@@ -36,7 +36,7 @@ import functools
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,17 @@ import numpy as np
 
 from length_control import contracts
 from length_control.artifacts import Stage, atomic_path, tool_versions
-from length_control.contracts import IGNORE, META, META_SCHEMA, ROWS, ROWS_SCHEMA, Plan, RunLayout, id_lists
+from length_control.contracts import (
+    IGNORE,
+    META,
+    META_SCHEMA,
+    ROWS,
+    ROWS_SCHEMA,
+    Plan,
+    RunLayout,
+    StageInputs,
+    id_lists,
+)
 from length_control.cut import recorded_close
 from length_control.errors import EmptyOutput
 from length_control.policy import load_tokenizer, policy_path
@@ -131,21 +141,44 @@ def splice_row(
 # ---------------------------------------------------------------- the stage
 
 
-def plan(recipe: Recipe, earlier: tuple[Path, ...] = (), generated: dict[str, Path] | None = None) -> Plan:
+@dataclass(frozen=True)
+class SpliceInputs(StageInputs):
+    """The generate folders a stage-2 dataset is built from, by role; rows come in this order, earlier rounds'
+    first. The policy's traces are the run's own folder (`traces`), or in a budget-conditioned run every
+    budget's (`budgets`, by B) in its place."""
+
+    traces: Path | None = None
+    earlier: tuple[Path, ...] = ()  # a closed loop's earlier rounds' traces: their rows accumulate
+    budgets: dict[int, Path] = field(default_factory=dict)
+
+    @property
+    def policy_traces(self) -> list[Path]:
+        """The traces of the policy this stage 2 trains (not an earlier round's)."""
+        return list(self.budgets.values()) if self.budgets else [self.traces]
+
+    def named(self) -> dict[str, Path]:
+        own = {f"budget {budget}": folder for budget, folder in self.budgets.items()} or {"generate": self.traces}
+        return {f"earlier{i}": folder for i, folder in enumerate(self.earlier)} | own
+
+
+def plan(recipe: Recipe, earlier: tuple[Path, ...] = (), budgets: dict[int, Path] | None = None) -> Plan:
     """In a closed loop, `earlier` are the earlier rounds' generate folders: their rows accumulate. A
-    budget-conditioned run's rows come from the generate folders of its budgets (`generated`, by name)
-    in place of the run's own."""
+    budget-conditioned run's rows come from the generate folders of its budgets (`budgets`, by B) in place
+    of the run's own."""
     s = recipe.splice
     mix = f"{s.sft_mix.share} of the rows from {_mix_source(recipe)}" if s.sft_mix else "none"
-    inputs = {f"earlier{i}": Path(folder) for i, folder in enumerate(earlier)}
-    inputs |= generated or {"generate": RunLayout(recipe.output_dir).generate}
+    reads = SpliceInputs(
+        traces=None if budgets else RunLayout(recipe.output_dir).generate,
+        earlier=tuple(Path(folder) for folder in earlier),
+        budgets=dict(budgets or {}),
+    )
     return Plan(
         "splice",
         recipe,
         RunLayout(recipe.output_dir).stage2,
-        inputs=inputs,
+        reads=reads,
         steps=[
-            *(f"rows from {folder}" for folder in (generated or {}).values()),
+            *(f"rows from {folder}" for folder in reads.budgets.values()),
             f"termination span {s.termination_span}; answers > {s.max_answer_tokens} tokens: {s.on_long_answer}; "
             f"rows > sequence_len ({max_len(recipe) or 'not fixed'}): {s.on_overlength}",
             f"SFT mix: {mix}",
@@ -176,26 +209,26 @@ def run(plan: Plan) -> dict[str, Any]:
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
     stats: Counter[str] = Counter()
-    own = list(plan.inputs.values())[-1]  # the policy's traces (the others are earlier rounds' or other budgets')
-    termination = contracts.read_termination(own)
-    rows = (row for traces in plan.inputs.values() for row in length_rows(traces, recipe, termination, limit, stats))
+    reads: SpliceInputs = plan.reads
+    termination = contracts.read_termination(reads.policy_traces[-1])  # every budget's run writes the same
+    folders = [*reads.earlier, *reads.policy_traces]
+    rows = (row for traces in folders for row in length_rows(traces, recipe, termination, limit, stats))
     model = policy_path(recipe.model)
     summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, sft_path, limit, stats), stats=stats)
     if summary["length_rows"] == 0:
-        raise EmptyOutput(_why_empty(stats, own, recipe))
+        raise EmptyOutput(_why_empty(stats, reads.policy_traces, recipe))
     summary["tokenizer"] = model
     stage.finish(**summary)
     return summary
 
 
-def _why_empty(stats: Counter, generated: Path, recipe: Recipe) -> str:
-    """Why no trace became a stage-2 row, with the setting that changes it."""
-    summary = contracts.upstream(generated)["summary"]
-    lines = [
-        f"stage 2 has no row to train on: of {summary['traces']} traces, "
-        f"{summary['traces'] - summary['ended_within_budget']} ran past B = {recipe.budget}"
-    ]
-    if summary["traces"] == summary["ended_within_budget"]:
+def _why_empty(stats: Counter, policy_traces: list[Path], recipe: Recipe) -> str:
+    """Why no trace of the policy became a stage-2 row, with the setting that changes it."""
+    summaries = [contracts.upstream(folder)["summary"] for folder in policy_traces]
+    traces = sum(summary["traces"] for summary in summaries)
+    ended = sum(summary["ended_within_budget"] for summary in summaries)
+    lines = [f"stage 2 has no row to train on: of {traces} traces, {traces - ended} ran past B = {recipe.budget}"]
+    if traces == ended:
         lines.append("every trace ended within the budget: lower `budget` (or sample more prompts)")
     if stats["no_answer"]:
         lines.append(

@@ -17,7 +17,7 @@ from length_control.demo import task as demo_task
 from length_control.demo.model import build_tokenizer
 from length_control.errors import UserError
 from length_control.recipe import DemoModelSpec, SpliceSpec, ThinkTags
-from length_control.splice import IGNORE, Row, splice_row, write_dataset
+from length_control.splice import IGNORE, Row, SpliceInputs, splice_row, write_dataset
 from length_control.think import ThinkTokens
 
 
@@ -135,6 +135,21 @@ def test_drops_are_explicit(think: ThinkTokens) -> None:
     row, why = splice(long_answer, on_overlength="truncate", max_len=short)
     assert why == "kept" and len(row.input_ids) == short and row.input_ids[-1] == think.eos_id
     assert row.labels[-1] == think.eos_id  # the cut is in the masked answer; the termination survives
+
+
+def test_splice_reads_its_folders_by_role_not_by_position() -> None:
+    """The policy's traces are the run's own, or every budget's; a closed loop's earlier rounds come first in the
+    rows and are never taken for the policy's; the names are those the manifests record."""
+    loop = SpliceInputs(traces=Path("r3/generate"), earlier=(Path("generate"), Path("r2/generate")))
+    assert loop.policy_traces == [Path("r3/generate")]
+    assert list(loop.named().items()) == [
+        ("earlier0", Path("generate")),
+        ("earlier1", Path("r2/generate")),
+        ("generate", Path("r3/generate")),
+    ]
+    conditioned = SpliceInputs(budgets={84: Path("b84/generate"), 126: Path("b126/generate")})
+    assert conditioned.policy_traces == [Path("b84/generate"), Path("b126/generate")]
+    assert list(conditioned.named()) == ["budget 84", "budget 126"]
 
 
 def test_a_generate_folder_without_termination_ids_names_the_fix(tmp_path: Path) -> None:
