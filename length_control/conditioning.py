@@ -32,7 +32,7 @@ from typing import Any
 
 from length_control import evaluate, generate, preflight, report, splice
 from length_control.artifacts import write_json_atomic, write_text_atomic
-from length_control.contracts import Plan, RunLayout
+from length_control.contracts import Plan, RunLayout, SampleScore
 from length_control.recipe import Recipe
 
 
@@ -91,7 +91,7 @@ def check(recipe: Recipe) -> preflight.Preflight:
 
 
 def calibration(
-    samples: list[dict[str, Any]], budget: int, tolerance: int = 0, natural: dict[tuple[str, int], int] | None = None
+    samples: list[SampleScore], budget: int, tolerance: int = 0, natural: dict[tuple[str, int], int] | None = None
 ) -> dict[str, Any]:
     """How long one arm thought against the budget it was asked for, over `samples` (one benchmark's).
 

@@ -30,8 +30,13 @@ from length_control.contracts import (
     PROBE,
     SAMPLES,
     SAMPLES_SCHEMA,
+    BenchmarkMetrics,
+    DriftRecord,
+    Metrics,
     Plan,
     RunLayout,
+    Sample,
+    SampleScore,
     StageInputs,
 )
 from length_control.cut import CutPolicy
@@ -112,7 +117,7 @@ def _log_name(arm: str, seed: int | None) -> str:
     return f"eval-{arm}" + (f"-seed{seed}" if seed is not None else "")
 
 
-def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
+def run(plan: Plan, engine: Engine | None = None) -> Metrics:
     """Evaluate one arm; skip it when up to date."""
     recipe, folder, arm, reads = plan.recipe, plan.folder, plan.arm, plan.reads
     if reads.first_passes is not None and not contracts.is_finished(reads.first_passes):
@@ -305,8 +310,8 @@ def _forced(
 
 
 def _drift_against(
-    engine, folder: Path, samples: list[dict[str, Any]] | None, context_limit: int, stop_token_ids: list[int]
-) -> list[dict[str, Any]]:
+    engine, folder: Path, samples: list[Sample] | None, context_limit: int, stop_token_ids: list[int]
+) -> list[DriftRecord]:
     """The answer-drift probe on the samples of another arm (forced or before; `samples` when already read),
     against that arm's own records."""
     reference = read_probes(folder).get(DRIFT, [])
@@ -337,7 +342,7 @@ def _read_results(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[dict[str, Any]]:
+def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[Sample]:
     """The samples of another run's before arm, when nothing but the budget (its probe's) differs."""
     differ = contracts.settings_differ(
         contracts.upstream(folder), expected, but_config=("budget",), but_inputs=("shared_samples",)
@@ -354,7 +359,7 @@ def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[dict[str, An
     return contracts.read_records(folder / SAMPLES)
 
 
-def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, tokenizer) -> list[dict[str, Any]]:
+def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, tokenizer) -> list[Sample]:
     """One record per sample; the answers after a closed thinking are graded on all cores."""
     samples, graded, jobs = [], [], []
     for spec, prompt, prompt_ids, n in problems:
@@ -362,21 +367,21 @@ def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, 
             result = by_key[f"{prompt['id']}#{sample}"]
             output = result["output_token_ids"]
             close = think.find_close(output)
-            record = {
-                "benchmark": spec.name,
-                "problem_id": prompt["id"],
-                "sample": sample,
-                "prompt_tokens": len(prompt_ids),
-                "prompt_token_ids": prompt_ids,
-                "output_token_ids": output,
-                "finish_reason": result["finish_reason"],
-                "thinking_tokens": (close[0] if close else len(output)) - think.thinking_start(output),
-                "closed_think": close is not None,
-                "overlong": close is None,
-                "extracted": None,
-                "correct": False,
-                "why": "the thinking never closed",
-            }
+            record = Sample(
+                benchmark=spec.name,
+                problem_id=prompt["id"],
+                sample=sample,
+                prompt_tokens=len(prompt_ids),
+                prompt_token_ids=prompt_ids,
+                output_token_ids=output,
+                finish_reason=result["finish_reason"],
+                thinking_tokens=(close[0] if close else len(output)) - think.thinking_start(output),
+                closed_think=close is not None,
+                overlong=close is None,
+                extracted=None,
+                correct=False,
+                why="the thinking never closed",
+            )
             samples.append(record)
             if close is not None:
                 graded.append(record)
@@ -388,11 +393,11 @@ def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, 
 
 
 def summarize(
-    samples: list[dict[str, Any]], context_limit: int, probes: dict[str, list[dict[str, Any]]] | None = None
-) -> dict[str, Any]:
+    samples: list[SampleScore], context_limit: int, probes: dict[str, list[dict[str, Any]]] | None = None
+) -> Metrics:
     """Per benchmark: pass@1 over n with its standard error (over problems), overlong rate, lengths,
     and the means of the probes that ran (`probes`: probe file -> records, as `read_probes` returns)."""
-    out: dict[str, Any] = {"context_limit": context_limit, "benchmarks": {}}
+    out = Metrics(context_limit=context_limit, benchmarks={})
     probes = probes or {}
     for benchmark in sorted({s["benchmark"] for s in samples}):
         rows = [s for s in samples if s["benchmark"] == benchmark]
@@ -401,15 +406,15 @@ def summarize(
             per_problem.setdefault(s["problem_id"], []).append(s["correct"])
         means = [sum(v) / len(v) for v in per_problem.values()]
         closed = [s for s in rows if s["closed_think"]]
-        out["benchmarks"][benchmark] = {
-            "problems": len(per_problem),
-            "samples": len(rows),
-            "score": sum(means) / len(means),
-            "score_stderr": statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else 0.0,
-            "overlong_rate": sum(s["overlong"] for s in rows) / len(rows),
-            "closed_accuracy": sum(s["correct"] for s in closed) / len(closed) if closed else None,
-            "mean_thinking_tokens": sum(s["thinking_tokens"] for s in rows) / len(rows),
-        } | _probe_means(
+        out["benchmarks"][benchmark] = BenchmarkMetrics(
+            problems=len(per_problem),
+            samples=len(rows),
+            score=sum(means) / len(means),
+            score_stderr=statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else 0.0,
+            overlong_rate=sum(s["overlong"] for s in rows) / len(rows),
+            closed_accuracy=sum(s["correct"] for s in closed) / len(closed) if closed else None,
+            mean_thinking_tokens=sum(s["thinking_tokens"] for s in rows) / len(rows),
+        ) | _probe_means(
             {name: [r for r in records if r["benchmark"] == benchmark] for name, records in probes.items()}
         )
     return out
@@ -450,7 +455,7 @@ def _probe_means(probes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def _decided(drift: dict[str, Any]) -> bool:
+def _decided(drift: DriftRecord) -> bool:
     """Whether the stage-1 model had decided its greedy answer at this prefix (`contracts.DECIDED_P`); an empty
     one (no room left) has nothing to tip."""
     min_p = drift["stage1_greedy_min_p"]
@@ -469,12 +474,11 @@ def read_probes(folder: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _read_samples(folder: Path) -> list[dict[str, Any]]:
-    columns = ["benchmark", "problem_id", "sample", "prompt_token_ids", "output_token_ids", "finish_reason"]
-    return contracts.read_records(folder / SAMPLES, columns)
+def _read_samples(folder: Path) -> list[Sample]:
+    return contracts.read_records(folder / SAMPLES)
 
 
-def format_metrics(arms: list[tuple[str, dict[str, Any]]]) -> str:
+def format_metrics(arms: list[tuple[str, Metrics]]) -> str:
     """One line per (arm, benchmark); the probe's columns where it ran."""
     lines = [
         f"{'benchmark':<14} {'arm':<16} {'score':>14} {'overlong':>9} {'closed acc':>11} {'think tok':>10} "

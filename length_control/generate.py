@@ -38,7 +38,7 @@ from typing import Any
 
 from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
-from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, StageInputs, shard_path
+from length_control.contracts import ANSWERS, TRACES, Answer, Plan, RunLayout, StageInputs, Trace, shard_path
 from length_control.cut import CutPolicy, describe_cut, recorded_close
 from length_control.engine import (
     Engine,
@@ -215,11 +215,11 @@ class _Shard:
 
     def __init__(self, requests: list[dict[str, Any]]) -> None:
         self.requests = requests
-        self.traces: list[dict[str, Any] | None] = [None] * len(requests)
-        self.answers: dict[int, dict[str, Any]] = {}  # by trace position: the pending answer, then its record
+        self.traces: list[Trace | None] = [None] * len(requests)
+        self.answers: dict[int, dict[str, Any] | Answer] = {}  # by trace position: the pending answer, then its record
         self.waiting = len(requests)  # results still to come: traces, then the answers they ask for
 
-    def records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def records(self) -> tuple[list[Trace], list[Answer]]:
         return self.traces, [self.answers[position] for position in sorted(self.answers)]
 
 
@@ -307,21 +307,21 @@ def _generate_shards(
 _OPEN_AHEAD = 4096  # requests waiting in the feed before another shard of cut traces is opened
 
 
-def _trace(request: dict[str, Any], result: dict[str, Any], think: ThinkTokens) -> dict[str, Any]:
+def _trace(request: dict[str, Any], result: dict[str, Any], think: ThinkTokens) -> Trace:
     output = result["output_token_ids"]
     close = think.find_close(output)
-    return {
-        "prompt_id": request["prompt_id"],
-        "sample": request["sample"],
-        "prompt_token_ids": request["prompt_token_ids"],
-        "output_token_ids": output,
-        "finish_reason": result["finish_reason"],
-        "think_close": close[0] if close else None,
-        "seed": request["seed"],
-    }
+    return Trace(
+        prompt_id=request["prompt_id"],
+        sample=request["sample"],
+        prompt_token_ids=request["prompt_token_ids"],
+        output_token_ids=output,
+        finish_reason=result["finish_reason"],
+        think_close=close[0] if close else None,
+        seed=request["seed"],
+    )
 
 
-def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Recipe, rule: CutPolicy) -> dict[str, Any]:
+def _answer_request(request: dict[str, Any], trace: Trace, recipe: Recipe, rule: CutPolicy) -> dict[str, Any]:
     """The continuation of a trace that did not end within B (case 1 or 2), and what the answer record keeps."""
     output = trace["output_token_ids"]
     closed = rule.close(output)
@@ -343,21 +343,22 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
     }
 
 
-def _answer(pending: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    record = {
-        key: pending[key]
-        for key in ("prompt_id", "sample", "case", "close_at", "cut_back", "thinking_start", "close_token_ids")
-    }
-    return record | {
-        "answer_token_ids": result["output_token_ids"],
-        "finish_reason": result["finish_reason"],
-        "answer_least_p": None,
-    }
+def _answer(pending: dict[str, Any], result: dict[str, Any]) -> Answer:
+    return Answer(
+        prompt_id=pending["prompt_id"],
+        sample=pending["sample"],
+        case=pending["case"],
+        close_at=pending["close_at"],
+        cut_back=pending["cut_back"],
+        thinking_start=pending["thinking_start"],
+        close_token_ids=pending["close_token_ids"],
+        answer_token_ids=result["output_token_ids"],
+        finish_reason=result["finish_reason"],
+        answer_least_p=None,  # set once the answer is scored, where the span asks for it
+    )
 
 
-def _answer_score_request(
-    pending: dict[str, Any], trace: dict[str, Any], answer: dict[str, Any], room: int
-) -> dict[str, Any] | None:
+def _answer_score_request(pending: dict[str, Any], trace: Trace, answer: Answer, room: int) -> dict[str, Any] | None:
     """The request that scores an answer under the policy that wrote it: every token after the close (in case 2
     what the first pass wrote after its own close too), for `splice`'s decided answers. None where the text
     fills the engine's `room` (max_model_len): nothing is left to generate the request's one token."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from length_control import contracts
-from length_control.contracts import shard_path
+from length_control.contracts import Answer, shard_path
 from length_control.cut import recorded_close
 from length_control.engine import shorter_result
 from length_control.errors import DataError
@@ -39,7 +39,7 @@ class LongerTraces:
         for index, (traces, _) in enumerate(contracts.shard_pairs(self.folder)):
             keys = pq.read_table(traces, columns=["prompt_id", "sample"]).to_pydict()
             self._shard_of |= {f"{p}#{s}": index for p, s in zip(keys["prompt_id"], keys["sample"])}
-        self._loaded: tuple[int, dict[str, dict], dict[str, dict]] | None = None
+        self._loaded: tuple[int, dict[str, dict[str, Any]], dict[str, Answer]] | None = None
 
     def _check(self, manifest: dict[str, Any], expected: dict[str, Any], budget: int) -> None:
         differ = contracts.settings_differ(
@@ -72,7 +72,7 @@ class LongerTraces:
             request["max_tokens"],
         )
 
-    def answer(self, pending: dict[str, Any]) -> dict[str, Any] | None:
+    def answer(self, pending: dict[str, Any]) -> Answer | None:
         """The longer run's answer record when its answer pass continued the same prefix, else None."""
         key = pending["request"]["key"].removesuffix("/answer")
         found = self._shard(key)
@@ -87,7 +87,7 @@ class LongerTraces:
             return None
         return known | {"cut_back": pending["cut_back"]}
 
-    def _shard(self, key: str) -> tuple[dict[str, dict], dict[str, dict]] | None:
+    def _shard(self, key: str) -> tuple[dict[str, dict[str, Any]], dict[str, Answer]] | None:
         index = self._shard_of.get(key)
         if index is None:
             return None
@@ -96,7 +96,7 @@ class LongerTraces:
                 shard_path(self.folder, "traces", index),
                 ["prompt_id", "sample", "prompt_token_ids", "output_token_ids", "finish_reason"],
             )
-            answers = contracts.read_records(shard_path(self.folder, "answers", index))
+            answers: list[Answer] = contracts.read_records(shard_path(self.folder, "answers", index))
             self._loaded = (
                 index,
                 {
