@@ -32,7 +32,7 @@ from typing import Any
 
 from length_control import evaluate, generate, preflight, report, splice
 from length_control.artifacts import write_json_atomic, write_text_atomic
-from length_control.contracts import Plan, RunLayout
+from length_control.contracts import Plan, RunLayout, SampleScore
 from length_control.recipe import Recipe
 
 
@@ -70,11 +70,7 @@ def plans_of(recipe: Recipe) -> Callable[[Any], list[Plan]]:
         if stage.name == "generate":
             return [generate.plan(run) for run in runs]
         if stage.name == "splice":
-            return [
-                splice.plan(
-                    recipe, generated={f"budget {run.budget}": RunLayout(run.output_dir).generate for run in runs}
-                )
-            ]
+            return [splice.plan(recipe, budgets={run.budget: RunLayout(run.output_dir).generate for run in runs})]
         if stage.name == "eval-after":
             return [evaluate.plan(run, "after", seed, trained_by=recipe) for run in runs for seed in recipe.train.seeds]
         if stage.name == "report":
@@ -95,7 +91,7 @@ def check(recipe: Recipe) -> preflight.Preflight:
 
 
 def calibration(
-    samples: list[dict[str, Any]], budget: int, tolerance: int = 0, natural: dict[tuple[str, int], int] | None = None
+    samples: list[SampleScore], budget: int, tolerance: int = 0, natural: dict[tuple[str, int], int] | None = None
 ) -> dict[str, Any]:
     """How long one arm thought against the budget it was asked for, over `samples` (one benchmark's).
 

@@ -14,20 +14,23 @@ A run folder, from the recipe's `output_dir`:
 Every stage folder ends with `manifest.json` (`artifacts.Stage`), and a
 stage finds its inputs by reading its upstream's manifest. Records are
 Arrow tables with the schemas below, token ids as int32 lists: token ids
-are the truth between stages, text is for people. Readers and writers
-here stream and write atomically; no stage writes or parses another's
-files by hand.
+are the truth between stages, text is for people. Beside each schema, the
+record as Python sees it (a TypedDict with the schema's fields, which
+`tests/test_records.py` holds equal), the type its writer builds and its
+readers take. Readers and writers here stream and write atomically; no
+stage writes or parses another's files by hand.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -113,6 +116,8 @@ AXOLOTL_CONFIG = "axolotl.yaml"
 # ---------------------------------------------------------------- schemas
 
 IDS = pa.list_(pa.int32())
+TokenIds = list[int] | np.ndarray
+"""A list<int32> field: a list, or an int32 numpy view where a reader streams (`id_lists`)."""
 
 TRACES = pa.schema(
     [
@@ -126,6 +131,24 @@ TRACES = pa.schema(
     ]
 )
 """A generate trace: the policy's first pass, at most B output tokens."""
+
+
+class TraceIds(TypedDict):
+    """A trace's token ids: all stage 2 reads of it."""
+
+    prompt_token_ids: TokenIds
+    output_token_ids: TokenIds
+
+
+class Trace(TraceIds):
+    """A TRACES record."""
+
+    prompt_id: str
+    sample: int
+    finish_reason: str
+    think_close: int | None
+    seed: int
+
 
 DECIDED_P = 0.6
 """A model has decided a text (its answer after a close) when it gives every token of it at least this probability
@@ -152,6 +175,22 @@ ANSWERS = pa.schema(
 )
 """The answer pass of a trace that ran into B."""
 
+
+class Answer(TypedDict):
+    """An ANSWERS record."""
+
+    prompt_id: str
+    sample: int
+    case: int
+    close_at: int
+    cut_back: int
+    thinking_start: int
+    close_token_ids: TokenIds
+    answer_token_ids: TokenIds
+    finish_reason: str
+    answer_least_p: float | None
+
+
 ROWS_SCHEMA = pa.schema([("input_ids", IDS), ("attention_mask", IDS), ("labels", IDS)])
 """A stage-2 row, exactly Axolotl's pre-tokenized format (labels IGNORE where no loss)."""
 IGNORE = -100  # the label of a token that carries no loss
@@ -170,6 +209,27 @@ META_SCHEMA = pa.schema(
     ]
 )
 """Per stage-2 row, in the same order: where it came from."""
+
+
+class RowSource(TypedDict):
+    """Where a stage-2 row came from; None where an SFT row has no such thing."""
+
+    kind: str
+    prompt_id: str
+    sample: int
+    case: int
+    close_at: int | None
+    cut_back: int | None
+    budget: int | None
+
+
+class RowMeta(RowSource):
+    """A META_SCHEMA record: the source and the trained span of the row (`splice.Row`, written as ROWS_SCHEMA's
+    columns)."""
+
+    span_start: int
+    span_end: int
+
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -190,6 +250,35 @@ SAMPLES_SCHEMA = pa.schema(
 )
 """One eval sample: what the model wrote and how it was graded."""
 
+
+class SampleKey(TypedDict):
+    """Which eval sample a record is about: the fields every eval record starts with."""
+
+    benchmark: str
+    problem_id: str
+    sample: int
+
+
+class SampleScore(SampleKey):
+    """What the report and the calibration read of a sample: how long it thought and how it scored."""
+
+    prompt_tokens: int
+    thinking_tokens: int
+    closed_think: bool
+    overlong: bool
+    correct: bool
+
+
+class Sample(SampleScore):
+    """A SAMPLES_SCHEMA record."""
+
+    prompt_token_ids: TokenIds
+    output_token_ids: TokenIds
+    finish_reason: str
+    extracted: str | None
+    why: str
+
+
 PROBE_SCHEMA = pa.schema(
     [
         ("benchmark", pa.string()),
@@ -200,6 +289,14 @@ PROBE_SCHEMA = pa.schema(
     ]
 )
 """The termination probe on one held-out trace that ran past B."""
+
+
+class ProbeRecord(SampleKey):
+    """A PROBE_SCHEMA record."""
+
+    close_nll: float
+    greedy_close: bool
+
 
 DRIFT_SCHEMA = pa.schema(
     [
@@ -217,6 +314,18 @@ DRIFT_SCHEMA = pa.schema(
 )
 """The answer-drift probe on one sample closed at B by force, or within B on its own (`probes.answer_drift`)."""
 
+
+class DriftRecord(SampleKey):
+    """A DRIFT_SCHEMA record."""
+
+    close: str
+    answer_start: int
+    answer_nll: float
+    greedy_token_ids: TokenIds
+    greedy_agrees: bool | None
+    stage1_greedy_min_p: float | None
+
+
 EARLY_CLOSE_SCHEMA = pa.schema(
     [
         ("benchmark", pa.string()),
@@ -229,8 +338,65 @@ EARLY_CLOSE_SCHEMA = pa.schema(
 )
 """The early-close probe on one held-out trace that closed on its own within B (`probes.early_close`)."""
 
+
+class EarlyCloseRecord(SampleKey):
+    """An EARLY_CLOSE_SCHEMA record."""
+
+    positions: int
+    close_p_mean: float
+    close_p_max: float
+
+
 PROBE_SCHEMAS = {PROBE: PROBE_SCHEMA, DRIFT: DRIFT_SCHEMA, EARLY_CLOSE: EARLY_CLOSE_SCHEMA}
 """An eval arm's probe files (those its arm runs), by name."""
+
+
+class BenchmarkScores(TypedDict):
+    """One benchmark's scores in an eval arm's `metrics.json` (`evaluate.summarize`): every arm has them."""
+
+    problems: int
+    samples: int
+    score: float  # pass@1 over the samples, averaged over problems
+    score_stderr: float  # over problems
+    overlong_rate: float
+    closed_accuracy: float | None  # over the samples that closed; None when none did
+    mean_thinking_tokens: float
+
+
+class BenchmarkMetrics(BenchmarkScores, total=False):
+    """The scores, and the figures of the probes that ran (a key is there only when its probe ran)."""
+
+    prompts_too_long: int  # dropped for filling the context (the eval's own file, not a report's re-summary)
+    # the termination probe (PROBE)
+    probe_traces: int
+    close_nll: float
+    greedy_close_rate: float
+    # the answer-drift probe (DRIFT) after the forced close; the agreements and tipped ties in an after arm only
+    drift_samples: int
+    answer_nll: float
+    split_samples: int
+    greedy_answer_agreement: float
+    decided_answer_agreement: float | None
+    ties_tipped: int
+    # the same after the policy's own close within B
+    own_close_drift_samples: int
+    own_close_answer_nll: float
+    own_close_split_samples: int
+    own_close_greedy_answer_agreement: float
+    own_close_decided_answer_agreement: float | None
+    own_close_ties_tipped: int
+    # the early-close probe (EARLY_CLOSE)
+    early_close_traces: int
+    early_close_p: float
+    early_close_p_max: float
+
+
+class Metrics(TypedDict):
+    """An eval arm's `metrics.json`."""
+
+    context_limit: int
+    benchmarks: dict[str, BenchmarkMetrics]
+
 
 # ---------------------------------------------------------------- readers and writers
 
@@ -241,7 +407,7 @@ def schemas_fingerprint(*schemas: pa.Schema) -> str:
     return hashlib.sha256("\n\n".join(str(schema) for schema in schemas).encode()).hexdigest()[:16]
 
 
-def write_records(path: Path, records: list[dict[str, Any]], schema: pa.Schema) -> None:
+def write_records(path: Path, records: Sequence[Mapping[str, Any]], schema: pa.Schema) -> None:
     """One table, written atomically (a reader sees the old file or the whole new one)."""
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
@@ -292,6 +458,21 @@ def id_lists(column: pa.ListArray):
 # ---------------------------------------------------------------- plans and manifests
 
 
+@dataclass(frozen=True)
+class StageInputs:
+    """The upstream folders of a stage whose run depends on what each one is, by role: one field each, None
+    where the plan reads none (`generate.GenerateInputs`, `splice.SpliceInputs`, `evaluate.EvalInputs`). The
+    run reads the fields, never a name or a position."""
+
+    def named(self) -> dict[str, Path]:
+        """The folders by the names manifests record and dry runs print: each field's, spaced."""
+        return {
+            entry.name.replace("_", " "): getattr(self, entry.name)
+            for entry in fields(self)
+            if getattr(self, entry.name) is not None
+        }
+
+
 @dataclass
 class Plan:
     """One stage of one run, decided before it runs.
@@ -301,7 +482,9 @@ class Plan:
     what a dry run shows is what runs. `inputs` are the upstream stage
     folders it reads (their manifests), `steps` are for people (the engine
     processes, request settings, exact commands), `configs` the files the
-    stage renders, by name (written into `folder` when it runs).
+    stage renders, by name (written into `folder` when it runs). A stage
+    that tells its inputs apart gets them by role (`reads`), and `inputs`
+    is their named view.
     """
 
     stage: str
@@ -313,6 +496,11 @@ class Plan:
     seed: int | None = None  # the stage-2 training seed (train, eval after)
     steps: list[str] = field(default_factory=list)
     configs: dict[str, str] = field(default_factory=dict)
+    reads: StageInputs | None = None
+
+    def __post_init__(self) -> None:
+        if self.reads is not None:
+            self.inputs = self.reads.named()
 
     @property
     def label(self) -> str:

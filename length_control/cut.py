@@ -16,12 +16,15 @@ before it) and the forced close.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from length_control.recipe import CutSpec, EvalRecipe
 from length_control.think import Closed, ThinkTokens, close_at_budget
+
+if TYPE_CHECKING:
+    from length_control.contracts import Answer
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class CutPolicy:
         return span if span is not None and span[0] - self.think.thinking_start(output) <= self.budget else None
 
 
-def recorded_close(output: Sequence[int], answer: Mapping[str, Any]) -> Closed:
+def recorded_close(output: Sequence[int], answer: Answer) -> Closed:
     """The close generate made, read back from its answer record (`case`, `close_at`, `close_token_ids`), for
     the stages that have the ids and no tokenizer: splice, and a sweep's shorter budgets."""
     close, at = answer["close_token_ids"], answer["close_at"]

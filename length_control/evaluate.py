@@ -13,9 +13,11 @@ scored) and `metrics.json`; the report only reads these files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,14 @@ from length_control.contracts import (
     PROBE,
     SAMPLES,
     SAMPLES_SCHEMA,
+    BenchmarkMetrics,
+    DriftRecord,
+    Metrics,
     Plan,
     RunLayout,
+    Sample,
+    SampleScore,
+    StageInputs,
 )
 from length_control.cut import CutPolicy
 from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request, shorter_result
@@ -40,6 +48,17 @@ from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import EvalRecipe, Recipe
 from length_control.sources import load_source_spec
 from length_control.think import ThinkTokens
+
+
+@dataclass(frozen=True)
+class EvalInputs(StageInputs):
+    """What an eval arm reads besides its model and eval sets; None where it reads nothing of the kind."""
+
+    shared_samples: Path | None = None  # before, in a sweep: another setting's before arm, its samples taken as is
+    first_passes: Path | None = None  # forced: the before arm, whose samples cut at B are the first passes
+    train: Path | None = None  # after: the training run that made the model
+    probe_traces: Path | None = None  # after: the before arm, whose samples are probed again
+    drift_reference: Path | None = None  # after: the forced arm, whose answers the drift probe measures again
 
 
 def plan(
@@ -63,21 +82,16 @@ def plan(
     from length_control import train
 
     layout = RunLayout(recipe.output_dir)
-    inputs = {}
-    if samples is not None:
-        inputs["shared samples"] = Path(samples)
-    if arm == "forced" and "before" in recipe.eval.arms:
-        inputs["first passes"] = layout.eval("before")
-    if arm == "after":
-        trained_by = trained_by or recipe
-        inputs["train"] = RunLayout(trained_by.output_dir).train(seed)
-        model = str(train.trained_model(trained_by, seed))
-        if "before" in recipe.eval.arms:
-            inputs["probe traces"] = layout.eval("before")
-        if "forced" in recipe.eval.arms and recipe.budget is not None:
-            inputs["drift reference"] = layout.eval("forced")
-    else:
-        model = policy_path(recipe.model)
+    arms, after = recipe.eval.arms, arm == "after"
+    trained_by = trained_by or recipe
+    model = str(train.trained_model(trained_by, seed)) if after else policy_path(recipe.model)
+    reads = EvalInputs(
+        shared_samples=Path(samples) if samples is not None else None,
+        first_passes=layout.eval("before") if arm == "forced" and "before" in arms else None,
+        train=RunLayout(trained_by.output_dir).train(seed) if after else None,
+        probe_traces=layout.eval("before") if after and "before" in arms else None,
+        drift_reference=layout.eval("forced") if after and "forced" in arms and recipe.budget is not None else None,
+    )
     engine = open_engine(recipe, model, log_name=_log_name(arm, seed))
     steps = [
         *engine.describe(),
@@ -87,15 +101,15 @@ def plan(
             else f"max_tokens = {recipe.context_limit} - prompt"
         )
         + (f"; forced close at {recipe.budget} thinking tokens" if arm == "forced" else "")
-        + ("; first passes cut from the before arm's samples" if "first passes" in inputs else "")
+        + ("; first passes cut from the before arm's samples" if reads.first_passes is not None else "")
         + ("; termination and early-close probes at B" if arm != "forced" and recipe.budget is not None else "")
         + ("; answer-drift reference (answer NLL, greedy answer after the forced close)" if arm == "forced" else "")
-        + ("; answer-drift probe on the forced arm's answers" if "drift reference" in inputs else "")
+        + ("; answer-drift probe on the forced arm's answers" if reads.drift_reference is not None else "")
         + ("; answer-drift reference after the policy's own close" if arm == "before" and recipe.budget else ""),
         *(f"{s.source.name}: {s.samples_per_problem} samples per problem" for s in recipe.eval.sets),
     ]
     return Plan(
-        f"eval-{arm}", recipe, layout.eval(arm, seed), inputs=inputs, model=model, arm=arm, seed=seed, steps=steps
+        f"eval-{arm}", recipe, layout.eval(arm, seed), model=model, arm=arm, seed=seed, steps=steps, reads=reads
     )
 
 
@@ -103,23 +117,19 @@ def _log_name(arm: str, seed: int | None) -> str:
     return f"eval-{arm}" + (f"-seed{seed}" if seed is not None else "")
 
 
-def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
+def run(plan: Plan, engine: Engine | None = None) -> Metrics:
     """Evaluate one arm; skip it when up to date."""
-    recipe, folder, arm = plan.recipe, plan.folder, plan.arm
-    upstream = {
-        name: contracts.upstream(path)["output"]
-        for name, path in plan.inputs.items()
-        if name != "first passes" or contracts.is_finished(path)
-    }  # no before arm yet: sample them
+    recipe, folder, arm, reads = plan.recipe, plan.folder, plan.arm, plan.reads
+    if reads.first_passes is not None and not contracts.is_finished(reads.first_passes):
+        reads = dataclasses.replace(reads, first_passes=None)  # no before arm yet: sample them
+    upstream = {  # every input must be finished (MissingInput names the stage to run); the model stands for train
+        name: contracts.upstream(path)["output"] for name, path in dataclasses.asdict(reads).items() if path is not None
+    }
     stage = Stage(
         folder,
         inputs={"model": model_input(plan.model)}
         | contracts.source_inputs("set", [s.source for s in recipe.eval.sets])
-        | {
-            name.replace(" ", "_"): upstream[name]
-            for name in ("probe traces", "first passes", "shared samples", "drift reference")
-            if name in upstream
-        },
+        | {name: output for name, output in upstream.items() if name != "train"},
         config={
             "records": contracts.schemas_fingerprint(SAMPLES_SCHEMA, *contracts.PROBE_SCHEMAS.values()),
             "context_limit": recipe.context_limit,
@@ -170,11 +180,11 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     found: dict[str, list[dict[str, Any]]] = {}  # probe file -> its records
     with engine_for(recipe, plan.model, log_name=_log_name(arm, plan.seed), shared=engine) as engine:
         answer_starts = {}
-        if "shared samples" in plan.inputs:
-            samples = _shared_samples(plan.inputs["shared samples"], stage.expected)
+        if reads.shared_samples is not None:
+            samples = _shared_samples(reads.shared_samples, stage.expected)
         else:
             if arm == "forced":
-                first_passes = _read_results(plan.inputs["first passes"]) if "first passes" in upstream else {}
+                first_passes = _read_results(reads.first_passes) if reads.first_passes is not None else {}
                 results, answer_starts = _forced(engine, requests, recipe, think, first_passes)
             else:
                 results = engine.generate(requests, desc=f"eval {arm}")
@@ -183,7 +193,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         traces = (
             samples
             if arm == "before"
-            else (_read_samples(plan.inputs["probe traces"]) if "probe traces" in plan.inputs else None)
+            else (_read_samples(reads.probe_traces) if reads.probe_traces is not None else None)
         )
         if traces is not None and recipe.budget is not None:
             found[PROBE] = probes.termination(engine, traces, recipe.budget, think)
@@ -206,11 +216,9 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
         else:  # the after arm: the same answers, against the forced and the before arm's records
             found[DRIFT] = [
                 record
-                for name, arm_samples in (("drift reference", None), ("probe traces", traces))
-                if name in plan.inputs
-                for record in _drift_against(
-                    engine, plan.inputs[name], arm_samples, recipe.context_limit, think.stop_ids
-                )
+                for reference, arm_samples in ((reads.drift_reference, None), (reads.probe_traces, traces))
+                if reference is not None
+                for record in _drift_against(engine, reference, arm_samples, recipe.context_limit, think.stop_ids)
             ]
 
     contracts.write_records(folder / SAMPLES, samples, SAMPLES_SCHEMA)
@@ -302,8 +310,8 @@ def _forced(
 
 
 def _drift_against(
-    engine, folder: Path, samples: list[dict[str, Any]] | None, context_limit: int, stop_token_ids: list[int]
-) -> list[dict[str, Any]]:
+    engine, folder: Path, samples: list[Sample] | None, context_limit: int, stop_token_ids: list[int]
+) -> list[DriftRecord]:
     """The answer-drift probe on the samples of another arm (forced or before; `samples` when already read),
     against that arm's own records."""
     reference = read_probes(folder).get(DRIFT, [])
@@ -334,7 +342,7 @@ def _read_results(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[dict[str, Any]]:
+def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[Sample]:
     """The samples of another run's before arm, when nothing but the budget (its probe's) differs."""
     differ = contracts.settings_differ(
         contracts.upstream(folder), expected, but_config=("budget",), but_inputs=("shared_samples",)
@@ -351,7 +359,7 @@ def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[dict[str, An
     return contracts.read_records(folder / SAMPLES)
 
 
-def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, tokenizer) -> list[dict[str, Any]]:
+def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, tokenizer) -> list[Sample]:
     """One record per sample; the answers after a closed thinking are graded on all cores."""
     samples, graded, jobs = [], [], []
     for spec, prompt, prompt_ids, n in problems:
@@ -359,21 +367,21 @@ def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, 
             result = by_key[f"{prompt['id']}#{sample}"]
             output = result["output_token_ids"]
             close = think.find_close(output)
-            record = {
-                "benchmark": spec.name,
-                "problem_id": prompt["id"],
-                "sample": sample,
-                "prompt_tokens": len(prompt_ids),
-                "prompt_token_ids": prompt_ids,
-                "output_token_ids": output,
-                "finish_reason": result["finish_reason"],
-                "thinking_tokens": (close[0] if close else len(output)) - think.thinking_start(output),
-                "closed_think": close is not None,
-                "overlong": close is None,
-                "extracted": None,
-                "correct": False,
-                "why": "the thinking never closed",
-            }
+            record = Sample(
+                benchmark=spec.name,
+                problem_id=prompt["id"],
+                sample=sample,
+                prompt_tokens=len(prompt_ids),
+                prompt_token_ids=prompt_ids,
+                output_token_ids=output,
+                finish_reason=result["finish_reason"],
+                thinking_tokens=(close[0] if close else len(output)) - think.thinking_start(output),
+                closed_think=close is not None,
+                overlong=close is None,
+                extracted=None,
+                correct=False,
+                why="the thinking never closed",
+            )
             samples.append(record)
             if close is not None:
                 graded.append(record)
@@ -385,11 +393,11 @@ def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, 
 
 
 def summarize(
-    samples: list[dict[str, Any]], context_limit: int, probes: dict[str, list[dict[str, Any]]] | None = None
-) -> dict[str, Any]:
+    samples: list[SampleScore], context_limit: int, probes: dict[str, list[dict[str, Any]]] | None = None
+) -> Metrics:
     """Per benchmark: pass@1 over n with its standard error (over problems), overlong rate, lengths,
     and the means of the probes that ran (`probes`: probe file -> records, as `read_probes` returns)."""
-    out: dict[str, Any] = {"context_limit": context_limit, "benchmarks": {}}
+    out = Metrics(context_limit=context_limit, benchmarks={})
     probes = probes or {}
     for benchmark in sorted({s["benchmark"] for s in samples}):
         rows = [s for s in samples if s["benchmark"] == benchmark]
@@ -398,15 +406,15 @@ def summarize(
             per_problem.setdefault(s["problem_id"], []).append(s["correct"])
         means = [sum(v) / len(v) for v in per_problem.values()]
         closed = [s for s in rows if s["closed_think"]]
-        out["benchmarks"][benchmark] = {
-            "problems": len(per_problem),
-            "samples": len(rows),
-            "score": sum(means) / len(means),
-            "score_stderr": statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else 0.0,
-            "overlong_rate": sum(s["overlong"] for s in rows) / len(rows),
-            "closed_accuracy": sum(s["correct"] for s in closed) / len(closed) if closed else None,
-            "mean_thinking_tokens": sum(s["thinking_tokens"] for s in rows) / len(rows),
-        } | _probe_means(
+        out["benchmarks"][benchmark] = BenchmarkMetrics(
+            problems=len(per_problem),
+            samples=len(rows),
+            score=sum(means) / len(means),
+            score_stderr=statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else 0.0,
+            overlong_rate=sum(s["overlong"] for s in rows) / len(rows),
+            closed_accuracy=sum(s["correct"] for s in closed) / len(closed) if closed else None,
+            mean_thinking_tokens=sum(s["thinking_tokens"] for s in rows) / len(rows),
+        ) | _probe_means(
             {name: [r for r in records if r["benchmark"] == benchmark] for name, records in probes.items()}
         )
     return out
@@ -447,7 +455,7 @@ def _probe_means(probes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def _decided(drift: dict[str, Any]) -> bool:
+def _decided(drift: DriftRecord) -> bool:
     """Whether the stage-1 model had decided its greedy answer at this prefix (`contracts.DECIDED_P`); an empty
     one (no room left) has nothing to tip."""
     min_p = drift["stage1_greedy_min_p"]
@@ -466,12 +474,11 @@ def read_probes(folder: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _read_samples(folder: Path) -> list[dict[str, Any]]:
-    columns = ["benchmark", "problem_id", "sample", "prompt_token_ids", "output_token_ids", "finish_reason"]
-    return contracts.read_records(folder / SAMPLES, columns)
+def _read_samples(folder: Path) -> list[Sample]:
+    return contracts.read_records(folder / SAMPLES)
 
 
-def format_metrics(arms: list[tuple[str, dict[str, Any]]]) -> str:
+def format_metrics(arms: list[tuple[str, Metrics]]) -> str:
     """One line per (arm, benchmark); the probe's columns where it ran."""
     lines = [
         f"{'benchmark':<14} {'arm':<16} {'score':>14} {'overlong':>9} {'closed acc':>11} {'think tok':>10} "

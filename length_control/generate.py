@@ -32,12 +32,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
-from length_control.contracts import ANSWERS, TRACES, Plan, RunLayout, shard_path
+from length_control.contracts import ANSWERS, TRACES, Answer, Plan, RunLayout, StageInputs, Trace, shard_path
 from length_control.cut import CutPolicy, describe_cut, recorded_close
 from length_control.engine import (
     Engine,
@@ -48,9 +49,9 @@ from length_control.engine import (
     open_engine,
     sample_request,
     score_request,
-    shorter_result,
 )
 from length_control.errors import DataError
+from length_control.longer_traces import LongerTraces
 from length_control.policy import end_token_config, load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import Recipe
@@ -59,6 +60,13 @@ from length_control.think import ThinkTokens
 
 PLAN = ".plan.json"  # what the shards on disk were made for; hidden, so not part of the output
 RECORDS_VERSION = 7  # bumped when the records or prompt ids change, so an older run folder is regenerated, not misread
+
+
+@dataclass(frozen=True)
+class GenerateInputs(StageInputs):
+    """What a generate run reads besides its model and prompts."""
+
+    longer_traces: Path | None = None  # a run at a larger budget whose traces hold this run's first passes
 
 
 def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
@@ -72,7 +80,7 @@ def plan(recipe: Recipe, longer: Path | None = None) -> Plan:
         recipe,
         RunLayout(recipe.output_dir).generate,
         model=model,
-        inputs={"longer traces": Path(longer)} if longer is not None else {},
+        reads=GenerateInputs(longer_traces=Path(longer) if longer is not None else None),
         steps=[
             "one engine for traces and answers:",
             *(f"  {line}" for line in engine.describe()),
@@ -152,7 +160,7 @@ def trace_requests(
 
 def _stage(plan: Plan) -> Stage:
     recipe = plan.recipe
-    longer = plan.inputs.get("longer traces")
+    longer = plan.reads.longer_traces
     return Stage(
         plan.folder,
         inputs={"model": model_input(plan.model)}
@@ -190,8 +198,8 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     todo = [i for i in range(len(shards)) if not shard_path(folder, "traces", i).is_file()]
     if todo:
         longer = (
-            LongerTraces(plan.inputs["longer traces"], stage.expected, recipe.budget)
-            if "longer traces" in plan.inputs
+            LongerTraces(plan.reads.longer_traces, stage.expected, recipe.budget)
+            if plan.reads.longer_traces is not None
             else None
         )
         with engine_for(recipe, plan.model, log_name="generate", shared=engine) as engine:
@@ -207,11 +215,11 @@ class _Shard:
 
     def __init__(self, requests: list[dict[str, Any]]) -> None:
         self.requests = requests
-        self.traces: list[dict[str, Any] | None] = [None] * len(requests)
-        self.answers: dict[int, dict[str, Any]] = {}  # by trace position: the pending answer, then its record
+        self.traces: list[Trace | None] = [None] * len(requests)
+        self.answers: dict[int, dict[str, Any] | Answer] = {}  # by trace position: the pending answer, then its record
         self.waiting = len(requests)  # results still to come: traces, then the answers they ask for
 
-    def records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def records(self) -> tuple[list[Trace], list[Answer]]:
         return self.traces, [self.answers[position] for position in sorted(self.answers)]
 
 
@@ -299,116 +307,21 @@ def _generate_shards(
 _OPEN_AHEAD = 4096  # requests waiting in the feed before another shard of cut traces is opened
 
 
-class LongerTraces:
-    """The traces of a generate folder at a larger budget, which hold this run's first passes.
-
-    A trace sampled to B_max holds the first pass of the same request at any
-    B below it (`engine.shorter_result`): a budget sweep samples its traces
-    once, at the largest budget, and only the answers after each budget's
-    close are generated per budget. An answer is taken from the longer run
-    when its prefix is the same (a sweep over the termination span at one
-    budget generates nothing). The longer run must share every setting but
-    the budget and the cut, which `check` makes sure of; its shards are read
-    one at a time, as the requests ask for them.
-    """
-
-    def __init__(self, folder: Path, expected: dict[str, Any], budget: int) -> None:
-        import pyarrow.parquet as pq
-
-        self.folder = Path(folder)
-        self._check(contracts.upstream(self.folder), expected, budget)
-        self._shard_of: dict[str, int] = {}
-        for index, (traces, _) in enumerate(contracts.shard_pairs(self.folder)):
-            keys = pq.read_table(traces, columns=["prompt_id", "sample"]).to_pydict()
-            self._shard_of |= {f"{p}#{s}": index for p, s in zip(keys["prompt_id"], keys["sample"])}
-        self._loaded: tuple[int, dict[str, dict], dict[str, dict]] | None = None
-
-    def _check(self, manifest: dict[str, Any], expected: dict[str, Any], budget: int) -> None:
-        differ = contracts.settings_differ(
-            manifest, expected, but_config=("budget", "cut"), but_inputs=("longer traces",)
-        )
-        if manifest["config"]["budget"] < budget:
-            differ.append(f"budget ({manifest['config']['budget']} < {budget})")
-        if differ:
-            raise DataError(
-                "generate",
-                [
-                    f"the traces in {self.folder} cannot be cut to this run's: "
-                    f"{', '.join(differ)} differ; take them from a run at a budget at least "
-                    "as large with the same model, prompts, seed and generation settings"
-                ],
-            )
-
-    def first_pass(self, request: dict[str, Any]) -> dict[str, Any] | None:
-        """The result `request` would get from the engine, cut from the longer trace; None if it has none."""
-        found = self._shard(request["key"])
-        if found is None:
-            return None  # a prompt with room at this budget but not at the longer one's
-        trace = found[0][request["key"]]
-        return shorter_result(
-            {
-                "key": request["key"],
-                "output_token_ids": trace["output_token_ids"],
-                "finish_reason": trace["finish_reason"],
-            },
-            request["max_tokens"],
-        )
-
-    def answer(self, pending: dict[str, Any]) -> dict[str, Any] | None:
-        """The longer run's answer record when its answer pass continued the same prefix, else None."""
-        key = pending["request"]["key"].removesuffix("/answer")
-        found = self._shard(key)
-        known = found[1].get(key) if found is not None else None
-        if known is None or known["close_at"] != pending["close_at"] or known["case"] != pending["case"]:
-            return None
-        trace = found[0][key]
-        if pending["request"]["prompt_token_ids"] != [
-            *trace["prompt"],
-            *recorded_close(trace["output_token_ids"], known).prefix(),
-        ]:
-            return None
-        return known | {"cut_back": pending["cut_back"]}
-
-    def _shard(self, key: str) -> tuple[dict[str, dict], dict[str, dict]] | None:
-        index = self._shard_of.get(key)
-        if index is None:
-            return None
-        if self._loaded is None or self._loaded[0] != index:
-            traces = contracts.read_records(
-                shard_path(self.folder, "traces", index),
-                ["prompt_id", "sample", "prompt_token_ids", "output_token_ids", "finish_reason"],
-            )
-            answers = contracts.read_records(shard_path(self.folder, "answers", index))
-            self._loaded = (
-                index,
-                {
-                    f"{t['prompt_id']}#{t['sample']}": {
-                        "prompt": t["prompt_token_ids"],
-                        "output_token_ids": t["output_token_ids"],
-                        "finish_reason": t["finish_reason"],
-                    }
-                    for t in traces
-                },
-                {f"{a['prompt_id']}#{a['sample']}": a for a in answers},
-            )
-        return self._loaded[1], self._loaded[2]
-
-
-def _trace(request: dict[str, Any], result: dict[str, Any], think: ThinkTokens) -> dict[str, Any]:
+def _trace(request: dict[str, Any], result: dict[str, Any], think: ThinkTokens) -> Trace:
     output = result["output_token_ids"]
     close = think.find_close(output)
-    return {
-        "prompt_id": request["prompt_id"],
-        "sample": request["sample"],
-        "prompt_token_ids": request["prompt_token_ids"],
-        "output_token_ids": output,
-        "finish_reason": result["finish_reason"],
-        "think_close": close[0] if close else None,
-        "seed": request["seed"],
-    }
+    return Trace(
+        prompt_id=request["prompt_id"],
+        sample=request["sample"],
+        prompt_token_ids=request["prompt_token_ids"],
+        output_token_ids=output,
+        finish_reason=result["finish_reason"],
+        think_close=close[0] if close else None,
+        seed=request["seed"],
+    )
 
 
-def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Recipe, rule: CutPolicy) -> dict[str, Any]:
+def _answer_request(request: dict[str, Any], trace: Trace, recipe: Recipe, rule: CutPolicy) -> dict[str, Any]:
     """The continuation of a trace that did not end within B (case 1 or 2), and what the answer record keeps."""
     output = trace["output_token_ids"]
     closed = rule.close(output)
@@ -430,21 +343,22 @@ def _answer_request(request: dict[str, Any], trace: dict[str, Any], recipe: Reci
     }
 
 
-def _answer(pending: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    record = {
-        key: pending[key]
-        for key in ("prompt_id", "sample", "case", "close_at", "cut_back", "thinking_start", "close_token_ids")
-    }
-    return record | {
-        "answer_token_ids": result["output_token_ids"],
-        "finish_reason": result["finish_reason"],
-        "answer_least_p": None,
-    }
+def _answer(pending: dict[str, Any], result: dict[str, Any]) -> Answer:
+    return Answer(
+        prompt_id=pending["prompt_id"],
+        sample=pending["sample"],
+        case=pending["case"],
+        close_at=pending["close_at"],
+        cut_back=pending["cut_back"],
+        thinking_start=pending["thinking_start"],
+        close_token_ids=pending["close_token_ids"],
+        answer_token_ids=result["output_token_ids"],
+        finish_reason=result["finish_reason"],
+        answer_least_p=None,  # set once the answer is scored, where the span asks for it
+    )
 
 
-def _answer_score_request(
-    pending: dict[str, Any], trace: dict[str, Any], answer: dict[str, Any], room: int
-) -> dict[str, Any] | None:
+def _answer_score_request(pending: dict[str, Any], trace: Trace, answer: Answer, room: int) -> dict[str, Any] | None:
     """The request that scores an answer under the policy that wrote it: every token after the close (in case 2
     what the first pass wrote after its own close too), for `splice`'s decided answers. None where the text
     fills the engine's `room` (max_model_len): nothing is left to generate the request's one token."""

@@ -27,12 +27,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from length_control.contracts import DriftRecord, EarlyCloseRecord, ProbeRecord, Sample, SampleKey
 from length_control.cut import CutPolicy
 from length_control.engine import least_p, score_request
 from length_control.think import ThinkTokens
 
 
-def termination(engine, samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> list[dict[str, Any]]:
+def termination(engine, samples: list[Sample], budget: int, think: ThinkTokens) -> list[ProbeRecord]:
     """For every held-out sample whose thinking ran past B (no close in its
     first B thinking tokens: a case-1 trace), given the prompt and the
     output cut exactly at B (`CutPolicy` with an exact cut, as stage 2's
@@ -54,24 +55,24 @@ def termination(engine, samples: list[dict[str, Any]], budget: int, think: Think
     scores = ask(engine, scored, desc="probe: close NLL")
     continuations = ask(engine, greedy, desc="probe: greedy close")
     return [
-        {
+        ProbeRecord(
             **_id(s),
-            "close_nll": -sum(score["tail_logprobs"]),
-            "greedy_close": think.find_close(cont["output_token_ids"]) is not None,
-        }
+            close_nll=-sum(score["tail_logprobs"]),
+            greedy_close=think.find_close(cont["output_token_ids"]) is not None,
+        )
         for (s, _), score, cont in zip(traces, scores, continuations)
     ]
 
 
 def answer_drift(
     engine,
-    samples: list[dict[str, Any]],
+    samples: list[Sample],
     answer_starts: dict[str, int],
     context_limit: int,
-    reference: list[dict[str, Any]] | None = None,
+    reference: list[DriftRecord] | None = None,
     close: str = "forced",
     stop_token_ids: Sequence[int] = (),
-) -> list[dict[str, Any]]:
+) -> list[DriftRecord]:
     """On the forced arm's samples that were closed at B and answered (`answer_starts`: sample key -> where
     its answer starts in the output), with prefix = prompt + thinking cut at B + forced close and answer = the
     stage-1 model's own answer tokens (its end token left out: stage 2 trains that one). With `close="own"`,
@@ -111,15 +112,15 @@ def answer_drift(
     for s, cont in zip(probed, continuations):
         key, ids = sample_key(s), list(cont["output_token_ids"])
         records.append(
-            {
+            DriftRecord(
                 **_id(s),
-                "close": close,
-                "answer_start": answer_starts[key],
-                "answer_nll": nll.get(f"answer:{key}", 0.0),
-                "greedy_token_ids": ids,
-                "greedy_agrees": ids == expected[key] if reference is not None else None,
-                "stage1_greedy_min_p": min_p[key],
-            }
+                close=close,
+                answer_start=answer_starts[key],
+                answer_nll=nll.get(f"answer:{key}", 0.0),
+                greedy_token_ids=ids,
+                greedy_agrees=ids == expected[key] if reference is not None else None,
+                stage1_greedy_min_p=min_p[key],
+            )
         )
     return records
 
@@ -135,7 +136,7 @@ def _greedy_min_p(engine, answers: list[tuple[str, list[int], list[int]]]) -> di
     return min_p
 
 
-def own_answer_starts(samples: list[dict[str, Any]], budget: int, think: ThinkTokens) -> dict[str, int]:
+def own_answer_starts(samples: list[Sample], budget: int, think: ThinkTokens) -> dict[str, int]:
     """Where the answer starts in each sample that closed its thinking on its own within B and ended."""
     rule = CutPolicy(think, budget)
     return {
@@ -145,7 +146,7 @@ def own_answer_starts(samples: list[dict[str, Any]], budget: int, think: ThinkTo
     }
 
 
-def _prefix_and_answer(sample: dict[str, Any], answer_start: int) -> tuple[list[int], list[int]]:
+def _prefix_and_answer(sample: Sample, answer_start: int) -> tuple[list[int], list[int]]:
     """The context a forced answer was written in, and its tokens without the end token that closed it."""
     output = list(sample["output_token_ids"])
     answer = output[answer_start:]
@@ -155,8 +156,8 @@ def _prefix_and_answer(sample: dict[str, Any], answer_start: int) -> tuple[list[
 
 
 def early_close(
-    engine, samples: list[dict[str, Any]], budget: int, think: ThinkTokens, positions: int
-) -> list[dict[str, Any]]:
+    engine, samples: list[Sample], budget: int, think: ThinkTokens, positions: int
+) -> list[EarlyCloseRecord]:
     """On samples whose thinking closed on its own within B: at up to `positions` earlier places where it
     could have closed (after a token like the one its close follows, "\\n" for most templates; spread evenly
     over the thinking when there are more), p(its own close tag | the output up to there).
@@ -188,7 +189,7 @@ def early_close(
     records = []
     for s, places, _ in traces:
         p = [probability[f"early:{sample_key(s)}@{t}"] for t in places]
-        records.append({**_id(s), "positions": len(p), "close_p_mean": sum(p) / len(p), "close_p_max": max(p)})
+        records.append(EarlyCloseRecord(**_id(s), positions=len(p), close_p_mean=sum(p) / len(p), close_p_max=max(p)))
     return records
 
 
@@ -220,13 +221,13 @@ def _spread(places: list[int], count: int) -> list[int]:
     return sorted({places[round(i * (len(places) - 1) / (count - 1))] for i in range(count)})
 
 
-def sample_key(sample: dict[str, Any]) -> str:
+def sample_key(sample: SampleKey) -> str:
     """A sample's request key: problem id # sample index."""
     return f"{sample['problem_id']}#{sample['sample']}"
 
 
-def _id(sample: dict[str, Any]) -> dict[str, Any]:
-    return {"benchmark": sample["benchmark"], "problem_id": sample["problem_id"], "sample": sample["sample"]}
+def _id(sample: SampleKey) -> SampleKey:
+    return SampleKey(benchmark=sample["benchmark"], problem_id=sample["problem_id"], sample=sample["sample"])
 
 
 def _greedy_request(

@@ -25,24 +25,16 @@ from typing import Any
 
 from length_control import contracts
 from length_control.artifacts import MissingInput, atomic_path, write_json_atomic, write_text_atomic
-from length_control.contracts import SAMPLES, Plan, RunLayout
+from length_control.contracts import SAMPLES, Plan, RunLayout, SampleScore
 from length_control.errors import UserError
 from length_control.evaluate import read_probes, summarize
 from length_control.recipe import Recipe, ThinkTags
 
-_SAMPLE_COLUMNS = [
-    "benchmark",
-    "problem_id",
-    "sample",
-    "thinking_tokens",
-    "prompt_tokens",
-    "closed_think",
-    "overlong",
-    "correct",
-]
+_SAMPLE_COLUMNS = list(SampleScore.__annotations__)
 
 
-def load_samples(folder: Path) -> list[dict[str, Any]]:
+def load_samples(folder: Path) -> list[SampleScore]:
+    """An eval arm's samples without their token ids: what the report reads."""
     return contracts.read_records(folder / SAMPLES, _SAMPLE_COLUMNS)
 
 

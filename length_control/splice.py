@@ -36,15 +36,29 @@ import functools
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from length_control import contracts
 from length_control.artifacts import Stage, atomic_path, tool_versions
-from length_control.contracts import IGNORE, META, META_SCHEMA, ROWS, ROWS_SCHEMA, Plan, RunLayout, id_lists
+from length_control.contracts import (
+    IGNORE,
+    META,
+    META_SCHEMA,
+    ROWS,
+    ROWS_SCHEMA,
+    Answer,
+    Plan,
+    RowMeta,
+    RowSource,
+    RunLayout,
+    StageInputs,
+    TraceIds,
+    id_lists,
+)
 from length_control.cut import recorded_close
 from length_control.errors import EmptyOutput
 from length_control.policy import load_tokenizer, policy_path
@@ -59,20 +73,27 @@ class Row:
     span: tuple[int, int]  # input_ids[span[0]:span[1]] holds every trained token
 
 
-def trains_answer(spec: SpliceSpec, answer: dict[str, Any]) -> bool:
+class Stage2Row(NamedTuple):
+    """A row on its way into the stage-2 files (`write_dataset`): the row, and where it came from."""
+
+    row: Row
+    source: RowSource
+
+
+def trains_answer(spec: SpliceSpec, answer: Answer) -> bool:
     """Whether a row's answer after the close carries loss: always with `think_close_answer_eos`; with
     `think_close_decided_answer_eos` where the policy had decided it (generate scored every token of it at
     least `contracts.DECIDED_P`): on a near tie training would tip the policy to the answer it happened to
     write, and the row trains the close and EOS only."""
     if spec.termination_span == "think_close_decided_answer_eos":
-        least = answer.get("answer_least_p")
+        least = answer["answer_least_p"]
         return least is not None and least >= contracts.DECIDED_P
     return spec.termination_span == "think_close_answer_eos"
 
 
 def splice_row(
-    trace: dict[str, Any],
-    answer: dict[str, Any],
+    trace: TraceIds,
+    answer: Answer,
     *,
     termination: Termination,
     spec: SpliceSpec,
@@ -131,21 +152,44 @@ def splice_row(
 # ---------------------------------------------------------------- the stage
 
 
-def plan(recipe: Recipe, earlier: tuple[Path, ...] = (), generated: dict[str, Path] | None = None) -> Plan:
+@dataclass(frozen=True)
+class SpliceInputs(StageInputs):
+    """The generate folders a stage-2 dataset is built from, by role; rows come in this order, earlier rounds'
+    first. The policy's traces are the run's own folder (`traces`), or in a budget-conditioned run every
+    budget's (`budgets`, by B) in its place."""
+
+    traces: Path | None = None
+    earlier: tuple[Path, ...] = ()  # a closed loop's earlier rounds' traces: their rows accumulate
+    budgets: dict[int, Path] = field(default_factory=dict)
+
+    @property
+    def policy_traces(self) -> list[Path]:
+        """The traces of the policy this stage 2 trains (not an earlier round's)."""
+        return list(self.budgets.values()) if self.budgets else [self.traces]
+
+    def named(self) -> dict[str, Path]:
+        own = {f"budget {budget}": folder for budget, folder in self.budgets.items()} or {"generate": self.traces}
+        return {f"earlier{i}": folder for i, folder in enumerate(self.earlier)} | own
+
+
+def plan(recipe: Recipe, earlier: tuple[Path, ...] = (), budgets: dict[int, Path] | None = None) -> Plan:
     """In a closed loop, `earlier` are the earlier rounds' generate folders: their rows accumulate. A
-    budget-conditioned run's rows come from the generate folders of its budgets (`generated`, by name)
-    in place of the run's own."""
+    budget-conditioned run's rows come from the generate folders of its budgets (`budgets`, by B) in place
+    of the run's own."""
     s = recipe.splice
     mix = f"{s.sft_mix.share} of the rows from {_mix_source(recipe)}" if s.sft_mix else "none"
-    inputs = {f"earlier{i}": Path(folder) for i, folder in enumerate(earlier)}
-    inputs |= generated or {"generate": RunLayout(recipe.output_dir).generate}
+    reads = SpliceInputs(
+        traces=None if budgets else RunLayout(recipe.output_dir).generate,
+        earlier=tuple(Path(folder) for folder in earlier),
+        budgets=dict(budgets or {}),
+    )
     return Plan(
         "splice",
         recipe,
         RunLayout(recipe.output_dir).stage2,
-        inputs=inputs,
+        reads=reads,
         steps=[
-            *(f"rows from {folder}" for folder in (generated or {}).values()),
+            *(f"rows from {folder}" for folder in reads.budgets.values()),
             f"termination span {s.termination_span}; answers > {s.max_answer_tokens} tokens: {s.on_long_answer}; "
             f"rows > sequence_len ({max_len(recipe) or 'not fixed'}): {s.on_overlength}",
             f"SFT mix: {mix}",
@@ -176,26 +220,26 @@ def run(plan: Plan) -> dict[str, Any]:
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
     stats: Counter[str] = Counter()
-    own = list(plan.inputs.values())[-1]  # the policy's traces (the others are earlier rounds' or other budgets')
-    termination = contracts.read_termination(own)
-    rows = (row for traces in plan.inputs.values() for row in length_rows(traces, recipe, termination, limit, stats))
+    reads: SpliceInputs = plan.reads
+    termination = contracts.read_termination(reads.policy_traces[-1])  # every budget's run writes the same
+    folders = [*reads.earlier, *reads.policy_traces]
+    rows = (row for traces in folders for row in length_rows(traces, recipe, termination, limit, stats))
     model = policy_path(recipe.model)
     summary = write_dataset(folder, rows, mix_rows=_mix_rows(recipe, model, sft_path, limit, stats), stats=stats)
     if summary["length_rows"] == 0:
-        raise EmptyOutput(_why_empty(stats, own, recipe))
+        raise EmptyOutput(_why_empty(stats, reads.policy_traces, recipe))
     summary["tokenizer"] = model
     stage.finish(**summary)
     return summary
 
 
-def _why_empty(stats: Counter, generated: Path, recipe: Recipe) -> str:
-    """Why no trace became a stage-2 row, with the setting that changes it."""
-    summary = contracts.upstream(generated)["summary"]
-    lines = [
-        f"stage 2 has no row to train on: of {summary['traces']} traces, "
-        f"{summary['traces'] - summary['ended_within_budget']} ran past B = {recipe.budget}"
-    ]
-    if summary["traces"] == summary["ended_within_budget"]:
+def _why_empty(stats: Counter, policy_traces: list[Path], recipe: Recipe) -> str:
+    """Why no trace of the policy became a stage-2 row, with the setting that changes it."""
+    summaries = [contracts.upstream(folder)["summary"] for folder in policy_traces]
+    traces = sum(summary["traces"] for summary in summaries)
+    ended = sum(summary["ended_within_budget"] for summary in summaries)
+    lines = [f"stage 2 has no row to train on: of {traces} traces, {traces - ended} ran past B = {recipe.budget}"]
+    if traces == ended:
         lines.append("every trace ended within the budget: lower `budget` (or sample more prompts)")
     if stats["no_answer"]:
         lines.append(
@@ -217,7 +261,7 @@ def _why_empty(stats: Counter, generated: Path, recipe: Recipe) -> str:
 
 def length_rows(
     folder: Path, recipe: Recipe, termination: Termination, max_len: int | None, stats: Counter
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Stage2Row]:
     """Stage-2 rows, one generate shard at a time, from token ids alone (no tokenizer is loaded)."""
     import pyarrow.parquet as pq
 
@@ -235,9 +279,8 @@ def length_rows(
                 answer = answers.get(key)
                 if answer is None:
                     continue  # ended within the budget: not a stage-2 sample
-                trace = {"prompt_token_ids": prompts(i), "output_token_ids": outputs(i)}
                 row, why = splice_row(
-                    trace,
+                    TraceIds(prompt_token_ids=prompts(i), output_token_ids=outputs(i)),
                     answer,
                     termination=termination,
                     spec=recipe.splice,
@@ -250,21 +293,21 @@ def length_rows(
                     if recipe.splice.scores_answers():
                         stats["answer_undecided"] += not trains_answer(recipe.splice, answer)
                     stats["case1_cut_at_line_end"] += answer["cut_back"] > 0
-                    yield {
-                        "row": row,
-                        "meta": {
-                            "kind": "length",
-                            "prompt_id": answer["prompt_id"],
-                            "sample": answer["sample"],
-                            "case": answer["case"],
-                            "budget": budget,
-                            "close_at": answer["close_at"],
-                            "cut_back": answer["cut_back"],
-                        },
-                    }
+                    yield Stage2Row(
+                        row,
+                        RowSource(
+                            kind="length",
+                            prompt_id=answer["prompt_id"],
+                            sample=answer["sample"],
+                            case=answer["case"],
+                            close_at=answer["close_at"],
+                            cut_back=answer["cut_back"],
+                            budget=budget,
+                        ),
+                    )
 
 
-def _answers(table) -> dict[tuple[str, int], dict[str, Any]]:
+def _answers(table) -> dict[tuple[str, int], Answer]:
     """A shard's answer records by (prompt id, sample), their ids as numpy views."""
     columns = {name: table.column(name).combine_chunks() for name in table.column_names}
     closes, bodies = id_lists(columns["close_token_ids"]), id_lists(columns["answer_token_ids"])
@@ -305,7 +348,7 @@ def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, max_len: int | 
     Only conversations need the tokenizer (for the chat template), so only they load it.
     """
 
-    def rows(length_rows: int) -> Iterator[dict[str, Any]]:
+    def rows(length_rows: int) -> Iterator[Stage2Row]:
         mix = recipe.splice.sft_mix
         if mix is None or mix.share == 0:
             return
@@ -318,12 +361,12 @@ def _mix_rows(recipe: Recipe, model: str, mix_path: Path | None, max_len: int | 
                 continue
             stats["sft"] += 1
             trained = [i for i, label in enumerate(labels) if label != IGNORE]
-            yield {
-                "row": Row(
-                    np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32), (trained[0], trained[-1] + 1)
+            yield Stage2Row(
+                Row(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32), (trained[0], trained[-1] + 1)),
+                RowSource(
+                    kind="sft", prompt_id=f"sft/{index}", sample=0, case=0, close_at=None, cut_back=None, budget=None
                 ),
-                "meta": {"kind": "sft", "prompt_id": f"sft/{index}", "sample": 0, "case": 0},
-            }
+            )
 
     return rows
 
@@ -362,7 +405,7 @@ class MixSet:
 
 def write_dataset(
     folder: Path,
-    rows: Iterator[dict[str, Any]],
+    rows: Iterator[Stage2Row],
     *,
     mix_rows,
     stats: Counter,
@@ -387,26 +430,22 @@ def write_dataset(
             pq.ParquetWriter(rows_tmp, row_schema, use_dictionary=False, compression="zstd") as rows_out,
             pq.ParquetWriter(meta_tmp, meta_schema) as meta_out,
         ):
-            batch: list[dict[str, Any]] = []
+            batch: list[Stage2Row] = []
             batch_tokens = 0
 
             def flush() -> None:
                 nonlocal batch_tokens
-                rows_out.write_table(pa.Table.from_arrays(_row_columns([b["row"] for b in batch]), schema=row_schema))
-                meta = {
-                    name: [b["meta"].get(name) for b in batch]
-                    for name in meta_schema.names
-                    if not name.startswith("span_")
-                }
-                spans = {"span_start": [b["row"].span[0] for b in batch], "span_end": [b["row"].span[1] for b in batch]}
-                meta_out.write_table(pa.Table.from_pydict(meta | spans, schema=meta_schema))
+                rows_out.write_table(pa.Table.from_arrays(_row_columns([b.row for b in batch]), schema=row_schema))
+                metas = [RowMeta(**b.source, span_start=b.row.span[0], span_end=b.row.span[1]) for b in batch]
+                columns = {name: [meta[name] for meta in metas] for name in meta_schema.names}
+                meta_out.write_table(pa.Table.from_pydict(columns, schema=meta_schema))
                 batch.clear()
                 batch_tokens = 0
 
-            def add(item: dict[str, Any]) -> None:
+            def add(item: Stage2Row) -> None:
                 nonlocal batch_tokens
                 batch.append(item)
-                lengths.append(len(item["row"].input_ids))
+                lengths.append(len(item.row.input_ids))
                 batch_tokens += lengths[-1]
                 if len(batch) >= group_size or batch_tokens >= group_tokens:
                     flush()

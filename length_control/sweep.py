@@ -11,7 +11,7 @@ run stage-major on one engine, and what the settings share is done once:
   budgets, other stage-2 settings) take its samples and run only the
   termination probe at their budget (`evaluate.plan(samples=...)`);
 - traces are sampled once per generation setting, at the largest budget: the
-  other budgets cut them (`generate.LongerTraces`: a trace sampled to B_max
+  other budgets cut them (`longer_traces.LongerTraces`: a trace sampled to B_max
   holds every shorter first pass) and generate only the answers after their
   close; the same budget with another span or seed generates nothing;
 - the forced arm cuts its first passes from the before arm's samples.

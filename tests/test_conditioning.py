@@ -88,14 +88,16 @@ def test_each_budget_is_a_run_of_its_own_and_one_model_is_trained_on_all_their_t
     assert [p.recipe.budget for p in generate] == [56, 91, 126]
     [splice] = plans(stage("splice"))
     assert splice.folder == recipe.output_dir / "stage2"
-    assert list(splice.inputs.values()) == [folders[b] / "generate" for b in folders]
+    assert splice.reads.budgets == {b: folders[b] / "generate" for b in folders} and splice.reads.traces is None
+    assert splice.reads.policy_traces == [folders[b] / "generate" for b in folders]
+    assert list(splice.inputs) == ["budget 56", "budget 91", "budget 126"]  # the names its manifest records
     assert [p.folder.parent for p in plans(stage("train"))] == [recipe.output_dir / "train"] * 3
     after = plans(stage("eval-after"))
     assert len(after) == 3 * 3  # every budget's after arm, once per stage-2 seed
-    assert {p.inputs["train"] for p in after} == {recipe.output_dir / "train" / f"seed-{s}" for s in (0, 1, 2)}
+    assert {p.reads.train for p in after} == {recipe.output_dir / "train" / f"seed-{s}" for s in (0, 1, 2)}
     assert {p.folder.parents[2] for p in after} == set(folders.values())
     forced = plans(stage("eval-forced"))
-    assert [p.inputs["first passes"] for p in forced] == [folders[b] / "eval" / "before" for b in folders]
+    assert [p.reads.first_passes for p in forced] == [folders[b] / "eval" / "before" for b in folders]
 
 
 def sample(problem: str, thinking: int, closed: bool = True, index: int = 0) -> dict:

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from length_control.contracts import DECIDED_P
+from length_control.contracts import DECIDED_P, RowSource
 from length_control.demo import task as demo_task
 from length_control.demo.model import build_tokenizer
 from length_control.errors import UserError
 from length_control.recipe import DemoModelSpec, SpliceSpec, ThinkTags
-from length_control.splice import IGNORE, Row, splice_row, write_dataset
+from length_control.splice import IGNORE, Row, SpliceInputs, Stage2Row, splice_row, write_dataset
 from length_control.think import ThinkTokens
 
 
@@ -137,6 +137,21 @@ def test_drops_are_explicit(think: ThinkTokens) -> None:
     assert row.labels[-1] == think.eos_id  # the cut is in the masked answer; the termination survives
 
 
+def test_splice_reads_its_folders_by_role_not_by_position() -> None:
+    """The policy's traces are the run's own, or every budget's; a closed loop's earlier rounds come first in the
+    rows and are never taken for the policy's; the names are those the manifests record."""
+    loop = SpliceInputs(traces=Path("r3/generate"), earlier=(Path("generate"), Path("r2/generate")))
+    assert loop.policy_traces == [Path("r3/generate")]
+    assert list(loop.named().items()) == [
+        ("earlier0", Path("generate")),
+        ("earlier1", Path("r2/generate")),
+        ("generate", Path("r3/generate")),
+    ]
+    conditioned = SpliceInputs(budgets={84: Path("b84/generate"), 126: Path("b126/generate")})
+    assert conditioned.policy_traces == [Path("b84/generate"), Path("b126/generate")]
+    assert list(conditioned.named()) == ["budget 84", "budget 126"]
+
+
 def test_a_generate_folder_without_termination_ids_names_the_fix(tmp_path: Path) -> None:
     from length_control.artifacts import MissingInput
     from length_control.contracts import read_termination
@@ -145,21 +160,16 @@ def test_a_generate_folder_without_termination_ids_names_the_fix(tmp_path: Path)
         read_termination(tmp_path)
 
 
+def source(kind: str, prompt_id: str, case: int) -> RowSource:
+    return RowSource(kind=kind, prompt_id=prompt_id, sample=0, case=case, close_at=None, cut_back=None, budget=None)
+
+
 def test_dataset_files_stream_in_row_groups(tmp_path: Path) -> None:
-    rows = (
-        {
-            "row": Row([1, 2, n], [IGNORE, IGNORE, n], (2, 3)),
-            "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1},
-        }
-        for n in range(10)
-    )
+    rows = (Stage2Row(Row([1, 2, n], [IGNORE, IGNORE, n], (2, 3)), source("length", f"p{n}", 1)) for n in range(10))
 
     def mix(length_rows: int):
         assert length_rows == 10  # the mix is sized from the stage-2 rows actually kept
-        yield {
-            "row": Row([7, 8], [IGNORE, 8], (1, 2)),
-            "meta": {"kind": "sft", "prompt_id": "s", "sample": 0, "case": 0},
-        }
+        yield Stage2Row(Row([7, 8], [IGNORE, 8], (1, 2)), source("sft", "s", 0))
 
     summary = write_dataset(tmp_path, rows, mix_rows=mix, stats=Counter(kept=10), group_size=4)
     assert summary["rows"] == 11 and summary["length_rows"] == 10 and summary["max_len"] == 3
@@ -205,7 +215,7 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
             "finish_reason": "stop",
         }
         row, _ = splice_row(trace, answer, termination=think.termination(), spec=SpliceSpec(), max_len=None)
-        rows.append({"row": row, "meta": {"kind": "length", "prompt_id": f"p{n}", "sample": 0, "case": 1}})
+        rows.append(Stage2Row(row, source("length", f"p{n}", 1)))
     write_dataset(tmp_path / "stage2", iter(rows), mix_rows=lambda n: iter(()), stats=Counter())
 
     config = render_config(
@@ -242,7 +252,7 @@ def test_axolotl_prepares_our_rows_unchanged(tmp_path: Path) -> None:
     )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     prepared = json.loads(loaded.stdout.strip().splitlines()[-1])
-    ours = [[r["row"].input_ids.tolist(), r["row"].labels.tolist(), [1] * len(r["row"].input_ids)] for r in rows]
+    ours = [[r.row.input_ids.tolist(), r.row.labels.tolist(), [1] * len(r.row.input_ids)] for r in rows]
     assert sorted(map(json.dumps, prepared)) == sorted(map(json.dumps, ours))
 
 
@@ -268,7 +278,7 @@ def test_inspect_shows_the_trained_span_and_the_stats(think: ThinkTokens, tmp_pa
     row, _ = splice_row(trace, answer, termination=think.termination(), spec=SpliceSpec(), max_len=None)
     write_dataset(
         tmp_path / "stage2",
-        iter([{"row": row, "meta": {"kind": "length", "prompt_id": "p", "sample": 0, "case": 1}}]),
+        iter([Stage2Row(row, source("length", "p", 1))]),
         mix_rows=lambda n: iter(()),
         stats=Counter(kept=1, no_answer=2),
     )

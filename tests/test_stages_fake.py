@@ -625,7 +625,7 @@ def test_the_forced_arm_cuts_its_first_passes_from_the_before_arm(tmp_path: Path
     evaluate.run(evaluate.plan(recipe, "before"), engine=ScriptedEngine(transcripts(ids.script())))
     engine = ScriptedEngine(transcripts(ids.script()))
     plan = evaluate.plan(recipe, "forced")
-    assert plan.inputs["first passes"] == recipe.output_dir / "eval" / "before"
+    assert plan.reads.first_passes == recipe.output_dir / "eval" / "before"
     evaluate.run(plan, engine=engine)
     generated = [
         r["key"] for r in engine.requests if not r["key"].startswith(("answer:", "greedy:"))

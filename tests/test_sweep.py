@@ -67,15 +67,15 @@ def test_the_settings_share_one_before_arm_and_the_largest_budgets_traces() -> N
     plans = sweep.plans_of(settings)
     leader = settings[0].recipe.output_dir  # the first setting samples the before arm
     before = plans(stage("eval-before"))
-    assert "shared samples" not in before[0].inputs
-    assert [p.inputs["shared samples"] for p in before[1:]] == [leader / "eval" / "before"] * 3
+    assert before[0].reads.shared_samples is None
+    assert [p.reads.shared_samples for p in before[1:]] == [leader / "eval" / "before"] * 3
     generate = plans(stage("generate"))
     largest = settings[2].recipe.output_dir  # budget 126, think_close: sampled first, then cut
-    assert generate[0].folder == largest / "generate" and "longer traces" not in generate[0].inputs
-    assert [p.inputs["longer traces"] for p in generate[1:]] == [largest / "generate"] * 3
+    assert generate[0].folder == largest / "generate" and generate[0].reads.longer_traces is None
+    assert [p.reads.longer_traces for p in generate[1:]] == [largest / "generate"] * 3
     # The forced arm cuts its first passes from each setting's own before arm; train and eval after are per setting.
     forced = plans(stage("eval-forced"))
-    assert [p.inputs["first passes"] for p in forced] == [s.recipe.output_dir / "eval" / "before" for s in settings]
+    assert [p.reads.first_passes for p in forced] == [s.recipe.output_dir / "eval" / "before" for s in settings]
     assert len(plans(stage("train"))) == 4 * len(settings[0].recipe.train.seeds)
 
 
