@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from length_control.cut import CutPolicy
-from length_control.engine import least_p, score_request
+from length_control.engines.requests import least_p, score_request
 from length_control.think import ThinkTokens
 
 
