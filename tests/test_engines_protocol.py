@@ -5,16 +5,19 @@ local HTTP servers that serve the same script (`tests/openai_server.py`:
 separate processes speaking the OpenAI completions API, not `vllm serve`).
 Each engine is handed to the stages behind `ProtocolOnly`, which forwards the
 protocol's members and nothing else, so a stage that reached past the
-protocol fails here. Every engine must write the same files.
+protocol fails here. Every engine must write the same files, and so must
+the endpoint client when one of two servers is killed mid-generation.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,8 +25,8 @@ import pytest
 from length_control import evaluate, generate
 from length_control.engines.fake import ScriptedEngine, transcripts
 from length_control.engines.openai import OpenAIEngine
-from length_control.engines.protocol import Engine
-from length_control.recipe import OpenAIOptions
+from length_control.engines.protocol import Engine, EngineError
+from length_control.recipe import OpenAIOptions, load_recipe
 
 from test_stages_fake import EVALS, Ids, make_recipe
 
@@ -111,9 +114,12 @@ def servers(script: Path):
 
 def endpoint_engine(*servers: Server, max_retries: int = 0) -> OpenAIEngine:
     endpoints = [server.url for server in servers]
-    return OpenAIEngine(
-        OpenAIOptions(endpoints=endpoints, model="scripted", max_concurrency=4, max_retries=max_retries)
-    )
+    options = OpenAIOptions(endpoints=endpoints, model="scripted", max_concurrency=4, max_retries=max_retries)
+    return OpenAIEngine(options, sleep=no_wait)
+
+
+async def no_wait(seconds: float) -> None:
+    """The engine's backoff, without the wait."""
 
 
 def stage_files(folder: Path) -> dict[str, bytes]:
@@ -154,3 +160,53 @@ def test_generate_and_the_eval_arms_write_the_same_files_on_every_engine(
     assert scripted["summary"]["case1"] == scripted["summary"]["case2"] == 1  # both cases of the close ran
     assert scripted["metrics"]["before"]["benchmarks"]["evals"]["samples"] == len(EVALS)
     assert endpoint == scripted
+
+
+# ---------------------------------------------------------------- faults at the engine edge
+
+
+def kill_when_holding(server: Server, held: int) -> None:
+    """SIGKILL `server` once it holds `held` requests unanswered: it dies with them in flight."""
+    for line in server.lines():
+        if line.strip() == f"holding {held}":
+            server.kill()
+            return
+
+
+def test_a_server_killed_mid_generation_leaves_its_requests_to_the_live_one(
+    tmp_path: Path, tokenizer_policy: Path, servers, caplog
+) -> None:
+    """Local servers (tests/openai_server.py in front of the scripted engine, not `vllm serve`): the generate
+    stage on two, one killed with requests in flight, gives the rows of a run on one healthy server."""
+    overrides = ["generation.samples_per_prompt=4"]  # 12 traces (3 prompts have room) and their answers
+    make_recipe(tmp_path / "healthy", tokenizer_policy, EVALS)
+    make_recipe(tmp_path / "faulty", tokenizer_policy, EVALS)
+    healthy_recipe = load_recipe(tmp_path / "healthy" / "recipe.yaml", overrides)
+    faulty_recipe = load_recipe(tmp_path / "faulty" / "recipe.yaml", overrides)
+    [healthy] = servers(1)
+    with endpoint_engine(healthy) as engine:
+        expected = generate.run(generate.plan(healthy_recipe), engine=engine)
+
+    [doomed] = servers(1, hold_after=2)  # answers 2 requests, then holds every one it gets
+    [live] = servers(1)
+    killer = threading.Thread(target=kill_when_holding, args=(doomed, 2), daemon=True)
+    killer.start()
+    with caplog.at_level(logging.WARNING), endpoint_engine(doomed, live) as engine:
+        summary = generate.run(generate.plan(faulty_recipe), engine=engine)
+    killer.join()
+
+    assert doomed.process.returncode == -signal.SIGKILL  # killed mid-way, with 2 requests on it
+    assert f"endpoint {doomed.url} is down" in caplog.text and f"go to {live.url}" in caplog.text
+    assert summary["traces"] == expected["traces"] == 12
+    assert stage_files(faulty_recipe.output_dir / "generate") == stage_files(healthy_recipe.output_dir / "generate")
+
+
+def test_with_every_endpoint_down_the_error_names_the_fix(servers) -> None:
+    dead = servers(2)
+    for server in dead:
+        server.kill()
+    request = {"key": "p#0", "prompt_token_ids": [1, 2], "max_tokens": 4, "seed": 1}
+    with endpoint_engine(*dead, max_retries=2) as engine:
+        with pytest.raises(EngineError, match="failed 3 times: every endpoint is down") as caught:
+            engine.generate([request])
+    assert "Start the servers again (or list running ones in engine.openai.endpoints) and rerun" in str(caught.value)

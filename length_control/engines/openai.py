@@ -7,6 +7,7 @@ the same request and seed.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -17,6 +18,8 @@ from typing import Any
 
 from length_control.engines.protocol import EngineError, Progress, collect
 from length_control.engines.requests import SAMPLING_KEYS
+
+log = logging.getLogger(__name__)
 
 
 class OpenAIEngine:
@@ -33,12 +36,23 @@ class OpenAIEngine:
     (`bench/endpoint_client.py` measures the ceiling). A failed request is
     retried with backoff on the next endpoint and, past `max_retries`, stops
     the stage with the server's error: a sample is never dropped.
+
+    An endpoint that goes down (killed, its host gone: its requests fail in
+    transport and it takes no new connection) is set aside with a warning
+    that names it: its requests in flight and every later one go to the live
+    endpoints at once, without spending a retry, and the stage completes
+    with the same results (each request carries its seed). Only when none
+    is left are the endpoints retried in turn, with backoff, and past
+    `max_retries` the stage stops with an error that names the fix. An
+    endpoint set aside that answers again takes requests again.
     """
 
     RUNS_ON_JOB_DEVICES = False  # the servers bring their own
     MODEL_LEN_SETTING = "context_limit (within the servers' --max-model-len)"
     RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
     CONNECTIONS_PER_CLIENT = 64
+    CONNECT_TIMEOUT_S = 30.0  # a server that takes no connection for this long is down, whatever timeout_s says
+    PROBE_TIMEOUT_S = 10.0  # the check of an endpoint whose request failed in transport
 
     def __init__(self, options, *, sleep=None, transport=None) -> None:
         """`sleep` (a coroutine function) and `transport` (an httpx transport) stand in for the clock and the
@@ -51,6 +65,8 @@ class OpenAIEngine:
         self._clients = []
         self._loop = None
         self._sent = 0
+        self._set_aside: set[str] = set()  # endpoints found down: no request goes there while another is live
+        self._probing: dict = {}  # an asyncio.Lock per endpoint: one check at a time
 
     @classmethod
     def from_recipe(cls, recipe, model: Path | str, *, log_name: str) -> OpenAIEngine:
@@ -87,16 +103,16 @@ class OpenAIEngine:
                 raise EngineError(f"environment variable {self.options.api_key_env} (openai.api_key_env) is not set")
             headers["Authorization"] = f"Bearer {key}"
         self._loop = asyncio.new_event_loop()
+        self._set_aside, self._probing = set(), {}
         threading.Thread(target=self._loop.run_forever, daemon=True, name="openai engine").start()
 
         async def clients() -> list[httpx.AsyncClient]:
             count = -(-self.options.max_concurrency // self.CONNECTIONS_PER_CLIENT)
             size = -(-self.options.max_concurrency // count)
             limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+            timeout = httpx.Timeout(self.options.timeout_s, connect=min(self.options.timeout_s, self.CONNECT_TIMEOUT_S))
             return [
-                httpx.AsyncClient(
-                    timeout=self.options.timeout_s, headers=headers, limits=limits, transport=self._transport
-                )
+                httpx.AsyncClient(timeout=timeout, headers=headers, limits=limits, transport=self._transport)
                 for _ in range(count)
             ]
 
@@ -152,7 +168,6 @@ class OpenAIEngine:
     async def _complete(self, index: int, request: dict[str, Any]) -> dict[str, Any]:
         import httpx
 
-        endpoints = self.options.endpoints
         body = {
             "model": self.options.model,
             "prompt": request["prompt_token_ids"],
@@ -163,22 +178,79 @@ class OpenAIEngine:
             # vLLM's extension: the prompt tokens' own log-probabilities (the termination probe's score_tail)
             **({"prompt_logprobs": 0} if request.get("score_tail") else {}),
         }
-        error = ""
-        for attempt in range(self.options.max_retries + 1):
-            url = endpoints[(index + attempt) % len(endpoints)].rstrip("/") + "/completions"
+        client = self._clients[index % len(self._clients)]
+        attempt, error = 0, ""
+        while True:
+            endpoint = self._endpoint(index + attempt)
+            url = endpoint.rstrip("/") + "/completions"
             try:
-                response = await self._clients[index % len(self._clients)].post(url, json=body)
+                response = await client.post(url, json=body)
             except httpx.TransportError as failure:
                 error = f"{url}: {type(failure).__name__}: {failure}"
+                if await self._down(endpoint, client, error) and self._live():
+                    continue  # a live endpoint takes it; no retry spent: the request did not fail, its server did
             else:
                 if response.status_code == 200:
+                    self._back(endpoint)
                     return _completion(url, request, response.json()["choices"][0])
                 error = f"{url}: HTTP {response.status_code}: {response.text[:500]}"
                 if response.status_code not in self.RETRY_STATUS:
                     raise EngineError(f"request {request['key']} was refused: {error}")
-            if attempt < self.options.max_retries:
-                await self._sleep(min(30.0, 0.5 * 2**attempt))
-        raise EngineError(f"request {request['key']} failed {self.options.max_retries + 1} times; last: {error}")
+            if attempt == self.options.max_retries:
+                raise EngineError(self._failed(request, error))
+            await self._sleep(min(30.0, 0.5 * 2**attempt))
+            attempt += 1
+
+    def _live(self) -> list[str]:
+        return [endpoint for endpoint in self.options.endpoints if endpoint not in self._set_aside]
+
+    def _endpoint(self, turn: int) -> str:
+        """Round-robin over the live endpoints; over all of them when none is (one may be back)."""
+        endpoints = self._live() or self.options.endpoints
+        return endpoints[turn % len(endpoints)]
+
+    async def _down(self, endpoint: str, client, error: str) -> bool:
+        """Whether `endpoint` is down, after a request to it failed in transport: set aside the first time.
+
+        Down means it takes no new connection (`GET /models` fails within
+        `PROBE_TIMEOUT_S`): a server that was killed or whose host is gone.
+        A server that answers is up, whatever happened to one request (a
+        keep-alive connection it had closed, a read timeout): that request
+        is retried as any other.
+        """
+        import asyncio
+
+        import httpx
+
+        if endpoint in self._set_aside:
+            return True
+        async with self._probing.setdefault(endpoint, asyncio.Lock()):
+            if endpoint in self._set_aside:
+                return True
+            try:
+                await client.get(endpoint.rstrip("/") + "/models", timeout=self.PROBE_TIMEOUT_S)
+            except httpx.TransportError:
+                self._set_aside.add(endpoint)
+                live = self._live()
+                where = f"its requests go to {', '.join(live)}" if live else "no endpoint is left"
+                log.warning("endpoint %s is down (%s): %s", endpoint, error, where)
+                return True
+            return False
+
+    def _back(self, endpoint: str) -> None:
+        if endpoint in self._set_aside:
+            self._set_aside.discard(endpoint)
+            log.warning("endpoint %s answers again: it takes requests again", endpoint)
+
+    def _failed(self, request: dict[str, Any], error: str) -> str:
+        tries = f"request {request['key']} failed {self.options.max_retries + 1} times"
+        if self._live():
+            return f"{tries}; last: {error}"
+        return (
+            f"{tries}: every endpoint is down ({', '.join(self.options.endpoints)}); last: {error}. "
+            "Start the servers again (or list running ones in engine.openai.endpoints) and rerun: "
+            "the stages already finished are kept"
+        )
 
 
 def _completion(url: str, request: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
