@@ -46,7 +46,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported; progre
 import httpx  # noqa: E402
 
 from length_control import demo, generate  # noqa: E402
-from length_control.engine import OpenAIEngine  # noqa: E402
+from length_control.engines.openai import OpenAIEngine  # noqa: E402
 from length_control.envs import engine_bin, engine_environ  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import OpenAIOptions, load_recipe  # noqa: E402
@@ -89,7 +89,7 @@ asyncio.run(main())
 
 
 def body(request: dict, model: str) -> dict:
-    """The JSON the engine POSTs for `request` (OpenAIEngine in length_control/engine.py)."""
+    """The JSON the engine POSTs for `request` (OpenAIEngine in length_control/engines/openai.py)."""
     return {
         "model": model,
         "prompt": request["prompt_token_ids"],

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from smoke import RECIPE_OVERRIDES  # noqa: E402  (bench/smoke.py)
 
 from length_control import contracts, demo, generate  # noqa: E402
-from length_control.engine import open_engine  # noqa: E402
+from length_control.engines.recipe_engine import open_engine  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402
 
 SIDES = {"three processes": "1", "one process": "0"}

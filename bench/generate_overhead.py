@@ -51,7 +51,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported; progre
 from smoke import RECIPE_OVERRIDES  # noqa: E402  (bench/smoke.py)
 
 from length_control import demo, generate  # noqa: E402
-from length_control.engine import open_engine  # noqa: E402
+from length_control.engines.recipe_engine import open_engine  # noqa: E402
 from length_control.envs import engine_bin  # noqa: E402
 from length_control.policy import load_tokenizer, policy_path  # noqa: E402
 from length_control.recipe import load_recipe  # noqa: E402

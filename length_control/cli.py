@@ -146,7 +146,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from length_control import evaluate
-    from length_control.engine import SharedEngine
+    from length_control.engines.recipe_engine import SharedEngine
 
     if args.model is not None:
         return _evaluate_model(args)

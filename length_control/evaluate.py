@@ -40,7 +40,9 @@ from length_control.contracts import (
     StageInputs,
 )
 from length_control.cut import CutPolicy
-from length_control.engine import Engine, answer_request, engine_for, open_engine, sample_request, shorter_result
+from length_control.engines.protocol import Engine
+from length_control.engines.recipe_engine import engine_for, open_engine
+from length_control.engines.requests import answer_request, sample_request, shorter_result
 from length_control.errors import DataError, EmptyOutput
 from length_control.grading import grade_many
 from length_control.policy import end_token_config, load_tokenizer, model_input, policy_path, think_tokens
@@ -75,7 +77,7 @@ def plan(
     its answers' NLL and greedy answers, the reference of the after arms' answer-drift probe.
 
     The forced arm's first passes are the before arm's samples cut at B (the same seeded requests,
-    `engine.shorter_result`): only its answers are generated. `samples` (before arm, a sweep): an
+    `requests.shorter_result`): only its answers are generated. `samples` (before arm, a sweep): an
     eval folder of the same policy with the same eval settings at another budget, whose samples are
     taken as they are; only the probe at this budget runs. `trained_by` (after arm, a budget-conditioned
     run): the recipe whose train stage made the model, when it is not `recipe` (a budget's own run)."""

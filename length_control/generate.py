@@ -19,7 +19,7 @@ of `shard_size` requests, each written atomically as soon as all its traces
 and answers are in (`answers-NNNNN.parquet`, then `traces-NNNNN.parquet`); a
 killed run resumes at the missing shards. A sample's tokens depend only on
 its request (its own seed; the engine's output does not depend on the batch,
-see `engine.Engine`), so a resumed run writes the same bytes as an
+see `engines.protocol.Engine`), so a resumed run writes the same bytes as an
 uninterrupted one.
 
 The records are `contracts.TRACES` and `contracts.ANSWERS`;
@@ -40,16 +40,9 @@ from length_control import contracts
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
 from length_control.contracts import ANSWERS, TRACES, Answer, Plan, RunLayout, StageInputs, Trace, shard_path
 from length_control.cut import CutPolicy, describe_cut, recorded_close
-from length_control.engine import (
-    Engine,
-    answer_request,
-    engine_for,
-    least_p,
-    model_len,
-    open_engine,
-    sample_request,
-    score_request,
-)
+from length_control.engines.protocol import Engine
+from length_control.engines.recipe_engine import engine_for, model_len, model_len_setting, open_engine
+from length_control.engines.requests import answer_request, least_p, sample_request, score_request
 from length_control.errors import DataError
 from length_control.longer_traces import LongerTraces
 from length_control.policy import end_token_config, load_tokenizer, model_input, policy_path, think_tokens
@@ -151,7 +144,7 @@ def trace_requests(
             [
                 f"{len(too_long)} prompts (e.g. {', '.join(too_long[:3])}) leave no room for "
                 f"B = {recipe.budget} thinking tokens, the forced close and an answer within "
-                f"max_model_len {model_len(recipe)}; raise engine.vllm.max_model_len, lower "
+                f"max_model_len {model_len(recipe)}; raise {model_len_setting(recipe)}, lower "
                 "budget, or set generation.on_long_prompt: drop"
             ],
         )

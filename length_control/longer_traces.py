@@ -13,7 +13,7 @@ from typing import Any
 from length_control import contracts
 from length_control.contracts import Answer, shard_path
 from length_control.cut import recorded_close
-from length_control.engine import shorter_result
+from length_control.engines.requests import shorter_result
 from length_control.errors import DataError
 
 

@@ -10,11 +10,12 @@ every plan without running one: what it shows is what runs.
 Each stage skips itself when its manifest says it is up to date, so a rerun
 resumes where the last one stopped; `--from STAGE` redoes that stage and
 every one after it. The stages that run a model share one engine
-(`engine.SharedEngine`): the stage-1 policy's (eval before, eval forced,
-generate), then each seed's after arm, whose model is swapped into the
-running engine when it has the policy's architecture. The engine is closed
-while Axolotl trains, to free its memory, unless
-`engine.vllm.keep_during_training`: then the whole run costs one engine start.
+(`engines.recipe_engine.SharedEngine`): the stage-1 policy's (eval before,
+eval forced, generate), then each seed's after arm, whose model is swapped
+into the running engine when it has the policy's architecture. The engine
+is closed while Axolotl trains, to free its memory, unless it stays up
+(`stays_up_during_training`: for vLLM, `keep_during_training`): then the
+whole run costs one engine start.
 
 With `loop.until_overlong` (`run --until-overlong 0.01 --max-rounds 3`) the
 loop closes: while the after arm is above the target on some benchmark, the
@@ -36,7 +37,7 @@ from length_control import evaluate, generate, preflight, report, splice, train
 from length_control._schema import ConfigError
 from length_control.artifacts import MANIFEST, MissingInput, WouldRun, checking, summary_line, write_text_atomic
 from length_control.contracts import AXOLOTL_CONFIG, Plan, RunLayout
-from length_control.engine import SharedEngine
+from length_control.engines.recipe_engine import SharedEngine, stays_up_during_training
 from length_control.policy import policy_path
 from length_control.recipe import LoopSpec, Recipe
 
@@ -201,7 +202,7 @@ def run_stages(
             if not plans:
                 echo("not in eval.arms: skipped")
                 continue
-            if stage.name == "train" and not recipe.engine.vllm.keep_during_training:
+            if stage.name == "train" and not stays_up_during_training(recipe):
                 engine.close()  # free its memory for training
             started = time.monotonic()
             for plan in plans:
@@ -326,7 +327,7 @@ def _closed_loop(recipe: Recipe, echo: Callable[[str], None]) -> None:
             echo(f"[round {number}] policy: {this.model.path}")
             echo(summary_line(generate.run(generate.plan(this), engine)))
             echo(summary_line(splice.run(splice.plan(this, earlier=tuple(generated)))))
-            if not recipe.engine.vllm.keep_during_training:
+            if not stays_up_during_training(recipe):
                 engine.close()
             plans = [train.plan(this, seed) for seed in this.train.seeds]
             echo(_summaries(list(zip(plans, train.run_all(plans)))))

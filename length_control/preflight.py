@@ -20,7 +20,7 @@ from pathlib import Path
 
 from length_control import disk
 from length_control.cut import CutPolicy
-from length_control.engine import model_len
+from length_control.engines.recipe_engine import model_len, model_len_setting
 from length_control.errors import UserError
 from length_control.policy import policy_path, think_tokens
 from length_control.prompts import SourceCheck, check_source, with_system_line
@@ -229,7 +229,7 @@ def _lengths(
             )
             if recipe.generation.on_long_prompt == "error":
                 found.problems.append(
-                    f"{line}; raise engine.vllm.max_model_len, lower budget, or set generation.on_long_prompt: drop"
+                    f"{line}; raise {model_len_setting(recipe)}, lower budget, or set generation.on_long_prompt: drop"
                 )
             else:
                 found.notes.append(f"{line}: they will be dropped")

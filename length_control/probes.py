@@ -29,7 +29,7 @@ from typing import Any
 
 from length_control.contracts import DriftRecord, EarlyCloseRecord, ProbeRecord, Sample, SampleKey
 from length_control.cut import CutPolicy
-from length_control.engine import least_p, score_request
+from length_control.engines.requests import least_p, score_request
 from length_control.think import ThinkTokens
 
 

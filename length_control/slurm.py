@@ -41,6 +41,7 @@ import yaml
 from length_control import pipeline
 from length_control.artifacts import MANIFEST, write_json_atomic, write_text_atomic
 from length_control.contracts import RunLayout, is_finished
+from length_control.engines.recipe_engine import runs_on_job_devices
 from length_control.errors import UserError
 from length_control.policy import policy_path
 from length_control.recipe import Recipe, SlurmSpec
@@ -118,7 +119,7 @@ def stage_job(recipe: Recipe, stage: pipeline.PipelineStage, plans: list, *, sna
     """The job of one stage: the toolkit's own `run SNAPSHOT --stage NAME`, with `cluster.slurm.command` (as
     written: it may name shell variables the setup line sets), else with the Python that submits it."""
     slurm = recipe.cluster.slurm
-    gpus = stage.name == "train" or (stage.engine and recipe.engine.kind == "vllm")  # servers bring their own
+    gpus = stage.name == "train" or (stage.engine and runs_on_job_devices(recipe))
     toolkit = slurm.command or shlex.join([sys.executable, "-m", "length_control.cli"])
     command = f"{toolkit} run {shlex.quote(str(snapshot))} --stage {stage.name}"
     return job(

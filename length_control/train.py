@@ -103,7 +103,7 @@ def sequence_len(recipe) -> tuple[int, str]:
     longest row stage 2 can write, rounded up to 64. That is known before any row exists, so the dry run renders
     the config the run will use: a spliced row is a prompt and the policy's outputs, which the engine's context
     bounds; an SFT-mix row is one of the mix set's conversations, each measured."""
-    from length_control.engine import model_len
+    from length_control.engines.recipe_engine import model_len
     from length_control.splice import longest_mix_row, max_len
 
     fixed = max_len(recipe)

@@ -37,15 +37,16 @@ def unresolved(names: list[str]) -> list[str]:
 
 
 def missing_vllm() -> list[str]:
+    from length_control.engines.requests import SAMPLING_KEYS
+    from length_control.engines.vllm_worker import WeightSwap
     from length_control.recipe import VLLMOptions
-    from length_control.vllm_worker import SAMPLING_KEYS, WeightSwap
 
     names = [
         "vllm:LLM",
         "vllm:SamplingParams",
         "vllm.sampling_params:RequestOutputKind.FINAL_ONLY",
         "vllm.platforms:current_platform.is_cpu",
-        # the worker's request loop (length_control/vllm_worker.py)
+        # the worker's request loop (length_control/engines/vllm_worker.py)
         *(
             f"vllm.v1.engine.llm_engine:LLMEngine.{method}"
             for method in ("add_request", "step", "collective_rpc", "reset_prefix_cache")
@@ -64,7 +65,7 @@ def missing_vllm() -> list[str]:
     )
     missing = unresolved(names)
     if not callable(getattr(WeightSwap, "swap_weights", None)):
-        missing.append("length_control.vllm_worker:WeightSwap.swap_weights")
+        missing.append("length_control.engines.vllm_worker:WeightSwap.swap_weights")
     # keyword arguments: what the worker builds SamplingParams with, and what recipes pass to vllm.LLM
     sampling = set(resolve("vllm:SamplingParams").__struct_fields__)
     wanted = {"n", "max_tokens", "seed", "detokenize", "prompt_logprobs", "output_kind", *SAMPLING_KEYS}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from length_control import generate
-from length_control.fake_engine import ScriptedEngine, transcripts
+from length_control.engines.fake import ScriptedEngine, transcripts
 from length_control.recipe import load_recipe
 
 from conftest import REPO

@@ -12,7 +12,8 @@ import yaml
 
 from length_control.demo.cache import cached_build
 from length_control.demo.model import build
-from length_control.engine import VLLMEngine, request_seed
+from length_control.engines.requests import request_seed
+from length_control.engines.vllm import VLLMEngine
 from length_control.envs import engine_bin, engine_environ
 from length_control.policy import load_tokenizer
 from length_control.recipe import DemoModelSpec, VLLMOptions

@@ -8,7 +8,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "length_control"
-CORE_STAGES = {"generate", "splice", "train", "evaluate", "report", "pipeline", "contracts", "policy", "engine"}
+CORE_STAGES = {"generate", "splice", "train", "evaluate", "report", "pipeline", "contracts", "policy"} | {
+    f"engines.{name}" for name in ("protocol", "requests", "vllm", "vllm_worker", "openai", "recipe_engine")
+}
 
 
 def _modules() -> dict[str, Path]:

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from length_control.engine import EngineError, SharedEngine, replica_devices, request_seed, same_architecture
+from length_control.engines.openai import OpenAIEngine
+from length_control.engines.protocol import EngineError
+from length_control.engines.recipe_engine import SharedEngine
+from length_control.engines.requests import request_seed
+from length_control.engines.vllm import VLLMEngine, replica_devices, same_architecture
+from length_control.recipe import VLLMOptions, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_request_seeds_are_stable_and_distinct() -> None:
@@ -31,7 +38,6 @@ def test_the_endpoint_engine_asks_for_and_reads_prompt_logprobs() -> None:
     keyed by token id as a string in JSON; a server without it is a clear error."""
     import httpx
 
-    from length_control.engine import OpenAIEngine
     from length_control.recipe import OpenAIOptions
 
     bodies = []
@@ -65,7 +71,6 @@ def test_the_endpoint_engine_keeps_its_limit_in_flight_and_takes_follow_ups() ->
 
     import httpx
 
-    from length_control.engine import OpenAIEngine
     from length_control.recipe import OpenAIOptions
 
     in_flight, most = 0, 0
@@ -124,7 +129,7 @@ def test_a_checkpoint_of_the_same_shape_and_tokenizer_can_be_swapped_in(tmp_path
 
 
 class _Loadable:
-    """An engine that can swap weights: records starts, loads and closes."""
+    """An engine that swaps weights as vLLM's does (same architecture only): records starts, swaps and closes."""
 
     def __init__(self, model: str, log: list) -> None:
         self.model, self.log = model, log
@@ -133,12 +138,15 @@ class _Loadable:
         self.log.append(("start", Path(self.model).name))
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self.log.append(("close", Path(self.model).name))
 
-    def load(self, model: str) -> None:
+    def swap_weights(self, model: str) -> bool:
+        if not same_architecture(self.model, model):
+            return False
         self.log.append(("load", Path(model).name))
         self.model = model
+        return True
 
     def stream(self, requests, *, desc: str = ""):
         while requests:
@@ -147,10 +155,10 @@ class _Loadable:
 
 
 def test_the_shared_engine_swaps_weights_when_it_can_and_restarts_when_it_cannot(tmp_path, monkeypatch) -> None:
-    from length_control import engine as engine_module
+    from length_control.engines import recipe_engine
 
     log: list = []
-    monkeypatch.setattr(engine_module, "open_engine", lambda recipe, model, log_name: _Loadable(model, log))
+    monkeypatch.setattr(recipe_engine, "open_engine", lambda recipe, model, log_name: _Loadable(model, log))
     policy = _checkpoint(tmp_path / "policy")
     seeds = [_checkpoint(tmp_path / f"seed-{s}", _name_or_path=f"seed {s}") for s in (0, 1)]
     merged = _checkpoint(tmp_path / "merged", hidden_size=128)
@@ -171,6 +179,34 @@ def test_the_shared_engine_swaps_weights_when_it_can_and_restarts_when_it_cannot
     ]
 
 
+def test_vllm_declines_a_swap_to_another_architecture_before_touching_its_workers(tmp_path: Path) -> None:
+    policy = _checkpoint(tmp_path / "policy")
+    engine = VLLMEngine(policy, max_model_len=64, options=VLLMOptions(), log_path=tmp_path / "vllm.log")
+    assert not engine.swap_weights(_checkpoint(tmp_path / "merged", hidden_size=128))  # not started: no worker asked
+
+
+def test_generic_code_reads_the_engine_options_of_the_kind_the_recipe_names() -> None:
+    """The endpoint engine does not inherit the offline engine's settings (`engine.vllm`), nor vice versa."""
+    from length_control.engines import recipe_engine
+
+    vllm_settings = ["engine.vllm.max_model_len=50000", "engine.vllm.keep_during_training=true"]
+    offline = load_recipe(REPO / "recipes" / "demo-cpu.yaml", vllm_settings)
+    servers = load_recipe(
+        REPO / "recipes" / "demo-cpu.yaml",
+        [*vllm_settings, "engine.kind=openai", "engine.openai={endpoints: ['http://a/v1'], model: m}"],
+    )
+    assert recipe_engine.model_len(offline) == 50000
+    assert recipe_engine.model_len(servers) == servers.context_limit < 50000
+    assert recipe_engine.model_len_setting(offline) == "engine.vllm.max_model_len"
+    assert "context_limit" in recipe_engine.model_len_setting(servers)
+    assert recipe_engine.runs_on_job_devices(offline) and not recipe_engine.runs_on_job_devices(servers)
+    assert recipe_engine.stays_up_during_training(offline)
+    closed = load_recipe(REPO / "recipes" / "demo-cpu.yaml", ["engine.vllm.keep_during_training=false"])
+    assert not recipe_engine.stays_up_during_training(closed)
+    assert isinstance(recipe_engine.open_engine(servers, "any", log_name="x"), OpenAIEngine)
+    assert isinstance(recipe_engine.open_engine(offline, "any", log_name="x"), VLLMEngine)
+
+
 def test_engines_go_online_only_for_a_model_named_by_its_hub_id(monkeypatch) -> None:
     from length_control.envs import engine_environ
 
@@ -185,9 +221,8 @@ def test_engines_go_online_only_for_a_model_named_by_its_hub_id(monkeypatch) -> 
 def test_the_endpoint_engine_sends_every_sampling_field_the_offline_worker_takes() -> None:
     import httpx
 
-    from length_control.engine import OpenAIEngine
+    from length_control.engines.requests import SAMPLING_KEYS
     from length_control.recipe import OpenAIOptions
-    from length_control.vllm_worker import SAMPLING_KEYS
 
     bodies = []
 

@@ -7,8 +7,8 @@ import math
 
 from length_control import probes
 from length_control.contracts import DRIFT, EARLY_CLOSE, PROBE
+from length_control.engines.fake import ScriptedEngine, transcripts
 from length_control.evaluate import summarize
-from length_control.fake_engine import ScriptedEngine, transcripts
 from length_control.recipe import ThinkTags
 from length_control.think import ThinkTokens
 

@@ -33,7 +33,7 @@ import yaml
 
 from length_control import evaluate, generate, splice, tokenizer_files, train
 from length_control.contracts import IGNORE
-from length_control.engine import SharedEngine
+from length_control.engines.recipe_engine import SharedEngine
 from length_control.envs import engine_bin, engine_environ
 from length_control.recipe import THINK_PRESETS, ThinkTags, load_recipe
 from length_control.think import ThinkTokens

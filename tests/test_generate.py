@@ -15,7 +15,9 @@ import httpx
 import pytest
 
 from length_control import contracts, demo, generate, splice
-from length_control.engine import EngineError, OpenAIEngine, SharedEngine
+from length_control.engines.openai import OpenAIEngine
+from length_control.engines.protocol import EngineError
+from length_control.engines.recipe_engine import SharedEngine
 from length_control.envs import engine_bin, engine_environ
 from length_control.policy import load_tokenizer, policy_path
 from length_control.recipe import OpenAIOptions, load_recipe

@@ -28,9 +28,9 @@ import yaml
 
 from length_control import cli, generate, pipeline, slurm
 from length_control.contracts import RunLayout, is_finished
+from length_control.engines.fake import ScriptedEngine, transcripts
 from length_control.envs import envs_dir, profile
 from length_control.errors import UserError
-from length_control.fake_engine import ScriptedEngine, transcripts
 from length_control.recipe import load_recipe
 
 from conftest import REPO, demo_recipe

