@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -26,8 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control import cli, generate, pipeline, slurm
-from length_control.contracts import RunLayout, is_finished
+from length_control import cli, generate, pipeline, runlock, slurm
+from length_control.contracts import RunLayout, is_finished, shard_path
 from length_control.envs import envs_dir, profile
 from length_control.errors import UserError
 from length_control.fake_engine import ScriptedEngine, transcripts
@@ -216,6 +217,30 @@ def test_a_refused_sbatch_leaves_no_half_chain(cluster: Cluster, tmp_path: Path)
     assert not (tmp_path / slurm.JOBS).exists()
 
 
+def test_the_tasks_of_an_array_share_the_run_lock_on_both_nodes_and_keep_other_writers_out(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    hold = (  # what an array task's `run --stage generate --shard N` does around its shard: the group's lock
+        "import os, sys, time; from pathlib import Path; from length_control import runlock, slurm\n"
+        f"with runlock.holding(Path({str(run)!r}), group=slurm.array_group()):\n"
+        "    Path(sys.argv[1]).write_text(os.environ['SLURMD_NODENAME']); time.sleep(6)"
+    )
+    shard = f'{tmp_path}/shard-"$SLURM_ARRAY_TASK_ID"'
+    command = f"PYTHONPATH={REPO} {shlex.quote(sys.executable)} -c {shlex.quote(hold)} {shard}"
+    tasks = (0, 1, 2, 3)
+    records = slurm.submit(_chain(tmp_path, [slurm.job("shards", tmp_path, ["--time=1:00"], [command], array=tasks)]))
+    assert records[0]["array"] == list(tasks) and records[0]["log"].endswith(f"shards-{records[0]['id']}_%a.log")
+    _wait_for(lambda: len(list(tmp_path.glob("shard-*"))) >= 2, 60, "two tasks to hold the lock at once")
+    with pytest.raises(runlock.RunLocked, match="; with the rest of Slurm job array"):  # a writer alone
+        with runlock.holding(run):
+            pass
+    _wait_until_ended(tmp_path)
+    assert f"shards       job {records[0]['id']:<8} array of 4: 4 COMPLETED" in slurm.status(tmp_path)
+    assert {(tmp_path / f"shard-{task}").read_text() for task in tasks} == set(NODES)  # side by side on n1 and n2
+    assert not (run / runlock.HOLDER).exists()  # the last task took the record with it
+
+
 # ---------------------------------------------------------------- the stages as jobs
 
 
@@ -226,10 +251,19 @@ def _recipe_file(folder: Path, policy: Path, ids: Ids) -> Path:
     return folder / "recipe.yaml"
 
 
-def _cluster_override(folder: Path, **slurm_keys) -> str:
-    """The recipe's cluster section: jobs run this checkout, with no engine environment (training fails at once)."""
-    setup = f"export PYTHONPATH={REPO}; export LC_ENVS_DIR={folder / 'no-envs'}"
+def _cluster_override(folder: Path, envs: Path | None = None, **slurm_keys) -> str:
+    """The recipe's cluster section: jobs run this checkout, with no engine environment (training fails at once),
+    or with those in `envs`."""
+    setup = f"export PYTHONPATH={REPO}; export LC_ENVS_DIR={envs or folder / 'no-envs'}"
     return "cluster=" + json.dumps({"slurm": {"setup": setup, "time": "10:00", **slurm_keys}})
+
+
+def _vllm_only(folder: Path) -> Path:
+    """Engine environments with vLLM's and without Axolotl's: a stage plans, training fails at once."""
+    envs = folder / "envs" / profile()
+    envs.mkdir(parents=True)
+    (envs / "vllm").symlink_to(envs_dir() / "vllm")
+    return envs.parent
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +304,42 @@ def test_a_run_submits_the_stages_not_up_to_date_and_a_resubmission_resumes(
     assert "[slurm] up to date, no job: generate, splice" in out and "[slurm] train runs (" in out
     assert [job["stage"] for job in slurm.read_jobs(run.slurm)["jobs"]] == ["train", "eval-after", "report"]
     _wait_until_ended(run.slurm)
+
+
+def test_generate_runs_as_an_array_over_its_missing_shards_then_a_job_that_finishes_it(
+    cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
+) -> None:
+    recipe_file = _recipe_file(tmp_path, policy, ids)  # 3 prompts in shards of 2: shards 0 and 1
+    args = [str(recipe_file), "eval.arms=[after]", _cluster_override(tmp_path)]
+    run = RunLayout(tmp_path / "run")
+    manifest = json.loads((run.generate / "manifest.json").read_text())
+    kept = shard_path(run.generate, "traces", 1).read_bytes()
+    (run.generate / "manifest.json").unlink()
+    shard_path(run.generate, "traces", 1).unlink()  # as a cancelled task leaves it
+
+    assert cli.main(["run", *args]) == 0
+    assert "[slurm] generate: 1 of its 2 shards to write, a job array task each" in capsys.readouterr().out
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert [(job["stage"], job.get("array")) for job in chain[:3]] == [
+        ("generate-shards", [1]),
+        ("generate", None),
+        ("splice", None),
+    ]
+    _wait_until_ended(run.slurm)
+    text = slurm.status(run.slurm)  # the task ran the toolkit's shard command: here it has no engine to run
+    assert f"generate-shards job {chain[0]['id']:<8} array of 1: 1 FAILED (NonZeroExitCode, exit 1)" in text
+    assert f"generate-shards-{chain[0]['id']}_1.log (task {chain[0]['id']}_1: FAILED" in text
+    assert f"generate     job {chain[1]['id']:<8} CANCELLED (DependencyNeverSatisfied)" in text
+
+    shard_path(run.generate, "traces", 1).write_bytes(kept)  # every shard there: the stage's job only finishes it
+    args[-1] = _cluster_override(tmp_path, _vllm_only(tmp_path))
+    assert cli.main(["run", *args]) == 0
+    assert "[slurm] generate: 0 of its 2 shards to write" in capsys.readouterr().out
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert chain[0]["stage"] == "generate" and "array" not in chain[0]
+    _wait_until_ended(run.slurm)
+    assert f"generate     job {chain[0]['id']:<8} COMPLETED" in slurm.status(run.slurm)
+    assert json.loads((run.generate / "manifest.json").read_text())["summary"] == manifest["summary"]
 
 
 def test_waiting_jobs_refuse_a_second_submission_and_cancel_ends_them(
@@ -317,10 +387,7 @@ def test_the_demo_runs_through_slurm_to_the_report_of_a_run_here(cluster: Cluste
 def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
     tmp_path: Path, policy: Path, monkeypatch, capsys
 ) -> None:
-    envs = tmp_path / "envs" / profile()  # the vLLM environment without Axolotl's: no check of the rendered configs
-    envs.mkdir(parents=True)
-    (envs / "vllm").symlink_to(envs_dir() / "vllm")
-    monkeypatch.setenv("LC_ENVS_DIR", str(envs.parent))
+    monkeypatch.setenv("LC_ENVS_DIR", str(_vllm_only(tmp_path)))  # no Axolotl: no check of the rendered configs
     make_recipe(tmp_path, policy, [LONG, CUT, SHORT])
     section = {
         "partition": "gpu",
@@ -338,7 +405,10 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
         cli.main(["run", str(tmp_path / "recipe.yaml"), "--dry-run", f"cluster={json.dumps({'slurm': section})}"]) == 0
     )
     folder = tmp_path / "run" / "dry-run" / "slurm"
-    assert "[slurm] 7 jobs, each after the one before (afterok): eval-before -> eval-forced" in capsys.readouterr().out
+    assert (
+        "[slurm] 8 jobs, each after the one before (afterok): eval-before -> eval-forced -> generate-shards -> "
+        "generate -> splice -> train" in capsys.readouterr().out
+    )
 
     train = (folder / "train.sbatch").read_text().splitlines()
     assert train[0] == "#!/bin/bash" and train[1].startswith("# The train stage of fake (")
@@ -378,7 +448,11 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
     )
     splice = (folder / "splice.sbatch").read_text()
     assert "--time=04:00:00" in splice and "--gpus-per-node" not in splice  # splice and report need no GPU
-    assert "--gpus-per-node=8" in (folder / "generate.sbatch").read_text()
+    shards = (folder / "generate-shards.sbatch").read_text().splitlines()  # 3 prompts in shards of 2: a task each
+    assert "#SBATCH --gpus-per-node=8" in shards and "#SBATCH --array=0-1" in shards
+    assert f"#SBATCH --output={folder}/logs/generate-shards-%A_%a.log" in shards
+    assert shards[-1].endswith(f"run {folder}/recipe.yaml --stage generate --shard $SLURM_ARRAY_TASK_ID")
+    assert "--gpus-per-node" not in (folder / "generate.sbatch").read_text()  # it only writes the manifest
 
     submit = (folder / slurm.SUBMIT).read_text()
     assert "eval_before=$(sbatch --parsable eval-before.sbatch)" in submit
