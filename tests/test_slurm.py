@@ -365,18 +365,49 @@ def test_waiting_jobs_refuse_a_second_submission_and_cancel_ends_them(
 
 
 @pytest.mark.engine
-def test_the_demo_runs_through_slurm_to_the_report_of_a_run_here(cluster: Cluster, tmp_path: Path) -> None:
-    """The demo recipe as Slurm jobs on the CPU (one seed, to keep it to minutes): every stage's job completes,
-    and the report's figures are those of the same recipe run here."""
-    one_seed = "train.seeds=[0]"
-    pipeline.run(demo_recipe([f"output_dir={tmp_path / 'here'}", one_seed]), echo=lambda line: None)
-    section = {"slurm": {"setup": f"export PYTHONPATH={REPO}", "time": "60:00"}}
-    demo = str(REPO / "recipes" / "demo-cpu.yaml")
-    assert cli.main(["run", demo, f"output_dir={tmp_path / 'jobs'}", one_seed, f"cluster={json.dumps(section)}"]) == 0
-    folder = RunLayout(tmp_path / "jobs").slurm
-    _wait_until_ended(folder, 3600)
-    text = slurm.status(folder)
-    assert text.count(" COMPLETED") == len(pipeline.STAGE_NAMES), text
+def test_the_demo_cancelled_mid_generation_and_resubmitted_reports_what_a_run_here_does(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The demo recipe as Slurm jobs on the CPU (one seed, to keep it to minutes), generate an array of 4 shards,
+    2 at a time: cancelled once a shard is written on each node, then submitted again, which writes only the
+    missing shards. Every shard is the bytes a run here writes, and so is the report's every figure."""
+    overrides = ["train.seeds=[0]", "generation.shard_size=120"]  # 240 prompts x 2 samples: 4 shards
+    pipeline.run(demo_recipe([f"output_dir={tmp_path / 'here'}", *overrides]), echo=lambda line: None)
+    section = {"slurm": {"setup": f"export PYTHONPATH={REPO}", "time": "60:00", "array_throttle": 2}}
+    submit = ["run", str(REPO / "recipes" / "demo-cpu.yaml"), f"output_dir={tmp_path / 'jobs'}", *overrides]
+    submit.append(f"cluster={json.dumps(section)}")
+    run = RunLayout(tmp_path / "jobs")
+
+    assert cli.main(submit) == 0
+    shards = next(job for job in slurm.read_jobs(run.slurm)["jobs"] if job["stage"] == "generate-shards")
+    assert shards["array"] == [0, 1, 2, 3]
+
+    def written_on() -> set[str]:
+        """The nodes whose array tasks wrote their shard, from the first line of each task's log."""
+        return {
+            task_log.read_text().split(" on node ")[1].split()[0]
+            for task in shards["array"]
+            if shard_path(run.generate, "traces", task).is_file()
+            for task_log in [Path(shards["log"].replace("%a", str(task)))]
+        }
+
+    _wait_for(lambda: written_on() == set(NODES), 1800, "a shard written on each node")
+    assert cli.main(["cancel", str(run.root)]) == 0
+    _wait_until_ended(run.slurm, 120)
+    missing = [task for task in shards["array"] if not shard_path(run.generate, "traces", task).is_file()]
+    assert missing and not is_finished(run.generate), "cancelled after generate ended"
+
+    assert cli.main(submit) == 0  # the same command again: only the missing shards, then the rest
+    again = slurm.read_jobs(run.slurm)["jobs"]
+    assert [job["stage"] for job in again][:2] == ["generate-shards", "generate"] and again[0]["array"] == missing
+    _wait_until_ended(run.slurm, 3600)
+    text = slurm.status(run.slurm)
+    assert f"array of {len(missing)}: {len(missing)} COMPLETED" in text, text
+    assert text.count(" COMPLETED") == len(again), text
+    for kind in ("traces", "answers"):
+        for task in shards["array"]:
+            here = shard_path(RunLayout(tmp_path / "here").generate, kind, task)
+            assert shard_path(run.generate, kind, task).read_bytes() == here.read_bytes(), (kind, task)
     here, there = (json.loads((tmp_path / name / "report" / "report.json").read_text()) for name in ("here", "jobs"))
     assert (there["arms"], there["benchmarks"]) == (here["arms"], here["benchmarks"])
 
