@@ -653,6 +653,12 @@ def _cross_checks(recipe: Recipe) -> list[str]:
             "loop.until_overlong: the closed loop does not run through Slurm yet; set loop.until_overlong=null, "
             "or run it here with cluster=null"
         )
+    nodes = recipe.cluster.slurm.nodes if recipe.cluster is not None else 1
+    if nodes > 1 and recipe.train.launcher != "torchrun":
+        problems.append(
+            f"cluster.slurm.nodes = {nodes}: training on several nodes runs torchrun on each (srun); set "
+            "train.launcher: torchrun (the nodes' ranks and rendezvous come from Slurm; launcher_args go after them)"
+        )
     mix = recipe.splice.sft_mix
     if mix is not None and mix.dataset is None and recipe.model.demo is None:
         problems.append(

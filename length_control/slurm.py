@@ -41,7 +41,7 @@ import yaml
 
 from length_control import pipeline
 from length_control.artifacts import MANIFEST, write_json_atomic, write_text_atomic
-from length_control.contracts import RunLayout, is_finished
+from length_control.contracts import AXOLOTL_CONFIG, RunLayout, is_finished
 from length_control.errors import UserError
 from length_control.policy import policy_path
 from length_control.recipe import Recipe, SlurmSpec
@@ -49,6 +49,7 @@ from length_control.recipe import Recipe, SlurmSpec
 JOBS = "jobs.json"  # the submitted chain: each job's stage, id, script, log and stage folders
 RECIPE = "recipe.yaml"  # the recipe as submitted, which every job runs
 SUBMIT = "submit.sh"  # the chain as a script, for a user who submits by hand
+NODE_LAUNCHER = "torchrun-node.sh"  # what srun starts on every node of a multi-node training job
 ENDED = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 )
@@ -72,6 +73,7 @@ class Chain:
     folder: Path
     jobs: list[Job]
     record: dict[str, Any] = field(default_factory=dict)  # kept in jobs.json beside the jobs (run, recipe)
+    slurm: SlurmSpec | None = None  # the recipe's section, for the files beside the jobs (the node launcher)
 
 
 # ---------------------------------------------------------------- scripts
@@ -133,7 +135,7 @@ def sbatch_options(slurm: SlurmSpec, stage: str, *, gpus: bool) -> list[str]:
     return [
         *(f"--{key}={value}" for key, value in named.items() if value is not None),
         f"--time={slurm.stage_time.get(stage, slurm.time)}",
-        "--nodes=1",
+        f"--nodes={slurm.nodes if stage == 'train' else 1}",
         "--ntasks-per-node=1",
         *([f"--cpus-per-task={slurm.cpus_per_task}"] if slurm.cpus_per_task is not None else []),
         *([f"--gpus-per-node={slurm.gpus_per_node}"] if gpus and slurm.gpus_per_node else []),
@@ -168,11 +170,19 @@ def stage_job(
     elif stage.name == "generate" and shards_of(stage, plans):
         runs_model = False
         what = f"The {stage.name} stage, once every shard of its array is written (its manifest)"
+    launch = []
+    if stage.name == "train" and slurm.nodes > 1:
+        from length_control import train
+
+        seed = recipe.train.seeds[0]
+        line = shlex.join(train.launch_command(recipe, RunLayout(recipe.output_dir).train(seed) / AXOLOTL_CONFIG))
+        launch = [f"# each seed trains on all {slurm.nodes} nodes: the stage runs, from the first node (seed {seed}):"]
+        launch.append(f"#   {line}")
     return job(
         name,
         folder,
         [f"--job-name={recipe.name}.{name}", *sbatch_options(slurm, stage.name, gpus=runs_model)],
-        [*([slurm.setup] if slurm.setup else []), command],
+        [*([slurm.setup] if slurm.setup else []), *launch, command],
         title=f"{what} of {recipe.name} ({recipe.output_dir}), with the recipe as submitted.",
         folders=tuple(str(plan.folder) for plan in plans) if stage.manifest and shards is None else (),
         array=shards,
@@ -192,6 +202,50 @@ def stage_jobs(
     """A stage's jobs: the array over its missing `shards` (none when all are there), then the stage's own."""
     array = [stage_job(recipe, stage, plans, snapshot=snapshot, folder=folder, shards=tuple(shards))] if shards else []
     return [*array, stage_job(recipe, stage, plans, snapshot=snapshot, folder=folder)]
+
+
+def on_every_node(recipe: Recipe) -> list[str]:
+    """The prefix that starts a command on every node of a multi-node training job, one task a node: srun and
+    the node launcher, which hands torchrun this node's rank and the job's rendezvous (`node_launcher`). Axolotl's
+    `train --launcher torchrun` goes after it; the 2-node test runs a torch.distributed step after the same."""
+    nodes = recipe.cluster.slurm.nodes
+    launcher = RunLayout(recipe.output_dir).slurm / NODE_LAUNCHER
+    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", str(launcher)]
+
+
+def write_node_launcher(recipe: Recipe) -> None:
+    """The node launcher where `on_every_node` starts it (training writes it too: a chain submitted by hand from
+    the dry run's scripts has none)."""
+    path = RunLayout(recipe.output_dir).slurm / NODE_LAUNCHER
+    write_text_atomic(path, node_launcher(recipe.cluster.slurm))
+    path.chmod(0o755)
+
+
+def node_launcher(slurm: SlurmSpec) -> str:
+    """The script srun starts on every node of a multi-node job: the command after it, with torchrun's settings
+    for this node in the environment, where torchrun reads them (PET_<OPTION>): the job's nodes, this node's rank
+    (SLURM_NODEID), the processes a node (one a GPU), and the rendezvous at the job's first node by its address
+    (`scontrol show node`: node names need not resolve), on a port of the job's own."""
+    return (
+        "\n".join(
+            [
+                "#!/bin/bash",
+                "# Started by srun once on every node of a multi-node training job: runs its arguments with torchrun's",
+                "# settings for this node (torchrun reads PET_<OPTION> for --<option>).",
+                "set -euo pipefail",
+                'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                'export PET_NNODES="$SLURM_NNODES"',
+                'export PET_NODE_RANK="$SLURM_NODEID"',
+                f"export PET_NPROC_PER_NODE={slurm.gpus_per_node or 1}",
+                'export PET_MASTER_ADDR="$(scontrol show node "$first" | grep -o \'NodeAddr=[^ ]*\' | cut -d= -f2)"',
+                "export PET_MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+                'echo "[slurm] node $SLURM_NODEID of $SLURM_NNODES ($SLURMD_NODENAME),"'
+                ' "rendezvous at $PET_MASTER_ADDR:$PET_MASTER_PORT"',
+                'exec "$@"',
+            ]
+        )
+        + "\n"
+    )
 
 
 def write_recipe(recipe: Recipe, path: Path) -> None:
@@ -220,13 +274,18 @@ def submit_script(jobs: list[Job]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_chain(folder: Path, jobs: list[Job]) -> None:
-    """Every job's script and submit.sh in `folder`, and the folder of their logs (Slurm does not create it)."""
+def write_chain(folder: Path, jobs: list[Job], slurm: SlurmSpec | None = None) -> None:
+    """Every job's script and submit.sh in `folder`, the node launcher of multi-node training (`slurm.nodes` > 1),
+    and the folder of their logs (Slurm does not create it)."""
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     for item in jobs:
         write_text_atomic(folder / f"{item.name}.sbatch", item.script)
-    write_text_atomic(folder / SUBMIT, submit_script(jobs))
-    (folder / SUBMIT).chmod(0o755)
+    scripts = {SUBMIT: submit_script(jobs)}
+    if slurm is not None and slurm.nodes > 1:
+        scripts[NODE_LAUNCHER] = node_launcher(slurm)
+    for name, text in scripts.items():
+        write_text_atomic(folder / name, text)
+        (folder / name).chmod(0o755)
 
 
 # ---------------------------------------------------------------- a run's chain
@@ -256,7 +315,7 @@ def dry_run(written: Recipe, recipe: Recipe) -> str:
             shards = list(range(count or 0))
         jobs += stage_jobs(recipe, stage, plans, snapshot=snapshot, folder=folder, shards=shards)
     write_recipe(written, snapshot)
-    write_chain(folder, jobs)
+    write_chain(folder, jobs, recipe.cluster.slurm)
     return "\n".join(
         [f"[slurm] {len(jobs)} jobs, each after the one before (afterok): {' -> '.join(j.name for j in jobs)}"]
         + [f"  {item.name}: {folder / (item.name + '.sbatch')}" for item in jobs]
@@ -317,7 +376,8 @@ def prepare(written: Recipe, recipe: Recipe, *, start: str | None = None, echo: 
             echo(f"[slurm] {stage.name}: {len(shards)} of its {count} shards to write, a job array task each")
         jobs += stage_jobs(recipe, stage, plans, snapshot=snapshot, folder=folder, shards=shards)
     write_recipe(written, snapshot)
-    return Chain(folder, jobs, {"run": recipe.name, "output_dir": str(recipe.output_dir), "up_to_date": fresh})
+    record = {"run": recipe.name, "output_dir": str(recipe.output_dir), "up_to_date": fresh}
+    return Chain(folder, jobs, record, recipe.cluster.slurm)
 
 
 def array_group() -> str | None:
@@ -349,7 +409,7 @@ def slurm_command(*args: str, check: bool = True) -> subprocess.CompletedProcess
 def submit(chain: Chain) -> list[dict[str, Any]]:
     """Queue the chain held, record it in `jobs.json`, then release it: all of it runs, or none of it (a refused
     sbatch cancels the jobs queued before it). Returns the records, in order."""
-    write_chain(chain.folder, chain.jobs)
+    write_chain(chain.folder, chain.jobs, chain.slurm)
     records: list[dict[str, Any]] = []
     try:
         for item in chain.jobs:

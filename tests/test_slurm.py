@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control import cli, generate, pipeline, runlock, slurm
+from length_control import cli, generate, pipeline, runlock, slurm, train
 from length_control.contracts import RunLayout, is_finished, shard_path
 from length_control.envs import envs_dir, profile
 from length_control.errors import UserError
@@ -241,6 +241,44 @@ def test_the_tasks_of_an_array_share_the_run_lock_on_both_nodes_and_keep_other_w
     assert not (run / runlock.HOLDER).exists()  # the last task took the record with it
 
 
+ALL_REDUCE = """import json, os, sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(total)
+seen = {"world": dist.get_world_size(), "sum": total.item(), "node": os.environ["SLURMD_NODENAME"]}
+with open(os.path.join(sys.argv[1], f"rank-{dist.get_rank()}.json"), "w") as out:
+    json.dump(seen | {"master": os.environ["MASTER_ADDR"]}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_a_two_node_job_starts_torchrun_on_each_node_as_training_does_and_they_all_reduce(
+    cluster: Cluster, tmp_path: Path, policy: Path
+) -> None:
+    """Axolotl does not train multi-process on this CPU, so the demo trains on one node; the 2-node launch is
+    proven here: the training job's options and launch prefix (srun, the node launcher, torchrun), with a
+    gloo all-reduce where Axolotl's `train --launcher torchrun` goes."""
+    make_recipe(tmp_path, policy, [SHORT])
+    recipe = load_recipe(tmp_path / "recipe.yaml", ["cluster={slurm: {nodes: 2}}", "train.launcher=torchrun"])
+    prefix = slurm.on_every_node(recipe)
+    assert train.launch_command(recipe, tmp_path / "axolotl.yaml")[: len(prefix)] == prefix  # training's own
+    slurm.write_node_launcher(recipe)
+    (tmp_path / "all_reduce.py").write_text(ALL_REDUCE)
+    step = [*prefix, str(Path(sys.executable).parent / "torchrun"), str(tmp_path / "all_reduce.py"), str(tmp_path)]
+    options = slurm.sbatch_options(recipe.cluster.slurm, "train", gpus=True)
+    assert "--nodes=2" in options and "--ntasks-per-node=1" in options
+    records = slurm.submit(_chain(tmp_path, [slurm.job("train", tmp_path, options, [shlex.join(step)])]))
+    _wait_until_ended(tmp_path)
+    assert f"train        job {records[0]['id']:<8} COMPLETED" in slurm.status(tmp_path), slurm.status(tmp_path)
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["world"] for rank in ranks] == [2, 2] and [rank["sum"] for rank in ranks] == [3.0, 3.0]
+    assert {rank["node"] for rank in ranks} == set(NODES)  # a process on each node, rank 0 on the first
+    assert ranks[0]["master"] == "127.0.0.1"  # the first node's NodeAddr: the name n1 does not resolve
+
+
 # ---------------------------------------------------------------- the stages as jobs
 
 
@@ -431,10 +469,11 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
         "mem": "200G",
         "sbatch_lines": ["--exclusive", "--constraint=h100"],
         "setup": "module load cuda/12.4",
+        "nodes": 2,
+        "array_throttle": 4,
     }
-    assert (
-        cli.main(["run", str(tmp_path / "recipe.yaml"), "--dry-run", f"cluster={json.dumps({'slurm': section})}"]) == 0
-    )
+    cluster = [f"cluster={json.dumps({'slurm': section})}", "train.launcher=torchrun"]
+    assert cli.main(["run", str(tmp_path / "recipe.yaml"), "--dry-run", *cluster]) == 0
     folder = tmp_path / "run" / "dry-run" / "slurm"
     assert (
         "[slurm] 8 jobs, each after the one before (afterok): eval-before -> eval-forced -> generate-shards -> "
@@ -449,7 +488,7 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
         "#SBATCH --account=lc",
         "#SBATCH --qos=high",
         "#SBATCH --time=2-00:00:00",
-        "#SBATCH --nodes=1",
+        "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=1",
         "#SBATCH --cpus-per-task=32",
         "#SBATCH --gpus-per-node=8",
@@ -458,17 +497,22 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
         "#SBATCH --constraint=h100",
     ]
     assert train[14] == f"#SBATCH --output={folder}/logs/train-%j.log"
-    assert train[-2:] == [
-        "module load cuda/12.4",
-        f"{sys.executable} -m length_control.cli run {folder}/recipe.yaml --stage train",
-    ]
+    assert train[-4] == "module load cuda/12.4"
+    assert train[-3] == "# each seed trains on all 2 nodes: the stage runs, from the first node (seed 0):"
+    launcher = tmp_path / "run" / "slurm" / slurm.NODE_LAUNCHER
+    assert train[-2].startswith(f"#   srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 {launcher} ")
+    assert train[-2].endswith(f"train {tmp_path}/run/train/seed-0/axolotl.yaml --launcher torchrun")
+    assert train[-1] == f"{sys.executable} -m length_control.cli run {folder}/recipe.yaml --stage train"
+    node = (folder / slurm.NODE_LAUNCHER).read_text()  # the same script, beside the jobs: what srun starts
+    assert "export PET_NPROC_PER_NODE=8" in node and 'export PET_NODE_RANK="$SLURM_NODEID"' in node
+    assert subprocess.run(["bash", "-n", str(folder / slurm.NODE_LAUNCHER)]).returncode == 0
     assert (
         cli.main(
             [
                 "run",
                 str(tmp_path / "recipe.yaml"),
                 "--dry-run",
-                f"cluster={json.dumps({'slurm': section})}",
+                *cluster,
                 "cluster.slurm.command=/shared/lc/run.sh",
             ]
         )
@@ -480,7 +524,7 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
     splice = (folder / "splice.sbatch").read_text()
     assert "--time=04:00:00" in splice and "--gpus-per-node" not in splice  # splice and report need no GPU
     shards = (folder / "generate-shards.sbatch").read_text().splitlines()  # 3 prompts in shards of 2: a task each
-    assert "#SBATCH --gpus-per-node=8" in shards and "#SBATCH --array=0-1" in shards
+    assert "#SBATCH --gpus-per-node=8" in shards and "#SBATCH --array=0-1%4" in shards and "#SBATCH --nodes=1" in shards
     assert f"#SBATCH --output={folder}/logs/generate-shards-%A_%a.log" in shards
     assert shards[-1].endswith(f"run {folder}/recipe.yaml --stage generate --shard $SLURM_ARRAY_TASK_ID")
     assert "--gpus-per-node" not in (folder / "generate.sbatch").read_text()  # it only writes the manifest
@@ -520,6 +564,10 @@ def test_the_cluster_section_is_checked_with_the_fix(tmp_path: Path, policy: Pat
     loop = ["cluster={slurm: {}}", "loop.until_overlong=0.01"]
     assert cli.main(["validate", str(tmp_path / "recipe.yaml"), *loop]) == 2
     assert "the closed loop does not run through Slurm yet" in capsys.readouterr().err
+    assert cli.main(["validate", str(tmp_path / "recipe.yaml"), "cluster={slurm: {nodes: 2}}"]) == 2
+    assert "cluster.slurm.nodes = 2: training on several nodes runs torchrun on each (srun); set" in (
+        capsys.readouterr().err
+    )
 
 
 def test_the_recipe_names_the_pipelines_stages() -> None:
