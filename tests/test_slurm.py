@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control import cli, generate, pipeline, runlock, slurm, train
+from length_control import cli, doctor, generate, pipeline, runlock, slurm, train
 from length_control.contracts import RunLayout, is_finished, shard_path
 from length_control.envs import envs_dir, profile
 from length_control.errors import UserError
@@ -448,6 +448,32 @@ def test_the_demo_cancelled_mid_generation_and_resubmitted_reports_what_a_run_he
             assert shard_path(run.generate, kind, task).read_bytes() == here.read_bytes(), (kind, task)
     here, there = (json.loads((tmp_path / name / "report" / "report.json").read_text()) for name in ("here", "jobs"))
     assert (there["arms"], there["benchmarks"]) == (here["arms"], here["benchmarks"])
+
+
+def test_the_doctor_checks_slurm_and_the_partition_where_the_recipe_has_a_cluster(
+    cluster: Cluster, tmp_path: Path, policy: Path, monkeypatch
+) -> None:
+    make_recipe(tmp_path, policy, [SHORT])
+    written = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+
+    def doctor_on(section: dict | None) -> doctor.Findings:
+        (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(written | {"cluster": section}))
+        found = doctor.Findings()
+        doctor.check_cluster(tmp_path / "cluster.yaml", found)
+        return found
+
+    assert doctor_on(None).lines[1:] == ["  none: the stages run on this machine"]
+    found = doctor_on({"slurm": {"partition": "debug"}})
+    assert not found.problems and found.lines[1] == f"  Slurm: {shutil.which('sbatch')}, partition debug (of debug)"
+    assert doctor_on({"slurm": {}}).lines[1].endswith("partition debug (of debug)")  # the cluster's default
+    assert doctor_on({"slurm": {"partition": "h100"}}).problems == [
+        "cluster.slurm.partition = h100: not a partition of this cluster (debug): set it to one of them"
+    ]
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm's commands
+    assert doctor_on({"slurm": {}}).problems == [
+        "cluster.slurm: Slurm's sbatch, squeue, scancel, scontrol, sinfo not on PATH: run on a login node of the "
+        "cluster, or remove the recipe's cluster section to run here"
+    ]
 
 
 # ---------------------------------------------------------------- the scripts as written (no cluster)
