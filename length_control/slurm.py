@@ -13,14 +13,22 @@ jobs wait changes nothing. A job holds the run folder's lock (`runlock`) for its
 submitting `run` holds it only while it decides what to submit, and the jobs run one after another, so each
 finds it free.
 
+Generate runs as a job array over its shards: a task per shard not on disk yet (`--stage generate --shard N`),
+each its own engine on its node's GPUs, `array_throttle` of them at once; the tasks of one array hold the run's
+lock together (`runlock`'s groups). The stage's own job comes after the whole array and only writes its manifest.
+A sample's tokens depend only on its own seeded request, so shards written by separate engines, in any order,
+are the bytes one engine writes. Training on `nodes` > 1 is one job over those nodes: the stage runs on the
+first, and Axolotl's torchrun launch is started on every node by srun through the node launcher
+(`torchrun-node.sh`: the node's rank from SLURM_NODEID, the rendezvous at the first node's address).
+
 Submission is resume: a stage whose manifests say it is up to date (asked of the stage itself,
 `pipeline.why_it_runs`) gets no job, and every stage after the first one that runs gets one (its job skips the
-stage if it turns out up to date). The chain is submitted held and released once all of it is queued, so a
-refused `sbatch` leaves no half chain. A job whose predecessor failed is cancelled by Slurm
-(`--kill-on-invalid-dep=yes`), not left pending.
+stage if it turns out up to date); generate's array asks only for the shards still missing. The chain is
+submitted held and released once all of it is queued, so a refused `sbatch` leaves no half chain. A job whose
+predecessor failed is cancelled by Slurm (`--kill-on-invalid-dep=yes`), not left pending.
 
-Without slurmdbd, Slurm forgets a job minutes after it ends (MinJobAge), so each job writes its exit status
-beside its log, and `status` reads Slurm's queue first, then that, then the stages' manifests.
+Without slurmdbd, Slurm forgets a job minutes after it ends (MinJobAge), so each job (each array task) writes
+its exit status beside its log, and `status` reads Slurm's queue first, then that, then the stages' manifests.
 """
 
 from __future__ import annotations
