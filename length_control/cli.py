@@ -244,13 +244,17 @@ def _run_one_stage(args: argparse.Namespace, *extra: str) -> int:
 def _run_shards(args: argparse.Namespace, *extra: str) -> int:
     """`run RECIPE --stage generate --shard N`: those shards alone (a Slurm array task's command). The tasks of one
     array hold the run folder's lock together (`slurm.array_group`)."""
-    from length_control import demo, generate, runlock, slurm
+    from length_control import demo, generate, pipeline, runlock, slurm
 
     if args.stage != "generate":
         raise ConfigError(args.recipe, [f"--shard goes with --stage generate (it writes the shards), not {args.stage}"])
     recipe = load_recipe(args.recipe, [*args.overrides, *extra])
     with runlock.holding(recipe.output_dir, group=slurm.array_group()):
-        print(generate.run_shards(generate.plan(demo.resolve(recipe)), args.shard))
+        stage = next(s for s in pipeline.STAGES if s.name == "generate")
+        plans = pipeline.plans_of(demo.resolve(recipe))(stage)
+        if not slurm.shards_of(stage, plans):
+            raise ConfigError(args.recipe, [f"--shard: this recipe generates {len(plans)} runs (its budgets): drop it"])
+        print(generate.run_shards(plans[0], args.shard))
     return 0
 
 

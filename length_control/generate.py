@@ -200,9 +200,10 @@ def _shards(plan: Plan) -> tuple[list[list[dict[str, Any]]], int, ThinkTokens]:
 
 
 def _generate_missing(
-    plan: Plan, stage: Stage, shards: list, think: ThinkTokens, indices, engine: Engine | None
+    plan: Plan, stage: Stage, shards: list, think: ThinkTokens, indices, engine: Engine | None, log: str = "generate"
 ) -> list[int]:
-    """Generate the shards among `indices` that are not on disk yet, on one engine; returns them."""
+    """Generate the shards among `indices` that are not on disk yet, on one engine (its log `logs/<log>.log`);
+    returns them."""
     recipe, folder = plan.recipe, plan.folder
     todo = [i for i in indices if not shard_path(folder, "traces", i).is_file()]
     if todo:
@@ -211,7 +212,7 @@ def _generate_missing(
             if "longer traces" in plan.inputs
             else None
         )
-        with engine_for(recipe, plan.model, log_name="generate", shared=engine) as engine:
+        with engine_for(recipe, plan.model, log_name=log, shared=engine) as engine:
             _generate_shards(engine, {i: shards[i] for i in todo}, recipe, think, folder, longer)
     return todo
 
@@ -247,7 +248,8 @@ def run_shards(plan: Plan, indices: list[int], engine: Engine | None = None) -> 
     beyond = [i for i in indices if not 0 <= i < len(shards)]
     if beyond:
         raise DataError("generate", [f"shards {beyond}: the stage has {len(shards)} (0 to {len(shards) - 1})"])
-    written = _generate_missing(plan, stage, shards, think, indices, engine)
+    log = "generate-shard-" + "-".join(map(str, indices))  # tasks side by side: an engine log each
+    written = _generate_missing(plan, stage, shards, think, indices, engine, log)
     kept = sorted(set(indices) - set(written))
     return f"shards {indices} of {len(shards)}: written {written}" + (f", already there {kept}" if kept else "")
 

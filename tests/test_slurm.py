@@ -579,6 +579,28 @@ def test_a_job_that_slurm_forgot_is_read_from_its_exit_status_and_manifests(tmp_
     assert slurm.job_state(record, {"7": slurm.QueueState("RUNNING", "None")}) == ("RUNNING (exit 0)", False)
 
 
+def test_an_array_task_writes_its_shard_to_the_bytes_of_a_whole_run_and_nothing_else(
+    tmp_path: Path, policy: Path, ids: Ids
+) -> None:
+    recipe = load_recipe(_recipe_file(tmp_path, policy, ids))  # generated whole: shards 0 and 1, a manifest
+    plan = generate.plan(recipe)
+    whole = {kind: shard_path(plan.folder, kind, 1).read_bytes() for kind in ("traces", "answers")}
+    (plan.folder / "manifest.json").unlink()
+    for kind in whole:
+        shard_path(plan.folder, kind, 1).unlink()
+    engine = ScriptedEngine(transcripts(ids.script()))
+    assert generate.run_shards(plan, [1], engine) == "shards [1] of 2: written [1]"
+    assert {kind: shard_path(plan.folder, kind, 1).read_bytes() for kind in whole} == whole
+    assert not (plan.folder / "manifest.json").exists()  # the stage's own job writes it, once every shard is there
+    assert generate.run_shards(plan, [0, 1], engine) == "shards [0, 1] of 2: written [], already there [0, 1]"
+    with pytest.raises(UserError, match=r"shards \[2\]: the stage has 2 \(0 to 1\)"):
+        generate.run_shards(plan, [2], engine)
+    stale = load_recipe(tmp_path / "recipe.yaml", ["seed=1"])  # other settings: only a submission starts over
+    with pytest.raises(UserError, match="holds no shards of this run's settings"):
+        generate.run_shards(generate.plan(stale), [0], engine)
+    assert generate.missing_shards(generate.plan(stale)) == (2, [0, 1])  # the submitter starts the folder over
+
+
 def test_the_cluster_section_is_checked_with_the_fix(tmp_path: Path, policy: Path, capsys) -> None:
     make_recipe(tmp_path, policy, [SHORT])
     bad = {"time": "4 hours", "stage_time": {"trian": "1:00"}, "mem": "lots", "sbatch_lines": ["-x"]}
