@@ -14,6 +14,7 @@
                                                      the preflight, then every stage; up-to-date ones are skipped
                                                      (with cluster.slurm: submitted as Slurm jobs, `slurm`)
     length-control run RECIPE --stage STAGE          one stage here, whatever the recipe's cluster (a job's command)
+    length-control run RECIPE --stage generate --shard N   one shard of it (a Slurm array task's command)
     length-control status RUN|RECIPE                 the Slurm jobs of a run and their states
     length-control cancel RUN|RECIPE                 cancel the Slurm jobs of a run
     length-control sweep RECIPE key=[a,b] [...]      the loop per combination of the axes, sharing what they share
@@ -207,6 +208,8 @@ def _run(args: argparse.Namespace) -> int:
     ]
     if args.stage is not None:
         return _run_one_stage(args, *loop)
+    if args.shard:
+        raise ConfigError(args.recipe, ["--shard N runs one shard of a stage: add --stage generate"])
     written = load_recipe(args.recipe, [*args.overrides, *loop])
     if args.dry_run:
         recipe = demo.resolve(written, build=False)
@@ -232,8 +235,27 @@ def _run_one_stage(args: argparse.Namespace, *extra: str) -> int:
         raise ConfigError(
             args.recipe, [f"--stage {args.stage}: no such stage; one of {', '.join(pipeline.STAGE_NAMES)}"]
         )
+    if args.shard:
+        return _run_shards(args, *extra)
     with _writing(args, *extra) as recipe:
         print(pipeline.run_stage(next(s for s in pipeline.STAGES if s.name == args.stage), recipe))
+    return 0
+
+
+def _run_shards(args: argparse.Namespace, *extra: str) -> int:
+    """`run RECIPE --stage generate --shard N`: those shards alone (a Slurm array task's command). The tasks of one
+    array hold the run folder's lock together (`slurm.array_group`)."""
+    from length_control import demo, generate, pipeline, runlock, slurm
+
+    if args.stage != "generate":
+        raise ConfigError(args.recipe, [f"--shard goes with --stage generate (it writes the shards), not {args.stage}"])
+    recipe = load_recipe(args.recipe, [*args.overrides, *extra])
+    with runlock.holding(recipe.output_dir, group=slurm.array_group()):
+        stage = next(s for s in pipeline.STAGES if s.name == "generate")
+        plans = pipeline.plans_of(demo.resolve(recipe))(stage)
+        if not slurm.shards_of(stage, plans):
+            raise ConfigError(args.recipe, [f"--shard: this recipe generates {len(plans)} runs (its budgets): drop it"])
+        print(generate.run_shards(plans[0], args.shard))
     return 0
 
 
@@ -416,6 +438,13 @@ def _parser() -> argparse.ArgumentParser:
         "--stage",
         metavar="STAGE",
         help="run only this stage, here, even with a cluster section (each Slurm job's command)",
+    )
+    run.add_argument(
+        "--shard",
+        type=int,
+        action="append",
+        metavar="N",
+        help="with --stage generate: only shard N (repeatable), no manifest (a Slurm array task's command)",
     )
     run.add_argument(
         "--until-overlong",

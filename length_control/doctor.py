@@ -11,8 +11,10 @@ environment), the GPUs and their driver, the opt-in kernels installed, how
 the engines reach the Hub, the sandbox tools, npm, and free disk against what
 set-up needs. It exits 1 when something a run needs is missing. Set-up runs
 two parts of it: `--before-setup` (driver, disk) before it downloads, and
-`--imports ENGINE` after it builds an environment. Standard library only: it
-runs before any environment exists.
+`--imports ENGINE` after it builds an environment. `--recipe RECIPE` also
+checks where that recipe runs: with a `cluster.slurm` section, Slurm's client
+commands and its partition (the recipe is read in the vllm environment).
+Standard library only: it runs before any environment exists.
 """
 
 from __future__ import annotations
@@ -403,6 +405,57 @@ def check() -> Findings:
     return found
 
 
+SLURM_CLIENTS = ("sbatch", "squeue", "scancel", "scontrol", "sinfo")  # what `run`, `status` and `cancel` call
+
+
+def check_cluster(recipe: Path, found: Findings) -> None:
+    """Where a recipe runs: with `cluster.slurm`, Slurm's client commands on PATH and its partition among the
+    cluster's (`sinfo`), else here."""
+    found.lines.append(f"cluster ({recipe}):")
+    python = envs_dir() / "vllm" / "bin" / "python"
+    if not python.exists():
+        found.problem("the recipe is read in the vllm environment, which is not set up", "run ./run.sh setup")
+        return
+    read = subprocess.run(
+        [str(python), "-m", "length_control.cli", "config", str(recipe), "cluster"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
+    )
+    if read.returncode != 0:
+        found.problem(f"{recipe} does not load", (read.stderr.strip().splitlines() or ["no message"])[-1])
+        return
+    cluster = json.loads(read.stdout)
+    if cluster is None:
+        found.fact("none: the stages run on this machine")
+        return
+    missing = [tool for tool in SLURM_CLIENTS if shutil.which(tool) is None]
+    if missing:
+        found.problem(
+            f"cluster.slurm: Slurm's {', '.join(missing)} not on PATH",
+            "run on a login node of the cluster, or remove the recipe's cluster section to run here",
+        )
+        return
+    listed = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=60)
+    if listed.returncode != 0:
+        found.problem(f"sinfo fails: {listed.stderr.strip()}", "check that this machine reaches the cluster")
+        return
+    partitions = listed.stdout.split()
+    names = [name.rstrip("*") for name in partitions]
+    wanted = cluster["slurm"]["partition"]
+    if wanted is not None and wanted not in names:
+        found.problem(
+            f"cluster.slurm.partition = {wanted}: not a partition of this cluster ({', '.join(names)})",
+            "set it to one of them",
+        )
+    elif wanted is None and not any(name.endswith("*") for name in partitions):
+        found.problem("cluster.slurm.partition: none given and the cluster has no default", "name one")
+    else:
+        chosen = wanted or next(name.rstrip("*") for name in partitions if name.endswith("*"))
+        found.fact(f"Slurm: {shutil.which('sbatch')}, partition {chosen} (of {', '.join(names)})")
+
+
 def check_before_setup(engines: list[str]) -> Findings:
     """What set-up asks before it downloads: the GPUs' driver against the profile's CUDA build, and the disk."""
     found = Findings()
@@ -436,6 +489,11 @@ def main() -> int:
         help="only what set-up checks after building an environment: every module its code paths "
         "import; silent when they all do",
     )
+    parser.add_argument(
+        "--recipe",
+        type=Path,
+        help="also where this recipe runs: with a cluster.slurm section, Slurm's commands and its partition",
+    )
     args = parser.parse_args()
     quiet = args.before_setup is not None or args.imports is not None
     if args.imports is not None:
@@ -444,6 +502,8 @@ def main() -> int:
         found = check_before_setup(args.before_setup)
     else:
         found = check()
+        if args.recipe is not None:
+            check_cluster(args.recipe, found)
         print("\n".join(found.lines))
     if found.problems:
         print(f"\n{len(found.problems)} problem(s):", *(f"- {p}" for p in found.problems), sep="\n")

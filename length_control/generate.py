@@ -177,30 +177,82 @@ def _stage(plan: Plan) -> Stage:
 
 def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     """Generate every missing shard; skip the stage when it is up to date."""
-    recipe, folder = plan.recipe, plan.folder
+    folder = plan.folder
     stage = _stage(plan)
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
     _reset_if_stale(folder, stage.expected)
+    shards, too_long, think = _shards(plan)
+    _generate_missing(plan, stage, shards, think, range(len(shards)), engine)
+    contracts.write_termination(folder, think.termination())
+    summary = summarize(folder) | {"prompts_too_long": too_long, "model": plan.model}
+    stage.finish(**summary)
+    return summary
 
+
+def _shards(plan: Plan) -> tuple[list[list[dict[str, Any]]], int, ThinkTokens]:
+    """The stage's trace requests in shards of `shard_size`, how many prompts were dropped, the think tokens."""
+    recipe = plan.recipe
     tokenizer = load_tokenizer(plan.model)
     think = think_tokens(plan.model, tokenizer, recipe.model)
     requests, too_long = trace_requests(recipe, tokenizer, think, load_prompts(recipe))
     size = recipe.generation.shard_size
-    shards = [requests[i : i + size] for i in range(0, len(requests), size)]
-    todo = [i for i in range(len(shards)) if not shard_path(folder, "traces", i).is_file()]
+    return [requests[i : i + size] for i in range(0, len(requests), size)], too_long, think
+
+
+def _generate_missing(
+    plan: Plan, stage: Stage, shards: list, think: ThinkTokens, indices, engine: Engine | None, log: str = "generate"
+) -> list[int]:
+    """Generate the shards among `indices` that are not on disk yet, on one engine (its log `logs/<log>.log`);
+    returns them."""
+    recipe, folder = plan.recipe, plan.folder
+    todo = [i for i in indices if not shard_path(folder, "traces", i).is_file()]
     if todo:
         longer = (
             LongerTraces(plan.reads.longer_traces, stage.expected, recipe.budget)
             if plan.reads.longer_traces is not None
             else None
         )
-        with engine_for(recipe, plan.model, log_name="generate", shared=engine) as engine:
+        with engine_for(recipe, plan.model, log_name=log, shared=engine) as engine:
             _generate_shards(engine, {i: shards[i] for i in todo}, recipe, think, folder, longer)
-    contracts.write_termination(folder, think.termination())
-    summary = summarize(folder) | {"prompts_too_long": too_long, "model": plan.model}
-    stage.finish(**summary)
-    return summary
+    return todo
+
+
+def missing_shards(plan: Plan) -> tuple[int, list[int]]:
+    """How many shards the stage writes, and which are not on disk yet: what a Slurm job array over the shards
+    submits. Shards made for other inputs or settings are removed first (as `run` would), so call it holding
+    the run folder's lock."""
+    _reset_if_stale(plan.folder, _stage(plan).expected)
+    count = shard_count(plan)
+    return count, [i for i in range(count) if not shard_path(plan.folder, "traces", i).is_file()]
+
+
+def shard_count(plan: Plan) -> int:
+    """How many shards the stage writes (its prompts tokenized: a prompt with no room at B is dropped)."""
+    return len(_shards(plan)[0])
+
+
+def run_shards(plan: Plan, indices: list[int], engine: Engine | None = None) -> str:
+    """Generate these shards of the stage where they are missing, and nothing else (no manifest: once every
+    shard is there, `run` finishes the stage). A Slurm array task's work: the tasks of one array write their
+    own shards at once, so none of them may start the folder over; the submission did that."""
+    stage = _stage(plan)
+    if not (plan.folder / PLAN).is_file() or json.loads((plan.folder / PLAN).read_text()) != stage.expected:
+        raise DataError(
+            "generate",
+            [
+                f"{plan.folder} holds no shards of this run's settings (or none yet): submit the run again "
+                "(length-control run RECIPE), which starts the folder over, or run the stage whole"
+            ],
+        )
+    shards, _, think = _shards(plan)
+    beyond = [i for i in indices if not 0 <= i < len(shards)]
+    if beyond:
+        raise DataError("generate", [f"shards {beyond}: the stage has {len(shards)} (0 to {len(shards) - 1})"])
+    log = "generate-shard-" + "-".join(map(str, indices))  # tasks side by side: an engine log each
+    written = _generate_missing(plan, stage, shards, think, indices, engine, log)
+    kept = sorted(set(indices) - set(written))
+    return f"shards {indices} of {len(shards)}: written {written}" + (f", already there {kept}" if kept else "")
 
 
 class _Shard:

@@ -506,6 +506,15 @@ class SlurmSpec(StrictModel):
         0, ge=0, description="--gpus-per-node of the jobs that run a model (vLLM) or train; splice and report take none"
     )
     cpus_per_task: int | None = Field(None, gt=0, description="--cpus-per-task (one task per job: the stage)")
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="--nodes of the training job: above 1, srun starts torchrun on every node (train.launcher: "
+        "torchrun), its rank from SLURM_NODEID, the rendezvous at the job's first node",
+    )
+    array_throttle: int | None = Field(
+        None, gt=0, description="generate's array tasks (one shard and one engine each) running at once: --array=...%N"
+    )
     mem: Annotated[str, AfterValidator(_slurm_memory)] | None = Field(None, description="--mem per node, e.g. 200G")
     sbatch_lines: list[Annotated[str, AfterValidator(_sbatch_option)]] = Field(
         default_factory=list, description="more #SBATCH options for every job, e.g. [--constraint=h100, --exclusive]"
@@ -643,6 +652,12 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         problems.append(
             "loop.until_overlong: the closed loop does not run through Slurm yet; set loop.until_overlong=null, "
             "or run it here with cluster=null"
+        )
+    nodes = recipe.cluster.slurm.nodes if recipe.cluster is not None else 1
+    if nodes > 1 and recipe.train.launcher != "torchrun":
+        problems.append(
+            f"cluster.slurm.nodes = {nodes}: training on several nodes runs torchrun on each (srun); set "
+            "train.launcher: torchrun (the nodes' ranks and rendezvous come from Slurm; launcher_args go after them)"
         )
     mix = recipe.splice.sft_mix
     if mix is not None and mix.dataset is None and recipe.model.demo is None:

@@ -13,14 +13,22 @@ jobs wait changes nothing. A job holds the run folder's lock (`runlock`) for its
 submitting `run` holds it only while it decides what to submit, and the jobs run one after another, so each
 finds it free.
 
+Generate runs as a job array over its shards: a task per shard not on disk yet (`--stage generate --shard N`),
+each its own engine on its node's GPUs, `array_throttle` of them at once; the tasks of one array hold the run's
+lock together (`runlock`'s groups). The stage's own job comes after the whole array and only writes its manifest.
+A sample's tokens depend only on its own seeded request, so shards written by separate engines, in any order,
+are the bytes one engine writes. Training on `nodes` > 1 is one job over those nodes: the stage runs on the
+first, and Axolotl's torchrun launch is started on every node by srun through the node launcher
+(`torchrun-node.sh`: the node's rank from SLURM_NODEID, the rendezvous at the first node's address).
+
 Submission is resume: a stage whose manifests say it is up to date (asked of the stage itself,
 `pipeline.why_it_runs`) gets no job, and every stage after the first one that runs gets one (its job skips the
-stage if it turns out up to date). The chain is submitted held and released once all of it is queued, so a
-refused `sbatch` leaves no half chain. A job whose predecessor failed is cancelled by Slurm
-(`--kill-on-invalid-dep=yes`), not left pending.
+stage if it turns out up to date); generate's array asks only for the shards still missing. The chain is
+submitted held and released once all of it is queued, so a refused `sbatch` leaves no half chain. A job whose
+predecessor failed is cancelled by Slurm (`--kill-on-invalid-dep=yes`), not left pending.
 
-Without slurmdbd, Slurm forgets a job minutes after it ends (MinJobAge), so each job writes its exit status
-beside its log, and `status` reads Slurm's queue first, then that, then the stages' manifests.
+Without slurmdbd, Slurm forgets a job minutes after it ends (MinJobAge), so each job (each array task) writes
+its exit status beside its log, and `status` reads Slurm's queue first, then that, then the stages' manifests.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,7 +49,7 @@ import yaml
 
 from length_control import pipeline
 from length_control.artifacts import MANIFEST, write_json_atomic, write_text_atomic
-from length_control.contracts import RunLayout, is_finished
+from length_control.contracts import AXOLOTL_CONFIG, RunLayout, is_finished
 from length_control.engines.recipe_engine import runs_on_job_devices
 from length_control.errors import UserError
 from length_control.policy import policy_path
@@ -49,6 +58,7 @@ from length_control.recipe import Recipe, SlurmSpec
 JOBS = "jobs.json"  # the submitted chain: each job's stage, id, script, log and stage folders
 RECIPE = "recipe.yaml"  # the recipe as submitted, which every job runs
 SUBMIT = "submit.sh"  # the chain as a script, for a user who submits by hand
+NODE_LAUNCHER = "torchrun-node.sh"  # what srun starts on every node of a multi-node training job
 ENDED = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 )
@@ -57,11 +67,12 @@ LOG_TAIL = 5  # lines of a failed job's log that `status` shows
 
 @dataclass(frozen=True)
 class Job:
-    """One sbatch script of a chain: it starts once the job before it ended with exit 0."""
+    """One sbatch script of a chain: it starts once the job before it ended with exit 0 (an array: every task)."""
 
     name: str
     script: str
     folders: tuple[str, ...] = ()  # the stage folders it finishes, each with a manifest (what `status` reads)
+    array: tuple[int, ...] | None = None  # a job array's task ids: the shards it writes, one a task
 
 
 @dataclass
@@ -71,33 +82,60 @@ class Chain:
     folder: Path
     jobs: list[Job]
     record: dict[str, Any] = field(default_factory=dict)  # kept in jobs.json beside the jobs (run, recipe)
+    slurm: SlurmSpec | None = None  # the recipe's section, for the files beside the jobs (the node launcher)
 
 
 # ---------------------------------------------------------------- scripts
 
 
 def log_path(folder: Path, name: str, job_id: str = "%j") -> Path:
-    """A job's log (sbatch's --output; `%j` is the job id)."""
+    """A job's log (sbatch's --output; `%j` is the job id, `%A_%a` an array task's)."""
     return folder / "logs" / f"{name}-{job_id}.log"
 
 
+def array_spec(tasks: tuple[int, ...], throttle: int | None) -> str:
+    """sbatch's --array value: the task ids as ranges (0-3,7), at most `throttle` running at once (%N)."""
+    ranges: list[list[int]] = []
+    for task in sorted(tasks):
+        if ranges and task == ranges[-1][1] + 1:
+            ranges[-1][1] = task
+        else:
+            ranges.append([task, task])
+    text = ",".join(str(first) if first == last else f"{first}-{last}" for first, last in ranges)
+    return text + (f"%{throttle}" if throttle else "")
+
+
 def job(
-    name: str, folder: Path, options: list[str], commands: list[str], *, title: str = "", folders: tuple[str, ...] = ()
+    name: str,
+    folder: Path,
+    options: list[str],
+    commands: list[str],
+    *,
+    title: str = "",
+    folders: tuple[str, ...] = (),
+    array: tuple[int, ...] | None = None,
+    throttle: int | None = None,
 ) -> Job:
     """A job that runs `commands` (shell lines, stopping at the first that fails) with these sbatch options, its
     log under `folder`/logs/ and its exit status beside the log: without slurmdbd that is the only record of
-    how a job ended once Slurm forgets it."""
-    exit_file = shlex.quote(str(folder / "logs" / f"{name}-")) + '"$SLURM_JOB_ID.exit"'
+    how a job ended once Slurm forgets it. With `array`, a job array: each task runs `commands` with its id in
+    $SLURM_ARRAY_TASK_ID, its own log and exit status (`<job>_<task>`)."""
+    exit_file = shlex.quote(str(folder / "logs" / f"{name}-")) + '"$job.exit"'
+    this = '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' if array is not None else '"$SLURM_JOB_ID"'
     lines = [
         "#!/bin/bash",
         *([f"# {title}"] if title else []),
-        *(f"#SBATCH {option}" for option in [*options, f"--output={log_path(folder, name)}"]),
+        *(f"#SBATCH {option}" for option in options),
+        *([f"#SBATCH --array={array_spec(array, throttle)}"] if array is not None else []),
+        f"#SBATCH --output={log_path(folder, name, '%A_%a' if array is not None else '%j')}",
+        f"job={this}",
         f"trap 'echo $? > {exit_file}' EXIT",
         "trap 'exit 143' TERM  # cancelled or out of time: recorded as 128 + SIGTERM, not as the last command's status",
+        'echo "[slurm] job $job on node $SLURMD_NODENAME"',
         "set -e",
         *commands,
     ]
-    return Job(name, "\n".join(lines) + "\n", folders)
+    return Job(name, "\n".join(lines) + "\n", folders, array)
 
 
 def sbatch_options(slurm: SlurmSpec, stage: str, *, gpus: bool) -> list[str]:
@@ -106,7 +144,7 @@ def sbatch_options(slurm: SlurmSpec, stage: str, *, gpus: bool) -> list[str]:
     return [
         *(f"--{key}={value}" for key, value in named.items() if value is not None),
         f"--time={slurm.stage_time.get(stage, slurm.time)}",
-        "--nodes=1",
+        f"--nodes={slurm.nodes if stage == 'train' else 1}",
         "--ntasks-per-node=1",
         *([f"--cpus-per-task={slurm.cpus_per_task}"] if slurm.cpus_per_task is not None else []),
         *([f"--gpus-per-node={slurm.gpus_per_node}"] if gpus and slurm.gpus_per_node else []),
@@ -115,20 +153,107 @@ def sbatch_options(slurm: SlurmSpec, stage: str, *, gpus: bool) -> list[str]:
     ]
 
 
-def stage_job(recipe: Recipe, stage: pipeline.PipelineStage, plans: list, *, snapshot: Path, folder: Path) -> Job:
+def stage_job(
+    recipe: Recipe,
+    stage: pipeline.PipelineStage,
+    plans: list,
+    *,
+    snapshot: Path,
+    folder: Path,
+    shards: tuple[int, ...] | None = None,
+) -> Job:
     """The job of one stage: the toolkit's own `run SNAPSHOT --stage NAME`, with `cluster.slurm.command` (as
-    written: it may name shell variables the setup line sets), else with the Python that submits it."""
+    written: it may name shell variables the setup line sets), else with the Python that submits it.
+
+    With `shards`, the job array of a stage that writes shards (generate): a task per shard, each its own engine
+    on its node's GPUs, running `--stage NAME --shard $SLURM_ARRAY_TASK_ID`; the stage's own job then only
+    finishes it (every shard on disk: no engine, no GPU) and writes its manifest."""
     slurm = recipe.cluster.slurm
-    gpus = stage.name == "train" or (stage.engine and runs_on_job_devices(recipe))
+    runs_model = stage.name == "train" or (stage.engine and runs_on_job_devices(recipe))  # servers bring their own
     toolkit = slurm.command or shlex.join([sys.executable, "-m", "length_control.cli"])
     command = f"{toolkit} run {shlex.quote(str(snapshot))} --stage {stage.name}"
+    name, what = stage.name, f"The {stage.name} stage"
+    if shards is not None:
+        command += " --shard $SLURM_ARRAY_TASK_ID"
+        name, what = f"{stage.name}-shards", f"One shard of the {stage.name} stage per array task"
+    elif stage.name == "generate" and shards_of(stage, plans):
+        runs_model = False
+        what = f"The {stage.name} stage, once every shard of its array is written (its manifest)"
+    launch = []
+    if stage.name == "train" and slurm.nodes > 1:
+        from length_control import train
+
+        seed = recipe.train.seeds[0]
+        line = shlex.join(train.launch_command(recipe, RunLayout(recipe.output_dir).train(seed) / AXOLOTL_CONFIG))
+        launch = [f"# each seed trains on all {slurm.nodes} nodes: the stage runs, from the first node (seed {seed}):"]
+        launch.append(f"#   {line}")
     return job(
-        stage.name,
+        name,
         folder,
-        [f"--job-name={recipe.name}.{stage.name}", *sbatch_options(slurm, stage.name, gpus=gpus)],
-        [*([slurm.setup] if slurm.setup else []), command],
-        title=f"The {stage.name} stage of {recipe.name} ({recipe.output_dir}), with the recipe as submitted.",
-        folders=tuple(str(plan.folder) for plan in plans) if stage.manifest else (),
+        [f"--job-name={recipe.name}.{name}", *sbatch_options(slurm, stage.name, gpus=runs_model)],
+        [*([slurm.setup] if slurm.setup else []), *launch, command],
+        title=f"{what} of {recipe.name} ({recipe.output_dir}), with the recipe as submitted.",
+        folders=tuple(str(plan.folder) for plan in plans) if stage.manifest and shards is None else (),
+        array=shards,
+        throttle=slurm.array_throttle,
+    )
+
+
+def shards_of(stage: pipeline.PipelineStage, plans: list) -> bool:
+    """Whether the stage runs as a job array over its shards: generate, for one recipe (a budget-conditioned
+    run's several budgets run as one job)."""
+    return stage.name == "generate" and len(plans) == 1
+
+
+def stage_jobs(
+    recipe: Recipe, stage: pipeline.PipelineStage, plans: list, *, snapshot: Path, folder: Path, shards: list[int]
+) -> list[Job]:
+    """A stage's jobs: the array over its missing `shards` (none when all are there), then the stage's own."""
+    array = [stage_job(recipe, stage, plans, snapshot=snapshot, folder=folder, shards=tuple(shards))] if shards else []
+    return [*array, stage_job(recipe, stage, plans, snapshot=snapshot, folder=folder)]
+
+
+def on_every_node(recipe: Recipe) -> list[str]:
+    """The prefix that starts a command on every node of a multi-node training job, one task a node: srun and
+    the node launcher, which hands torchrun this node's rank and the job's rendezvous (`node_launcher`). Axolotl's
+    `train --launcher torchrun` goes after it; the 2-node test runs a torch.distributed step after the same."""
+    nodes = recipe.cluster.slurm.nodes
+    launcher = RunLayout(recipe.output_dir).slurm / NODE_LAUNCHER
+    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", str(launcher)]
+
+
+def write_node_launcher(recipe: Recipe) -> None:
+    """The node launcher where `on_every_node` starts it (training writes it too: a chain submitted by hand from
+    the dry run's scripts has none)."""
+    path = RunLayout(recipe.output_dir).slurm / NODE_LAUNCHER
+    write_text_atomic(path, node_launcher(recipe.cluster.slurm))
+    path.chmod(0o755)
+
+
+def node_launcher(slurm: SlurmSpec) -> str:
+    """The script srun starts on every node of a multi-node job: the command after it, with torchrun's settings
+    for this node in the environment, where torchrun reads them (PET_<OPTION>): the job's nodes, this node's rank
+    (SLURM_NODEID), the processes a node (one a GPU), and the rendezvous at the job's first node by its address
+    (`scontrol show node`: node names need not resolve), on a port of the job's own."""
+    return (
+        "\n".join(
+            [
+                "#!/bin/bash",
+                "# Started by srun once on every node of a multi-node training job: runs its arguments with torchrun's",
+                "# settings for this node (torchrun reads PET_<OPTION> for --<option>).",
+                "set -euo pipefail",
+                'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                'export PET_NNODES="$SLURM_NNODES"',
+                'export PET_NODE_RANK="$SLURM_NODEID"',
+                f"export PET_NPROC_PER_NODE={slurm.gpus_per_node or 1}",
+                'export PET_MASTER_ADDR="$(scontrol show node "$first" | grep -o \'NodeAddr=[^ ]*\' | cut -d= -f2)"',
+                "export PET_MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+                'echo "[slurm] node $SLURM_NODEID of $SLURM_NNODES ($SLURMD_NODENAME),"'
+                ' "rendezvous at $PET_MASTER_ADDR:$PET_MASTER_PORT"',
+                'exec "$@"',
+            ]
+        )
+        + "\n"
     )
 
 
@@ -158,13 +283,18 @@ def submit_script(jobs: list[Job]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_chain(folder: Path, jobs: list[Job]) -> None:
-    """Every job's script and submit.sh in `folder`, and the folder of their logs (Slurm does not create it)."""
+def write_chain(folder: Path, jobs: list[Job], slurm: SlurmSpec | None = None) -> None:
+    """Every job's script and submit.sh in `folder`, the node launcher of multi-node training (`slurm.nodes` > 1),
+    and the folder of their logs (Slurm does not create it)."""
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     for item in jobs:
         write_text_atomic(folder / f"{item.name}.sbatch", item.script)
-    write_text_atomic(folder / SUBMIT, submit_script(jobs))
-    (folder / SUBMIT).chmod(0o755)
+    scripts = {SUBMIT: submit_script(jobs)}
+    if slurm is not None and slurm.nodes > 1:
+        scripts[NODE_LAUNCHER] = node_launcher(slurm)
+    for name, text in scripts.items():
+        write_text_atomic(folder / name, text)
+        (folder / name).chmod(0o755)
 
 
 # ---------------------------------------------------------------- a run's chain
@@ -181,14 +311,39 @@ def dry_run(written: Recipe, recipe: Recipe) -> str:
     recipe as read (what the jobs run), `recipe` the same with its policy resolved."""
     folder = RunLayout(recipe.output_dir).dry_run / "slurm"
     snapshot = folder / RECIPE
-    jobs = [stage_job(recipe, stage, plans, snapshot=snapshot, folder=folder) for stage, plans in staged_plans(recipe)]
+    jobs, notes = [], []
+    for stage, plans in staged_plans(recipe):
+        shards = []
+        if shards_of(stage, plans):
+            count = _shard_count(plans[0])
+            if count is None:
+                notes.append(
+                    f"  {stage.name}: one job here; its array over the shards is counted once the policy's "
+                    "tokenizer and the prompts are on this machine (as `run` submits it)"
+                )
+            shards = list(range(count or 0))
+        jobs += stage_jobs(recipe, stage, plans, snapshot=snapshot, folder=folder, shards=shards)
     write_recipe(written, snapshot)
-    write_chain(folder, jobs)
+    write_chain(folder, jobs, recipe.cluster.slurm)
     return "\n".join(
         [f"[slurm] {len(jobs)} jobs, each after the one before (afterok): {' -> '.join(j.name for j in jobs)}"]
         + [f"  {item.name}: {folder / (item.name + '.sbatch')}" for item in jobs]
+        + notes
         + [f"  submit by hand: {folder / SUBMIT}; logs in {folder / 'logs'}/"]
     )
+
+
+def _shard_count(plan) -> int | None:
+    """How many shards generate writes, or None where that cannot be known here (a policy on the Hub, prompts
+    not downloaded): counting them tokenizes the prompts."""
+    from length_control import generate
+
+    if not Path(plan.model).is_dir():
+        return None
+    try:
+        return generate.shard_count(plan)
+    except (UserError, OSError):
+        return None
 
 
 def prepare(written: Recipe, recipe: Recipe, *, start: str | None = None, echo: Callable[[str], None] = print) -> Chain:
@@ -222,9 +377,25 @@ def prepare(written: Recipe, recipe: Recipe, *, start: str | None = None, echo: 
             if fresh:
                 echo(f"[slurm] up to date, no job: {', '.join(fresh)}")
             echo(f"[slurm] {stage.name} runs ({why}), and every stage after it")
-        jobs.append(stage_job(recipe, stage, plans, snapshot=snapshot, folder=folder))
+        shards = []
+        if shards_of(stage, plans):
+            from length_control import generate
+
+            count, shards = generate.missing_shards(plans[0])
+            echo(f"[slurm] {stage.name}: {len(shards)} of its {count} shards to write, a job array task each")
+        jobs += stage_jobs(recipe, stage, plans, snapshot=snapshot, folder=folder, shards=shards)
     write_recipe(written, snapshot)
-    return Chain(folder, jobs, {"run": recipe.name, "output_dir": str(recipe.output_dir), "up_to_date": fresh})
+    record = {"run": recipe.name, "output_dir": str(recipe.output_dir), "up_to_date": fresh}
+    return Chain(folder, jobs, record, recipe.cluster.slurm)
+
+
+def array_group() -> str | None:
+    """The lock group of this process: inside a Slurm job array, its array (whose tasks write their own shards of
+    one run side by side); else None, a writer alone."""
+    import os
+
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"Slurm job array {array}" if array else None
 
 
 # ---------------------------------------------------------------- Slurm's commands
@@ -247,7 +418,7 @@ def slurm_command(*args: str, check: bool = True) -> subprocess.CompletedProcess
 def submit(chain: Chain) -> list[dict[str, Any]]:
     """Queue the chain held, record it in `jobs.json`, then release it: all of it runs, or none of it (a refused
     sbatch cancels the jobs queued before it). Returns the records, in order."""
-    write_chain(chain.folder, chain.jobs)
+    write_chain(chain.folder, chain.jobs, chain.slurm)
     records: list[dict[str, Any]] = []
     try:
         for item in chain.jobs:
@@ -262,8 +433,9 @@ def submit(chain: Chain) -> list[dict[str, Any]]:
                     "id": job_id,
                     "after": after,
                     "script": str(script),
-                    "log": str(log_path(chain.folder, item.name, job_id)),
+                    "log": str(log_path(chain.folder, item.name, job_id if item.array is None else f"{job_id}_%a")),
                     "folders": list(item.folders),
+                    **({"array": list(item.array)} if item.array is not None else {}),
                 }
             )
     except UserError:
@@ -282,7 +454,11 @@ def submitted_text(chain: Chain, records: list[dict[str, Any]]) -> str:
     where = chain.record.get("output_dir", str(chain.folder))
     return "\n".join(
         [f"[slurm] submitted {len(records)} jobs, each after the one before (afterok):"]
-        + [f"  {record['stage']:<12} job {record['id']}" for record in records]
+        + [
+            f"  {record['stage']:<12} job {record['id']}"
+            + (f" (array: {array_spec(tuple(record['array']), None)})" if "array" in record else "")
+            for record in records
+        ]
         + [
             f"length-control status {where}: their states; length-control cancel {where}: cancel them; "
             f"logs in {chain.folder / 'logs'}/"
@@ -297,15 +473,17 @@ class QueueState:
 
 
 def queue_states(ids: list[str]) -> dict[str, QueueState]:
-    """What Slurm's queue knows of these jobs (it forgets ended ones after MinJobAge); UserError if unreadable."""
+    """What Slurm's queue knows of these jobs (it forgets ended ones after MinJobAge), by job id, an array's
+    tasks by `<array>_<task>`; UserError if unreadable."""
     if not ids:
         return {}
     done = slurm_command(
         "squeue",
         "--noheader",
         "--states=all",
+        "--array",
         f"--jobs={','.join(ids)}",
-        "--Format=JobID:|,State:|,Reason:|",
+        "--Format=JobArrayID:|,State:|,Reason:|",
         check=False,
     )
     if done.returncode != 0:
@@ -333,13 +511,28 @@ def read_jobs(folder: Path) -> dict[str, Any]:
         ) from None
 
 
+def tasks(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A job array's tasks as records of their own (id `<array>_<task>`, their own log); a job alone: itself."""
+    if "array" not in record:
+        return [record]
+    return [
+        {"id": f"{record['id']}_{task}", "log": record["log"].replace("%a", str(task)), "folders": []}
+        for task in record["array"]
+    ]
+
+
 def active_jobs(folder: Path) -> list[str]:
-    """The recorded jobs of a run that are still queued or running (none when nothing was submitted)."""
+    """The recorded jobs of a run that are still queued or running, an array while one of its tasks is (none when
+    nothing was submitted)."""
     if not (Path(folder) / JOBS).is_file():
         return []
-    ids = [record["id"] for record in read_jobs(folder)["jobs"]]
-    states = queue_states(ids)
-    return [job_id for job_id in ids if job_id in states and states[job_id].state not in ENDED]
+    records = read_jobs(folder)["jobs"]
+    states = queue_states([record["id"] for record in records])
+    return [
+        record["id"]
+        for record in records
+        if any(task["id"] in states and states[task["id"]].state not in ENDED for task in tasks(record))
+    ]
 
 
 def exit_status(record: dict[str, Any]) -> int | None:
@@ -386,10 +579,17 @@ def status(folder: Path) -> str:
     lines = [f"run {chain['run']} -> {chain['output_dir']}: submitted {chain['submitted']}", *note]
     lines += [f"  {stage:<12} up to date at submission, no job" for stage in chain["up_to_date"]]
     for record in chain["jobs"]:
-        state, bad = job_state(record, queue)
+        states = [(task, *job_state(task, queue)) for task in tasks(record)]
+        if "array" in record:
+            counts = Counter(state for _, state, _ in states)
+            state = f"array of {len(states)}: " + ", ".join(f"{count} {state}" for state, count in counts.items())
+        else:
+            state = states[0][1]
         lines.append(f"  {record['stage']:<12} job {record['id']:<8} {state}")
-        if bad and Path(record["log"]).is_file():
-            lines += [f"      {record['log']}:"] + [f"      | {line}" for line in log_tail(Path(record["log"]))]
+        for task, task_state, bad in states:
+            if bad and Path(task["log"]).is_file():
+                head = f"      {task['log']}" + (f" (task {task['id']}: {task_state})" if "array" in record else "")
+                lines += [f"{head}:"] + [f"      | {line}" for line in log_tail(Path(task["log"]))]
     return "\n".join(lines)
 
 

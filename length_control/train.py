@@ -73,7 +73,7 @@ class TrainError(RuntimeError):
 
 
 def launch_command(recipe, config_path: Path, verb: str = "train") -> list[str]:
-    """The exact Axolotl command line."""
+    """The exact Axolotl command line; on several Slurm nodes (`cluster.slurm.nodes`), started by srun on each."""
     from length_control.envs import envs_dir
 
     command = [str(envs_dir() / "axolotl" / "bin" / "axolotl"), verb, str(config_path)]
@@ -81,6 +81,10 @@ def launch_command(recipe, config_path: Path, verb: str = "train") -> list[str]:
         command += ["--launcher", recipe.train.launcher]
         if recipe.train.launcher_args:
             command += ["--", *recipe.train.launcher_args]
+        if recipe.cluster is not None and recipe.cluster.slurm.nodes > 1:  # torchrun on every node of the job
+            from length_control import slurm
+
+            command = [*slurm.on_every_node(recipe), *command]
     return command
 
 
@@ -176,6 +180,10 @@ def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
     config = yaml.safe_load(plan.configs[AXOLOTL_CONFIG])
     env = _thread_share(recipe)
     online = not Path(plan.model).is_dir()  # a base model named by its Hub id
+    if recipe.cluster is not None and recipe.cluster.slurm.nodes > 1:
+        from length_control import slurm
+
+        slurm.write_node_launcher(recipe)
     steps = _run_logged(
         launch_command(recipe, config_path),
         folder / "train.log",

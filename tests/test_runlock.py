@@ -24,11 +24,11 @@ RECIPE = REPO / "recipes" / "demo-cpu.yaml"
 
 
 @contextmanager
-def held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
-    """Another process holding `folder`'s lock until the block ends."""
+def held_elsewhere(folder: Path, group: str | None = None) -> Iterator[subprocess.Popen]:
+    """Another process holding `folder`'s lock until the block ends (with `group`: as one of that group)."""
     script = (
         "import sys; from length_control import runlock\n"
-        f"with runlock.holding({str(folder)!r}):\n    print('held', flush=True); sys.stdin.read()"
+        f"with runlock.holding({str(folder)!r}, group={group!r}):\n    print('held', flush=True); sys.stdin.read()"
     )
     holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -105,3 +105,25 @@ def test_an_output_dir_that_cannot_be_made_is_one_message(tmp_path: Path) -> Non
     with pytest.raises(UserError, match=r"output_dir .*/file/run: cannot create it \(.*\); point output_dir"):
         with runlock.holding(tmp_path / "file" / "run"):
             pass
+
+
+def test_the_tasks_of_one_array_hold_the_lock_together_and_no_one_else_gets_in(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(runlock, "GROUP_WAIT", 0.5)
+    with held_elsewhere(tmp_path, group="Slurm job array 12") as first:
+        with held_elsewhere(tmp_path, group="Slurm job array 12"):
+            with runlock.holding(tmp_path, group="Slurm job array 12"):  # a third task: all three write at once
+                pass
+            for intruder in ({}, {"group": "Slurm job array 13"}):  # a writer alone, or another array's task
+                held_by = f"pid {first.pid} on .*; with the rest of Slurm job array 12"
+                with pytest.raises(runlock.RunLocked, match=held_by):
+                    with runlock.holding(tmp_path, **intruder):
+                        pass
+        assert json.loads((tmp_path / runlock.HOLDER).read_text())["group"] == "Slurm job array 12"  # one still in
+    assert not (tmp_path / runlock.HOLDER).exists()  # the last task to leave took the record with it
+    with held_elsewhere(tmp_path):  # and a writer alone keeps the group out
+        with pytest.raises(runlock.RunLocked):
+            with runlock.holding(tmp_path, group="Slurm job array 12"):
+                pass
+    assert capsys.readouterr().err == ""

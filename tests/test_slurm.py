@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -26,8 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control import cli, generate, pipeline, slurm
-from length_control.contracts import RunLayout, is_finished
+from length_control import cli, doctor, generate, pipeline, runlock, slurm, train
+from length_control.contracts import RunLayout, is_finished, shard_path
 from length_control.engines.fake import ScriptedEngine, transcripts
 from length_control.envs import envs_dir, profile
 from length_control.errors import UserError
@@ -216,6 +217,68 @@ def test_a_refused_sbatch_leaves_no_half_chain(cluster: Cluster, tmp_path: Path)
     assert not (tmp_path / slurm.JOBS).exists()
 
 
+def test_the_tasks_of_an_array_share_the_run_lock_on_both_nodes_and_keep_other_writers_out(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    hold = (  # what an array task's `run --stage generate --shard N` does around its shard: the group's lock
+        "import os, sys, time; from pathlib import Path; from length_control import runlock, slurm\n"
+        f"with runlock.holding(Path({str(run)!r}), group=slurm.array_group()):\n"
+        "    Path(sys.argv[1]).write_text(os.environ['SLURMD_NODENAME']); time.sleep(6)"
+    )
+    shard = f'{tmp_path}/shard-"$SLURM_ARRAY_TASK_ID"'
+    command = f"PYTHONPATH={REPO} {shlex.quote(sys.executable)} -c {shlex.quote(hold)} {shard}"
+    tasks = (0, 1, 2, 3)
+    records = slurm.submit(_chain(tmp_path, [slurm.job("shards", tmp_path, ["--time=1:00"], [command], array=tasks)]))
+    assert records[0]["array"] == list(tasks) and records[0]["log"].endswith(f"shards-{records[0]['id']}_%a.log")
+    _wait_for(lambda: len(list(tmp_path.glob("shard-*"))) >= 2, 60, "two tasks to hold the lock at once")
+    with pytest.raises(runlock.RunLocked, match="; with the rest of Slurm job array"):  # a writer alone
+        with runlock.holding(run):
+            pass
+    _wait_until_ended(tmp_path)
+    assert f"shards       job {records[0]['id']:<8} array of 4: 4 COMPLETED" in slurm.status(tmp_path)
+    assert {(tmp_path / f"shard-{task}").read_text() for task in tasks} == set(NODES)  # side by side on n1 and n2
+    assert not (run / runlock.HOLDER).exists()  # the last task took the record with it
+
+
+ALL_REDUCE = """import json, os, sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(total)
+seen = {"world": dist.get_world_size(), "sum": total.item(), "node": os.environ["SLURMD_NODENAME"]}
+with open(os.path.join(sys.argv[1], f"rank-{dist.get_rank()}.json"), "w") as out:
+    json.dump(seen | {"master": os.environ["MASTER_ADDR"]}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_a_two_node_job_starts_torchrun_on_each_node_as_training_does_and_they_all_reduce(
+    cluster: Cluster, tmp_path: Path, policy: Path
+) -> None:
+    """Axolotl does not train multi-process on this CPU, so the demo trains on one node; the 2-node launch is
+    proven here: the training job's options and launch prefix (srun, the node launcher, torchrun), with a
+    gloo all-reduce where Axolotl's `train --launcher torchrun` goes."""
+    make_recipe(tmp_path, policy, [SHORT])
+    recipe = load_recipe(tmp_path / "recipe.yaml", ["cluster={slurm: {nodes: 2}}", "train.launcher=torchrun"])
+    prefix = slurm.on_every_node(recipe)
+    assert train.launch_command(recipe, tmp_path / "axolotl.yaml")[: len(prefix)] == prefix  # training's own
+    slurm.write_node_launcher(recipe)
+    (tmp_path / "all_reduce.py").write_text(ALL_REDUCE)
+    step = [*prefix, str(Path(sys.executable).parent / "torchrun"), str(tmp_path / "all_reduce.py"), str(tmp_path)]
+    options = slurm.sbatch_options(recipe.cluster.slurm, "train", gpus=True)
+    assert "--nodes=2" in options and "--ntasks-per-node=1" in options
+    records = slurm.submit(_chain(tmp_path, [slurm.job("train", tmp_path, options, [shlex.join(step)])]))
+    _wait_until_ended(tmp_path)
+    assert f"train        job {records[0]['id']:<8} COMPLETED" in slurm.status(tmp_path), slurm.status(tmp_path)
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["world"] for rank in ranks] == [2, 2] and [rank["sum"] for rank in ranks] == [3.0, 3.0]
+    assert {rank["node"] for rank in ranks} == set(NODES)  # a process on each node, rank 0 on the first
+    assert ranks[0]["master"] == "127.0.0.1"  # the first node's NodeAddr: the name n1 does not resolve
+
+
 # ---------------------------------------------------------------- the stages as jobs
 
 
@@ -226,10 +289,19 @@ def _recipe_file(folder: Path, policy: Path, ids: Ids) -> Path:
     return folder / "recipe.yaml"
 
 
-def _cluster_override(folder: Path, **slurm_keys) -> str:
-    """The recipe's cluster section: jobs run this checkout, with no engine environment (training fails at once)."""
-    setup = f"export PYTHONPATH={REPO}; export LC_ENVS_DIR={folder / 'no-envs'}"
+def _cluster_override(folder: Path, envs: Path | None = None, **slurm_keys) -> str:
+    """The recipe's cluster section: jobs run this checkout, with no engine environment (training fails at once),
+    or with those in `envs`."""
+    setup = f"export PYTHONPATH={REPO}; export LC_ENVS_DIR={envs or folder / 'no-envs'}"
     return "cluster=" + json.dumps({"slurm": {"setup": setup, "time": "10:00", **slurm_keys}})
+
+
+def _vllm_only(folder: Path) -> Path:
+    """Engine environments with vLLM's and without Axolotl's: a stage plans, training fails at once."""
+    envs = folder / "envs" / profile()
+    envs.mkdir(parents=True)
+    (envs / "vllm").symlink_to(envs_dir() / "vllm")
+    return envs.parent
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +344,42 @@ def test_a_run_submits_the_stages_not_up_to_date_and_a_resubmission_resumes(
     _wait_until_ended(run.slurm)
 
 
+def test_generate_runs_as_an_array_over_its_missing_shards_then_a_job_that_finishes_it(
+    cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
+) -> None:
+    recipe_file = _recipe_file(tmp_path, policy, ids)  # 3 prompts in shards of 2: shards 0 and 1
+    args = [str(recipe_file), "eval.arms=[after]", _cluster_override(tmp_path)]
+    run = RunLayout(tmp_path / "run")
+    manifest = json.loads((run.generate / "manifest.json").read_text())
+    kept = shard_path(run.generate, "traces", 1).read_bytes()
+    (run.generate / "manifest.json").unlink()
+    shard_path(run.generate, "traces", 1).unlink()  # as a cancelled task leaves it
+
+    assert cli.main(["run", *args]) == 0
+    assert "[slurm] generate: 1 of its 2 shards to write, a job array task each" in capsys.readouterr().out
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert [(job["stage"], job.get("array")) for job in chain[:3]] == [
+        ("generate-shards", [1]),
+        ("generate", None),
+        ("splice", None),
+    ]
+    _wait_until_ended(run.slurm)
+    text = slurm.status(run.slurm)  # the task ran the toolkit's shard command: here it has no engine to run
+    assert f"generate-shards job {chain[0]['id']:<8} array of 1: 1 FAILED (NonZeroExitCode, exit 1)" in text
+    assert f"generate-shards-{chain[0]['id']}_1.log (task {chain[0]['id']}_1: FAILED" in text
+    assert f"generate     job {chain[1]['id']:<8} CANCELLED (DependencyNeverSatisfied)" in text
+
+    shard_path(run.generate, "traces", 1).write_bytes(kept)  # every shard there: the stage's job only finishes it
+    args[-1] = _cluster_override(tmp_path, _vllm_only(tmp_path))
+    assert cli.main(["run", *args]) == 0
+    assert "[slurm] generate: 0 of its 2 shards to write" in capsys.readouterr().out
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert chain[0]["stage"] == "generate" and "array" not in chain[0]
+    _wait_until_ended(run.slurm)
+    assert f"generate     job {chain[0]['id']:<8} COMPLETED" in slurm.status(run.slurm)
+    assert json.loads((run.generate / "manifest.json").read_text())["summary"] == manifest["summary"]
+
+
 def test_waiting_jobs_refuse_a_second_submission_and_cancel_ends_them(
     cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
 ) -> None:
@@ -295,20 +403,77 @@ def test_waiting_jobs_refuse_a_second_submission_and_cancel_ends_them(
 
 
 @pytest.mark.engine
-def test_the_demo_runs_through_slurm_to_the_report_of_a_run_here(cluster: Cluster, tmp_path: Path) -> None:
-    """The demo recipe as Slurm jobs on the CPU (one seed, to keep it to minutes): every stage's job completes,
-    and the report's figures are those of the same recipe run here."""
-    one_seed = "train.seeds=[0]"
-    pipeline.run(demo_recipe([f"output_dir={tmp_path / 'here'}", one_seed]), echo=lambda line: None)
-    section = {"slurm": {"setup": f"export PYTHONPATH={REPO}", "time": "60:00"}}
-    demo = str(REPO / "recipes" / "demo-cpu.yaml")
-    assert cli.main(["run", demo, f"output_dir={tmp_path / 'jobs'}", one_seed, f"cluster={json.dumps(section)}"]) == 0
-    folder = RunLayout(tmp_path / "jobs").slurm
-    _wait_until_ended(folder, 3600)
-    text = slurm.status(folder)
-    assert text.count(" COMPLETED") == len(pipeline.STAGE_NAMES), text
+def test_the_demo_cancelled_mid_generation_and_resubmitted_reports_what_a_run_here_does(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The demo recipe as Slurm jobs on the CPU (one seed, to keep it to minutes), generate an array of 4 shards,
+    2 at a time: cancelled once a shard is written on each node, then submitted again, which writes only the
+    missing shards. Every shard is the bytes a run here writes, and so is the report's every figure."""
+    overrides = ["train.seeds=[0]", "generation.shard_size=120"]  # 240 prompts x 2 samples: 4 shards
+    pipeline.run(demo_recipe([f"output_dir={tmp_path / 'here'}", *overrides]), echo=lambda line: None)
+    section = {"slurm": {"setup": f"export PYTHONPATH={REPO}", "time": "60:00", "array_throttle": 2}}
+    submit = ["run", str(REPO / "recipes" / "demo-cpu.yaml"), f"output_dir={tmp_path / 'jobs'}", *overrides]
+    submit.append(f"cluster={json.dumps(section)}")
+    run = RunLayout(tmp_path / "jobs")
+
+    assert cli.main(submit) == 0
+    shards = next(job for job in slurm.read_jobs(run.slurm)["jobs"] if job["stage"] == "generate-shards")
+    assert shards["array"] == [0, 1, 2, 3]
+
+    def written_on() -> set[str]:
+        """The nodes whose array tasks wrote their shard, from the first line of each task's log."""
+        return {
+            task_log.read_text().split(" on node ")[1].split()[0]
+            for task in shards["array"]
+            if shard_path(run.generate, "traces", task).is_file()
+            for task_log in [Path(shards["log"].replace("%a", str(task)))]
+        }
+
+    _wait_for(lambda: written_on() == set(NODES), 1800, "a shard written on each node")
+    assert cli.main(["cancel", str(run.root)]) == 0
+    _wait_until_ended(run.slurm, 120)
+    missing = [task for task in shards["array"] if not shard_path(run.generate, "traces", task).is_file()]
+    assert missing and not is_finished(run.generate), "cancelled after generate ended"
+
+    assert cli.main(submit) == 0  # the same command again: only the missing shards, then the rest
+    again = slurm.read_jobs(run.slurm)["jobs"]
+    assert [job["stage"] for job in again][:2] == ["generate-shards", "generate"] and again[0]["array"] == missing
+    _wait_until_ended(run.slurm, 3600)
+    text = slurm.status(run.slurm)
+    assert f"array of {len(missing)}: {len(missing)} COMPLETED" in text, text
+    assert text.count(" COMPLETED") == len(again), text
+    for kind in ("traces", "answers"):
+        for task in shards["array"]:
+            here = shard_path(RunLayout(tmp_path / "here").generate, kind, task)
+            assert shard_path(run.generate, kind, task).read_bytes() == here.read_bytes(), (kind, task)
     here, there = (json.loads((tmp_path / name / "report" / "report.json").read_text()) for name in ("here", "jobs"))
     assert (there["arms"], there["benchmarks"]) == (here["arms"], here["benchmarks"])
+
+
+def test_the_doctor_checks_slurm_and_the_partition_where_the_recipe_has_a_cluster(
+    cluster: Cluster, tmp_path: Path, policy: Path, monkeypatch
+) -> None:
+    make_recipe(tmp_path, policy, [SHORT])
+    written = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+
+    def doctor_on(section: dict | None) -> doctor.Findings:
+        (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(written | {"cluster": section}))
+        found = doctor.Findings()
+        doctor.check_cluster(tmp_path / "cluster.yaml", found)
+        return found
+
+    assert doctor_on(None).lines[1:] == ["  none: the stages run on this machine"]
+    found = doctor_on({"slurm": {"partition": "debug"}})
+    assert not found.problems and found.lines[1] == f"  Slurm: {shutil.which('sbatch')}, partition debug (of debug)"
+    assert doctor_on({"slurm": {}}).lines[1].endswith("partition debug (of debug)")  # the cluster's default
+    assert doctor_on({"slurm": {"partition": "h100"}}).problems == [
+        "cluster.slurm.partition = h100: not a partition of this cluster (debug): set it to one of them"
+    ]
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm's commands
+    assert doctor_on({"slurm": {}}).problems == [
+        "cluster.slurm: Slurm's sbatch, squeue, scancel, scontrol, sinfo not on PATH: run on a login node of the "
+        "cluster, or remove the recipe's cluster section to run here"
+    ]
 
 
 # ---------------------------------------------------------------- the scripts as written (no cluster)
@@ -317,10 +482,7 @@ def test_the_demo_runs_through_slurm_to_the_report_of_a_run_here(cluster: Cluste
 def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
     tmp_path: Path, policy: Path, monkeypatch, capsys
 ) -> None:
-    envs = tmp_path / "envs" / profile()  # the vLLM environment without Axolotl's: no check of the rendered configs
-    envs.mkdir(parents=True)
-    (envs / "vllm").symlink_to(envs_dir() / "vllm")
-    monkeypatch.setenv("LC_ENVS_DIR", str(envs.parent))
+    monkeypatch.setenv("LC_ENVS_DIR", str(_vllm_only(tmp_path)))  # no Axolotl: no check of the rendered configs
     make_recipe(tmp_path, policy, [LONG, CUT, SHORT])
     section = {
         "partition": "gpu",
@@ -333,12 +495,16 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
         "mem": "200G",
         "sbatch_lines": ["--exclusive", "--constraint=h100"],
         "setup": "module load cuda/12.4",
+        "nodes": 2,
+        "array_throttle": 4,
     }
-    assert (
-        cli.main(["run", str(tmp_path / "recipe.yaml"), "--dry-run", f"cluster={json.dumps({'slurm': section})}"]) == 0
-    )
+    cluster = [f"cluster={json.dumps({'slurm': section})}", "train.launcher=torchrun"]
+    assert cli.main(["run", str(tmp_path / "recipe.yaml"), "--dry-run", *cluster]) == 0
     folder = tmp_path / "run" / "dry-run" / "slurm"
-    assert "[slurm] 7 jobs, each after the one before (afterok): eval-before -> eval-forced" in capsys.readouterr().out
+    assert (
+        "[slurm] 8 jobs, each after the one before (afterok): eval-before -> eval-forced -> generate-shards -> "
+        "generate -> splice -> train" in capsys.readouterr().out
+    )
 
     train = (folder / "train.sbatch").read_text().splitlines()
     assert train[0] == "#!/bin/bash" and train[1].startswith("# The train stage of fake (")
@@ -348,7 +514,7 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
         "#SBATCH --account=lc",
         "#SBATCH --qos=high",
         "#SBATCH --time=2-00:00:00",
-        "#SBATCH --nodes=1",
+        "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=1",
         "#SBATCH --cpus-per-task=32",
         "#SBATCH --gpus-per-node=8",
@@ -357,17 +523,22 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
         "#SBATCH --constraint=h100",
     ]
     assert train[14] == f"#SBATCH --output={folder}/logs/train-%j.log"
-    assert train[-2:] == [
-        "module load cuda/12.4",
-        f"{sys.executable} -m length_control.cli run {folder}/recipe.yaml --stage train",
-    ]
+    assert train[-4] == "module load cuda/12.4"
+    assert train[-3] == "# each seed trains on all 2 nodes: the stage runs, from the first node (seed 0):"
+    launcher = tmp_path / "run" / "slurm" / slurm.NODE_LAUNCHER
+    assert train[-2].startswith(f"#   srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 {launcher} ")
+    assert train[-2].endswith(f"train {tmp_path}/run/train/seed-0/axolotl.yaml --launcher torchrun")
+    assert train[-1] == f"{sys.executable} -m length_control.cli run {folder}/recipe.yaml --stage train"
+    node = (folder / slurm.NODE_LAUNCHER).read_text()  # the same script, beside the jobs: what srun starts
+    assert "export PET_NPROC_PER_NODE=8" in node and 'export PET_NODE_RANK="$SLURM_NODEID"' in node
+    assert subprocess.run(["bash", "-n", str(folder / slurm.NODE_LAUNCHER)]).returncode == 0
     assert (
         cli.main(
             [
                 "run",
                 str(tmp_path / "recipe.yaml"),
                 "--dry-run",
-                f"cluster={json.dumps({'slurm': section})}",
+                *cluster,
                 "cluster.slurm.command=/shared/lc/run.sh",
             ]
         )
@@ -378,7 +549,11 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
     )
     splice = (folder / "splice.sbatch").read_text()
     assert "--time=04:00:00" in splice and "--gpus-per-node" not in splice  # splice and report need no GPU
-    assert "--gpus-per-node=8" in (folder / "generate.sbatch").read_text()
+    shards = (folder / "generate-shards.sbatch").read_text().splitlines()  # 3 prompts in shards of 2: a task each
+    assert "#SBATCH --gpus-per-node=8" in shards and "#SBATCH --array=0-1%4" in shards and "#SBATCH --nodes=1" in shards
+    assert f"#SBATCH --output={folder}/logs/generate-shards-%A_%a.log" in shards
+    assert shards[-1].endswith(f"run {folder}/recipe.yaml --stage generate --shard $SLURM_ARRAY_TASK_ID")
+    assert "--gpus-per-node" not in (folder / "generate.sbatch").read_text()  # it only writes the manifest
 
     submit = (folder / slurm.SUBMIT).read_text()
     assert "eval_before=$(sbatch --parsable eval-before.sbatch)" in submit
@@ -404,6 +579,28 @@ def test_a_job_that_slurm_forgot_is_read_from_its_exit_status_and_manifests(tmp_
     assert slurm.job_state(record, {"7": slurm.QueueState("RUNNING", "None")}) == ("RUNNING (exit 0)", False)
 
 
+def test_an_array_task_writes_its_shard_to_the_bytes_of_a_whole_run_and_nothing_else(
+    tmp_path: Path, policy: Path, ids: Ids
+) -> None:
+    recipe = load_recipe(_recipe_file(tmp_path, policy, ids))  # generated whole: shards 0 and 1, a manifest
+    plan = generate.plan(recipe)
+    whole = {kind: shard_path(plan.folder, kind, 1).read_bytes() for kind in ("traces", "answers")}
+    (plan.folder / "manifest.json").unlink()
+    for kind in whole:
+        shard_path(plan.folder, kind, 1).unlink()
+    engine = ScriptedEngine(transcripts(ids.script()))
+    assert generate.run_shards(plan, [1], engine) == "shards [1] of 2: written [1]"
+    assert {kind: shard_path(plan.folder, kind, 1).read_bytes() for kind in whole} == whole
+    assert not (plan.folder / "manifest.json").exists()  # the stage's own job writes it, once every shard is there
+    assert generate.run_shards(plan, [0, 1], engine) == "shards [0, 1] of 2: written [], already there [0, 1]"
+    with pytest.raises(UserError, match=r"shards \[2\]: the stage has 2 \(0 to 1\)"):
+        generate.run_shards(plan, [2], engine)
+    stale = load_recipe(tmp_path / "recipe.yaml", ["seed=1"])  # other settings: only a submission starts over
+    with pytest.raises(UserError, match="holds no shards of this run's settings"):
+        generate.run_shards(generate.plan(stale), [0], engine)
+    assert generate.missing_shards(generate.plan(stale)) == (2, [0, 1])  # the submitter starts the folder over
+
+
 def test_the_cluster_section_is_checked_with_the_fix(tmp_path: Path, policy: Path, capsys) -> None:
     make_recipe(tmp_path, policy, [SHORT])
     bad = {"time": "4 hours", "stage_time": {"trian": "1:00"}, "mem": "lots", "sbatch_lines": ["-x"]}
@@ -415,6 +612,10 @@ def test_the_cluster_section_is_checked_with_the_fix(tmp_path: Path, policy: Pat
     loop = ["cluster={slurm: {}}", "loop.until_overlong=0.01"]
     assert cli.main(["validate", str(tmp_path / "recipe.yaml"), *loop]) == 2
     assert "the closed loop does not run through Slurm yet" in capsys.readouterr().err
+    assert cli.main(["validate", str(tmp_path / "recipe.yaml"), "cluster={slurm: {nodes: 2}}"]) == 2
+    assert "cluster.slurm.nodes = 2: training on several nodes runs torchrun on each (srun); set" in (
+        capsys.readouterr().err
+    )
 
 
 def test_the_recipe_names_the_pipelines_stages() -> None:
