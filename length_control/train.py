@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from length_control import contracts, disk
+from length_control import contracts, disk, slurm_nodes
 from length_control.artifacts import fingerprint
 from length_control.contracts import AXOLOTL_CONFIG, ROWS, Plan, RunLayout
 from length_control.policy import model_input, policy_path
@@ -82,9 +82,7 @@ def launch_command(recipe, config_path: Path, verb: str = "train") -> list[str]:
         if recipe.train.launcher_args:
             command += ["--", *recipe.train.launcher_args]
         if recipe.cluster is not None and recipe.cluster.slurm.nodes > 1:  # torchrun on every node of the job
-            from length_control import slurm
-
-            command = [*slurm.on_every_node(recipe), *command]
+            command = [*slurm_nodes.on_every_node(recipe), *command]
     return command
 
 
@@ -181,9 +179,7 @@ def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
     env = _thread_share(recipe)
     online = not Path(plan.model).is_dir()  # a base model named by its Hub id
     if recipe.cluster is not None and recipe.cluster.slurm.nodes > 1:
-        from length_control import slurm
-
-        slurm.write_node_launcher(recipe)
+        slurm_nodes.write_node_launcher(recipe)
     steps = _run_logged(
         launch_command(recipe, config_path),
         folder / "train.log",

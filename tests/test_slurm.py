@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control import cli, doctor, generate, pipeline, runlock, slurm, train
+from length_control import cli, doctor, generate, pipeline, runlock, slurm, slurm_nodes, train
 from length_control.contracts import RunLayout, is_finished, shard_path
 from length_control.engines.fake import ScriptedEngine, transcripts
 from length_control.envs import envs_dir, profile
@@ -263,9 +263,9 @@ def test_a_two_node_job_starts_torchrun_on_each_node_as_training_does_and_they_a
     gloo all-reduce where Axolotl's `train --launcher torchrun` goes."""
     make_recipe(tmp_path, policy, [SHORT])
     recipe = load_recipe(tmp_path / "recipe.yaml", ["cluster={slurm: {nodes: 2}}", "train.launcher=torchrun"])
-    prefix = slurm.on_every_node(recipe)
+    prefix = slurm_nodes.on_every_node(recipe)
     assert train.launch_command(recipe, tmp_path / "axolotl.yaml")[: len(prefix)] == prefix  # training's own
-    slurm.write_node_launcher(recipe)
+    slurm_nodes.write_node_launcher(recipe)
     (tmp_path / "all_reduce.py").write_text(ALL_REDUCE)
     step = [*prefix, str(Path(sys.executable).parent / "torchrun"), str(tmp_path / "all_reduce.py"), str(tmp_path)]
     options = slurm.sbatch_options(recipe.cluster.slurm, "train", gpus=True)
@@ -525,13 +525,13 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
     assert train[14] == f"#SBATCH --output={folder}/logs/train-%j.log"
     assert train[-4] == "module load cuda/12.4"
     assert train[-3] == "# each seed trains on all 2 nodes: the stage runs, from the first node (seed 0):"
-    launcher = tmp_path / "run" / "slurm" / slurm.NODE_LAUNCHER
+    launcher = tmp_path / "run" / "slurm" / slurm_nodes.NODE_LAUNCHER
     assert train[-2].startswith(f"#   srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 {launcher} ")
     assert train[-2].endswith(f"train {tmp_path}/run/train/seed-0/axolotl.yaml --launcher torchrun")
     assert train[-1] == f"{sys.executable} -m length_control.cli run {folder}/recipe.yaml --stage train"
-    node = (folder / slurm.NODE_LAUNCHER).read_text()  # the same script, beside the jobs: what srun starts
+    node = (folder / slurm_nodes.NODE_LAUNCHER).read_text()  # the same script, beside the jobs: what srun starts
     assert "export PET_NPROC_PER_NODE=8" in node and 'export PET_NODE_RANK="$SLURM_NODEID"' in node
-    assert subprocess.run(["bash", "-n", str(folder / slurm.NODE_LAUNCHER)]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(folder / slurm_nodes.NODE_LAUNCHER)]).returncode == 0
     assert (
         cli.main(
             [
