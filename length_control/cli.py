@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from length_control._schema import ConfigError
+from length_control.disk import DiskFull, is_no_space
 from length_control.errors import UserError
 from length_control.recipe import Recipe, load_recipe
 
@@ -494,8 +495,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a write no stage turned into DiskFull itself (its path, where the error has one)
-        from length_control.disk import DiskFull, is_no_space
-
         if not is_no_space(error):
             raise
         print(f"error: {DiskFull(error.filename)}", file=sys.stderr)
