@@ -267,8 +267,16 @@ class SpliceSpec(StrictModel):
         "think_close_eos",
         description="the tokens that carry loss; the report trained </think> and EOS. think_close_answer_eos: "
         "the policy's answer after the close too; think_close_decided_answer_eos: the answer only where the "
-        "policy had decided it (each of its tokens at least contracts.DECIDED_P, scored by generate), else "
+        "policy had decided it (each of its tokens at least decided_answer_p, scored by generate), else "
         "</think> and EOS",
+    )
+    decided_answer_p: float = Field(
+        0.6,  # contracts.DECIDED_P (contracts imports this module's think tags)
+        gt=0,
+        le=1,
+        description="with think_close_decided_answer_eos: the least probability the policy gave every token of "
+        "an answer for that answer to carry loss (the probes judge agreement where it gave at least "
+        "contracts.DECIDED_P, whatever this is)",
     )
 
     def scores_answers(self) -> bool:

@@ -83,11 +83,11 @@ class Stage2Row(NamedTuple):
 def trains_answer(spec: SpliceSpec, answer: Answer) -> bool:
     """Whether a row's answer after the close carries loss: always with `think_close_answer_eos`; with
     `think_close_decided_answer_eos` where the policy had decided it (generate scored every token of it at
-    least `contracts.DECIDED_P`): on a near tie training would tip the policy to the answer it happened to
+    least `spec.decided_answer_p`): on a near tie training would tip the policy to the answer it happened to
     write, and the row trains the close and EOS only."""
     if spec.termination_span == "think_close_decided_answer_eos":
         least = answer["answer_least_p"]
-        return least is not None and least >= contracts.DECIDED_P
+        return least is not None and least >= spec.decided_answer_p
     return spec.termination_span == "think_close_answer_eos"
 
 
