@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control import cli, doctor, generate, pipeline, runlock, slurm, slurm_nodes, train
+from length_control import cli, doctor, evaluate, generate, pipeline, runlock, slurm, slurm_nodes, train
 from length_control.contracts import RunLayout, is_finished, shard_path
 from length_control.engines.fake import ScriptedEngine, transcripts
 from length_control.envs import envs_dir, profile
@@ -599,6 +599,59 @@ def test_an_array_task_writes_its_shard_to_the_bytes_of_a_whole_run_and_nothing_
     with pytest.raises(UserError, match="holds no shards of this run's settings"):
         generate.run_shards(generate.plan(stale), [0], engine)
     assert generate.missing_shards(generate.plan(stale)) == (2, [0, 1])  # the submitter starts the folder over
+
+
+def _arm_files(folder: Path) -> dict[str, bytes]:
+    """An eval arm's files but its manifest: what the report reads."""
+    return {
+        path.name: path.read_bytes()
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.name != "manifest.json"
+    }
+
+
+def test_the_eval_arms_shards_merge_to_the_bytes_of_the_arm_in_one_piece(
+    tmp_path: Path, policy: Path, ids: Ids
+) -> None:
+    """Before and forced, each in shards of one problem written by array tasks (here, on the scripted engine),
+    then finished without an engine: every file the arm in one piece writes, to the byte."""
+    make_recipe(tmp_path, policy, [LONG, CUT, SHORT])
+    whole = load_recipe(tmp_path / "recipe.yaml", [f"output_dir={tmp_path / 'whole'}"])
+    for arm in ("before", "forced"):
+        evaluate.run(evaluate.plan(whole, arm), engine=ScriptedEngine(transcripts(ids.script())))
+    recipe = load_recipe(tmp_path / "recipe.yaml", ["eval.shard_problems=1"])  # 3 problems: 3 shards
+    before, forced = evaluate.plan(recipe, "before"), evaluate.plan(recipe, "forced")
+    assert evaluate.missing_shards(before) == (3, [0, 1, 2])
+    assert evaluate.missing_shards(forced) == (3, [0, 1, 2])  # its before arm runs first, in the same chain
+    assert not (forced.folder / evaluate.SHARDS).exists()  # its tasks record what their shards are made for
+    engine = ScriptedEngine(transcripts(ids.script()))
+    assert evaluate.run_shards(before, [2, 0], engine) == "shards [2, 0] of 3: written [2, 0]"
+    assert evaluate.run_shards(before, [0, 1], engine) == "shards [0, 1] of 3: written [1], already there [0]"
+    with pytest.raises(UserError, match=r"shards \[3\]: the arm has 3 \(0 to 2\)"):
+        evaluate.run_shards(before, [3], engine)
+    assert not (before.folder / "manifest.json").exists()  # the arm's own job merges them
+    unused = ScriptedEngine(lambda context: pytest.fail("the merge ran the engine"))
+    evaluate.run(before, engine=unused)
+    assert _arm_files(before.folder) == _arm_files(RunLayout(tmp_path / "whole").eval("before"))
+    assert not (before.folder / evaluate.SHARDS).exists()  # merged, then removed
+
+    for shard in (1, 0, 2):  # a forced task cuts its first passes from the before arm, and asks only of its own
+        engine = ScriptedEngine(transcripts(ids.script()))
+        evaluate.run_shards(forced, [shard], engine)
+        asked = {request["key"].split(":")[-1].split("#")[0] for request in engine.requests}  # probes' too
+        assert asked <= {f"evals/{[LONG, CUT, SHORT][shard][0]}"}, asked
+    evaluate.run(forced, engine=unused)
+    assert _arm_files(forced.folder) == _arm_files(RunLayout(tmp_path / "whole").eval("forced"))
+    assert (
+        json.loads((forced.folder / "manifest.json").read_text())["output"]
+        == json.loads((RunLayout(tmp_path / "whole").eval("forced") / "manifest.json").read_text())["output"]
+    )  # the same output for the stages after it
+
+    stale = evaluate.plan(load_recipe(tmp_path / "recipe.yaml", ["eval.shard_problems=1", "seed=1"]), "before")
+    evaluate.run_shards(before, [0], ScriptedEngine(transcripts(ids.script())))  # shards of the old settings
+    with pytest.raises(UserError, match="holds no shards of this run's settings"):
+        evaluate.run_shards(stale, [0], engine)
+    assert evaluate.missing_shards(stale) == (3, [0, 1, 2])  # the submitter starts them over
 
 
 def test_the_cluster_section_is_checked_with_the_fix(tmp_path: Path, policy: Path, capsys) -> None:
