@@ -380,6 +380,57 @@ def test_generate_runs_as_an_array_over_its_missing_shards_then_a_job_that_finis
     assert json.loads((run.generate / "manifest.json").read_text())["summary"] == manifest["summary"]
 
 
+def test_the_eval_arms_run_as_arrays_over_their_missing_shards_then_jobs_that_merge_them(
+    cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
+) -> None:
+    recipe_file = _recipe_file(tmp_path, policy, ids)  # 3 problems in shards of 2: shards 0 and 1
+    arms = ["eval.arms=[before, forced]", "eval.shard_problems=2"]
+    whole = load_recipe(recipe_file, [*arms, f"output_dir={tmp_path / 'whole'}"])
+    for arm in ("before", "forced"):
+        evaluate.run(evaluate.plan(whole, arm), engine=ScriptedEngine(transcripts(ids.script())))
+    args = [str(recipe_file), *arms, _cluster_override(tmp_path)]
+    recipe, run = load_recipe(recipe_file, arms), RunLayout(tmp_path / "run")
+    evaluate.run_shards(evaluate.plan(recipe, "before"), [0], ScriptedEngine(transcripts(ids.script())))
+
+    assert cli.main(["run", *args]) == 0  # shard 1's task has no engine to run here: it fails, the rest cancelled
+    out = capsys.readouterr().out
+    assert "[slurm] eval-before: 1 of its 2 shards to write" in out
+    assert "[slurm] eval-forced: 2 of its 2 shards to write" in out  # its before arm runs first
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert [(job["stage"], job.get("array")) for job in chain[:5]] == [
+        ("eval-before-shards", [1]),
+        ("eval-before", None),
+        ("eval-forced-shards", [0, 1]),
+        ("eval-forced", None),
+        ("generate", None),
+    ]
+    _wait_until_ended(run.slurm)
+    text = slurm.status(run.slurm)
+    assert f"eval-before-shards job {chain[0]['id']:<8} array of 1: 1 FAILED (NonZeroExitCode, exit 1)" in text
+    assert f"eval-before  job {chain[1]['id']:<8} CANCELLED (DependencyNeverSatisfied)" in text
+
+    evaluate.run_shards(evaluate.plan(recipe, "before"), [1], ScriptedEngine(transcripts(ids.script())))
+    args[-1] = _cluster_override(tmp_path, _vllm_only(tmp_path))  # every shard there: the arm's job merges them
+    assert cli.main(["run", *args]) == 0
+    assert "[slurm] eval-before: 0 of its 2 shards to write" in capsys.readouterr().out
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert chain[0]["stage"] == "eval-before" and "array" not in chain[0]
+    _wait_for(lambda: is_finished(run.eval("before")), 120, "the eval-before job")
+    assert cli.main(["cancel", str(run.root)]) == 0  # the forced arm's tasks would start vLLM: its shards come here
+    _wait_until_ended(run.slurm)
+    capsys.readouterr()
+
+    evaluate.run_shards(evaluate.plan(recipe, "forced"), [0, 1], ScriptedEngine(transcripts(ids.script())))
+    assert cli.main(["run", *args]) == 0
+    assert "[slurm] eval-forced: 0 of its 2 shards to write" in capsys.readouterr().out
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert chain[0]["stage"] == "eval-forced" and "array" not in chain[0]
+    _wait_until_ended(run.slurm)
+    assert f"eval-forced  job {chain[0]['id']:<8} COMPLETED" in slurm.status(run.slurm)
+    for arm in ("before", "forced"):
+        assert _arm_files(run.eval(arm)) == _arm_files(RunLayout(tmp_path / "whole").eval(arm)), arm
+
+
 def test_waiting_jobs_refuse_a_second_submission_and_cancel_ends_them(
     cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
 ) -> None:
@@ -562,6 +613,17 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
     recipe = yaml.safe_load((folder / slurm.RECIPE).read_text())
     assert recipe["cluster"]["slurm"]["partition"] == "gpu" and Path(recipe["output_dir"]).is_absolute()
     assert (folder / "logs").is_dir()  # Slurm does not make the log folder
+    assert not (folder / "eval-before-shards.sbatch").exists()  # no eval.shard_problems: the arms in one piece
+
+    assert cli.main(["run", str(tmp_path / "recipe.yaml"), "--dry-run", *cluster, "eval.shard_problems=2"]) == 0
+    assert "eval-before-shards -> eval-before -> eval-forced-shards -> eval-forced -> generate-shards" in (
+        capsys.readouterr().out
+    )
+    for arm in ("before", "forced"):  # 3 problems in shards of 2
+        shards = (folder / f"eval-{arm}-shards.sbatch").read_text().splitlines()
+        assert "#SBATCH --gpus-per-node=8" in shards and "#SBATCH --array=0-1%4" in shards
+        assert shards[-1].endswith(f"run {folder}/recipe.yaml --stage eval-{arm} --shard $SLURM_ARRAY_TASK_ID")
+        assert "--gpus-per-node" not in (folder / f"eval-{arm}.sbatch").read_text()  # it merges the shards
 
 
 def test_a_job_that_slurm_forgot_is_read_from_its_exit_status_and_manifests(tmp_path: Path) -> None:
