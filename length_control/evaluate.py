@@ -9,6 +9,14 @@ Overlong, as the report defines it: no `</think>` in the output within the
 input+output limit. Writes `eval/<arm>/samples.parquet` (one row per sample:
 token ids, finish reason, thinking length, what was extracted and why it
 scored) and `metrics.json`; the report only reads these files.
+
+With `eval.shard_problems`, the before and forced arms are sampled in shards
+of that many problems (each with its samples and their probe records, under
+the hidden `<arm>/.shards/`, tied to the arm's settings by its `plan.json`),
+then merged in problem order: a killed arm resumes at the missing shards,
+and a Slurm job array samples one shard a task (`run_shards`). Every record
+depends only on its own seeded requests, so the merged files are the bytes
+of the arm in one piece.
 """
 
 from __future__ import annotations
@@ -139,7 +147,7 @@ def run(plan: Plan, engine: Engine | None = None) -> Metrics:
     else:
         _reset_if_stale(plan, stage)
         shards = _shards(problems, size, shard_count(plan))
-        _sample_missing(plan, stage, reads, shards, range(len(shards)), (tokenizer, think), engine)
+        _sample_missing(plan, stage, reads, shards, range(len(shards)), tokenizer, think, engine)
         samples, found = _merged(plan.folder, len(shards))
     metrics = _finish(plan, stage, samples, found, too_long)
     shutil.rmtree(plan.folder / SHARDS, ignore_errors=True)  # merged into the arm's files
@@ -385,7 +393,7 @@ def run_shards(plan: Plan, indices: list[int], engine: Engine | None = None) -> 
     tokenizer, think, problems, _ = _problems(plan)
     log = f"{_log_name(plan.arm, plan.seed)}-shard-" + "-".join(map(str, indices))  # tasks side by side: a log each
     written = _sample_missing(
-        plan, stage, reads, _shards(problems, size, count), indices, (tokenizer, think), engine, log
+        plan, stage, reads, _shards(problems, size, count), indices, tokenizer, think, engine, log
     )
     kept = sorted(set(indices) - set(written))
     return f"shards {indices} of {count}: written {written}" + (f", already there {kept}" if kept else "")
@@ -397,13 +405,13 @@ def _sample_missing(
     reads: EvalInputs,
     shards: list[list[Problem]],
     indices,
-    tools: tuple[Any, ThinkTokens],
+    tokenizer,
+    think: ThinkTokens,
     engine: Engine | None,
     log: str | None = None,
 ) -> list[int]:
     """Sample the shards among `indices` not on disk yet, one after another on one engine (its log
     `logs/<log>.log`), each written as soon as it is done; returns them."""
-    tokenizer, think = tools
     todo = [i for i in indices if not _shard_file(plan.folder, SAMPLES, i).is_file()]
     if todo:
         log = log or _log_name(plan.arm, plan.seed)

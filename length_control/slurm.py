@@ -16,8 +16,12 @@ finds it free.
 Generate runs as a job array over its shards: a task per shard not on disk yet (`--stage generate --shard N`),
 each its own engine on its node's GPUs, `array_throttle` of them at once; the tasks of one array hold the run's
 lock together (`runlock`'s groups). The stage's own job comes after the whole array and only writes its manifest.
-A sample's tokens depend only on its own seeded request, so shards written by separate engines, in any order,
-are the bytes one engine writes. Training on `nodes` > 1 is one job over those nodes: the stage runs on the
+So do eval-before and eval-forced with `eval.shard_problems` (`--stage eval-before --shard N`: a shard is a run of
+whole problems, counted without tokenizing): the arm's own job, without an engine, merges the shards into its
+files, metrics and manifest; the forced arm's array comes after the before arm's job, whose samples are its
+first passes. The after arms stay one job for their seeds. A sample's tokens, and a probe's records, depend
+only on their own seeded requests, so shards written by separate engines, in any order, are the bytes one
+engine writes. Training on `nodes` > 1 is one job over those nodes: the stage runs on the
 first, and Axolotl's torchrun launch is started on every node by srun through the node launcher
 (`torchrun-node.sh`: the node's rank from SLURM_NODEID, the rendezvous at the first node's address).
 

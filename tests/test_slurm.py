@@ -457,19 +457,22 @@ def test_waiting_jobs_refuse_a_second_submission_and_cancel_ends_them(
 def test_the_demo_cancelled_mid_generation_and_resubmitted_reports_what_a_run_here_does(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    """The demo recipe as Slurm jobs on the CPU (one seed, to keep it to minutes), generate an array of 4 shards,
-    2 at a time: cancelled once a shard is written on each node, then submitted again, which writes only the
-    missing shards. Every shard is the bytes a run here writes, and so is the report's every figure."""
+    """The demo recipe as Slurm jobs on the CPU (one seed, to keep it to minutes), the before and forced arms
+    arrays of 3 shards (30 of the 80 problems each: one spans both eval sets) and generate one of 4 shards,
+    2 tasks at a time: cancelled once a generate shard is written on each node, then submitted again, which
+    writes only the missing shards. Every shard and eval file is the bytes a run here (the arms in one piece)
+    writes, and so is the report's every figure."""
     overrides = ["train.seeds=[0]", "generation.shard_size=120"]  # 240 prompts x 2 samples: 4 shards
     pipeline.run(demo_recipe([f"output_dir={tmp_path / 'here'}", *overrides]), echo=lambda line: None)
     section = {"slurm": {"setup": f"export PYTHONPATH={REPO}", "time": "60:00", "array_throttle": 2}}
     submit = ["run", str(REPO / "recipes" / "demo-cpu.yaml"), f"output_dir={tmp_path / 'jobs'}", *overrides]
-    submit.append(f"cluster={json.dumps(section)}")
+    submit += [f"cluster={json.dumps(section)}", "eval.shard_problems=30"]
     run = RunLayout(tmp_path / "jobs")
 
     assert cli.main(submit) == 0
+    arrays = {job["stage"]: job.get("array") for job in slurm.read_jobs(run.slurm)["jobs"] if "array" in job}
+    assert arrays == {"eval-before-shards": [0, 1, 2], "eval-forced-shards": [0, 1, 2], "generate-shards": [0, 1, 2, 3]}
     shards = next(job for job in slurm.read_jobs(run.slurm)["jobs"] if job["stage"] == "generate-shards")
-    assert shards["array"] == [0, 1, 2, 3]
 
     def written_on() -> set[str]:
         """The nodes whose array tasks wrote their shard, from the first line of each task's log."""
@@ -497,6 +500,8 @@ def test_the_demo_cancelled_mid_generation_and_resubmitted_reports_what_a_run_he
         for task in shards["array"]:
             here = shard_path(RunLayout(tmp_path / "here").generate, kind, task)
             assert shard_path(run.generate, kind, task).read_bytes() == here.read_bytes(), (kind, task)
+    for arm in ("before", "forced"):
+        assert _arm_files(run.eval(arm)) == _arm_files(RunLayout(tmp_path / "here").eval(arm)), arm
     here, there = (json.loads((tmp_path / name / "report" / "report.json").read_text()) for name in ("here", "jobs"))
     assert (there["arms"], there["benchmarks"]) == (here["arms"], here["benchmarks"])
 
