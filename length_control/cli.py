@@ -14,7 +14,8 @@
                                                      the preflight, then every stage; up-to-date ones are skipped
                                                      (with cluster.slurm: submitted as Slurm jobs, `slurm`)
     length-control run RECIPE --stage STAGE          one stage here, whatever the recipe's cluster (a job's command)
-    length-control run RECIPE --stage generate --shard N   one shard of it (a Slurm array task's command)
+    length-control run RECIPE --stage generate --shard N   one shard of it (a Slurm array task's command;
+                                                     eval-before and eval-forced too, with eval.shard_problems)
     length-control status RUN|RECIPE                 the Slurm jobs of a run and their states
     length-control cancel RUN|RECIPE                 cancel the Slurm jobs of a run
     length-control sweep RECIPE key=[a,b] [...]      the loop per combination of the axes, sharing what they share
@@ -210,7 +211,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.stage is not None:
         return _run_one_stage(args, *loop)
     if args.shard:
-        raise ConfigError(args.recipe, ["--shard N runs one shard of a stage: add --stage generate"])
+        raise ConfigError(args.recipe, ["--shard N runs one shard of a stage: add --stage generate (or an eval arm)"])
     written = load_recipe(args.recipe, [*args.overrides, *loop])
     if args.dry_run:
         recipe = demo.resolve(written, build=False)
@@ -244,19 +245,23 @@ def _run_one_stage(args: argparse.Namespace, *extra: str) -> int:
 
 
 def _run_shards(args: argparse.Namespace, *extra: str) -> int:
-    """`run RECIPE --stage generate --shard N`: those shards alone (a Slurm array task's command). The tasks of one
-    array hold the run folder's lock together (`slurm.array_group`)."""
-    from length_control import demo, generate, pipeline, runlock, slurm
+    """`run RECIPE --stage STAGE --shard N`: those shards of generate or an eval arm alone (a Slurm array task's
+    command). The tasks of one array hold the run folder's lock together (`slurm.array_group`)."""
+    from length_control import demo, evaluate, generate, pipeline, runlock, slurm
 
-    if args.stage != "generate":
-        raise ConfigError(args.recipe, [f"--shard goes with --stage generate (it writes the shards), not {args.stage}"])
+    if args.stage not in slurm.SHARDED:
+        raise ConfigError(
+            args.recipe,
+            [f"--shard goes with --stage {' or '.join(slurm.SHARDED)} (they write shards), not {args.stage}"],
+        )
     recipe = load_recipe(args.recipe, [*args.overrides, *extra])
     with runlock.holding(recipe.output_dir, group=slurm.array_group()):
-        stage = next(s for s in pipeline.STAGES if s.name == "generate")
+        stage = next(s for s in pipeline.STAGES if s.name == args.stage)
         plans = pipeline.plans_of(demo.resolve(recipe))(stage)
-        if not slurm.shards_of(stage, plans):
-            raise ConfigError(args.recipe, [f"--shard: this recipe generates {len(plans)} runs (its budgets): drop it"])
-        print(generate.run_shards(plans[0], args.shard))
+        why = slurm.unsharded(stage, plans)
+        if why is not None:
+            raise ConfigError(args.recipe, [f"--shard: {why}; drop --shard"])
+        print((generate if stage.name == "generate" else evaluate).run_shards(plans[0], args.shard))
     return 0
 
 
@@ -445,7 +450,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         action="append",
         metavar="N",
-        help="with --stage generate: only shard N (repeatable), no manifest (a Slurm array task's command)",
+        help="with --stage generate, eval-before or eval-forced: only shard N (repeatable), no manifest "
+        "(a Slurm array task's command)",
     )
     run.add_argument(
         "--until-overlong",

@@ -413,12 +413,13 @@ def write_records(path: Path, records: Sequence[Mapping[str, Any]], schema: pa.S
         pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
 
 
-def read_records(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    return pq.read_table(path, columns=columns).to_pylist()
+def read_records(path: Path, columns: list[str] | None = None, filters: list | None = None) -> list[dict[str, Any]]:
+    """A table's records (`filters`: only the rows they keep, in pyarrow's form, in file order)."""
+    return pq.read_table(path, columns=columns, filters=filters).to_pylist()
 
 
 def shard_path(folder: Path, kind: str, index: int) -> Path:
-    """Shard `index` of the generate stage's "traces" or "answers"."""
+    """Shard `index` of a file of shards: generate's "traces" or "answers", an eval arm's "samples" or probe files."""
     return Path(folder) / f"{kind}-{index:05d}.parquet"
 
 

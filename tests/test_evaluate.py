@@ -84,7 +84,7 @@ def test_the_probe_takes_case_1_traces_and_scores_the_close_tag() -> None:
 def test_samples_are_graded_after_their_close_and_an_unclosed_one_is_overlong() -> None:
     from types import SimpleNamespace
 
-    from length_control.evaluate import _score_all
+    from length_control.evaluate import Problem, _score_all
 
     think = ThinkTokens(Tokenizer(), ThinkTags())
     spec = SimpleNamespace(name="demo", grader="exact")
@@ -95,7 +95,7 @@ def test_samples_are_graded_after_their_close_and_an_unclosed_one_is_overlong() 
         "p#1": {"output_token_ids": [1, b, close, a], "finish_reason": "stop"},  # wrong: b was thinking
         "p#2": {"output_token_ids": [1, a, a, b], "finish_reason": "length"},
     }  # never closed
-    samples = _score_all([(spec, prompt, [9, 9], 3)], results, think, Tokenizer())
+    samples = _score_all([Problem(0, spec, prompt, [9, 9], 3)], results, think, Tokenizer())
     assert [s["correct"] for s in samples] == [True, False, False]
     assert [s["overlong"] for s in samples] == [False, False, True]
     assert [s["thinking_tokens"] for s in samples] == [1, 1, 3]  # after <think>, up to the close

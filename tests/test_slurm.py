@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from length_control import cli, doctor, generate, pipeline, runlock, slurm, slurm_nodes, train
+from length_control import cli, doctor, evaluate, generate, pipeline, runlock, slurm, slurm_nodes, train
 from length_control.contracts import RunLayout, is_finished, shard_path
 from length_control.engines.fake import ScriptedEngine, transcripts
 from length_control.envs import envs_dir, profile
@@ -380,6 +380,57 @@ def test_generate_runs_as_an_array_over_its_missing_shards_then_a_job_that_finis
     assert json.loads((run.generate / "manifest.json").read_text())["summary"] == manifest["summary"]
 
 
+def test_the_eval_arms_run_as_arrays_over_their_missing_shards_then_jobs_that_merge_them(
+    cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
+) -> None:
+    recipe_file = _recipe_file(tmp_path, policy, ids)  # 3 problems in shards of 2: shards 0 and 1
+    arms = ["eval.arms=[before, forced]", "eval.shard_problems=2"]
+    whole = load_recipe(recipe_file, [*arms, f"output_dir={tmp_path / 'whole'}"])
+    for arm in ("before", "forced"):
+        evaluate.run(evaluate.plan(whole, arm), engine=ScriptedEngine(transcripts(ids.script())))
+    args = [str(recipe_file), *arms, _cluster_override(tmp_path)]
+    recipe, run = load_recipe(recipe_file, arms), RunLayout(tmp_path / "run")
+    evaluate.run_shards(evaluate.plan(recipe, "before"), [0], ScriptedEngine(transcripts(ids.script())))
+
+    assert cli.main(["run", *args]) == 0  # shard 1's task has no engine to run here: it fails, the rest cancelled
+    out = capsys.readouterr().out
+    assert "[slurm] eval-before: 1 of its 2 shards to write" in out
+    assert "[slurm] eval-forced: 2 of its 2 shards to write" in out  # its before arm runs first
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert [(job["stage"], job.get("array")) for job in chain[:5]] == [
+        ("eval-before-shards", [1]),
+        ("eval-before", None),
+        ("eval-forced-shards", [0, 1]),
+        ("eval-forced", None),
+        ("generate", None),
+    ]
+    _wait_until_ended(run.slurm)
+    text = slurm.status(run.slurm)
+    assert f"eval-before-shards job {chain[0]['id']:<8} array of 1: 1 FAILED (NonZeroExitCode, exit 1)" in text
+    assert f"eval-before  job {chain[1]['id']:<8} CANCELLED (DependencyNeverSatisfied)" in text
+
+    evaluate.run_shards(evaluate.plan(recipe, "before"), [1], ScriptedEngine(transcripts(ids.script())))
+    args[-1] = _cluster_override(tmp_path, _vllm_only(tmp_path))  # every shard there: the arm's job merges them
+    assert cli.main(["run", *args]) == 0
+    assert "[slurm] eval-before: 0 of its 2 shards to write" in capsys.readouterr().out
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert chain[0]["stage"] == "eval-before" and "array" not in chain[0]
+    _wait_for(lambda: is_finished(run.eval("before")), 120, "the eval-before job")
+    assert cli.main(["cancel", str(run.root)]) == 0  # the forced arm's tasks would start vLLM: its shards come here
+    _wait_until_ended(run.slurm)
+    capsys.readouterr()
+
+    evaluate.run_shards(evaluate.plan(recipe, "forced"), [0, 1], ScriptedEngine(transcripts(ids.script())))
+    assert cli.main(["run", *args]) == 0
+    assert "[slurm] eval-forced: 0 of its 2 shards to write" in capsys.readouterr().out
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert chain[0]["stage"] == "eval-forced" and "array" not in chain[0]
+    _wait_until_ended(run.slurm)
+    assert f"eval-forced  job {chain[0]['id']:<8} COMPLETED" in slurm.status(run.slurm)
+    for arm in ("before", "forced"):
+        assert _arm_files(run.eval(arm)) == _arm_files(RunLayout(tmp_path / "whole").eval(arm)), arm
+
+
 def test_waiting_jobs_refuse_a_second_submission_and_cancel_ends_them(
     cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
 ) -> None:
@@ -406,19 +457,22 @@ def test_waiting_jobs_refuse_a_second_submission_and_cancel_ends_them(
 def test_the_demo_cancelled_mid_generation_and_resubmitted_reports_what_a_run_here_does(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    """The demo recipe as Slurm jobs on the CPU (one seed, to keep it to minutes), generate an array of 4 shards,
-    2 at a time: cancelled once a shard is written on each node, then submitted again, which writes only the
-    missing shards. Every shard is the bytes a run here writes, and so is the report's every figure."""
+    """The demo recipe as Slurm jobs on the CPU (one seed, to keep it to minutes), the before and forced arms
+    arrays of 3 shards (30 of the 80 problems each: one spans both eval sets) and generate one of 4 shards,
+    2 tasks at a time: cancelled once a generate shard is written on each node, then submitted again, which
+    writes only the missing shards. Every shard and eval file is the bytes a run here (the arms in one piece)
+    writes, and so is the report's every figure."""
     overrides = ["train.seeds=[0]", "generation.shard_size=120"]  # 240 prompts x 2 samples: 4 shards
     pipeline.run(demo_recipe([f"output_dir={tmp_path / 'here'}", *overrides]), echo=lambda line: None)
     section = {"slurm": {"setup": f"export PYTHONPATH={REPO}", "time": "60:00", "array_throttle": 2}}
     submit = ["run", str(REPO / "recipes" / "demo-cpu.yaml"), f"output_dir={tmp_path / 'jobs'}", *overrides]
-    submit.append(f"cluster={json.dumps(section)}")
+    submit += [f"cluster={json.dumps(section)}", "eval.shard_problems=30"]
     run = RunLayout(tmp_path / "jobs")
 
     assert cli.main(submit) == 0
+    arrays = {job["stage"]: job.get("array") for job in slurm.read_jobs(run.slurm)["jobs"] if "array" in job}
+    assert arrays == {"eval-before-shards": [0, 1, 2], "eval-forced-shards": [0, 1, 2], "generate-shards": [0, 1, 2, 3]}
     shards = next(job for job in slurm.read_jobs(run.slurm)["jobs"] if job["stage"] == "generate-shards")
-    assert shards["array"] == [0, 1, 2, 3]
 
     def written_on() -> set[str]:
         """The nodes whose array tasks wrote their shard, from the first line of each task's log."""
@@ -446,6 +500,8 @@ def test_the_demo_cancelled_mid_generation_and_resubmitted_reports_what_a_run_he
         for task in shards["array"]:
             here = shard_path(RunLayout(tmp_path / "here").generate, kind, task)
             assert shard_path(run.generate, kind, task).read_bytes() == here.read_bytes(), (kind, task)
+    for arm in ("before", "forced"):
+        assert _arm_files(run.eval(arm)) == _arm_files(RunLayout(tmp_path / "here").eval(arm)), arm
     here, there = (json.loads((tmp_path / name / "report" / "report.json").read_text()) for name in ("here", "jobs"))
     assert (there["arms"], there["benchmarks"]) == (here["arms"], here["benchmarks"])
 
@@ -562,6 +618,17 @@ def test_the_dry_run_writes_a_script_per_stage_that_sbatch_reads_as_written(
     recipe = yaml.safe_load((folder / slurm.RECIPE).read_text())
     assert recipe["cluster"]["slurm"]["partition"] == "gpu" and Path(recipe["output_dir"]).is_absolute()
     assert (folder / "logs").is_dir()  # Slurm does not make the log folder
+    assert not (folder / "eval-before-shards.sbatch").exists()  # no eval.shard_problems: the arms in one piece
+
+    assert cli.main(["run", str(tmp_path / "recipe.yaml"), "--dry-run", *cluster, "eval.shard_problems=2"]) == 0
+    assert "eval-before-shards -> eval-before -> eval-forced-shards -> eval-forced -> generate-shards" in (
+        capsys.readouterr().out
+    )
+    for arm in ("before", "forced"):  # 3 problems in shards of 2
+        shards = (folder / f"eval-{arm}-shards.sbatch").read_text().splitlines()
+        assert "#SBATCH --gpus-per-node=8" in shards and "#SBATCH --array=0-1%4" in shards
+        assert shards[-1].endswith(f"run {folder}/recipe.yaml --stage eval-{arm} --shard $SLURM_ARRAY_TASK_ID")
+        assert "--gpus-per-node" not in (folder / f"eval-{arm}.sbatch").read_text()  # it merges the shards
 
 
 def test_a_job_that_slurm_forgot_is_read_from_its_exit_status_and_manifests(tmp_path: Path) -> None:
@@ -599,6 +666,59 @@ def test_an_array_task_writes_its_shard_to_the_bytes_of_a_whole_run_and_nothing_
     with pytest.raises(UserError, match="holds no shards of this run's settings"):
         generate.run_shards(generate.plan(stale), [0], engine)
     assert generate.missing_shards(generate.plan(stale)) == (2, [0, 1])  # the submitter starts the folder over
+
+
+def _arm_files(folder: Path) -> dict[str, bytes]:
+    """An eval arm's files but its manifest: what the report reads."""
+    return {
+        path.name: path.read_bytes()
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.name != "manifest.json"
+    }
+
+
+def test_the_eval_arms_shards_merge_to_the_bytes_of_the_arm_in_one_piece(
+    tmp_path: Path, policy: Path, ids: Ids
+) -> None:
+    """Before and forced, each in shards of one problem written by array tasks (here, on the scripted engine),
+    then finished without an engine: every file the arm in one piece writes, to the byte."""
+    make_recipe(tmp_path, policy, [LONG, CUT, SHORT])
+    whole = load_recipe(tmp_path / "recipe.yaml", [f"output_dir={tmp_path / 'whole'}"])
+    for arm in ("before", "forced"):
+        evaluate.run(evaluate.plan(whole, arm), engine=ScriptedEngine(transcripts(ids.script())))
+    recipe = load_recipe(tmp_path / "recipe.yaml", ["eval.shard_problems=1"])  # 3 problems: 3 shards
+    before, forced = evaluate.plan(recipe, "before"), evaluate.plan(recipe, "forced")
+    assert evaluate.missing_shards(before) == (3, [0, 1, 2])
+    assert evaluate.missing_shards(forced) == (3, [0, 1, 2])  # its before arm runs first, in the same chain
+    assert not (forced.folder / evaluate.SHARDS).exists()  # its tasks record what their shards are made for
+    engine = ScriptedEngine(transcripts(ids.script()))
+    assert evaluate.run_shards(before, [2, 0], engine) == "shards [2, 0] of 3: written [2, 0]"
+    assert evaluate.run_shards(before, [0, 1], engine) == "shards [0, 1] of 3: written [1], already there [0]"
+    with pytest.raises(UserError, match=r"shards \[3\]: the arm has 3 \(0 to 2\)"):
+        evaluate.run_shards(before, [3], engine)
+    assert not (before.folder / "manifest.json").exists()  # the arm's own job merges them
+    unused = ScriptedEngine(lambda context: pytest.fail("the merge ran the engine"))
+    evaluate.run(before, engine=unused)
+    assert _arm_files(before.folder) == _arm_files(RunLayout(tmp_path / "whole").eval("before"))
+    assert not (before.folder / evaluate.SHARDS).exists()  # merged, then removed
+
+    for shard in (1, 0, 2):  # a forced task cuts its first passes from the before arm, and asks only of its own
+        engine = ScriptedEngine(transcripts(ids.script()))
+        evaluate.run_shards(forced, [shard], engine)
+        asked = {request["key"].split(":")[-1].split("#")[0] for request in engine.requests}  # probes' too
+        assert asked <= {f"evals/{[LONG, CUT, SHORT][shard][0]}"}, asked
+    evaluate.run(forced, engine=unused)
+    assert _arm_files(forced.folder) == _arm_files(RunLayout(tmp_path / "whole").eval("forced"))
+    assert (
+        json.loads((forced.folder / "manifest.json").read_text())["output"]
+        == json.loads((RunLayout(tmp_path / "whole").eval("forced") / "manifest.json").read_text())["output"]
+    )  # the same output for the stages after it
+
+    stale = evaluate.plan(load_recipe(tmp_path / "recipe.yaml", ["eval.shard_problems=1", "seed=1"]), "before")
+    evaluate.run_shards(before, [0], ScriptedEngine(transcripts(ids.script())))  # shards of the old settings
+    with pytest.raises(UserError, match="holds no shards of this run's settings"):
+        evaluate.run_shards(stale, [0], engine)
+    assert evaluate.missing_shards(stale) == (3, [0, 1, 2])  # the submitter starts them over
 
 
 def test_the_cluster_section_is_checked_with_the_fix(tmp_path: Path, policy: Path, capsys) -> None:
