@@ -17,7 +17,7 @@ from length_control.demo import task as demo_task
 from length_control.demo.model import build_tokenizer
 from length_control.errors import UserError
 from length_control.recipe import DemoModelSpec, SpliceSpec, ThinkTags
-from length_control.splice import IGNORE, Row, SpliceInputs, Stage2Row, splice_row, write_dataset
+from length_control.splice import IGNORE, Row, SpliceInputs, Stage2Row, splice_row, trains_answer, write_dataset
 from length_control.think import ThinkTokens
 
 
@@ -104,6 +104,22 @@ def test_only_the_termination_span_is_trained(think: ThinkTokens, data, span: st
     assert think.tokenizer.decode([ids[i] for i in sorted(tag)]).strip() == "</think>"
     assert all(labels[i] == ids[i] for i in trained)
     assert ids[eos] == think.eos_id and row.span[0] == min(tag)
+
+
+def test_the_decided_span_trains_an_answer_only_as_sure_as_the_recipe_asks() -> None:
+    """`splice.decided_answer_p` moves where an answer counts as decided for training (default: the probes'
+    threshold, which it does not move); an answer generate did not score never trains."""
+    assert SpliceSpec().decided_answer_p == DECIDED_P
+    span = "think_close_decided_answer_eos"
+
+    def trained(least_p, **spec):
+        return trains_answer(SpliceSpec(termination_span=span, **spec), {"answer_least_p": least_p})
+
+    assert [trained(p) for p in (0.59, 0.6, 0.95, None)] == [False, True, True, False]
+    assert [trained(p, decided_answer_p=0.9) for p in (0.6, 0.89, 0.9, 1.0)] == [False, False, True, True]
+    assert trains_answer(SpliceSpec(termination_span="think_close_answer_eos"), {"answer_least_p": 0.1})
+    with pytest.raises(ValueError):
+        SpliceSpec(decided_answer_p=0)
 
 
 def test_drops_are_explicit(think: ThinkTokens) -> None:
