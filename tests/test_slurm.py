@@ -85,7 +85,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=200
 SchedulerParameters=batch_sched_delay=0
-KillWait=2
+# TERM to KILL: time for a cancelled job's trap to record its exit status on a loaded machine
+KillWait=10
 {nodes}
 PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
