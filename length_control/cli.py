@@ -247,7 +247,7 @@ def _run_one_stage(args: argparse.Namespace, *extra: str) -> int:
 def _run_shards(args: argparse.Namespace, *extra: str) -> int:
     """`run RECIPE --stage STAGE --shard N`: those shards of generate or an eval arm alone (a Slurm array task's
     command). The tasks of one array hold the run folder's lock together (`slurm.array_group`)."""
-    from length_control import demo, evaluate, generate, pipeline, runlock, slurm
+    from length_control import demo, pipeline, runlock, slurm
 
     if args.stage not in slurm.SHARDED:
         raise ConfigError(
@@ -261,7 +261,7 @@ def _run_shards(args: argparse.Namespace, *extra: str) -> int:
         why = slurm.unsharded(stage, plans)
         if why is not None:
             raise ConfigError(args.recipe, [f"--shard: {why}; drop --shard"])
-        print((generate if stage.name == "generate" else evaluate).run_shards(plans[0], args.shard))
+        print(slurm.sharding(stage).run_shards(plans[0], args.shard))
     return 0
 
 

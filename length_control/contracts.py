@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -421,6 +422,20 @@ def read_records(path: Path, columns: list[str] | None = None, filters: list | N
 def shard_path(folder: Path, kind: str, index: int) -> Path:
     """Shard `index` of a file of shards: generate's "traces" or "answers", an eval arm's "samples" or probe files."""
     return Path(folder) / f"{kind}-{index:05d}.parquet"
+
+
+def shards_made_for(plan_file: Path, expected: dict[str, Any]) -> bool:
+    """Whether the shards beside `plan_file` were made for these settings and inputs (what it records)."""
+    return plan_file.is_file() and json.loads(plan_file.read_text()) == expected
+
+
+def reset_stale_shards(plan_file: Path, expected: dict[str, Any]) -> None:
+    """Shards made for other settings or inputs are not resumed: their folder starts over, recording these."""
+    if shards_made_for(plan_file, expected):
+        return
+    shutil.rmtree(plan_file.parent, ignore_errors=True)
+    plan_file.parent.mkdir(parents=True)
+    write_json_atomic(plan_file, expected)
 
 
 def shard_pairs(folder: Path) -> Iterator[tuple[Path, Path]]:

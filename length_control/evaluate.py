@@ -22,7 +22,6 @@ of the arm in one piece.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import statistics
@@ -145,7 +144,7 @@ def run(plan: Plan, engine: Engine | None = None) -> Metrics:
         with engine_for(plan.recipe, plan.model, log_name=_log_name(plan.arm, plan.seed), shared=engine) as engine:
             samples, found = _sample(plan, stage, reads, problems, think, tokenizer, engine)
     else:
-        _reset_if_stale(plan, stage)
+        contracts.reset_stale_shards(plan.folder / SHARDS / SHARD_PLAN, _shard_plan(plan, stage))
         shards = _shards(problems, size, shard_count(plan))
         _sample_missing(plan, stage, reads, shards, range(len(shards)), tokenizer, think, engine)
         samples, found = _merged(plan.folder, len(shards))
@@ -345,15 +344,6 @@ def _shard_plan(plan: Plan, stage: Stage) -> dict[str, Any]:
     return {**stage.expected, "shard_problems": shard_problems(plan)}
 
 
-def _reset_if_stale(plan: Plan, stage: Stage) -> None:
-    """Shards made for other settings or inputs (or another shard size) are not resumed: start over."""
-    shards, expected = plan.folder / SHARDS, _shard_plan(plan, stage)
-    if (shards / SHARD_PLAN).is_file() and json.loads((shards / SHARD_PLAN).read_text()) == expected:
-        return
-    shutil.rmtree(shards, ignore_errors=True)
-    write_json_atomic(shards / SHARD_PLAN, expected)
-
-
 def missing_shards(plan: Plan) -> tuple[int, list[int]]:
     """How many shards the arm is sampled in, and which are not on disk yet: what a Slurm job array submits.
     Shards made for other settings are removed first (as `run` would), so call it holding the run folder's lock.
@@ -364,7 +354,7 @@ def missing_shards(plan: Plan) -> tuple[int, list[int]]:
     if reads != plan.reads:
         shutil.rmtree(plan.folder / SHARDS, ignore_errors=True)
     else:
-        _reset_if_stale(plan, stage)
+        contracts.reset_stale_shards(plan.folder / SHARDS / SHARD_PLAN, _shard_plan(plan, stage))
     return count, [i for i in range(count) if not _shard_file(plan.folder, SAMPLES, i).is_file()]
 
 
@@ -376,9 +366,9 @@ def run_shards(plan: Plan, indices: list[int], engine: Engine | None = None) -> 
     size = shard_problems(plan)
     stage, reads = _stage(plan)
     shards, expected = plan.folder / SHARDS, _shard_plan(plan, stage)
-    if not (shards / SHARD_PLAN).is_file() and not shards.is_dir():
+    if not shards.is_dir():
         write_json_atomic(shards / SHARD_PLAN, expected)
-    if not (shards / SHARD_PLAN).is_file() or json.loads((shards / SHARD_PLAN).read_text()) != expected:
+    if not contracts.shards_made_for(shards / SHARD_PLAN, expected):
         raise DataError(
             plan.label,
             [

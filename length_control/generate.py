@@ -30,14 +30,13 @@ needs no tokenizer.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from length_control import contracts
-from length_control.artifacts import Stage, tool_versions, write_json_atomic
+from length_control.artifacts import Stage, tool_versions
 from length_control.contracts import ANSWERS, TRACES, Answer, Plan, RunLayout, StageInputs, Trace, shard_path
 from length_control.cut import CutPolicy, describe_cut, recorded_close
 from length_control.engines.protocol import Engine
@@ -181,7 +180,7 @@ def run(plan: Plan, engine: Engine | None = None) -> dict[str, Any]:
     stage = _stage(plan)
     if stage.is_up_to_date():
         return stage.read_manifest()["summary"]
-    _reset_if_stale(folder, stage.expected)
+    contracts.reset_stale_shards(folder / PLAN, stage.expected)
     shards, too_long, think = _shards(plan)
     _generate_missing(plan, stage, shards, think, range(len(shards)), engine)
     contracts.write_termination(folder, think.termination())
@@ -222,7 +221,7 @@ def missing_shards(plan: Plan) -> tuple[int, list[int]]:
     """How many shards the stage writes, and which are not on disk yet: what a Slurm job array over the shards
     submits. Shards made for other inputs or settings are removed first (as `run` would), so call it holding
     the run folder's lock."""
-    _reset_if_stale(plan.folder, _stage(plan).expected)
+    contracts.reset_stale_shards(plan.folder / PLAN, _stage(plan).expected)
     count = shard_count(plan)
     return count, [i for i in range(count) if not shard_path(plan.folder, "traces", i).is_file()]
 
@@ -237,7 +236,7 @@ def run_shards(plan: Plan, indices: list[int], engine: Engine | None = None) -> 
     shard is there, `run` finishes the stage). A Slurm array task's work: the tasks of one array write their
     own shards at once, so none of them may start the folder over; the submission did that."""
     stage = _stage(plan)
-    if not (plan.folder / PLAN).is_file() or json.loads((plan.folder / PLAN).read_text()) != stage.expected:
+    if not contracts.shards_made_for(plan.folder / PLAN, stage.expected):
         raise DataError(
             "generate",
             [
@@ -414,16 +413,6 @@ def _answer_score_request(pending: dict[str, Any], trace: Trace, answer: Answer,
 
 
 # ---------------------------------------------------------------- files
-
-
-def _reset_if_stale(folder: Path, expected: dict[str, Any]) -> None:
-    """Shards made for other inputs or settings are not resumed: start over."""
-    plan = folder / PLAN
-    if plan.is_file() and json.loads(plan.read_text()) == expected:
-        return
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    write_json_atomic(plan, expected)
 
 
 def summarize(folder: Path) -> dict[str, Any]:

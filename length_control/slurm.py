@@ -227,12 +227,17 @@ def shards_of(stage: pipeline.PipelineStage, plans: list) -> bool:
     return unsharded(stage, plans) is None
 
 
+def sharding(stage: pipeline.PipelineStage):
+    """The module of a sharded stage, whose `shard_count`, `missing_shards` and `run_shards` its array uses."""
+    from length_control import evaluate, generate
+
+    return generate if stage.name == "generate" else evaluate
+
+
 def missing_shards(stage: pipeline.PipelineStage, plan) -> tuple[int, list[int]]:
     """How many shards a sharded stage writes and which are not on disk yet (its module's `missing_shards`:
     stale ones removed first, so call it holding the run folder's lock)."""
-    from length_control import evaluate, generate
-
-    return (generate if stage.name == "generate" else evaluate).missing_shards(plan)
+    return sharding(stage).missing_shards(plan)
 
 
 def stage_jobs(
@@ -323,12 +328,10 @@ def _shard_count(stage: pipeline.PipelineStage, plan) -> int | None:
     """How many shards a sharded stage writes, or None where that cannot be known here (a policy on the Hub,
     prompts not downloaded): generate counts them by tokenizing the prompts, an eval arm by counting its
     problems."""
-    from length_control import evaluate, generate
-
     if stage.name == "generate" and not Path(plan.model).is_dir():
         return None
     try:
-        return (generate if stage.name == "generate" else evaluate).shard_count(plan)
+        return sharding(stage).shard_count(plan)
     except (UserError, OSError):
         return None
 
