@@ -345,6 +345,15 @@ def test_a_run_submits_the_stages_not_up_to_date_and_a_resubmission_resumes(
     _wait_until_ended(run.slurm)
 
 
+def _resubmitted_with_every_shard_there(args: list[str], stage: str, run: RunLayout, capsys) -> list[dict]:
+    """`run` again once every one of the stage's 2 shards is on disk: its own job, no array; the chain."""
+    assert cli.main(["run", *args]) == 0
+    assert f"[slurm] {stage}: 0 of its 2 shards to write" in capsys.readouterr().out
+    chain = slurm.read_jobs(run.slurm)["jobs"]
+    assert chain[0]["stage"] == stage and "array" not in chain[0]
+    return chain
+
+
 def test_generate_runs_as_an_array_over_its_missing_shards_then_a_job_that_finishes_it(
     cluster: Cluster, tmp_path: Path, policy: Path, ids: Ids, capsys
 ) -> None:
@@ -372,10 +381,7 @@ def test_generate_runs_as_an_array_over_its_missing_shards_then_a_job_that_finis
 
     shard_path(run.generate, "traces", 1).write_bytes(kept)  # every shard there: the stage's job only finishes it
     args[-1] = _cluster_override(tmp_path, _vllm_only(tmp_path))
-    assert cli.main(["run", *args]) == 0
-    assert "[slurm] generate: 0 of its 2 shards to write" in capsys.readouterr().out
-    chain = slurm.read_jobs(run.slurm)["jobs"]
-    assert chain[0]["stage"] == "generate" and "array" not in chain[0]
+    chain = _resubmitted_with_every_shard_there(args, "generate", run, capsys)
     _wait_until_ended(run.slurm)
     assert f"generate     job {chain[0]['id']:<8} COMPLETED" in slurm.status(run.slurm)
     assert json.loads((run.generate / "manifest.json").read_text())["summary"] == manifest["summary"]
@@ -412,20 +418,14 @@ def test_the_eval_arms_run_as_arrays_over_their_missing_shards_then_jobs_that_me
 
     evaluate.run_shards(evaluate.plan(recipe, "before"), [1], ScriptedEngine(transcripts(ids.script())))
     args[-1] = _cluster_override(tmp_path, _vllm_only(tmp_path))  # every shard there: the arm's job merges them
-    assert cli.main(["run", *args]) == 0
-    assert "[slurm] eval-before: 0 of its 2 shards to write" in capsys.readouterr().out
-    chain = slurm.read_jobs(run.slurm)["jobs"]
-    assert chain[0]["stage"] == "eval-before" and "array" not in chain[0]
+    chain = _resubmitted_with_every_shard_there(args, "eval-before", run, capsys)
     _wait_for(lambda: is_finished(run.eval("before")), 120, "the eval-before job")
     assert cli.main(["cancel", str(run.root)]) == 0  # the forced arm's tasks would start vLLM: its shards come here
     _wait_until_ended(run.slurm)
     capsys.readouterr()
 
     evaluate.run_shards(evaluate.plan(recipe, "forced"), [0, 1], ScriptedEngine(transcripts(ids.script())))
-    assert cli.main(["run", *args]) == 0
-    assert "[slurm] eval-forced: 0 of its 2 shards to write" in capsys.readouterr().out
-    chain = slurm.read_jobs(run.slurm)["jobs"]
-    assert chain[0]["stage"] == "eval-forced" and "array" not in chain[0]
+    chain = _resubmitted_with_every_shard_there(args, "eval-forced", run, capsys)
     _wait_until_ended(run.slurm)
     assert f"eval-forced  job {chain[0]['id']:<8} COMPLETED" in slurm.status(run.slurm)
     for arm in ("before", "forced"):
