@@ -34,6 +34,9 @@ PREPARED_BYTES_PER_TOKEN = 3 * 4 + 8
 """Axolotl's prepared copy of a row, per token: input_ids, attention_mask, labels as int32 and the int64
 position_ids it adds for sample packing (Arrow, uncompressed: measured 12 bytes a token on the demo, unpacked)."""
 PREPARED_BYTES_PER_ROW = 64
+ANCHOR_BYTES_PER_TARGET = 10
+"""One of a token's top-k KL-anchor targets (`train.kl_anchor`): an int32 id, a float32 log-probability, an int8
+mask flag and their lists' offsets (Axolotl's Arrow copy measured 9.8 bytes on the demo; the Parquet file less)."""
 """The prepared copy's offsets and its `length` column, per row."""
 OPTIMIZER_BYTES_PER_PARAMETER = 12
 """A checkpoint's optimizer state per trained parameter: Adam's two float32 moments and a float32 master copy
@@ -188,6 +191,8 @@ def estimate(recipe: Any, shape: RunShape, train_config: dict[str, Any], model_f
     - stage-2 rows: a spliced row per trace (its prompt and `room` ids and a few end tokens, at most
       `sequence_len`), the SFT mix's share more rows at `sequence_len`, each in three id columns, a meta record;
     - prepared data: Axolotl's Arrow copy of those rows, once per seed (`PREPARED_BYTES_PER_TOKEN`);
+    - anchor targets (`train.kl_anchor`): per seed, top_k targets a row token (`ANCHOR_BYTES_PER_TARGET`) in
+      the anchored rows' file and again in Axolotl's prepared copy of it;
     - models: per seed, the weights' parameters (their safetensors headers) at the training dtype (2 bytes with
       bf16/fp16 in the Axolotl config, else 4), and with LoRA the adapter (`lora_r` x (rows + columns) of every
       matrix, float32) beside the merged model;
@@ -216,6 +221,8 @@ def estimate(recipe: Any, shape: RunShape, train_config: dict[str, Any], model_f
     rows = traces + mix_rows
     stage2 = 3 * row_tokens * BYTES_PER_ID + rows * RECORD_BYTES + 2 * FILE_BYTES
     prepared = seeds * (row_tokens * PREPARED_BYTES_PER_TOKEN + rows * PREPARED_BYTES_PER_ROW)
+    anchor = recipe.train.kl_anchor
+    anchor_targets = seeds * 2 * row_tokens * anchor.top_k * ANCHOR_BYTES_PER_TARGET if anchor else 0
 
     weights = model_weights(model_folder) if model_folder is not None else None
     epochs = float(train_config.get("num_epochs", 1))
@@ -250,6 +257,7 @@ def estimate(recipe: Any, shape: RunShape, train_config: dict[str, Any], model_f
         "traces": generate,
         "stage-2 rows": stage2,
         "prepared data": prepared,
+        **({"anchor targets": anchor_targets} if anchor else {}),
         "models": models,
         "checkpoints": checkpoints,
         "eval samples": evals,
@@ -259,7 +267,7 @@ def estimate(recipe: Any, shape: RunShape, train_config: dict[str, Any], model_f
         rounds = range(2, recipe.loop.max_rounds + 1)
         after = per_run * seeds if "after" in recipe.eval.arms else 0
         need.parts["later rounds"] = sum(
-            generate + n * (stage2 + prepared) + models + checkpoints + after + logs for n in rounds
+            generate + n * (stage2 + prepared + anchor_targets) + models + checkpoints + after + logs for n in rounds
         )
     return need
 

@@ -324,6 +324,14 @@ class CutSpec(StrictModel):
         return {"cut": self.at, "cut_grace": self.grace}
 
 
+class KLAnchor(StrictModel):
+    """Hold the untrained tokens where the stage-1 model had them: Axolotl's knowledge-distillation loss with the
+    stage-1 model as its own teacher (`length_control.anchor`)."""
+
+    weight: float = Field(gt=0, le=1, description="kd_alpha: the KL term's weight beside the span's cross-entropy")
+    top_k: int = Field(16, gt=0, description="the stage-1 model's most likely next tokens the KL is taken over")
+
+
 class TrainSpec(StrictModel):
     template: ExistingFile = Field(description="an Axolotl YAML template in axolotl_configs/")
     seeds: list[int] = Field(
@@ -341,6 +349,11 @@ class TrainSpec(StrictModel):
     launcher: Literal["python", "accelerate", "torchrun"] = "python"
     launcher_args: list[str] = Field(default_factory=list, description="e.g. ['--num_processes', '8']")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Axolotl keys set over the template")
+    kl_anchor: KLAnchor | None = Field(
+        None,
+        description="a KL term to the stage-1 model on every untrained output token of a spliced row: "
+        "the thinking and any answer that carries no loss",
+    )
 
     @field_validator("seeds")
     @classmethod

@@ -121,6 +121,26 @@ def sequence_len(recipe) -> tuple[int, str]:
     return _round_up(max(context, mix or 0), 64), why
 
 
+def anchored_rows(recipe, seed: int) -> Path:
+    """The stage-2 rows with the stage-1 model's targets beside them (`train.kl_anchor`), in the seed's folder."""
+    return RunLayout(recipe.output_dir).train(seed) / "anchored-rows.parquet"
+
+
+def anchor_config(anchor, plugins: list[str] | None = None) -> dict[str, Any]:
+    """The Axolotl keys that turn on its knowledge-distillation loss for a `train.kl_anchor` (none without one),
+    its plugin added to the template's `plugins` (the 14B templates' Liger plugin stays)."""
+    if anchor is None:
+        return {}
+    kd = "axolotl.integrations.kd.KDPlugin"
+    return {
+        "plugins": [*(plugins or []), *([] if kd in (plugins or []) else [kd])],
+        "kd_trainer": True,
+        "kd_ce_alpha": 1.0,
+        "kd_alpha": anchor.weight,
+        "kd_temperature": 1.0,
+    }
+
+
 def plan(recipe, seed: int) -> Plan:
     """One stage-2 model: the config rendered from the recipe, before or after the stage-2 rows exist."""
     layout = RunLayout(recipe.output_dir)
@@ -128,18 +148,28 @@ def plan(recipe, seed: int) -> Plan:
     folder = layout.train(seed)
     rows = layout.stage2 / ROWS
     length, why = sequence_len(recipe)
+    anchor = recipe.train.kl_anchor
+    content_key = None if rows.is_file() else "<content hash of stage2/rows.parquet>"
+    if anchor is not None and content_key is None:  # the anchored rows follow from the rows and the anchor
+        content_key = hashlib.sha256(f"{fingerprint(rows)} {anchor.model_dump_json()}".encode()).hexdigest()[:16]
     config = render_config(
         recipe.train.template,
         base_model=model,
-        datasets=[rows],
+        datasets=[anchored_rows(recipe, seed) if anchor else rows],
         output_dir=folder / "model",
         sequence_len=length,
         prepared_root=layout.prepared(seed),
-        overrides={**recipe.train.overrides, "seed": seed},
-        content_key=None if rows.is_file() else "<content hash of stage2/rows.parquet>",
+        overrides={
+            **recipe.train.overrides,
+            **anchor_config(anchor, training_choices(recipe).get("plugins")),
+            "seed": seed,
+        },
+        content_key=content_key,
     )
     config_path = folder / AXOLOTL_CONFIG
     commands = [launch_command(recipe, config_path)]
+    if anchor is not None:
+        commands.insert(0, anchor_command(recipe, seed))
     if config.get("adapter"):
         commands.append(launch_command(recipe, config_path, "merge-lora"))
     return Plan(
@@ -180,6 +210,8 @@ def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
     online = not Path(plan.model).is_dir()  # a base model named by its Hub id
     if recipe.cluster is not None and recipe.cluster.slurm.nodes > 1:
         slurm_nodes.write_node_launcher(recipe)
+    if recipe.train.kl_anchor is not None:
+        _write_anchored_rows(plan, env)
     steps = _run_logged(
         launch_command(recipe, config_path),
         folder / "train.log",
@@ -205,6 +237,39 @@ def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
     }
     stage.finish(**summary)
     return summary
+
+
+def anchor_command(recipe, seed: int) -> list[str]:
+    """The command that writes a seed's anchored rows (`length_control.anchor`), in Axolotl's environment: the
+    stage-1 model (the policy) is the teacher."""
+    from length_control.envs import engine_bin
+
+    layout = RunLayout(recipe.output_dir)
+    return [
+        str(engine_bin("axolotl")),
+        "-m",
+        "length_control.anchor",
+        str(policy_path(recipe.model)),
+        str(layout.stage2 / ROWS),
+        str(layout.stage2 / contracts.META),
+        str(anchored_rows(recipe, seed)),
+        str(recipe.train.kl_anchor.top_k),
+    ]
+
+
+def _write_anchored_rows(plan: Plan, env: dict[str, str]) -> None:
+    """The rows with the stage-1 model's targets beside them, before Axolotl reads them; its output to anchor.log."""
+    import subprocess
+
+    from length_control.envs import engine_environ
+
+    log = plan.folder / "anchor.log"
+    with disk.writing(log), open(log, "w", encoding="utf-8") as sink:
+        command = anchor_command(plan.recipe, plan.seed)
+        status = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=engine_environ(**env)).returncode
+    if status != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise TrainError(f"the KL anchor failed with exit status {status}; the log is {log}; its tail:\n{tail}")
 
 
 def run_all(plans: list[Plan]) -> list[dict[str, Any]]:

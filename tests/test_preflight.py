@@ -145,6 +145,12 @@ def test_the_disk_line_sizes_every_part_the_run_writes(tmp_path: Path, tokenizer
     assert abs(total - sum(map(float, parts.values()))) <= 0.05 * len(parts)
     assert "free on its filesystem" in line
 
+    anchored = {**two_seeds, "kl_anchor": {"weight": 0.5, "top_k": 4096}}
+    notes = preflight.check(small_recipe(tmp_path / "r", policy, [SHORT], [SHORT], train=anchored)).text()
+    line = next(note for note in notes.splitlines() if "disk: " in note)
+    parts = dict(re.findall(r"(?:\(|, )([a-z][a-z0-9 -]*) ([\d.]+) MB", line))
+    assert list(parts)[2:4] == ["prepared data", "anchor targets"] and float(parts["anchor targets"]) > 0
+
     half = {**two_seeds, "overrides": {"bf16": True, "save_strategy": "no"}}
     notes = preflight.check(small_recipe(tmp_path / "r", policy, [SHORT], [SHORT], train=half)).text()
     assert "models 0.3 MB, checkpoints 0.0 MB" in notes  # 2 bytes a parameter; no checkpoint kept

@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from length_control import generate, splice, train
+from length_control import anchor, generate, splice, train
 from length_control.envs import engine_bin, engine_environ, envs_dir
 from length_control.policy import policy_path
+from length_control.recipe import KLAnchor
 from length_control.train import render_config
 
 from conftest import REPO, demo_recipe, require_gpu_stack
@@ -36,8 +37,11 @@ def test_every_template_is_listed() -> None:
     assert sorted(p.name for p in (REPO / "axolotl_configs").glob("*.yaml")) == sorted(TARGETS)
 
 
-@pytest.mark.parametrize("template", sorted(TARGETS))
+@pytest.mark.parametrize(
+    "template", sorted(TARGETS) + ["cpu-tiny.yaml+kl_anchor", "qwen3-14b-fsdp2-32k.yaml+kl_anchor"]
+)
 def test_template_renders_and_validates(template: str, tmp_path: Path) -> None:
+    template, _, anchored = template.partition("+")
     gpus = TARGETS[template]
     config = render_config(
         REPO / "axolotl_configs" / template,
@@ -46,6 +50,10 @@ def test_template_renders_and_validates(template: str, tmp_path: Path) -> None:
         output_dir=tmp_path / "out",
         sequence_len=32768 if gpus else 512,
         prepared_root=tmp_path / "prepared",
+        overrides=train.anchor_config(
+            KLAnchor(weight=0.5) if anchored else None,
+            yaml.safe_load((REPO / "axolotl_configs" / template).read_text()).get("plugins"),
+        ),
         content_key="0123456789abcdef",
     )
     assert config["excess_length_strategy"] == "raise"
@@ -92,11 +100,49 @@ def _nll(model_dir: str, rows_path: Path, meta_path: Path) -> dict[str, float]:
     return {"termination": sum(term) / len(term), "reasoning": sum(reason) / len(reason)}
 
 
-@pytest.mark.parametrize("template", ["cpu-tiny.yaml", "cpu-tiny-lora.yaml"])
+def test_the_anchor_targets_are_the_stage1_models_next_token(stage2: Path, tmp_path: Path) -> None:
+    """Axolotl's KD loss takes the target at position t as the distribution of token t + 1 (the student's logits
+    there): the token the policy sampled next is among the stage-1 model's top-k at its anchored position, with
+    the log-probability the model gives it; SFT rows and trained tokens are anchored nowhere."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    recipe = demo_recipe([f"output_dir={stage2}"])
+    rows, meta, out = stage2 / "stage2" / "rows.parquet", stage2 / "stage2" / "meta.parquet", tmp_path / "a.parquet"
+    anchored = anchor.write_targets(Path(policy_path(recipe.model)), rows, meta, out, top_k=4)
+    table, sources = pq.read_table(out).to_pylist(), pq.read_table(meta).to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(policy_path(recipe.model), dtype=torch.float32).eval()
+    found = checked = 0
+    for row, source in zip(table, sources):
+        mask = [m[0] for m in row["target_mask"]]
+        if source["kind"] == "sft":
+            assert not any(mask)
+            continue
+        assert all(not m or row["labels"][t + 1] == -100 for t, m in enumerate(mask))
+        assert mask[source["span_start"] - 1] == 0  # the position that predicts </think> trains it
+        logp = torch.log_softmax(model(torch.tensor([row["input_ids"]])).logits[0], dim=-1)
+        for t in (t for t, m in enumerate(mask) if m):
+            nxt = row["input_ids"][t + 1]
+            checked += 1
+            if nxt in row["target_token_ids"][t]:
+                found += 1
+                k = row["target_token_ids"][t].index(nxt)
+                assert abs(row["target_logprobs"][t][k] - logp[t, nxt].item()) < 1e-4
+    assert checked == anchored > 0
+    assert found >= 0.99 * checked, (found, checked)  # sampled at top_k 20, temperature 0.6: nearly always top 4
+
+
+@pytest.mark.parametrize("template", ["cpu-tiny.yaml", "cpu-tiny-lora.yaml", "cpu-tiny.yaml-without-anchor"])
 def test_training_moves_the_termination_not_the_reasoning(stage2: Path, template: str, tmp_path: Path) -> None:
+    """The demo's training (its KL anchor on: Axolotl's KD trainer, the stage-1 model as teacher), with LoRA,
+    and without the anchor."""
     run = tmp_path / "run"
     shutil.copytree(stage2, run, ignore=shutil.ignore_patterns("train", "prepared", "eval"))
+    template, _, without = template.partition("-without-")
     overrides = [f"output_dir={run}", f"train.template=../axolotl_configs/{template}"]
+    anchored = not without
+    if not anchored:
+        overrides.append("train.kl_anchor=null")
     if "lora" in template:
         # The template's own learning rate, one epoch over the demo's two traces a prompt (three moved the
         # masked reasoning by 0.07 nats on CI's machine).
@@ -107,6 +153,9 @@ def test_training_moves_the_termination_not_the_reasoning(stage2: Path, template
     assert (model / "config.json").is_file() and summary["steps"] > 0
     if "lora" in template:
         assert model.name == "merged" and (run / "train" / "seed-0" / "merge.log").is_file()
+    config = yaml.safe_load((run / "train" / "seed-0" / "axolotl.yaml").read_text())
+    assert config.get("kd_trainer", False) == bool(anchored)
+    assert Path(config["datasets"][0]["path"]).name == ("anchored-rows.parquet" if anchored else "rows.parquet")
 
     rows, meta = run / "stage2" / "rows.parquet", run / "stage2" / "meta.parquet"
     before = _nll(policy_path(recipe.model), rows, meta)
@@ -125,7 +174,9 @@ def test_the_gpu_axolotl_learns_the_same_span(stage2: Path, tmp_path: Path, monk
     recipe = demo_recipe([f"output_dir={run}", "train.seeds=[0]"])
     monkeypatch.setenv("LC_PROFILE", "gpu")
     plan = train.plan(recipe, 0)
-    assert plan.steps[1].startswith(str(envs_dir("gpu") / "axolotl" / "bin" / "axolotl"))
+    gpu_axolotl = envs_dir("gpu") / "axolotl" / "bin"
+    assert plan.steps[1].startswith(str(gpu_axolotl / "python") + " -m length_control.anchor")  # the KL anchor
+    assert plan.steps[2].startswith(str(gpu_axolotl / "axolotl") + " train")
     assert train.run(plan)["steps"] > 0
     rows, meta = run / "stage2" / "rows.parquet", run / "stage2" / "meta.parquet"
     before = _nll(policy_path(recipe.model), rows, meta)
