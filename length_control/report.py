@@ -72,6 +72,7 @@ def build(recipe: Recipe) -> dict[str, Any]:
         "context_limit": recipe.context_limit,
         "seeds": recipe.train.seeds,
         "termination_span": recipe.splice.termination_span,
+        **({"kl_anchor": recipe.train.kl_anchor.model_dump()} if recipe.train.kl_anchor else {}),
         "benchmarks": table,
         "drift_verdict": drift_verdict(table),
         "arms": metrics,
@@ -361,6 +362,12 @@ def markdown(report: dict[str, Any]) -> str:
         if report.get("termination_span")
         else ""
     )
+    if report.get("kl_anchor"):
+        anchor = report["kl_anchor"]
+        trained += (
+            f" Beside it, {anchor['weight']:g} x KL(stage-1 model || trained) over the stage-1 model's top "
+            f"{anchor['top_k']} next tokens at every untrained output token of a spliced row (train.kl_anchor)."
+        )
     lines = [
         f"{budget}overlong = no `</think>` within {limit}. Scores are pass@1 over n samples ± standard "
         f"error over problems. After: {over}.{trained}",

@@ -64,7 +64,9 @@ def test_report_layout_and_figures(tmp_path: Path) -> None:
     assert "Per stage-2 seed" not in text  # one seed: no spread to show
     assert (
         "Stage 2's loss: `</think>`, the policy's own answer where it had decided it, and EOS "
-        "(splice.termination_span: think_close_decided_answer_eos)." in text
+        "(splice.termination_span: think_close_decided_answer_eos). Beside it, 0.25 x KL(stage-1 model || "
+        "trained) over the stage-1 model's top 16 next tokens at every untrained output token of a spliced row "
+        "(train.kl_anchor)." in text
     )
     assert (tmp_path / "report" / "thinking_lengths.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "report.json").is_file()
