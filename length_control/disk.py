@@ -34,10 +34,10 @@ PREPARED_BYTES_PER_TOKEN = 3 * 4 + 8
 """Axolotl's prepared copy of a row, per token: input_ids, attention_mask, labels as int32 and the int64
 position_ids it adds for sample packing (Arrow, uncompressed: measured 12 bytes a token on the demo, unpacked)."""
 PREPARED_BYTES_PER_ROW = 64
+"""The prepared copy's offsets and its `length` column, per row."""
 ANCHOR_BYTES_PER_TARGET = 10
 """One of a token's top-k KL-anchor targets (`train.kl_anchor`): an int32 id, a float32 log-probability, an int8
 mask flag and their lists' offsets (Axolotl's Arrow copy measured 9.8 bytes on the demo; the Parquet file less)."""
-"""The prepared copy's offsets and its `length` column, per row."""
 OPTIMIZER_BYTES_PER_PARAMETER = 12
 """A checkpoint's optimizer state per trained parameter: Adam's two float32 moments and a float32 master copy
 (DeepSpeed's); an optimizer that keeps more is not covered."""
