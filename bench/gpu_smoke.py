@@ -106,7 +106,10 @@ def smoke_recipe(out: Path, overrides: list[str], *, kernels: bool = False, buil
     the user's overrides last; its demo policy resolved (built unless `build` is False)."""
     ours = ["train.seeds=[0]", "train.parallel=1"]
     if kernels:
+        # The kernels' check trains SFT rows alone (every assistant token carries loss): nothing for the demo's
+        # KL anchor to hold, and its teacher pass reads spliced rows' records, which those rows have none of.
         ours += [f"train.overrides.{key}={json.dumps(value)}" for key, value in GPU_KERNELS.items()]
+        ours.append("train.kl_anchor=null")
     # The run folder last: the steps clear their stage folders in it, which must never be another run's.
     where = f"output_dir={json.dumps(str(out / 'run'))}"
     return demo.resolve(load_recipe(RECIPE, [*ours, *overrides, where]), build=build)
