@@ -191,8 +191,8 @@ def estimate(recipe: Any, shape: RunShape, train_config: dict[str, Any], model_f
     - stage-2 rows: a spliced row per trace (its prompt and `room` ids and a few end tokens, at most
       `sequence_len`), the SFT mix's share more rows at `sequence_len`, each in three id columns, a meta record;
     - prepared data: Axolotl's Arrow copy of those rows, once per seed (`PREPARED_BYTES_PER_TOKEN`);
-    - anchor targets (`train.kl_anchor`): per seed, top_k targets a row token (`ANCHOR_BYTES_PER_TARGET`) in
-      the anchored rows' file and again in Axolotl's prepared copy of it;
+    - anchor targets (`train.kl_anchor`): top_k targets a row token (`ANCHOR_BYTES_PER_TARGET`) in the anchored
+      rows' file, once, and again in each seed's prepared copy of it;
     - models: per seed, the weights' parameters (their safetensors headers) at the training dtype (2 bytes with
       bf16/fp16 in the Axolotl config, else 4), and with LoRA the adapter (`lora_r` x (rows + columns) of every
       matrix, float32) beside the merged model;
@@ -222,7 +222,7 @@ def estimate(recipe: Any, shape: RunShape, train_config: dict[str, Any], model_f
     stage2 = 3 * row_tokens * BYTES_PER_ID + rows * RECORD_BYTES + 2 * FILE_BYTES
     prepared = seeds * (row_tokens * PREPARED_BYTES_PER_TOKEN + rows * PREPARED_BYTES_PER_ROW)
     anchor = recipe.train.kl_anchor
-    anchor_targets = seeds * 2 * row_tokens * anchor.top_k * ANCHOR_BYTES_PER_TARGET if anchor else 0
+    anchor_targets = (1 + seeds) * row_tokens * anchor.top_k * ANCHOR_BYTES_PER_TARGET if anchor else 0
 
     weights = model_weights(model_folder) if model_folder is not None else None
     epochs = float(train_config.get("num_epochs", 1))

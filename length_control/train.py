@@ -121,9 +121,10 @@ def sequence_len(recipe) -> tuple[int, str]:
     return _round_up(max(context, mix or 0), 64), why
 
 
-def anchored_rows(recipe, seed: int) -> Path:
-    """The stage-2 rows with the stage-1 model's targets beside them (`train.kl_anchor`), in the seed's folder."""
-    return RunLayout(recipe.output_dir).train(seed) / "anchored-rows.parquet"
+def anchored_rows(recipe, content_key: str) -> Path:
+    """The stage-2 rows with the stage-1 model's targets beside them (`train.kl_anchor`): one file for every seed
+    (the targets do not depend on it), named by the content key of the rows and the anchor it was made from."""
+    return RunLayout(recipe.output_dir).root / "train" / f"anchored-rows-{content_key}.parquet"
 
 
 def anchor_config(anchor, plugins: list[str] | None = None) -> dict[str, Any]:
@@ -155,7 +156,7 @@ def plan(recipe, seed: int) -> Plan:
     config = render_config(
         recipe.train.template,
         base_model=model,
-        datasets=[anchored_rows(recipe, seed) if anchor else rows],
+        datasets=[anchored_rows(recipe, content_key) if anchor else rows],
         output_dir=folder / "model",
         sequence_len=length,
         prepared_root=layout.prepared(seed),
@@ -169,7 +170,7 @@ def plan(recipe, seed: int) -> Plan:
     config_path = folder / AXOLOTL_CONFIG
     commands = [launch_command(recipe, config_path)]
     if anchor is not None:
-        commands.insert(0, anchor_command(recipe, seed))
+        commands.insert(0, anchor_command(recipe, Path(config["datasets"][0]["path"])))
     if config.get("adapter"):
         commands.append(launch_command(recipe, config_path, "merge-lora"))
     return Plan(
@@ -180,7 +181,10 @@ def plan(recipe, seed: int) -> Plan:
         model=model,
         seed=seed,
         steps=[f"sequence_len {config['sequence_len']}: {why}"]
-        + [shlex.join(command) for command in commands]
+        + [
+            shlex.join(command) + (" (the first seed to start; the others read it)" if i == 0 and anchor else "")
+            for i, command in enumerate(commands)
+        ]
         + [f"leaves {trained_model(recipe, seed)}"],
         configs={AXOLOTL_CONFIG: yaml.safe_dump(config, sort_keys=False)},
     )
@@ -239,8 +243,8 @@ def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
     return summary
 
 
-def anchor_command(recipe, seed: int) -> list[str]:
-    """The command that writes a seed's anchored rows (`length_control.anchor`), in Axolotl's environment: the
+def anchor_command(recipe, out: Path) -> list[str]:
+    """The command that writes the anchored rows to `out` (`length_control.anchor`), in Axolotl's environment: the
     stage-1 model (the policy) is the teacher."""
     from length_control.envs import engine_bin
 
@@ -252,24 +256,36 @@ def anchor_command(recipe, seed: int) -> list[str]:
         str(policy_path(recipe.model)),
         str(layout.stage2 / ROWS),
         str(layout.stage2 / contracts.META),
-        str(anchored_rows(recipe, seed)),
+        str(out),
         str(recipe.train.kl_anchor.top_k),
     ]
 
 
 def _write_anchored_rows(plan: Plan, env: dict[str, str]) -> None:
-    """The rows with the stage-1 model's targets beside them, before Axolotl reads them; its output to anchor.log."""
+    """The rows with the stage-1 model's targets beside them, before Axolotl reads them, once for every seed: the
+    first seed to get here writes them (its output to `train/anchor.log`) while the others wait on the lock, and
+    anchored rows of other rows or settings go. Seeds run side by side (`train.parallel`) or as Slurm jobs."""
     import subprocess
+
+    from filelock import FileLock
 
     from length_control.envs import engine_environ
 
-    log = plan.folder / "anchor.log"
-    with disk.writing(log), open(log, "w", encoding="utf-8") as sink:
-        command = anchor_command(plan.recipe, plan.seed)
-        status = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=engine_environ(**env)).returncode
-    if status != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise TrainError(f"the KL anchor failed with exit status {status}; the log is {log}; its tail:\n{tail}")
+    out = Path(yaml.safe_load(plan.configs[AXOLOTL_CONFIG])["datasets"][0]["path"])
+    with FileLock(out.parent / "anchored-rows.lock"):
+        if out.is_file():
+            return
+        for stale in out.parent.glob("anchored-rows-*.parquet"):
+            stale.unlink()
+        log = out.parent / "anchor.log"
+        with disk.writing(log), open(log, "w", encoding="utf-8") as sink:
+            command = anchor_command(plan.recipe, out)
+            status = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, env=engine_environ(**env))
+        if status.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise TrainError(
+                f"the KL anchor failed with exit status {status.returncode}; the log is {log}; its tail:\n{tail}"
+            )
 
 
 def run_all(plans: list[Plan]) -> list[dict[str, Any]]:

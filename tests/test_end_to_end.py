@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from length_control import pipeline, report
 from length_control.artifacts import fingerprint
@@ -95,8 +96,14 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     assert set(built["rounds"][0]["benchmarks"]) == set(BENCHMARKS)
     assert "| 2 | demo-count |" in text
 
+    # The KL anchor's targets are computed once for both seeds, side by side, and both train on that file.
+    [anchored] = (tmp_path / "train").glob("anchored-rows-*.parquet")
+    configs = [yaml.safe_load((tmp_path / "train" / f"seed-{s}" / "axolotl.yaml").read_text()) for s in (0, 1)]
+    assert {config["datasets"][0]["path"] for config in configs} == {str(anchored)}
+
     # A rerun skips every finished stage; a seed redone gives the same model and report.
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("manifest.json")}
+    anchored_at = anchored.stat().st_mtime_ns
     pipeline.run(recipe, echo=lambda _: None)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("manifest.json")} == stamps
     report_json = (tmp_path / "report" / "report.json").read_bytes()
@@ -105,6 +112,7 @@ def test_the_demo_loop(tmp_path: Path) -> None:
     pipeline.run(recipe, echo=lambda _: None)
     redone = {p.relative_to(tmp_path) for p in tmp_path.rglob("manifest.json") if p.stat().st_mtime_ns != stamps.get(p)}
     assert redone == {Path("train/seed-1/manifest.json"), Path("eval/after/seed-1/manifest.json")}
+    assert anchored.stat().st_mtime_ns == anchored_at  # the redone seed read the anchored rows as they were
     assert (tmp_path / "report" / "report.json").read_bytes() == report_json  # training is deterministic here
 
     # Any checkpoint measured without a recipe (evaluate --model) gets the samples its after arm got: the same
