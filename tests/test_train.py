@@ -155,7 +155,9 @@ def test_training_moves_the_termination_not_the_reasoning(stage2: Path, template
         assert model.name == "merged" and (run / "train" / "seed-0" / "merge.log").is_file()
     config = yaml.safe_load((run / "train" / "seed-0" / "axolotl.yaml").read_text())
     assert config.get("kd_trainer", False) == bool(anchored)
-    assert Path(config["datasets"][0]["path"]).name == ("anchored-rows.parquet" if anchored else "rows.parquet")
+    dataset = Path(config["datasets"][0]["path"])  # the anchored rows: one file for every seed, under train/
+    assert dataset.is_file() and dataset.parent == run / ("train" if anchored else "stage2")
+    assert dataset.name.startswith("anchored-rows-") if anchored else dataset.name == "rows.parquet"
 
     rows, meta = run / "stage2" / "rows.parquet", run / "stage2" / "meta.parquet"
     before = _nll(policy_path(recipe.model), rows, meta)
