@@ -153,10 +153,11 @@ def plan(recipe, seed: int) -> Plan:
     content_key = None if rows.is_file() else "<content hash of stage2/rows.parquet>"
     if anchor is not None and content_key is None:  # the anchored rows follow from the rows and the anchor
         content_key = hashlib.sha256(f"{fingerprint(rows)} {anchor.model_dump_json()}".encode()).hexdigest()[:16]
+    dataset = anchored_rows(recipe, content_key) if anchor else rows
     config = render_config(
         recipe.train.template,
         base_model=model,
-        datasets=[anchored_rows(recipe, content_key) if anchor else rows],
+        datasets=[dataset],
         output_dir=folder / "model",
         sequence_len=length,
         prepared_root=layout.prepared(seed),
@@ -169,10 +170,13 @@ def plan(recipe, seed: int) -> Plan:
     )
     config_path = folder / AXOLOTL_CONFIG
     commands = [launch_command(recipe, config_path)]
-    if anchor is not None:
-        commands.insert(0, anchor_command(recipe, Path(config["datasets"][0]["path"])))
     if config.get("adapter"):
         commands.append(launch_command(recipe, config_path, "merge-lora"))
+    anchoring = (
+        [f"{shlex.join(anchor_command(recipe, dataset))} (the first seed to start; the others read it)"]
+        if anchor is not None
+        else []
+    )
     return Plan(
         "train",
         recipe,
@@ -181,10 +185,8 @@ def plan(recipe, seed: int) -> Plan:
         model=model,
         seed=seed,
         steps=[f"sequence_len {config['sequence_len']}: {why}"]
-        + [
-            shlex.join(command) + (" (the first seed to start; the others read it)" if i == 0 and anchor else "")
-            for i, command in enumerate(commands)
-        ]
+        + anchoring
+        + [shlex.join(command) for command in commands]
         + [f"leaves {trained_model(recipe, seed)}"],
         configs={AXOLOTL_CONFIG: yaml.safe_dump(config, sort_keys=False)},
     )
