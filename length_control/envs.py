@@ -24,10 +24,15 @@ def profile() -> str:
     lists a GPU, else cpu. run.sh exports what it picked, so the library and set-up agree."""
     if os.environ.get("LC_PROFILE"):
         return os.environ["LC_PROFILE"]
+    return "gpu" if gpus_listed() else "cpu"
+
+
+def gpus_listed() -> bool:
+    """Whether nvidia-smi lists a GPU on this machine (none where there is no NVIDIA driver)."""
     if shutil.which("nvidia-smi") is None:
-        return "cpu"
+        return False
     listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
-    return "gpu" if any(line.startswith("GPU ") for line in listed.splitlines()) else "cpu"
+    return any(line.startswith("GPU ") for line in listed.splitlines())
 
 
 def envs_dir(name: str | None = None) -> Path:

@@ -212,7 +212,7 @@ def run(plan: Plan, position: int | None = None) -> dict[str, Any]:
     config_path = folder / AXOLOTL_CONFIG
     write_text_atomic(config_path, plan.configs[AXOLOTL_CONFIG])
     config = yaml.safe_load(plan.configs[AXOLOTL_CONFIG])
-    env = _thread_share(recipe)
+    env = _thread_share(recipe) | _eager_on_cpu()
     online = not Path(plan.model).is_dir()  # a base model named by its Hub id
     if recipe.cluster is not None and recipe.cluster.slurm.nodes > 1:
         slurm_nodes.write_node_launcher(recipe)
@@ -318,6 +318,25 @@ def _thread_share(recipe) -> dict[str, str]:
     if recipe.train.parallel == 1 or "OMP_NUM_THREADS" in os.environ:  # the user's setting wins
         return {}
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // recipe.train.parallel))}
+
+
+def _eager_on_cpu() -> dict[str, str]:
+    """Training on a machine without a GPU runs eager (`TORCHDYNAMO_DISABLE=1`).
+
+    The KL anchor's loss (Axolotl's KD trainer: Liger's fused top-k KL) is a `torch.compile`d function, and on an
+    Intel Xeon with AMX (a 2-core KVM guest of a Sapphire Rapids generation, model 207) inductor's AVX-512 code
+    for it corrupted the heap on the first step ("double free or corruption", SIGABRT); with inductor held to
+    AVX2, or eager, it trains, and eager a tiny model's steps take no compile (~10 s a process). Where a GPU is
+    listed the compiled loss stays: it keeps a large vocabulary's full logits out of memory. A user's own
+    TORCHDYNAMO_DISABLE wins.
+    """
+    import os
+
+    from length_control.envs import gpus_listed
+
+    if "TORCHDYNAMO_DISABLE" in os.environ or gpus_listed():
+        return {}
+    return {"TORCHDYNAMO_DISABLE": "1"}
 
 
 def check_configs(configs: list[Path]) -> dict[Path, str]:

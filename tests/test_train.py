@@ -37,6 +37,18 @@ def test_every_template_is_listed() -> None:
     assert sorted(p.name for p in (REPO / "axolotl_configs").glob("*.yaml")) == sorted(TARGETS)
 
 
+def test_training_without_a_gpu_runs_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Axolotl's compiled KD loss corrupted the heap under inductor's AVX-512 code on an Intel Xeon with AMX, so
+    with no GPU listed Axolotl runs eager; with one, compiled; and a user's own TORCHDYNAMO_DISABLE stands."""
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    for listed, env in ((False, {"TORCHDYNAMO_DISABLE": "1"}), (True, {})):
+        monkeypatch.setattr("length_control.envs.gpus_listed", lambda listed=listed: listed)
+        assert train._eager_on_cpu() == env
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    monkeypatch.setattr("length_control.envs.gpus_listed", lambda: False)
+    assert train._eager_on_cpu() == {}
+
+
 @pytest.mark.parametrize(
     "template", sorted(TARGETS) + ["cpu-tiny.yaml+kl_anchor", "qwen3-14b-fsdp2-32k.yaml+kl_anchor"]
 )
