@@ -324,9 +324,9 @@ def _eager_on_cpu() -> dict[str, str]:
     """Training on a machine without a GPU runs eager (`TORCHDYNAMO_DISABLE=1`).
 
     The KL anchor's loss (Axolotl's KD trainer: Liger's fused top-k KL) is a `torch.compile`d function, and on an
-    Intel Xeon with AMX (a 2-core KVM guest of a Sapphire Rapids generation, model 207) inductor's AVX-512 code
-    for it corrupted the heap on the first step ("double free or corruption", SIGABRT); with inductor held to
-    AVX2, or eager, it trains, and eager a tiny model's steps take no compile (~10 s a process). Where a GPU is
+    Intel Xeon with AMX (family 6 model 207, a 2-core KVM guest) inductor's AVX-512 code for it corrupted the
+    heap on the first step ("double free or corruption", SIGABRT); with inductor held to AVX2, or eager, it
+    trains, to the same report, and eager skips the compile (~5 s a process, alone). Where a GPU is
     listed the compiled loss stays: it keeps a large vocabulary's full logits out of memory. A user's own
     TORCHDYNAMO_DISABLE wins.
     """
