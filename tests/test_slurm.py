@@ -463,12 +463,12 @@ def test_the_demo_cancelled_mid_generation_and_resubmitted_reports_what_a_run_he
     arrays of 3 shards (30 of the 80 problems each: one spans both eval sets) and generate one of 4 shards,
     2 tasks at a time: cancelled once a generate shard is written on each node, then submitted again, which
     writes only the missing shards. Every generate shard and each eval arm's samples are the bytes a run here
-    (the arms in one piece) writes; the probes' records and the report's figures agree with a run here to
-    `PROBE_REL_TOL` on floats and exactly on the rest. The probes are log-probabilities under vLLM, which on a
-    CPU does not promise the same floats whatever else shares a step (its batch invariance is GPU-only), and
-    the worker adds requests as they arrive, so what shares a step can depend on timing: once, on an Intel Xeon
-    with AMX, in a CI run (alone, this test wrote the same bytes), one shard's probe floats came out up to
-    1.1e-3 apart relative (an answer NLL of 0.0198 in its fifth digit), its samples to the byte."""
+    (the arms in one piece) writes; the probes' records, the arms' metrics and the report's figures agree with
+    a run here to `PROBE_REL_TOL` on floats and exactly on the rest. The probes are log-probabilities under
+    vLLM, which on a CPU does not promise the same floats whatever else shares a step (its batch invariance is
+    GPU-only), and the worker adds requests as they arrive, so what shares a step can depend on timing: once, on
+    an Intel Xeon with AMX, in a CI run (alone, this test wrote the same bytes), one shard's probe floats came
+    out up to 1.1e-3 apart relative (an answer NLL of 0.0198 in its fifth digit), its samples to the byte."""
     overrides = ["train.seeds=[0]", "generation.shard_size=120"]  # 240 prompts x 2 samples: 4 shards
     pipeline.run(demo_recipe([f"output_dir={tmp_path / 'here'}", *overrides]), echo=lambda line: None)
     section = {"slurm": {"setup": f"export PYTHONPATH={REPO}", "time": "60:00", "array_throttle": 2}}
@@ -508,11 +508,8 @@ def test_the_demo_cancelled_mid_generation_and_resubmitted_reports_what_a_run_he
             here = shard_path(RunLayout(tmp_path / "here").generate, kind, task)
             assert shard_path(run.generate, kind, task).read_bytes() == here.read_bytes(), (kind, task)
     for arm in ("before", "forced"):
-        here, there = RunLayout(tmp_path / "here").eval(arm), run.eval(arm)
-        assert (there / "samples.parquet").read_bytes() == (here / "samples.parquet").read_bytes(), arm
-        for probe in sorted(path.name for path in here.glob("*.parquet") if path.name != "samples.parquet"):
-            differences = _differences(read_records(here / probe), read_records(there / probe), probe)
-            assert not differences, (arm, differences[:5])
+        here, there = _arm_contents(RunLayout(tmp_path / "here").eval(arm)), _arm_contents(run.eval(arm))
+        assert not (differences := _differences(here, there, arm)), differences[:5]
     here, there = (json.loads((tmp_path / name / "report" / "report.json").read_text()) for name in ("here", "jobs"))
     differences = _differences(
         {k: here[k] for k in ("arms", "benchmarks")}, {k: there[k] for k in ("arms", "benchmarks")}, ""
@@ -703,6 +700,19 @@ def _arm_files(folder: Path) -> dict[str, bytes]:
         path.name: path.read_bytes()
         for path in sorted(folder.iterdir())
         if path.is_file() and path.name != "manifest.json"
+    }
+
+
+def _arm_contents(folder: Path) -> dict:
+    """`_arm_files` as what each holds, for `_differences`: the samples as bytes (they compare exactly), the
+    probes' tables as records and the metrics as JSON (their floats to `PROBE_REL_TOL`)."""
+    return {
+        name: data
+        if name == "samples.parquet"
+        else json.loads(data)
+        if name.endswith(".json")
+        else read_records(folder / name)
+        for name, data in _arm_files(folder).items()
     }
 
 
