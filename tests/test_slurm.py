@@ -10,6 +10,7 @@ engine test runs the demo through Slurm with the real engines and compares its r
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -706,14 +707,16 @@ def _arm_files(folder: Path) -> dict[str, bytes]:
 def _arm_contents(folder: Path) -> dict:
     """`_arm_files` as what each holds, for `_differences`: the samples as bytes (they compare exactly), the
     probes' tables as records and the metrics as JSON (their floats to `PROBE_REL_TOL`)."""
-    return {
-        name: data
-        if name == "samples.parquet"
-        else json.loads(data)
-        if name.endswith(".json")
-        else read_records(folder / name)
-        for name, data in _arm_files(folder).items()
-    }
+    return {name: _file_contents(name, data) for name, data in _arm_files(folder).items()}
+
+
+def _file_contents(name: str, data: bytes) -> bytes | dict | list[dict]:
+    """One arm file's bytes, parsed where it is compared by value (read once, from those bytes)."""
+    if name == "samples.parquet":
+        return data
+    if name.endswith(".json"):
+        return json.loads(data)
+    return read_records(io.BytesIO(data))
 
 
 def test_the_eval_arms_shards_merge_to_the_bytes_of_the_arm_in_one_piece(
